@@ -1,0 +1,35 @@
+# `make demo`: set up, then run the whole DAG offline on the tiny profile.
+# `make test`: set up, then run the test suite (offline, CPU).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The CPU wheel; GPU users install their own torch build before `make setup`.
+TORCH_SPEC ?= torch==2.13.0
+
+export DVC_NO_ANALYTICS := 1
+export PATH := $(abspath $(BIN)):$(PATH)
+
+.PHONY: setup demo test test-fast lint clean-demo
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check $(TORCH_SPEC)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	touch $@
+
+demo: setup
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pipeline.cli demo --workspace build/demo
+
+test: setup
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+
+test-fast: setup
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow"
+
+lint: setup
+	$(BIN)/ruff check .
+
+clean-demo:
+	rm -rf build/demo

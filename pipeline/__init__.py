@@ -1,0 +1,1 @@
+"""Activation distillation: cache language-model activations, train small models on them."""

@@ -1,0 +1,160 @@
+"""Load a teacher (hub id, local path or `tiny:*`) cut at its deepest needed layer.
+
+The loaded module is the base model (no LM head) with its layer list truncated
+to the deepest requested layer, so a forward costs layers 1..L only. Indices
+follow HF's `hidden_states` convention: 0 is the embedding output, L the output
+of layer L; `hidden_states[num_layers]` is after the final norm, so the norm is
+kept only when the deepest layer is the last one.
+
+    teacher = load_teacher("Qwen/Qwen3-0.6B", "main", layers=(14,), dtype="bfloat16")
+    acts = teacher.hidden_at(input_ids, attention_mask)  # {14: (B, T, D)}
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from pipeline.tiny import build_tiny, is_tiny
+
+# Where the transformer blocks and the final norm live, across HF families.
+_LAYER_PATHS = ("layers", "encoder.layer", "h", "decoder.layers", "transformer.h")
+_NORM_PATHS = ("norm", "ln_f", "final_layer_norm", "transformer.ln_f")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class TeacherLoadError(RuntimeError):
+    """The model or tokenizer could not be loaded; the message says how to proceed."""
+
+
+@dataclass
+class Teacher:
+    model: PreTrainedModel  # base model, truncated
+    tokenizer: PreTrainedTokenizerBase
+    layers: tuple[int, ...]
+    num_layers: int  # depth of the full model
+    model_id: str
+    revision: str | None  # resolved commit where the hub reports one
+
+    @property
+    def hidden_size(self) -> int:
+        return self.model.config.hidden_size
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.get_input_embeddings().weight.shape[0]
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.model.get_input_embeddings().weight.shape[1]
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.get_input_embeddings().weight.device
+
+    def embedding_rows(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """The input-embedding rows (V, E) of `token_ids`, float32 on the CPU."""
+        weight = self.model.get_input_embeddings().weight
+        return weight.detach()[token_ids.to(weight.device)].float().cpu()
+
+    @torch.inference_mode()
+    def hidden_at(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> dict[int, torch.Tensor]:
+        """Hidden states (B, T, D) at each requested layer."""
+        kwargs = {}
+        if self._takes_position_ids:
+            # Left padding must not shift positions: count real tokens only.
+            kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        out = self.model(
+            input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, **kwargs
+        )
+        return {layer: out.hidden_states[layer] for layer in self.layers}
+
+    @property
+    def _takes_position_ids(self) -> bool:
+        return "position_ids" in inspect.signature(self.model.forward).parameters
+
+
+def load_teacher(
+    model_id: str,
+    revision: str | None,
+    layers: tuple[int, ...],
+    dtype: str = "float32",
+    device: str = "cpu",
+) -> Teacher:
+    model, tokenizer = _load(model_id, revision, DTYPES[dtype])
+    blocks_path, blocks = _find(model, _LAYER_PATHS, "transformer layer list")
+    depth = len(blocks)
+    bad = [layer for layer in layers if layer > depth]
+    if bad:
+        raise ValueError(
+            f"directions.layers holds {bad} but {model_id} has {depth} layers "
+            f"(valid hidden_states indices: 0..{depth})"
+        )
+    deepest = max(layers)
+    _set(model, blocks_path, nn.ModuleList(list(blocks)[:deepest]))
+    if deepest < depth:
+        norm_path = next((p for p in _NORM_PATHS if _get(model, p) is not None), None)
+        if norm_path is not None:
+            _set(model, norm_path, nn.Identity())
+    model.config.num_hidden_layers = deepest
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = model.to(device=_device(device), dtype=DTYPES[dtype]).eval()
+    resolved = getattr(model.config, "_commit_hash", None) or revision
+    return Teacher(model, tokenizer, tuple(layers), depth, model_id, resolved)
+
+
+def _load(model_id: str, revision: str | None, dtype: torch.dtype):
+    if is_tiny(model_id):
+        causal, tokenizer = build_tiny(model_id)
+        return causal.base_model, tokenizer
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_id, revision=revision)
+        model = AutoModel.from_pretrained(model_id, revision=revision, dtype=dtype)
+    except (OSError, ValueError) as err:
+        where = "local directory" if Path(model_id).exists() else "Hugging Face hub id"
+        raise TeacherLoadError(
+            f"cannot load model {model_id!r} (revision {revision!r}, as a {where}): {err}\n"
+            "If the hub is unreachable (offline), set directions.model to a local copy "
+            "(a folder with config.json, weights and tokenizer files, e.g. made by "
+            "`huggingface-cli download Qwen/Qwen3-0.6B --local-dir models/qwen3-0.6b`), "
+            "or run `make demo` for the offline tiny profile."
+        ) from err
+    return model, tokenizer
+
+
+def _device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _find(model: nn.Module, paths: tuple[str, ...], what: str) -> tuple[str, nn.ModuleList]:
+    for path in paths:
+        found = _get(model, path)
+        if isinstance(found, nn.ModuleList):
+            return path, found
+    raise ValueError(f"cannot find the {what} of {type(model).__name__} (looked for {paths})")
+
+
+def _get(module: nn.Module, path: str):
+    for part in path.split("."):
+        module = getattr(module, part, None)
+        if module is None:
+            return None
+    return module
+
+
+def _set(module: nn.Module, path: str, value: nn.Module) -> None:
+    *parents, leaf = path.split(".")
+    for part in parents:
+        module = getattr(module, part)
+    setattr(module, leaf, value)

@@ -1,0 +1,95 @@
+"""Shared fixtures: seeding, a params factory, and a synthetic directions folder."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.config import Params, build
+from pipeline.data import KIND, write_shard_rows, write_side_files
+from pipeline.shards import Manifest, shard_name
+
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(autouse=True)
+def seeded():
+    torch.manual_seed(0)
+
+
+def build_params(**sections) -> Params:
+    """Params from plain dicts, e.g. build_params(distill={"runs": {...}})."""
+    return build(Params, sections, "")
+
+
+def make_direction_set(
+    folder: Path,
+    num_concepts: int = 240,
+    dim: int = 16,
+    emb_dim: int = 8,
+    vocab_size: int = 50,
+    layer: int = 2,
+    shard_rows: int = 64,
+    seed: int = 0,
+) -> Path:
+    """A directions folder whose targets are a known linear map of mean token embeddings.
+
+    Concept i uses 1-3 tokens; direction = W @ mean(embedding rows) (+ a constant
+    activation offset that the train mean removes), so a linear probe can fit it.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    table = torch.randn(vocab_size, emb_dim, generator=gen)
+    lengths = torch.randint(1, 4, (num_concepts,), generator=gen)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+    flat = torch.randint(1, vocab_size, (int(offsets[-1]),), generator=gen)
+    weight = torch.randn(dim, emb_dim, generator=gen)
+    pooled = torch.stack(
+        [table[flat[offsets[i] : offsets[i + 1]]].mean(0) for i in range(num_concepts)]
+    )
+    activations = pooled @ weight.T + 3.0  # (N, D)
+    split = torch.randint(0, 3, (num_concepts,), generator=gen).to(torch.int8)
+    split[: num_concepts // 2] = 0  # mostly train, like 70/15/15
+    records = []
+    for index, start in enumerate(range(0, num_concepts, shard_rows)):
+        stop = min(start + shard_rows, num_concepts)
+        ids = torch.arange(start, stop)
+        records.append(
+            write_shard_rows(
+                folder / shard_name(index), ids, split[start:stop], {layer: activations[start:stop]}
+            )
+        )
+    used = torch.unique(flat)
+    files = write_side_files(
+        folder,
+        means={layer: activations[split == 0].mean(0)},
+        embedding_token_ids=used,
+        embedding_rows=table[used],
+        offsets=offsets,
+        flat_tokens=flat,
+    )
+    Manifest(
+        kind=KIND,
+        params={},
+        shards=records,
+        files=files,
+        extra={
+            "layers": [layer],
+            "vocab_size": vocab_size,
+            "hidden_size": dim,
+            "embedding_dim": emb_dim,
+            "model": "synthetic",
+            "revision": None,
+        },
+    ).save(folder)
+    return folder
+
+
+@pytest.fixture
+def direction_set(tmp_path) -> Path:
+    return make_direction_set(tmp_path / "directions")
