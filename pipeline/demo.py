@@ -28,12 +28,17 @@ def project_files(root: Path = ROOT) -> list[Path]:
     try:
         listed = subprocess.run(
             ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
-            cwd=root, check=True, capture_output=True, text=True,
+            cwd=root,
+            check=True,
+            capture_output=True,
+            text=True,
         ).stdout.splitlines()
     except (OSError, subprocess.CalledProcessError):
         listed = [str(p.relative_to(root)) for d in FALLBACK_DIRS for p in (root / d).rglob("*.py")]
         listed += [f for f in FALLBACK_FILES if (root / f).exists()]
-    return [Path(p) for p in listed if (root / p).is_file() and not p.startswith(("data/", "metrics/"))]
+    return [
+        Path(p) for p in listed if (root / p).is_file() and not p.startswith(("data/", "metrics/"))
+    ]
 
 
 def prepare_workspace(workspace: Path, profile: Path = PROFILE, root: Path = ROOT) -> Path:

@@ -155,8 +155,11 @@ def load_checkpoint(folder: Path, directions: DirectionSet) -> tuple[nn.Module, 
     except ValueError as err:
         raise ValueError(f"{folder / CONFIG}: {err}") from err
     model = build_model(
-        run, config["vocab_size"], config["output_dim"],
-        directions.embedding_token_ids, directions.embedding_rows,
+        run,
+        config["vocab_size"],
+        config["output_dim"],
+        directions.embedding_token_ids,
+        directions.embedding_rows,
     )
     weights = folder / WEIGHTS
     if not weights.is_file():

@@ -1,1 +1,1 @@
-"""One module per DVC stage: a `run` function (params and paths in, metrics out) and a CLI command."""
+"""One module per DVC stage: `run` (params and paths in, metrics out) and a CLI command."""

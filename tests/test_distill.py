@@ -34,8 +34,13 @@ def params(**train):
 
 
 def probe(directions: DirectionSet):
-    return build_model(RunParams("linear_probe"), directions.vocab_size, directions.dim,
-                       directions.embedding_token_ids, directions.embedding_rows)
+    return build_model(
+        RunParams("linear_probe"),
+        directions.vocab_size,
+        directions.dim,
+        directions.embedding_token_ids,
+        directions.embedding_rows,
+    )
 
 
 def test_linear_probe_learns_linear_targets(direction_set):
@@ -123,12 +128,25 @@ def test_command_line(direction_set, tmp_path):
     app = typer.Typer()
     app.command()(distill.command)
     params_file = tmp_path / "params.yaml"
-    params_file.write_text(yaml.safe_dump({
-        "directions": {"layers": [2]}, "distill": {"train": {**FAST, "epochs": 1}, "runs": RUNS},
-    }))
+    params_file.write_text(
+        yaml.safe_dump(
+            {
+                "directions": {"layers": [2]},
+                "distill": {"train": {**FAST, "epochs": 1}, "runs": RUNS},
+            }
+        )
+    )
     out = tmp_path / "probe"
-    args = ["--params", str(params_file), "--run", "probe", "--directions", str(direction_set),
-            "--out", str(out)]
+    args = [
+        "--params",
+        str(params_file),
+        "--run",
+        "probe",
+        "--directions",
+        str(direction_set),
+        "--out",
+        str(out),
+    ]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert (out / "model.safetensors").is_file()

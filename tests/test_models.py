@@ -41,8 +41,9 @@ def batch(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 @pytest.mark.parametrize("name", sorted(RUNS))
 def test_output_shape_and_dtype(name):
     ids, rows = table()
-    model = build_model(RUNS[name], vocab_size=20, output_dim=5, embedding_token_ids=ids,
-                        embedding_rows=rows)
+    model = build_model(
+        RUNS[name], vocab_size=20, output_dim=5, embedding_token_ids=ids, embedding_rows=rows
+    )
     out = model(*batch(ids))
     assert out.shape == (3, 5)
     assert out.dtype == torch.float32
@@ -53,12 +54,14 @@ def test_trainable_counts_match_formula_and_seed():
     model = build_model(RUNS["trainable"], 20, 5, ids, rows)
     assert count_trainable(model) == 20 * 4 + (4 * 8 + 8) + (8 * 5 + 5)
     # Seed 000: Qwen3's 151,669-token vocabulary, D=1024.
-    e32_h128 = build_model(RunParams("trainable", embed_dim=32, hidden_dim=128), 151_669, 1024,
-                           ids, rows)
+    e32_h128 = build_model(
+        RunParams("trainable", embed_dim=32, hidden_dim=128), 151_669, 1024, ids, rows
+    )
     assert count_trainable(e32_h128) == 151_669 * 32 + 32 * 128 + 128 + 128 * 1024 + 1024
     assert round(count_trainable(e32_h128) / 1e6, 1) == 5.0
-    e64_h256 = build_model(RunParams("trainable", embed_dim=64, hidden_dim=256), 151_669, 1024,
-                           ids, rows)
+    e64_h256 = build_model(
+        RunParams("trainable", embed_dim=64, hidden_dim=256), 151_669, 1024, ids, rows
+    )
     assert count_trainable(e64_h256) == 151_669 * 64 + 64 * 256 + 256 + 256 * 1024 + 1024
     assert round(count_trainable(e64_h256) / 1e6, 1) == 10.0
 
@@ -157,9 +160,14 @@ def test_cosine_loss_gradient_is_analytic():
 def fitted_config(directions: DirectionSet, run: RunParams, model) -> dict:
     embedding_dim = directions.embedding_rows.shape[1]
     return {
-        "run": "r", "approach": run.approach, "embed_dim": run.embed_dim,
-        "hidden_dim": run.hidden_dim, "vocab_size": directions.vocab_size,
-        "output_dim": directions.dim, "embedding_dim": embedding_dim, "layer": directions.layer,
+        "run": "r",
+        "approach": run.approach,
+        "embed_dim": run.embed_dim,
+        "hidden_dim": run.hidden_dim,
+        "vocab_size": directions.vocab_size,
+        "output_dim": directions.dim,
+        "embedding_dim": embedding_dim,
+        "layer": directions.layer,
         "trainable_params": count_trainable(model),
     }
 
@@ -168,8 +176,13 @@ def fitted_config(directions: DirectionSet, run: RunParams, model) -> dict:
 def test_checkpoint_round_trip(name, direction_set, tmp_path):
     directions = DirectionSet(direction_set, layer=2)
     run = RUNS[name]
-    model = build_model(run, directions.vocab_size, directions.dim,
-                        directions.embedding_token_ids, directions.embedding_rows)
+    model = build_model(
+        run,
+        directions.vocab_size,
+        directions.dim,
+        directions.embedding_token_ids,
+        directions.embedding_rows,
+    )
     save_checkpoint(model, fitted_config(directions, run, model), tmp_path / "ckpt")
 
     loaded, config = load_checkpoint(tmp_path / "ckpt", directions)
@@ -187,8 +200,13 @@ def test_load_checkpoint_errors_name_the_file(direction_set, tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
         load_checkpoint(tmp_path / "none", directions)
     run = RUNS["frozen_mlp"]
-    model = build_model(run, directions.vocab_size, directions.dim,
-                        directions.embedding_token_ids, directions.embedding_rows)
+    model = build_model(
+        run,
+        directions.vocab_size,
+        directions.dim,
+        directions.embedding_token_ids,
+        directions.embedding_rows,
+    )
     config = fitted_config(directions, run, model)
     save_checkpoint(model, {**config, "layer": 7}, tmp_path / "layer")
     with pytest.raises(ValueError, match=r"config.json: layer=7"):
