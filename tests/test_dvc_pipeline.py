@@ -1,0 +1,87 @@
+"""End to end through real DVC: `dvc repro`, then a one-param experiment and a metrics diff.
+
+Runs the tiny profile (shrunk: fewer concepts, epochs and runs) in a temporary
+git repository made the way `make demo` makes its workspace.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.demo import PROFILE, ROOT, offline_env, prepare_workspace
+
+pytestmark = pytest.mark.slow
+
+RUNS = {
+    "frozen_h64": {"approach": "frozen_mlp", "hidden_dim": 64},
+    "linear_probe": {"approach": "linear_probe"},
+    "trainable_e32_h128": {"approach": "trainable", "embed_dim": 32, "hidden_dim": 128},
+}
+
+
+def small_profile(path: Path) -> Path:
+    params = yaml.safe_load((ROOT / PROFILE).read_text())
+    params["wordlist"]["num_concepts"] = 400
+    params["directions"]["shard_rows"] = 128
+    params["distill"]["train"]["epochs"] = 3
+    params["distill"]["runs"] = RUNS
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return path
+
+
+def dvc(workspace: Path, *args: str) -> str:
+    done = subprocess.run(
+        ["dvc", *args], cwd=workspace, env=offline_env(), capture_output=True, text=True
+    )
+    assert done.returncode == 0, f"dvc {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}"
+    return done.stdout
+
+
+def git(workspace: Path, *args: str) -> None:
+    ident = ["-c", "user.name=test", "-c", "user.email=test@localhost"]
+    subprocess.run(["git", *ident, *args], cwd=workspace, check=True, capture_output=True)
+
+
+def stages_run(output: str) -> set[str]:
+    return set(re.findall(r"Running stage '([^']+)'", output))
+
+
+def test_repro_then_one_param_experiment_reruns_only_its_branch(tmp_path):
+    workspace = prepare_workspace(tmp_path / "ws", small_profile(tmp_path / "tiny.yaml"))
+
+    first = dvc(workspace, "repro")
+    assert stages_run(first) == {"wordlist", "directions", "evaluate"} | {
+        f"distill@{name}" for name in RUNS
+    }
+    metrics = json.loads((workspace / "metrics" / "distill.json").read_text())
+    assert set(RUNS) <= set(metrics)
+    assert metrics["linear_probe"]["test_cos"] > metrics["baseline_train_mean"]["test_cos"]
+    assert (workspace / "metrics" / "val_curves.png").read_bytes()[:4] == b"\x89PNG"
+    table = (workspace / "metrics" / "comparison.md").read_text()
+    assert "Linear Probe" in table and "Frozen+MLP h=64" in table
+
+    assert stages_run(dvc(workspace, "repro")) == set(), "a second repro must be fully cached"
+    git(workspace, "add", "-A")
+    git(workspace, "commit", "-q", "-m", "baseline")
+
+    experiment = dvc(workspace, "exp", "run", "-S", "distill.runs.frozen_h64.hidden_dim=16")
+    assert stages_run(experiment) == {"distill@frozen_h64", "evaluate"}
+
+    lock = yaml.safe_load((workspace / "dvc.lock").read_text())
+    assert lock["stages"]["distill@frozen_h64"]["params"]["params.yaml"][
+        "distill.runs.frozen_h64"
+    ] == {"approach": "frozen_mlp", "hidden_dim": 16}
+    config = json.loads((workspace / "data/distill/frozen_h64/config.json").read_text())
+    assert config["hidden_dim"] == 16
+
+    diff = json.loads(dvc(workspace, "metrics", "diff", "--json"))
+    changed = diff["metrics/distill.json"]
+    assert "frozen_h64.trainable_params" in changed
+    assert changed["frozen_h64.trainable_params"]["new"] < changed["frozen_h64.trainable_params"]["old"]
+    assert not any(key.startswith("linear_probe.") for key in changed), "other runs must not move"
