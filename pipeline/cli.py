@@ -18,6 +18,7 @@ app = typer.Typer(
     help="Activation distillation: the commands behind each stage of dvc.yaml.",
     no_args_is_help=True,
     add_completion=False,
+    pretty_exceptions_enable=False,
 )
 app.command("wordlist")(wordlist.command)
 app.command("directions")(directions.command)
@@ -58,5 +59,17 @@ def main(
     )
 
 
+def run() -> None:
+    """Entry point: a user error (bad params, missing file, model out of reach) prints one
+    clear message and exits 1; anything else keeps its traceback."""
+    from pipeline.teacher import TeacherLoadError
+
+    try:
+        app()
+    except (ValueError, FileNotFoundError, TeacherLoadError, RuntimeError) as err:
+        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+        raise SystemExit(1) from None
+
+
 if __name__ == "__main__":
-    app()
+    run()
