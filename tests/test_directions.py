@@ -216,3 +216,41 @@ def test_sigkill_then_rerun_matches_an_uninterrupted_run(tmp_path):
     assert json.dumps({k: v.sha256 for k, v in killed.files.items()}) == json.dumps(
         {k: v.sha256 for k, v in clean.files.items()}
     )
+
+
+def test_teacher_stops_at_the_deepest_layer_without_lm_head():
+    teacher = load_teacher("tiny:qwen3", None, (1, 2))
+    assert len(teacher.model.layers) == 2 and teacher.num_layers == 4
+    assert not any("lm_head" in name for name, _ in teacher.model.named_modules())
+    assert isinstance(teacher.model.norm, torch.nn.Identity)  # hidden_states[2] is pre-norm
+
+
+def test_encoder_model_by_local_path_with_mean_pooling(tmp_path, tiny_model):
+    from transformers import BertConfig, BertModel
+
+    _, tokenizer = tiny_model
+    config = BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        intermediate_size=64,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    bert = BertModel(config).eval()
+    bert.save_pretrained(tmp_path / "bert")
+    tokenizer.save_pretrained(tmp_path / "bert")
+    wordlist = write_wordlist(tmp_path / "concepts.parquet", WORDS)
+    params = tiny_params(model=str(tmp_path / "bert"), layers=(2,), pooling="mean")
+    directions.run(params, wordlist, tmp_path / "out")
+    expected = []
+    for word in WORDS:
+        vectors = []
+        for template in TEMPLATES:
+            ids = tokenizer(template.format(concept=word), return_tensors="pt")["input_ids"]
+            with torch.no_grad():
+                vectors.append(bert(ids, output_hidden_states=True).hidden_states[2][0].mean(0))
+        expected.append(torch.stack(vectors).mean(0))
+    stored = stored_activations(tmp_path / "out", 2)
+    rel = (stored - torch.stack(expected)).norm(dim=1) / torch.stack(expected).norm(dim=1)
+    assert rel.max() <= 1e-5
