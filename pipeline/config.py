@@ -224,17 +224,31 @@ def build(cls: type, data: Any, prefix: str) -> Any:
         raise ValueError(f"{prefix or 'params'} must be a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
+    unknown = sorted(set(data) - names, key=str)
     if unknown:
         where = prefix or "the top level"
         raise ValueError(
             f"unknown key {_dotted(prefix, unknown[0])!r} in {where}; "
             f"known keys: {', '.join(sorted(names))}"
         )
+    required = [
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    missing = [name for name in required if name not in data]
+    if missing:
+        raise ValueError(f"missing key {_dotted(prefix, missing[0])!r}")
     kwargs = {
         name: _coerce(hints[name], value, _dotted(prefix, name)) for name, value in data.items()
     }
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ValueError as err:
+        # Checks inside a dataclass cannot know its key (e.g. which distill run).
+        if prefix and prefix not in str(err):
+            raise ValueError(f"{prefix}: {err}") from None
+        raise
 
 
 def _coerce(hint: Any, value: Any, key: str) -> Any:
@@ -261,6 +275,12 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
         return {str(k): _coerce(args[1], v, _dotted(key, str(k))) for k, v in value.items()}
     if hint is float and isinstance(value, int | float) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str):
+        # YAML 1.1 reads `1e-3` (no dot) as a string.
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if hint is int and isinstance(value, int) and not isinstance(value, bool):
         return value
     if hint is str and isinstance(value, str):
