@@ -50,9 +50,10 @@ class Scratch:
         output = Path(output)
         folder = output.parent / SCRATCH / f"{output.name}-{fingerprint(inputs)}"
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / "inputs.json").write_text(
-            json.dumps(inputs, indent=2, sort_keys=True, default=str)
-        )
+        # Several ranks may start at once: write the record of inputs atomically.
+        tmp = folder / f".inputs.json.tmp-{os.getpid()}"
+        tmp.write_text(json.dumps(inputs, indent=2, sort_keys=True, default=str))
+        os.replace(tmp, folder / "inputs.json")
         return cls(folder, output)
 
     def _record_path(self, index: int) -> Path:

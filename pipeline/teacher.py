@@ -13,12 +13,19 @@ kept only when the deepest layer is the last one.
 from __future__ import annotations
 
 import inspect
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from pipeline.tiny import build_tiny, is_tiny
 
@@ -112,13 +119,29 @@ def load_teacher(
     return Teacher(model, tokenizer, tuple(layers), depth, model_id, resolved)
 
 
-def _load(model_id: str, revision: str | None, dtype: torch.dtype):
+def load_causal_lm(
+    model_id: str, revision: str | None, dtype: str = "float32", device: str = "cpu"
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The whole causal LM (with its head), for stages that need logits or LM-loss gradients.
+
+    Same sources and offline error as `load_teacher`; parameters are frozen.
+    """
+    model, tokenizer = _load(model_id, revision, DTYPES[dtype], causal=True)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = model.to(device=_device(device), dtype=DTYPES[dtype]).eval()
+    model.requires_grad_(False)
+    return model, tokenizer
+
+
+def _load(model_id: str, revision: str | None, dtype: torch.dtype, causal: bool = False):
     if is_tiny(model_id):
-        causal, tokenizer = build_tiny(model_id)
-        return causal.base_model, tokenizer
+        model, tokenizer = build_tiny(model_id)
+        return (model if causal else model.base_model), tokenizer
+    auto = AutoModelForCausalLM if causal else AutoModel
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_id, revision=revision)
-        model = AutoModel.from_pretrained(model_id, revision=revision, dtype=dtype)
+        model = auto.from_pretrained(model_id, revision=revision, dtype=dtype)
     except (OSError, ValueError) as err:
         where = "local directory" if Path(model_id).exists() else "Hugging Face hub id"
         raise TeacherLoadError(
@@ -133,7 +156,9 @@ def _load(model_id: str, revision: str | None, dtype: torch.dtype):
 
 def _device(device: str) -> torch.device:
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        # Under torchrun each process takes the GPU of its LOCAL_RANK.
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
 
 

@@ -1,9 +1,9 @@
 """Tiny teachers built offline and deterministically, for the tiny profile and tests.
 
-`tiny:qwen3` is a `Qwen3ForCausalLM` from a small `Qwen3Config` with random
+`tiny:qwen3` is a `Qwen3ForCausalLM` from a small `Qwen3Config`, `tiny:llama` a
+`LlamaForCausalLM` with grouped-query attention like TinyLlama; both have random
 weights (seeded) and a byte-level BPE tokenizer trained here on the wordfreq
-English list. Same architecture code path as Qwen/Qwen3-0.6B, milliseconds to
-build, no network.
+English list. Same architecture code paths as the real models, no network.
 
     model, tokenizer = build_tiny("tiny:qwen3")
     save_tiny("tiny:qwen3", Path("models/tiny-qwen3"))  # then load it by path
@@ -16,7 +16,14 @@ from pathlib import Path
 import torch
 import wordfreq
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedModel, PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
 
 PREFIX = "tiny:"
 EOS = "<|endoftext|>"
@@ -44,7 +51,25 @@ def tiny_qwen3_config(vocab_size: int) -> Qwen3Config:
     )
 
 
-RECIPES = {"qwen3": (tiny_qwen3_config, Qwen3ForCausalLM)}
+def tiny_llama_config(vocab_size: int) -> LlamaConfig:
+    """TinyLlama's shape in miniature: grouped-query attention, 4 query heads per KV head."""
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+    )
+
+
+RECIPES = {
+    "qwen3": (tiny_qwen3_config, Qwen3ForCausalLM),
+    "llama": (tiny_llama_config, LlamaForCausalLM),
+}
 
 
 def train_tokenizer(vocab_size: int = TOKENIZER_VOCAB) -> PreTrainedTokenizerFast:

@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from pipeline.config import DirectionsParams, load_params, to_dict
 from pipeline.data import KIND, SPLIT_CODES, layer_key, write_side_files
+from pipeline.distributed import process_group
 from pipeline.extract import concept_activations, concept_token_table
 from pipeline.resume import Scratch, owned_shards
 from pipeline.shards import Manifest, read_shard, sha256_file
@@ -58,33 +59,16 @@ def run(params: DirectionsParams, wordlist: Path, out: Path) -> dict:
     teacher.tokenizer.padding_side = params.padding_side
     _log_plan(params, len(texts), teacher)
 
-    scratch = Scratch.for_output(out, _fingerprint_inputs(params, wordlist))
-    num_shards = math.ceil(len(texts) / params.shard_rows)
-    records, reused = [], 0
-    with tqdm(total=len(texts) * len(params.templates), unit="prompt", desc="directions") as bar:
-        for index in owned_shards(num_shards):
-            rows = slice(
-                index * params.shard_rows, min((index + 1) * params.shard_rows, len(texts))
-            )
-            record = scratch.completed(index)
-            if record is None:
-                acts = concept_activations(
-                    teacher,
-                    texts[rows],
-                    params.templates,
-                    params.pooling,
-                    params.max_length,
-                    params.batch_size,
-                    on_batch=bar.update,
-                )
-                storage = DTYPES[params.storage_dtype]
-                tensors = {"concept_id": concept_ids[rows], "split": splits[rows]}
-                tensors |= {layer_key(layer): a.to(storage) for layer, a in acts.items()}
-                record = scratch.write(index, tensors)
-            else:
-                reused += 1
-                bar.update((rows.stop - rows.start) * len(params.templates))
-            records.append(record)
+    with process_group() as world:
+        scratch = Scratch.for_output(out, _fingerprint_inputs(params, wordlist))
+        num_shards = math.ceil(len(texts) / params.shard_rows)
+        owned = owned_shards(num_shards, world.rank, world.size)
+        reused = _extract_shards(params, teacher, texts, concept_ids, splits, scratch, owned)
+        # The manifest is written once every rank's shards are in place.
+        world.barrier()
+        if not world.is_main:
+            return {"rank": world.rank, "shards": len(owned), "reused_shards": reused}
+    records = [_finished(scratch, index) for index in range(num_shards)]
 
     offsets, flat = concept_token_table(teacher.tokenizer, texts)
     used = torch.unique(flat)
@@ -121,8 +105,47 @@ def run(params: DirectionsParams, wordlist: Path, out: Path) -> dict:
         "concepts": len(texts),
         "shards": num_shards,
         "reused_shards": reused,
+        "world_size": world.size,
         "seconds": round(seconds, 2),
     }
+
+
+def _extract_shards(params, teacher, texts, concept_ids, splits, scratch, owned) -> int:
+    """Compute the shards in `owned` that a previous run did not finish; return reused count."""
+    reused = 0
+    rows_of = [
+        slice(i * params.shard_rows, min((i + 1) * params.shard_rows, len(texts))) for i in owned
+    ]
+    total = sum(r.stop - r.start for r in rows_of) * len(params.templates)
+    with tqdm(total=total, unit="prompt", desc="directions") as bar:
+        for index, rows in zip(owned, rows_of, strict=True):
+            if scratch.completed(index) is not None:
+                reused += 1
+                bar.update((rows.stop - rows.start) * len(params.templates))
+                continue
+            acts = concept_activations(
+                teacher,
+                texts[rows],
+                params.templates,
+                params.pooling,
+                params.max_length,
+                params.batch_size,
+                on_batch=bar.update,
+            )
+            storage = DTYPES[params.storage_dtype]
+            tensors = {"concept_id": concept_ids[rows], "split": splits[rows]}
+            tensors |= {layer_key(layer): a.to(storage) for layer, a in acts.items()}
+            scratch.write(index, tensors)
+    return reused
+
+
+def _finished(scratch: Scratch, index: int):
+    record = scratch.completed(index)
+    if record is None:
+        raise RuntimeError(
+            f"shard {index} is missing from {scratch.folder} after every rank finished"
+        )
+    return record
 
 
 def _fingerprint_inputs(params: DirectionsParams, wordlist: Path) -> dict:

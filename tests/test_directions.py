@@ -254,3 +254,46 @@ def test_encoder_model_by_local_path_with_mean_pooling(tmp_path, tiny_model):
     stored = stored_activations(tmp_path / "out", 2)
     rel = (stored - torch.stack(expected)).norm(dim=1) / torch.stack(expected).norm(dim=1)
     assert rel.max() <= 1e-5
+
+
+@pytest.mark.slow
+def test_torchrun_world_size_two_writes_the_same_shards_as_one_process(tmp_path):
+    wordlist = write_wordlist(tmp_path / "concepts.parquet", WORDS)
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(
+        "wordlist: {source: wordfreq}\n"
+        "directions: {model: 'tiny:qwen3', layers: [2], compute_dtype: float32, shard_rows: 3}\n"
+        "distill: {train: {layer: 2}, runs: {lp: {approach: linear_probe}}}\n"
+    )
+    args = [
+        "-m",
+        "pipeline.cli",
+        "directions",
+        "--params",
+        str(params_file),
+        "--wordlist",
+        str(wordlist),
+        "--out",
+    ]
+    subprocess.run(
+        [sys.executable, *args, str(tmp_path / "one")], cwd=ROOT, check=True, capture_output=True
+    )
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+    ]
+    done = subprocess.run(
+        [*torchrun, *args, str(tmp_path / "two")], cwd=ROOT, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "'world_size': 2" in done.stdout and "'rank': 1" in done.stdout
+    one, two = Manifest.load(tmp_path / "one"), Manifest.load(tmp_path / "two")
+    assert len(one.shards) == 3
+    assert [s.sha256 for s in one.shards] == [s.sha256 for s in two.shards]
+    assert {k: v.sha256 for k, v in one.files.items()} == {
+        k: v.sha256 for k, v in two.files.items()
+    }
