@@ -52,24 +52,52 @@ def stages_run(output: str) -> set[str]:
     return set(re.findall(r"Running stage '([^']+)'", output))
 
 
-def test_repro_then_one_param_experiment_reruns_only_its_branch(tmp_path):
-    workspace = prepare_workspace(tmp_path / "ws", small_profile(tmp_path / "tiny.yaml"))
-
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    """The tiny DAG reproduced, committed, and pushed (with its run cache) to a local remote."""
+    tmp = tmp_path_factory.mktemp("dag")
+    workspace = prepare_workspace(tmp / "ws", small_profile(tmp / "tiny.yaml"))
     first = dvc(workspace, "repro")
     assert stages_run(first) == {"wordlist", "directions", "evaluate"} | {
         f"distill@{name}" for name in RUNS
     }
-    metrics = json.loads((workspace / "metrics" / "distill.json").read_text())
-    assert set(RUNS) <= set(metrics)
-    assert metrics["linear_probe"]["test_cos"] > metrics["baseline_train_mean"]["test_cos"]
-    assert (workspace / "metrics" / "val_curves.png").read_bytes()[:4] == b"\x89PNG"
-    table = (workspace / "metrics" / "comparison.md").read_text()
-    assert "Linear Probe" in table and "Frozen+MLP h=64" in table
-
-    assert stages_run(dvc(workspace, "repro")) == set(), "a second repro must be fully cached"
+    dvc(workspace, "remote", "add", "-d", "store", str(tmp / "remote"))
     git(workspace, "add", "-A")
     git(workspace, "commit", "-q", "-m", "baseline")
+    dvc(workspace, "push", "--run-cache")
+    return workspace
 
+
+def test_repro_writes_metrics_table_and_plot_and_is_then_cached(repo):
+    metrics = json.loads((repo / "metrics" / "distill.json").read_text())
+    assert set(RUNS) <= set(metrics)
+    assert metrics["linear_probe"]["test_cos"] > metrics["baseline_train_mean"]["test_cos"]
+    assert (repo / "metrics" / "val_curves.png").read_bytes()[:4] == b"\x89PNG"
+    table = (repo / "metrics" / "comparison.md").read_text()
+    assert "Linear Probe" in table and "Frozen+MLP h=64" in table
+    assert stages_run(dvc(repo, "repro")) == set(), "a second repro must be fully cached"
+
+
+def test_fresh_clone_trains_from_the_remote_without_re_extracting(repo, tmp_path):
+    subprocess.run(["git", "clone", "-q", str(repo), str(tmp_path / "clone")], check=True)
+    clone = tmp_path / "clone"
+    out = dvc(
+        clone,
+        "exp",
+        "run",
+        "-S",
+        "distill.train.epochs=2",
+        "--pull",
+        "--allow-missing",
+    )
+    assert stages_run(out) == {f"distill@{name}" for name in RUNS} | {"evaluate"}
+    assert not (clone / "data" / ".scratch").exists()
+    metrics = json.loads((clone / "metrics" / "distill.json").read_text())
+    assert metrics["frozen_h64"]["best_epoch"] <= 2
+
+
+def test_one_param_experiment_reruns_only_its_branch(repo):
+    workspace = repo
     experiment = dvc(workspace, "exp", "run", "-S", "distill.runs.frozen_h64.hidden_dim=16")
     assert stages_run(experiment) == {"distill@frozen_h64", "evaluate"}
 
@@ -83,5 +111,8 @@ def test_repro_then_one_param_experiment_reruns_only_its_branch(tmp_path):
     diff = json.loads(dvc(workspace, "metrics", "diff", "--json"))
     changed = diff["metrics/distill.json"]
     assert "frozen_h64.trainable_params" in changed
-    assert changed["frozen_h64.trainable_params"]["new"] < changed["frozen_h64.trainable_params"]["old"]
+    assert (
+        changed["frozen_h64.trainable_params"]["new"]
+        < changed["frozen_h64.trainable_params"]["old"]
+    )
     assert not any(key.startswith("linear_probe.") for key in changed), "other runs must not move"
