@@ -108,52 +108,47 @@ class DirectionSet:
     def batches(
         self, split: str, batch_size: int, buffer_rows: int, shuffle: bool, seed: int = 0
     ) -> Iterator[Batch]:
-        """Stream batches; with `shuffle`, shard order and a bounded buffer are shuffled.
+        """Stream batches of `split`; with `shuffle`, shard order and buffer rows are shuffled.
 
-        At most `buffer_rows` + one shard of rows are held at once.
+        Rows go into one preallocated buffer of `buffer_rows` + one shard, so memory
+        stays bounded whatever the size of the dump.
         """
         generator = torch.Generator().manual_seed(seed)
         order = list(range(len(self.manifest.shards)))
         if shuffle:
             order = [order[i] for i in torch.randperm(len(order), generator=generator)]
-        buffer_ids: list[torch.Tensor] = []
-        buffer_dirs: list[torch.Tensor] = []
+        capacity = buffer_rows + max((s.rows for s in self.manifest.shards), default=0)
+        ids = torch.empty(capacity, dtype=torch.long)
+        dirs = torch.empty(capacity, self.dim)  # (capacity, D)
         held = 0
-        code = SPLIT_CODES[split]
         for index in order:
-            record = self.manifest.shards[index]
-            shard = read_shard(
-                self.folder, record, ["concept_id", "split", layer_key(self.layer)], self.verify
-            )
-            keep = shard["split"] == code
-            buffer_ids.append(shard["concept_id"][keep])
-            buffer_dirs.append(shard[layer_key(self.layer)][keep].float() - self.mean)
-            held += int(keep.sum())
+            shard_ids, shard_dirs = self._split_rows(self.manifest.shards[index], split)
+            ids[held : held + len(shard_ids)] = shard_ids
+            dirs[held : held + len(shard_ids)] = shard_dirs
+            held += len(shard_ids)
+            del shard_ids, shard_dirs
             if held >= buffer_rows:
-                yield from self._drain(
-                    buffer_ids, buffer_dirs, batch_size, shuffle, generator, keep_tail=True
-                )
-                held = sum(t.numel() for t in buffer_ids)
-        yield from self._drain(
-            buffer_ids, buffer_dirs, batch_size, shuffle, generator, keep_tail=False
-        )
+                held = yield from self._emit(ids, dirs, held, batch_size, shuffle, generator, True)
+        yield from self._emit(ids, dirs, held, batch_size, shuffle, generator, False)
 
-    def _drain(self, ids, dirs, batch_size, shuffle, generator, keep_tail) -> Iterator[Batch]:
-        all_ids, all_dirs = torch.cat(ids), torch.cat(dirs)
-        ids.clear()
-        dirs.clear()
-        if shuffle:
-            perm = torch.randperm(all_ids.numel(), generator=generator)
-            all_ids, all_dirs = all_ids[perm], all_dirs[perm]
-        full = (all_ids.numel() // batch_size) * batch_size if keep_tail else all_ids.numel()
+    def _split_rows(self, record, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        names = ["concept_id", "split", layer_key(self.layer)]
+        shard = read_shard(self.folder, record, names, self.verify)
+        keep = shard["split"] == SPLIT_CODES[split]
+        return shard["concept_id"][keep], shard[layer_key(self.layer)][keep].float() - self.mean
+
+    def _emit(self, ids, dirs, held, batch_size, shuffle, generator, keep_tail):
+        """Yield full batches from the first `held` buffer rows; return how many remain."""
+        order = torch.randperm(held, generator=generator) if shuffle else torch.arange(held)
+        full = (held // batch_size) * batch_size if keep_tail else held
         for start in range(0, full, batch_size):
-            chunk = all_ids[start : start + batch_size]
-            tokens, mask = self.concept_tokens(chunk)
-            yield Batch(chunk, all_dirs[start : start + batch_size], tokens, mask)
-        if full < all_ids.numel():
-            # The partial tail stays in the buffer to be mixed with the next shard.
-            ids.append(all_ids[full:])
-            dirs.append(all_dirs[full:])
+            rows = order[start : start + batch_size]
+            chunk = ids[rows]
+            yield Batch(chunk, dirs[rows], *self.concept_tokens(chunk))
+        # The partial tail moves to the front, to be mixed with the next shard.
+        tail = order[full:]
+        ids[: len(tail)], dirs[: len(tail)] = ids[tail], dirs[tail]
+        return len(tail)
 
 
 def write_shard_rows(
