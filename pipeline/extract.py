@@ -38,29 +38,40 @@ def concept_activations(
     total = {layer: torch.zeros(len(texts), teacher.hidden_size) for layer in teacher.layers}
     for template in templates:
         prompts = [template.format(concept=text) for text in texts]
-        for layer, acts in _one_template(
-            teacher, prompts, pooling, max_length, batch_size, on_batch
-        ).items():
-            total[layer] += acts
+        acts = _one_template(teacher, prompts, pooling, max_length, batch_size, on_batch)
+        for layer, values in acts.items():
+            total[layer] += values
     return {layer: acts / len(templates) for layer, acts in total.items()}
 
 
-def _one_template(
-    teacher, prompts, pooling, max_length, batch_size, on_batch
-) -> dict[int, torch.Tensor]:
+def shared_prefix(encoded: list[list[int]]) -> list[int]:
+    """The longest token prefix all prompts share, leaving each at least one token."""
+    if not encoded:
+        return []
+    first = encoded[0]
+    length = min(len(ids) for ids in encoded) - 1
+    for ids in encoded[1:]:
+        length = next((i for i in range(length) if ids[i] != first[i]), length)
+    return first[: max(length, 0)]
+
+
+def _one_template(teacher, prompts, pooling, max_length, batch_size, on_batch):
     tokenizer = teacher.tokenizer
-    encoded = tokenizer(prompts, add_special_tokens=True, truncation=True, max_length=max_length)[
-        "input_ids"
-    ]
+    encoded = tokenizer(prompts, truncation=True, max_length=max_length)["input_ids"]
+    # A template's fixed start is computed once and reused through the KV cache
+    # (exact: the same tokens at the same positions). Mean pooling needs its states.
+    prefix = shared_prefix(encoded) if pooling == "last" and teacher.causal else []
+    cached = teacher.prefix_cache(prefix) if prefix else None
     # Sorting by length keeps padding (wasted FLOPs) small within each batch.
     order = sorted(range(len(prompts)), key=lambda i: (len(encoded[i]), i))
     out = {layer: torch.empty(len(prompts), teacher.hidden_size) for layer in teacher.layers}
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
-        batch = tokenizer.pad({"input_ids": [encoded[i] for i in rows]}, return_tensors="pt")
+        suffixes = [encoded[i][len(prefix) :] for i in rows]
+        batch = tokenizer.pad({"input_ids": suffixes}, return_tensors="pt")
         ids = batch["input_ids"].to(teacher.device)
         mask = batch["attention_mask"].to(teacher.device)
-        for layer, hidden in teacher.hidden_at(ids, mask).items():
+        for layer, hidden in teacher.hidden_at(ids, mask, cached).items():
             out[layer][rows] = pool(hidden.float(), mask, pooling).cpu()
         if on_batch is not None:
             on_batch(len(rows))

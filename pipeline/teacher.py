@@ -23,6 +23,7 @@ from transformers import (
     AutoModel,
     AutoModelForCausalLM,
     AutoTokenizer,
+    DynamicCache,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
@@ -40,6 +41,12 @@ class TeacherLoadError(RuntimeError):
     """The model or tokenizer could not be loaded; the message says how to proceed."""
 
 
+@dataclass(frozen=True)
+class PrefixCache:
+    length: int
+    kv: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: (1, kv_heads, P, head_dim) each
+
+
 @dataclass
 class Teacher:
     model: PreTrainedModel  # base model, truncated
@@ -48,6 +55,7 @@ class Teacher:
     num_layers: int  # depth of the full model
     model_id: str
     revision: str | None  # resolved commit where the hub reports one
+    blocks_path: str = "layers"  # where the transformer blocks live in `model`
 
     @property
     def hidden_size(self) -> int:
@@ -70,17 +78,51 @@ class Teacher:
         weight = self.model.get_input_embeddings().weight
         return weight.detach()[token_ids.to(weight.device)].float().cpu()
 
+    @property
+    def causal(self) -> bool:
+        """Decoders attend left to right, so a shared prompt prefix can be cached."""
+        return self.blocks_path != "encoder.layer"
+
+    @torch.inference_mode()
+    def prefix_cache(self, prefix: list[int]) -> PrefixCache:
+        """K/V of a token prefix (batch of one), to be shared by every prompt starting with it."""
+        ids = torch.tensor([prefix], device=self.device)
+        out = self.model(input_ids=ids, use_cache=True)
+        kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+        return PrefixCache(len(prefix), kv)
+
     @torch.inference_mode()
     def hidden_at(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        prefix: PrefixCache | None = None,
     ) -> dict[int, torch.Tensor]:
-        """Hidden states (B, T, D) at each requested layer."""
+        """Hidden states (B, T, D) at each requested layer, for the tokens of `input_ids`.
+
+        With `prefix`, the batch continues that cached prefix.
+        """
         kwargs = {}
+        offset = 0
+        if prefix is not None:
+            batch = input_ids.shape[0]
+            kwargs["past_key_values"] = DynamicCache(
+                ddp_cache_data=[
+                    (k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)) for k, v in prefix.kv
+                ]
+            )
+            kwargs["use_cache"] = True
+            offset = prefix.length
+            ones = attention_mask.new_ones(batch, prefix.length)
+            full_mask = torch.cat([ones, attention_mask], dim=1)
+        else:
+            full_mask = attention_mask
         if self._takes_position_ids:
             # Left padding must not shift positions: count real tokens only.
-            kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+            positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+            kwargs["position_ids"] = positions + offset
         out = self.model(
-            input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, **kwargs
+            input_ids=input_ids, attention_mask=full_mask, output_hidden_states=True, **kwargs
         )
         return {layer: out.hidden_states[layer] for layer in self.layers}
 
@@ -116,7 +158,7 @@ def load_teacher(
         tokenizer.pad_token = tokenizer.eos_token
     model = model.to(device=_device(device), dtype=DTYPES[dtype]).eval()
     resolved = getattr(model.config, "_commit_hash", None) or revision
-    return Teacher(model, tokenizer, tuple(layers), depth, model_id, resolved)
+    return Teacher(model, tokenizer, tuple(layers), depth, model_id, resolved, blocks_path)
 
 
 def load_causal_lm(

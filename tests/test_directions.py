@@ -297,3 +297,14 @@ def test_torchrun_world_size_two_writes_the_same_shards_as_one_process(tmp_path)
     assert {k: v.sha256 for k, v in one.files.items()} == {
         k: v.sha256 for k, v in two.files.items()
     }
+
+
+def test_shared_prefix_leaves_every_prompt_a_token(tiny_model):
+    from pipeline.extract import shared_prefix
+
+    assert shared_prefix([[1, 2, 3], [1, 2, 4, 5], [1, 2, 3, 9]]) == [1, 2]
+    assert shared_prefix([[1, 2], [1, 2, 3]]) == [1]
+    assert shared_prefix([[7], [1, 2]]) == []
+    _, tokenizer = tiny_model
+    encoded = tokenizer([TEMPLATES[1].format(concept=w) for w in WORDS])["input_ids"]
+    assert len(shared_prefix(encoded)) >= 2, "the known-answer test must exercise the cache path"
