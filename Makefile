@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 export DVC_NO_ANALYTICS := 1
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: setup demo test test-fast lint clean-demo
+.PHONY: setup demo test test-fast lint bench clean-demo
 
 setup: $(VENV)/.installed
 
@@ -30,6 +30,10 @@ test-fast: setup
 
 lint: setup
 	$(BIN)/ruff check .
+
+bench: setup
+	$(BIN)/python bench/bench_directions.py --concepts 500 --reference-concepts 100 \
+		--dtype float32 --json bench/results/directions_cpu_fp32.json
 
 clean-demo:
 	rm -rf build/demo

@@ -60,12 +60,24 @@ def prepare_workspace(workspace: Path, profile: Path = PROFILE, root: Path = ROO
 def offline_env() -> dict[str, str]:
     env = dict(os.environ)
     env.update(DVC_NO_ANALYTICS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    # Tiny-profile tensors are too small to gain from threads; two threads on two
+    # shared cores thrash (measured 10x slower SAE training under load).
+    env.setdefault("OMP_NUM_THREADS", "1")
     # DVC runs each stage's `python` from PATH: make it this interpreter's.
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     return env
 
 
+# The result tables of each branch, in the order the demo prints them.
+TABLES = ("comparison.md", "sidecar.md", "sae.md", "steering.md")
+
+
 def run_demo(workspace: Path) -> str:
     prepare_workspace(workspace)
     subprocess.run(["dvc", "repro"], cwd=workspace, env=offline_env(), check=True)
-    return (workspace / "metrics" / "comparison.md").read_text()
+    metrics = workspace / "metrics"
+    return "\n\n".join(
+        f"## metrics/{name}\n\n{(metrics / name).read_text().strip()}"
+        for name in TABLES
+        if (metrics / name).exists()
+    )

@@ -139,13 +139,26 @@ def load_teacher(
     device: str = "cpu",
 ) -> Teacher:
     model, tokenizer = _load(model_id, revision, DTYPES[dtype])
+    return cut_teacher(model, tokenizer, layers, dtype, device, model_id, revision)
+
+
+def cut_teacher(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    layers: tuple[int, ...],
+    dtype: str = "float32",
+    device: str = "cpu",
+    model_id: str = "",
+    revision: str | None = None,
+) -> Teacher:
+    """Truncate a loaded base model after its deepest requested layer (in place)."""
     blocks_path, blocks = _find(model, _LAYER_PATHS, "transformer layer list")
     depth = len(blocks)
     bad = [layer for layer in layers if layer > depth]
     if bad:
         raise ValueError(
-            f"directions.layers holds {bad} but {model_id} has {depth} layers "
-            f"(valid hidden_states indices: 0..{depth})"
+            f"directions.layers holds {bad} but {model_id or type(model).__name__} has "
+            f"{depth} layers (valid hidden_states indices: 0..{depth})"
         )
     deepest = max(layers)
     _set(model, blocks_path, nn.ModuleList(list(blocks)[:deepest]))
@@ -188,7 +201,8 @@ def _load(model_id: str, revision: str | None, dtype: torch.dtype, causal: bool 
         where = "local directory" if Path(model_id).exists() else "Hugging Face hub id"
         raise TeacherLoadError(
             f"cannot load model {model_id!r} (revision {revision!r}, as a {where}): {err}\n"
-            "If the hub is unreachable (offline), set directions.model to a local copy "
+            "If the hub is unreachable (offline), point the stage's `model` param "
+            "(directions.model, trajectories.model, ...) at a local copy "
             "(a folder with config.json, weights and tokenizer files, e.g. made by "
             "`huggingface-cli download Qwen/Qwen3-0.6B --local-dir models/qwen3-0.6b`), "
             "or run `make demo` for the offline tiny profile."

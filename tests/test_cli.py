@@ -19,6 +19,16 @@ OPTIONS = {
     "directions": ["--wordlist", "--out", "--params"],
     "distill": ["--run", "--directions", "--out", "--params"],
     "evaluate": ["--directions", "--distill", "--metrics", "--table", "--plot", "--params"],
+    "corpus": ["--out", "--params"],
+    "trajectories": ["--corpus", "--out", "--params"],
+    "sidecar": ["--trajectories", "--out", "--metrics", "--table", "--params"],
+    "activations": ["--corpus", "--out", "--params"],
+    "sae": [
+        *("--source", "--wordlist", "--corpus", "--compare", "--out", "--metrics"),
+        *("--table", "--exemplars", "--curves", "--params"),
+    ],
+    "mcdata": ["--out", "--wordlist", "--params"],
+    "steering": ["--mcdata", "--out", "--metrics", "--table", "--params"],
     "build-tiny": ["--out", "--model"],
     "demo": ["--workspace"],
 }

@@ -25,12 +25,23 @@ RUNS = {
 }
 
 
+BRANCH_STAGES = {"corpus", "trajectories", "sidecar", "activations", "sae", "mcdata", "steering"}
+ALL_STAGES = {"wordlist", "directions", "evaluate"} | {f"distill@{n}" for n in RUNS} | BRANCH_STAGES
+
+
 def small_profile(path: Path) -> Path:
     params = yaml.safe_load((ROOT / PROFILE).read_text())
     params["wordlist"]["num_concepts"] = 400
     params["directions"]["shard_rows"] = 128
     params["distill"]["train"]["epochs"] = 3
     params["distill"]["runs"] = RUNS
+    # The other branches, shrunk to seconds.
+    params["corpus"]["max_chunks"] = params["trajectories"]["max_chunks"] = 32
+    params["activations"]["max_chunks"] = 32
+    params["sidecar"].update(max_steps=20, warmup_steps=5, eval_every=10)
+    params["sae"].update(epochs=2, baselines=["pca"])
+    params["mcdata"].update(max_train=64, max_val=32, max_test=32)
+    params["steering"].update(bootstrap_samples=100)
     path.write_text(yaml.safe_dump(params, sort_keys=False))
     return path
 
@@ -58,9 +69,7 @@ def repo(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dag")
     workspace = prepare_workspace(tmp / "ws", small_profile(tmp / "tiny.yaml"))
     first = dvc(workspace, "repro")
-    assert stages_run(first) == {"wordlist", "directions", "evaluate"} | {
-        f"distill@{name}" for name in RUNS
-    }
+    assert stages_run(first) == ALL_STAGES
     dvc(workspace, "remote", "add", "-d", "store", str(tmp / "remote"))
     git(workspace, "add", "-A")
     git(workspace, "commit", "-q", "-m", "baseline")
@@ -116,3 +125,22 @@ def test_one_param_experiment_reruns_only_its_branch(repo):
         < changed["frozen_h64.trainable_params"]["old"]
     )
     assert not any(key.startswith("linear_probe.") for key in changed), "other runs must not move"
+
+
+def test_branch_params_rerun_only_their_own_stage(repo):
+    out = dvc(
+        repo,
+        "exp",
+        "run",
+        "-S",
+        "sidecar.force_weight=2.0",
+        "-S",
+        "sae.topk=8",
+        "-S",
+        "steering.layers=[1,2]",
+    )
+    assert stages_run(out) == {"sidecar", "sae", "steering"}
+    steering = json.loads((repo / "metrics" / "steering.json").read_text())
+    assert steering["layers"] == [1, 2]
+    sae = json.loads((repo / "data" / "sae" / "config.json").read_text())
+    assert sae["topk"] == 8 and sae["sae"]["topk"] == 8
