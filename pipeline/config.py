@@ -280,6 +280,18 @@ class TrajectoriesParams:
 # <<< corpus + trajectories
 
 # >>> sidecar (issue 3)
+SIDECAR_TERMS = (
+    "consistency",
+    "force",
+    "kv_norm",
+    "anti_collapse",
+    "diversity",
+    "output_magnitude",
+    "kv_match",
+    "jacobian_ratio",
+)
+"""The sidecar's loss terms; each has a `<term>_weight` param."""
+
 @dataclass(frozen=True)
 class SidecarParams:
     """Section `sidecar`: the seed-003 KV sidecar, its losses and its training.
@@ -383,28 +395,15 @@ class SidecarParams:
 
     @property
     def loss_weights(self) -> dict[str, float]:
-        """Term name -> weight, in the order of `pipeline.sidecar_losses.TERMS`."""
-        names = (
-            "consistency",
-            "force",
-            "kv_norm",
-            "anti_collapse",
-            "diversity",
-            "output_magnitude",
-            "kv_match",
-            "jacobian_ratio",
-        )
-        return {name: getattr(self, f"{name}_weight") for name in names}
+        """Term name -> weight, in the order of `SIDECAR_TERMS`."""
+        return {name: getattr(self, f"{name}_weight") for name in SIDECAR_TERMS}
 
     def check(self, params: Params) -> None:
-        # The trajectories section is filled in concurrently: check only what it declares.
-        layers = getattr(params.trajectories, "layers", None)
-        if isinstance(layers, tuple) and layers and all(isinstance(x, int) for x in layers):
-            if self.layer not in layers:
-                raise ValueError(
-                    f"sidecar.layer={self.layer} is not stored: trajectories.layers is "
-                    f"{list(layers)}"
-                )
+        layers = params.trajectories.layers
+        if layers != "all" and self.layer not in layers:
+            raise ValueError(
+                f"sidecar.layer={self.layer} is not stored: trajectories.layers is {list(layers)}"
+            )
 
 
 # <<< sidecar
@@ -451,12 +450,8 @@ class ActivationsParams:
         _positive("activations.batch_size", self.batch_size)
 
     def check(self, params: Params) -> None:
-        corpus_model = getattr(params.corpus, "model", None)
-        # A section left at its defaults (`activations: {}` in a profile that does not set up
-        # this branch) is checked when the stage runs, against the corpus manifest.
-        if self == ActivationsParams():
-            return
-        if corpus_model is not None and corpus_model != self.model:
+        corpus_model = params.corpus.model
+        if corpus_model != self.model:
             raise ValueError(
                 f"activations.model={self.model!r} differs from corpus.model={corpus_model!r}: "
                 "the corpus chunks are token ids of corpus.model's tokenizer"

@@ -22,19 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pipeline.config import SidecarParams
+from pipeline.config import SIDECAR_TERMS, SidecarParams
 
 EPS = 1e-12
-TERMS = (
-    "consistency",
-    "force",
-    "kv_norm",
-    "anti_collapse",
-    "diversity",
-    "output_magnitude",
-    "kv_match",
-    "jacobian_ratio",
-)
+TERMS = SIDECAR_TERMS
 _ALL_TERMS = {f"{name}_weight": 0.0 for name in TERMS}
 # The seed's three runs as complete param overrides (every weight set, so a preset does
 # not inherit a weight from whatever params.yaml holds). Geometric terms: the seed's 0.01.

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -245,13 +244,18 @@ def test_params_validate_and_check_the_corpus_model():
         ActivationsParams(max_chunks=0)
     with pytest.raises(ValueError, match="activations.positions must be one of"):
         build_params(activations={"positions": "first"})
-    teacher = SimpleNamespace(corpus=SimpleNamespace(model="tiny:llama"))
     with pytest.raises(ValueError, match=r"activations.model='tiny:qwen3' differs from corpus"):
-        ActivationsParams(model="tiny:qwen3").check(teacher)
-    ActivationsParams(model="tiny:llama").check(teacher)
-    ActivationsParams(model="tiny:qwen3").check(SimpleNamespace(corpus=SimpleNamespace()))
-    # An untouched section (`activations: {}`) is left to the stage's run-time check.
-    ActivationsParams().check(teacher)
+        build_params(
+            corpus={"model": "tiny:llama"},
+            trajectories={"model": "tiny:llama"},
+            activations={"model": "tiny:qwen3"},
+        )
+    params = build_params(
+        corpus={"model": "tiny:llama"},
+        trajectories={"model": "tiny:llama"},
+        activations={"model": "tiny:llama"},
+    )
+    assert params.activations.model == params.corpus.model == "tiny:llama"
 
 
 def test_command_line(tmp_path, tiny_llama):

@@ -1,10 +1,12 @@
-"""Steering: hooks, scoring, gradients, training on the offline task, the stage, and DVC."""
+"""Steering: hooks, scoring, gradients, training on the offline task, and the stage.
+
+`dvc exp run -S steering.layers=...` re-running only this stage is tested with the
+whole DAG in tests/test_dvc_pipeline.py.
+"""
 
 from __future__ import annotations
 
 import json
-import re
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -284,105 +286,3 @@ def test_stage_refuses_bad_layers_and_unknown_keyword_tasks_before_writing(tmp_p
     with pytest.raises(ValueError, match=r"steering.keywords names \['math'\]"):
         steering.run(stage_params(keywords={"math": ("plus",)}), *paths)
     assert not any(p.exists() for p in paths[1:])
-
-
-@pytest.mark.slow
-def test_dvc_exp_run_with_new_layers_reruns_only_steering(tmp_path):
-    """`dvc exp run -S steering.layers=...` skips wordlist and mcdata."""
-    from pipeline.demo import offline_env, prepare_workspace
-
-    workspace = prepare_workspace(tmp_path / "ws")
-    (workspace / "params.yaml").write_text(yaml.safe_dump(DVC_PARAMS, sort_keys=False))
-    (workspace / "dvc.yaml").write_text(DVC_YAML)
-
-    def dvc(*args: str) -> str:
-        done = subprocess.run(
-            ["dvc", *args], cwd=workspace, env=offline_env(), capture_output=True, text=True
-        )
-        assert done.returncode == 0, done.stdout + done.stderr
-        return done.stdout
-
-    def git(*args: str) -> None:
-        ident = ["-c", "user.name=t", "-c", "user.email=t@localhost"]
-        subprocess.run(["git", *ident, *args], cwd=workspace, check=True, capture_output=True)
-
-    ran = lambda out: set(re.findall(r"Running stage '([^']+)'", out))  # noqa: E731
-    assert ran(dvc("repro")) == {"wordlist", "mcdata", "steering"}
-    git("add", "-A")
-    git("commit", "-q", "-m", "baseline")
-    assert ran(dvc("exp", "run", "-S", "steering.layers=[1,3]")) == {"steering"}
-    summary = json.loads((workspace / "metrics" / "steering.json").read_text())
-    assert summary["layers"] == [1, 3]
-
-
-DVC_PARAMS = {
-    "wordlist": {"source": "wordfreq", "num_concepts": 600},
-    "mcdata": {
-        "tasks": {"category": {"source": "category"}, "arithmetic": {"source": "arithmetic"}},
-        "max_train": 24,
-        "max_val": 16,
-        "max_test": 16,
-    },
-    "steering": {
-        "model": "tiny:qwen3",
-        "revision": "main",
-        "dtype": "float32",
-        "layers": None,
-        "single_layers": [3],
-        "position": 0,
-        "seed": 0,
-        "epochs": 1,
-        "batch_size": 8,
-        "lr": 0.05,
-        "coefficients": [1.0, 2.0],
-        "alphas": [0.5],
-        "keywords": {"arithmetic": ["plus", "minus"]},
-        "bootstrap_samples": 100,
-        "device": "cpu",
-    },
-}
-
-# The stage blocks proposed for dvc.yaml, with `python -m stages.<name>` standing in for
-# `python -m pipeline.cli <name>` so this test does not depend on the CLI's registration.
-DVC_YAML = """
-stages:
-  wordlist:
-    cmd: python -m pipeline.cli wordlist --params params.yaml --out data/wordlist
-    deps: [pipeline/words.py, stages/wordlist.py]
-    params: [wordlist]
-    outs: [data/wordlist]
-  mcdata:
-    cmd: >-
-      python -m stages.mcdata --params params.yaml
-      --wordlist data/wordlist/concepts.parquet --out data/mcdata
-    deps: [data/wordlist/concepts.parquet, pipeline/mcq.py, stages/mcdata.py]
-    params: [mcdata]
-    outs: [data/mcdata]
-  steering:
-    cmd: >-
-      python -m stages.steering --params params.yaml --mcdata data/mcdata
-      --out data/steering --metrics metrics/steering.json --table metrics/steering.md
-    deps: [data/mcdata, pipeline/steering.py, pipeline/steering_eval.py, stages/steering.py]
-    params:
-      - steering.model
-      - steering.revision
-      - steering.dtype
-      - steering.layers
-      - steering.single_layers
-      - steering.position
-      - steering.epochs
-      - steering.batch_size
-      - steering.lr
-      - steering.seed
-      - steering.coefficients
-      - steering.alphas
-      - steering.keywords
-      - steering.bootstrap_samples
-    outs:
-      - data/steering
-      - metrics/steering.md:
-          cache: false
-    metrics:
-      - metrics/steering.json:
-          cache: false
-"""
