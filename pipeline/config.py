@@ -292,6 +292,7 @@ SIDECAR_TERMS = (
 )
 """The sidecar's loss terms; each has a `<term>_weight` param."""
 
+
 @dataclass(frozen=True)
 class SidecarParams:
     """Section `sidecar`: the seed-003 KV sidecar, its losses and its training.
