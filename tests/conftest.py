@@ -22,6 +22,16 @@ def seeded():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    # Tests use tiny tensors; on two shared cores a second thread's spin-waiting makes
+    # them up to 30x slower, and one thread gives the same results.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def build_params(**sections) -> Params:
     """Params from plain dicts, e.g. build_params(distill={"runs": {...}})."""
     return build(Params, sections, "")

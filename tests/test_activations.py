@@ -28,15 +28,6 @@ TEXT = (
 )
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Two shared cores: thread spin-waiting makes tiny matmuls 30x slower under load.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def tiny_llama():
     return build_tiny("tiny:llama")

@@ -33,15 +33,6 @@ LAYER_2 = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Two shared cores: thread spin-waiting makes tiny matmuls 30x slower under load.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def write_directions(
     folder: Path, x: torch.Tensor, split: torch.Tensor, layer: int = 2, shard_rows: int = 1024
 ) -> Path:

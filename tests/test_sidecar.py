@@ -140,15 +140,6 @@ def make_trajectories(
     return folder
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models: thread start-up and spinning cost more than they save on shared cores.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def trajectories(tmp_path) -> Path:
     return make_trajectories(tmp_path / "trajectories")

@@ -43,15 +43,6 @@ from stages import steering
 CAPS = {"train": 256, "val": 160, "test": 160}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls run faster on one thread than on two busy ones."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tiny_lm():
     return load_causal_lm("tiny:qwen3", None)

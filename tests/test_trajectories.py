@@ -47,15 +47,6 @@ CHUNK = N + Q + 1
 TINYLLAMA = Sizes(64, 4, 16, 32, 4, 64, 2048)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny matmuls: thread start-up costs more than it saves, worst on a busy machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def rms_norm_in_input_dtype(self, x: torch.Tensor) -> torch.Tensor:
     return self.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
 
