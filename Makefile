@@ -32,8 +32,8 @@ lint: setup
 	$(BIN)/ruff check .
 
 bench: setup
-	$(BIN)/python bench/bench_directions.py --concepts 500 --reference-concepts 100 \
-		--dtype float32 --json bench/results/directions_cpu_fp32.json
+	$(BIN)/python bench/bench_directions.py --concepts 2000 --reference-concepts 100 \
+		--dtype float32 --json bench/results/directions_cpu_fp32_2000.json
 
 clean-demo:
 	rm -rf build/demo
