@@ -71,6 +71,14 @@ class Scratch:
             return None
         return record
 
+    def all_records(self, num_shards: int) -> list[ShardRecord]:
+        """Every shard's record, once all ranks are done; a missing shard is an error."""
+        records = [self.completed(index) for index in range(num_shards)]
+        missing = [index for index, record in enumerate(records) if record is None]
+        if missing:
+            raise RuntimeError(f"shards {missing} are missing from {self.folder} after all ranks")
+        return records
+
     def write(self, index: int, tensors: dict[str, torch.Tensor]) -> ShardRecord:
         record = write_shard(self.folder / shard_name(index), tensors)
         # The record is written after the shard is renamed into place: a record

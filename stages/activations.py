@@ -122,12 +122,7 @@ def run(params: ActivationsParams, corpus: Path, out: Path) -> dict:
         world.barrier()
         if not world.is_main:
             return {"rank": world.rank, "shards": len(owned), "reused_shards": reused}
-    records = []
-    for index in range(num_shards):
-        record = scratch.completed(index)
-        if record is None:
-            raise RuntimeError(f"shard {index} is missing from {scratch.folder} after all ranks")
-        records.append(record)
+    records = scratch.all_records(num_shards)
 
     rows = sum(r.rows for r in records)
     manifest = Manifest(

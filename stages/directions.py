@@ -68,7 +68,7 @@ def run(params: DirectionsParams, wordlist: Path, out: Path) -> dict:
         world.barrier()
         if not world.is_main:
             return {"rank": world.rank, "shards": len(owned), "reused_shards": reused}
-    records = [_finished(scratch, index) for index in range(num_shards)]
+    records = scratch.all_records(num_shards)
 
     offsets, flat = concept_token_table(teacher.tokenizer, texts)
     used = torch.unique(flat)
@@ -137,15 +137,6 @@ def _extract_shards(params, teacher, texts, concept_ids, splits, scratch, owned)
             tensors |= {layer_key(layer): a.to(storage) for layer, a in acts.items()}
             scratch.write(index, tensors)
     return reused
-
-
-def _finished(scratch: Scratch, index: int):
-    record = scratch.completed(index)
-    if record is None:
-        raise RuntimeError(
-            f"shard {index} is missing from {scratch.folder} after every rank finished"
-        )
-    return record
 
 
 def _fingerprint_inputs(params: DirectionsParams, wordlist: Path) -> dict:
