@@ -25,11 +25,12 @@ from pathlib import Path
 import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
-from pipeline.config import WordlistParams, load_params
-from pipeline.extract import concept_activations
-from pipeline.teacher import DTYPES, cut_teacher
-from pipeline.tiny import train_tokenizer
-from pipeline.words import build_concepts
+from pipeline.common.params import load_params
+from pipeline.common.teacher import DTYPES, cut_teacher
+from pipeline.concepts.concept_vectors import concept_activations
+from pipeline.inputs.params import WordlistParams
+from pipeline.inputs.tiny_models import train_tokenizer
+from pipeline.inputs.words import build_concepts
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from pipeline.teacher import DTYPES
-from pipeline.trajectories import Sizes, bytes_per_window, trajectory_batch
+from pipeline.common.teacher import DTYPES
+from pipeline.kv_sidecar.forces import Sizes, bytes_per_window, trajectory_batch
 
 
 def tinyllama_config() -> LlamaConfig:

@@ -13,46 +13,30 @@ from __future__ import annotations
 import importlib
 import logging
 import sys
-from pathlib import Path
 from typing import Annotated
 
 import typer
 
 # Command name -> module whose `command` implements it.
 STAGES = {
-    "wordlist": "stages.wordlist",
-    "directions": "stages.directions",
-    "distill": "stages.distill",
-    "evaluate": "stages.evaluate",
-    "corpus": "stages.corpus",
-    "trajectories": "stages.trajectories",
-    "sidecar": "stages.sidecar",
-    "activations": "stages.activations",
-    "sae": "stages.sae",
-    "mcdata": "stages.mcdata",
-    "steering": "stages.steering",
+    "wordlist": "pipeline.inputs.wordlist",
+    "directions": "pipeline.concepts.directions",
+    "distill": "pipeline.concepts.distill",
+    "evaluate": "pipeline.concepts.evaluate",
+    "corpus": "pipeline.inputs.corpus",
+    "trajectories": "pipeline.kv_sidecar.trajectories",
+    "sidecar": "pipeline.kv_sidecar.sidecar",
+    "activations": "pipeline.sparse_autoencoder.activations",
+    "sae": "pipeline.sparse_autoencoder.sae",
+    "mcdata": "pipeline.steering_vectors.mcdata",
+    "steering": "pipeline.steering_vectors.steering",
 }
-
-
-def build_tiny_command(
-    out: Annotated[Path, typer.Option(help="Folder to write the model and tokenizer to.")],
-    model: Annotated[str, typer.Option(help="Which tiny teacher to build.")] = "tiny:qwen3",
-) -> None:
-    """Save a tiny teacher as an ordinary HF model folder (then load it by path)."""
-    from pipeline.tiny import save_tiny
-
-    typer.echo(f"wrote {save_tiny(model, out)}")
-
-
-def demo_command(
-    workspace: Annotated[Path, typer.Option(help="Where the tiny-profile copy runs.")] = Path(
-        "build/demo"
-    ),
-) -> None:
-    """Run the whole DAG offline on the tiny profile through `dvc repro`; print the table."""
-    from pipeline.demo import run_demo
-
-    typer.echo(run_demo(workspace))
+# Helper commands outside the DAG, likewise by module.
+HELPERS = {
+    "build-tiny": "pipeline.inputs.tiny_models",
+    "demo": "pipeline.demo",
+}
+COMMANDS = STAGES | HELPERS
 
 
 def main(
@@ -65,7 +49,7 @@ def main(
 
 
 def make_app(stages: list[str] | None = None) -> typer.Typer:
-    """The CLI with the given stage commands (all by default) and the helper commands."""
+    """The CLI with the given commands (all by default)."""
     app = typer.Typer(
         help="Activation distillation: the commands behind each stage of dvc.yaml.",
         no_args_is_help=True,
@@ -73,10 +57,10 @@ def make_app(stages: list[str] | None = None) -> typer.Typer:
         pretty_exceptions_enable=False,
     )
     app.callback()(main)
-    for name in STAGES if stages is None else stages:
-        app.command(name)(importlib.import_module(STAGES[name]).command)
-    app.command("build-tiny")(build_tiny_command)
-    app.command("demo")(demo_command)
+    # Modules are imported by name: a stage run imports its own module only, so the
+    # code a stage runs (pipeline/common/code_deps.py) holds no other stage.
+    for name in COMMANDS if stages is None else stages:
+        app.command(name)(importlib.import_module(COMMANDS[name]).command)
     return app
 
 
@@ -92,7 +76,7 @@ def run() -> None:
     clear message and exits 1 (a model out of reach is a RuntimeError: TeacherLoadError);
     anything else keeps its traceback."""
     wanted = [arg for arg in sys.argv[1:] if not arg.startswith("-")][:1]
-    app = make_app(wanted if wanted and wanted[0] in STAGES else None)
+    app = make_app(wanted if wanted and wanted[0] in COMMANDS else None)
     try:
         app()
     except (ValueError, FileNotFoundError, RuntimeError) as err:

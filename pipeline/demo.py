@@ -15,12 +15,15 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Annotated
+
+import typer
 
 ROOT = Path(__file__).resolve().parent.parent
 PROFILE = Path("profiles/tiny.yaml")
 # What the DAG needs when the project is not a git checkout.
 FALLBACK_FILES = ("dvc.yaml", "pyproject.toml", ".dvc/config", ".dvcignore")
-FALLBACK_DIRS = ("pipeline", "stages", "profiles")
+FALLBACK_DIRS = ("pipeline", "profiles")
 
 
 def project_files(root: Path = ROOT) -> list[Path]:
@@ -81,3 +84,12 @@ def run_demo(workspace: Path) -> str:
         for name in TABLES
         if (metrics / name).exists()
     )
+
+
+def command(
+    workspace: Annotated[Path, typer.Option(help="Where the tiny-profile copy runs.")] = Path(
+        "build/demo"
+    ),
+) -> None:
+    """Run the whole DAG offline on the tiny profile through `dvc repro`; print the tables."""
+    typer.echo(run_demo(workspace))

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.config import Params, build
-from pipeline.data import KIND, write_shard_rows, write_side_files
-from pipeline.shards import Manifest, shard_name
+from pipeline.common.params import Sections, sections_from_dict
+from pipeline.common.shards import Manifest, shard_name
+from pipeline.concepts.layout import KIND, write_shard_rows, write_side_files
 
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -32,9 +32,9 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def build_params(**sections) -> Params:
-    """Params from plain dicts, e.g. build_params(distill={"runs": {...}})."""
-    return build(Params, sections, "")
+def build_params(**sections) -> Sections:
+    """Every params section from plain dicts, e.g. build_params(distill={"runs": {...}})."""
+    return sections_from_dict(sections)
 
 
 def make_direction_set(

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
 from pipeline.cli import app
-from pipeline.tiny import build_tiny
+from pipeline.inputs.tiny_models import build_tiny
 
 # Each command's own options (besides --help); dvc.yaml passes these.
 OPTIONS = {

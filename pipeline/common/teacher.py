@@ -1,0 +1,241 @@
+"""Load a teacher (hub id, local path or `tiny:*`) cut at its deepest needed layer.
+
+The loaded module is the base model (no LM head) with its layer list truncated
+to the deepest requested layer, so a forward costs layers 1..L only. Indices
+follow HF's `hidden_states` convention: 0 is the embedding output, L the output
+of layer L; `hidden_states[num_layers]` is after the final norm, so the norm is
+kept only when the deepest layer is the last one.
+
+    teacher = load_teacher("Qwen/Qwen3-0.6B", "main", layers=(14,), dtype="bfloat16")
+    acts = teacher.hidden_at(input_ids, attention_mask)  # {14: (B, T, D)}
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import (
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    DynamicCache,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from pipeline.inputs.tiny_models import build_tiny, is_tiny
+
+# Where the transformer blocks and the final norm live, across HF families.
+_LAYER_PATHS = ("layers", "encoder.layer", "h", "decoder.layers", "transformer.h")
+_NORM_PATHS = ("norm", "ln_f", "final_layer_norm", "transformer.ln_f")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class TeacherLoadError(RuntimeError):
+    """The model or tokenizer could not be loaded; the message says how to proceed."""
+
+
+@dataclass(frozen=True)
+class PrefixCache:
+    length: int
+    kv: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: (1, kv_heads, P, head_dim) each
+
+
+@dataclass
+class Teacher:
+    model: PreTrainedModel  # base model, truncated
+    tokenizer: PreTrainedTokenizerBase
+    layers: tuple[int, ...]
+    num_layers: int  # depth of the full model
+    model_id: str
+    revision: str | None  # resolved commit where the hub reports one
+    blocks_path: str = "layers"  # where the transformer blocks live in `model`
+
+    @property
+    def hidden_size(self) -> int:
+        return self.model.config.hidden_size
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.get_input_embeddings().weight.shape[0]
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.model.get_input_embeddings().weight.shape[1]
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.get_input_embeddings().weight.device
+
+    def embedding_rows(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """The input-embedding rows (V, E) of `token_ids`, float32 on the CPU."""
+        weight = self.model.get_input_embeddings().weight
+        return weight.detach()[token_ids.to(weight.device)].float().cpu()
+
+    @property
+    def causal(self) -> bool:
+        """Decoders attend left to right, so a shared prompt prefix can be cached."""
+        return self.blocks_path != "encoder.layer"
+
+    @torch.inference_mode()
+    def prefix_cache(self, prefix: list[int]) -> PrefixCache:
+        """K/V of a token prefix (batch of one), to be shared by every prompt starting with it."""
+        ids = torch.tensor([prefix], device=self.device)
+        out = self.model(input_ids=ids, use_cache=True)
+        kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+        return PrefixCache(len(prefix), kv)
+
+    @torch.inference_mode()
+    def hidden_at(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        prefix: PrefixCache | None = None,
+    ) -> dict[int, torch.Tensor]:
+        """Hidden states (B, T, D) at each requested layer, for the tokens of `input_ids`.
+
+        With `prefix`, the batch continues that cached prefix.
+        """
+        kwargs = {}
+        offset = 0
+        if prefix is not None:
+            batch = input_ids.shape[0]
+            kwargs["past_key_values"] = DynamicCache(
+                ddp_cache_data=[
+                    (k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)) for k, v in prefix.kv
+                ]
+            )
+            kwargs["use_cache"] = True
+            offset = prefix.length
+            ones = attention_mask.new_ones(batch, prefix.length)
+            full_mask = torch.cat([ones, attention_mask], dim=1)
+        else:
+            full_mask = attention_mask
+        if self._takes_position_ids:
+            # Left padding must not shift positions: count real tokens only.
+            positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+            kwargs["position_ids"] = positions + offset
+        out = self.model(
+            input_ids=input_ids, attention_mask=full_mask, output_hidden_states=True, **kwargs
+        )
+        return {layer: out.hidden_states[layer] for layer in self.layers}
+
+    @property
+    def _takes_position_ids(self) -> bool:
+        return "position_ids" in inspect.signature(self.model.forward).parameters
+
+
+def load_teacher(
+    model_id: str,
+    revision: str | None,
+    layers: tuple[int, ...],
+    dtype: str = "float32",
+    device: str = "cpu",
+) -> Teacher:
+    model, tokenizer = _load(model_id, revision, DTYPES[dtype])
+    return cut_teacher(model, tokenizer, layers, dtype, device, model_id, revision)
+
+
+def cut_teacher(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    layers: tuple[int, ...],
+    dtype: str = "float32",
+    device: str = "cpu",
+    model_id: str = "",
+    revision: str | None = None,
+) -> Teacher:
+    """Truncate a loaded base model after its deepest requested layer (in place)."""
+    blocks_path, blocks = _find(model, _LAYER_PATHS, "transformer layer list")
+    depth = len(blocks)
+    bad = [layer for layer in layers if layer > depth]
+    if bad:
+        raise ValueError(
+            f"directions.layers holds {bad} but {model_id or type(model).__name__} has "
+            f"{depth} layers (valid hidden_states indices: 0..{depth})"
+        )
+    deepest = max(layers)
+    _set(model, blocks_path, nn.ModuleList(list(blocks)[:deepest]))
+    if deepest < depth:
+        norm_path = next((p for p in _NORM_PATHS if _get(model, p) is not None), None)
+        if norm_path is not None:
+            _set(model, norm_path, nn.Identity())
+    model.config.num_hidden_layers = deepest
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = model.to(device=_device(device), dtype=DTYPES[dtype]).eval()
+    resolved = getattr(model.config, "_commit_hash", None) or revision
+    return Teacher(model, tokenizer, tuple(layers), depth, model_id, resolved, blocks_path)
+
+
+def load_causal_lm(
+    model_id: str, revision: str | None, dtype: str = "float32", device: str = "cpu"
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The whole causal LM (with its head), for stages that need logits or LM-loss gradients.
+
+    Same sources and offline error as `load_teacher`; parameters are frozen.
+    """
+    model, tokenizer = _load(model_id, revision, DTYPES[dtype], causal=True)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = model.to(device=_device(device), dtype=DTYPES[dtype]).eval()
+    model.requires_grad_(False)
+    return model, tokenizer
+
+
+def _load(model_id: str, revision: str | None, dtype: torch.dtype, causal: bool = False):
+    if is_tiny(model_id):
+        model, tokenizer = build_tiny(model_id)
+        return (model if causal else model.base_model), tokenizer
+    auto = AutoModelForCausalLM if causal else AutoModel
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_id, revision=revision)
+        model = auto.from_pretrained(model_id, revision=revision, dtype=dtype)
+    except (OSError, ValueError) as err:
+        where = "local directory" if Path(model_id).exists() else "Hugging Face hub id"
+        raise TeacherLoadError(
+            f"cannot load model {model_id!r} (revision {revision!r}, as a {where}): {err}\n"
+            "If the hub is unreachable (offline), point the stage's `model` param "
+            "(directions.model, trajectories.model, ...) at a local copy "
+            "(a folder with config.json, weights and tokenizer files, e.g. made by "
+            "`huggingface-cli download Qwen/Qwen3-0.6B --local-dir models/qwen3-0.6b`), "
+            "or run `make demo` for the offline tiny profile."
+        ) from err
+    return model, tokenizer
+
+
+def _device(device: str) -> torch.device:
+    if device == "auto":
+        # Under torchrun each process takes the GPU of its LOCAL_RANK.
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _find(model: nn.Module, paths: tuple[str, ...], what: str) -> tuple[str, nn.ModuleList]:
+    for path in paths:
+        found = _get(model, path)
+        if isinstance(found, nn.ModuleList):
+            return path, found
+    raise ValueError(f"cannot find the {what} of {type(model).__name__} (looked for {paths})")
+
+
+def _get(module: nn.Module, path: str):
+    for part in path.split("."):
+        module = getattr(module, part, None)
+        if module is None:
+            return None
+    return module
+
+
+def _set(module: nn.Module, path: str, value: nn.Module) -> None:
+    *parents, leaf = path.split(".")
+    for part in parents:
+        module = getattr(module, part)
+    setattr(module, leaf, value)

@@ -1,0 +1,1 @@
+"""Concept directions (seeds 000, 001): stages `directions`, `distill`, `evaluate`."""

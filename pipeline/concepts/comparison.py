@@ -1,0 +1,134 @@
+"""The seed-000 FINAL COMPARISON table (markdown) and the val-curve picture (PNG).
+
+rows = [Row("linear_probe", "Linear Probe", metrics["linear_probe"], frozen=True), ...]
+text = comparison_table(rows, ks=(1, 10))
+plot_val_curves({"linear_probe": ([1, 2], [0.5, 0.9])}, Path("val_curves.png"))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.concepts.params import RunParams
+
+FOOTNOTE = "\\* needs the teacher's embedding table at inference"
+MISSING = "—"
+
+
+@dataclass(frozen=True)
+class Row:
+    """One table row: a run or a baseline, with its metrics dict from the evaluate stage."""
+
+    name: str
+    label: str
+    metrics: dict[str, Any]
+    frozen: bool = False
+
+
+def run_label(run: RunParams) -> str:
+    """Seed 000's name for a run: "Trainable e=64,h=256", "Frozen+MLP h=128", "Linear Probe"."""
+    if run.approach == "trainable":
+        return f"Trainable e={run.embed_dim},h={run.hidden_dim}"
+    if run.approach == "frozen_mlp":
+        return f"Frozen+MLP h={run.hidden_dim}"
+    return "Linear Probe"
+
+
+def _human(value: float, units: Sequence[tuple[str, float]]) -> str:
+    """Three significant figures, trailing zeros dropped: 132K, 1.05M, 9.8M, 10M.
+
+    `units` ascending from ("", 1); a value that rounds up to 1000 of a unit
+    (999,600 -> "1e+03K") moves to the next unit ("1M").
+    """
+    index = max((i for i, (_, scale) in enumerate(units) if value >= scale), default=0)
+    text = f"{value / units[index][1]:.3g}"
+    if float(text) >= 1000 and index + 1 < len(units):
+        index += 1
+        text = f"{value / units[index][1]:.3g}"
+    return text + units[index][0]
+
+
+def human_count(n: int) -> str:
+    return _human(n, (("", 1), ("K", 1e3), ("M", 1e6), ("B", 1e9)))
+
+
+def human_bytes(n: int) -> str:
+    return _human(n, (("B", 1), ("KB", 1e3), ("MB", 1e6), ("GB", 1e9)))
+
+
+def _cell(value: float | None, fmt: str) -> str:
+    return MISSING if value is None else format(value, fmt)
+
+
+def _row_cells(row: Row, ks: Sequence[int]) -> list[str]:
+    m = row.metrics
+    params = m.get("trainable_params")
+    size = m.get("inference_bytes")
+    size_text = MISSING if size is None else human_bytes(size)
+    return [
+        row.label,
+        MISSING if params is None else human_count(params),
+        size_text + ("*" if row.frozen else ""),
+        *(_cell(m.get(f"{split}_cos"), ".4f") for split in ("train", "val", "test")),
+        _cell(m.get("gap"), ".4f"),
+        *(_cell(m.get(f"test_top{k}"), ".1%") for k in ks),
+        _cell(m.get("test_seen_cos"), ".4f"),
+        _cell(m.get("test_unseen_cos"), ".4f"),
+    ]
+
+
+def _sort_key(row: Row) -> tuple[bool, float]:
+    test = row.metrics.get("test_cos")
+    return (test is None, -(test or 0.0))
+
+
+def comparison_table(rows: Sequence[Row], ks: Sequence[int]) -> str:
+    """Markdown table, best test cos_sim first; a footnote when any row is frozen."""
+    header = [
+        "Approach",
+        "Trainable Params",
+        "Inference Size",
+        "Train cos_sim",
+        "Val cos_sim",
+        "Test cos_sim",
+        "Gap",
+        *(f"Test top-{k}" for k in ks),
+        "Test cos (seen tokens)",
+        "Test cos (unseen tokens)",
+    ]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(_row_cells(row, ks)) + " |" for row in sorted(rows, key=_sort_key)]
+    if any(row.frozen for row in rows):
+        lines += ["", FOOTNOTE]
+    return "\n".join(lines) + "\n"
+
+
+def plot_val_curves(
+    curves: dict[str, tuple[Sequence[int], Sequence[float]]],
+    path: Path,
+    baselines: dict[str, float] | None = None,
+) -> None:
+    """All runs' val cos_sim per epoch on one axes; baselines as dashed lines. Writes a PNG."""
+    import matplotlib
+
+    # Agg: no display needed, and the PNG works offline (DVC's HTML plots need a CDN).
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for name, (epochs, values) in sorted(curves.items()):
+        ax.plot(epochs, values, marker=".", label=name)
+    for name, value in sorted((baselines or {}).items()):
+        ax.axhline(value, linestyle="--", linewidth=1, color="gray", label=name)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("val cos_sim")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)

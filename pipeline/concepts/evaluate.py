@@ -1,0 +1,174 @@
+"""Stage `evaluate`: reads data/directions and every data/distill/<run>; writes metrics JSON, the markdown table, the val-curves PNG.
+
+Command: python -m pipeline.cli evaluate --params params.yaml --directions data/directions --distill data/distill --metrics metrics/distill.json --table metrics/comparison.md --plot metrics/val_curves.png
+
+Reads the `distill` and `evaluate` sections of params.yaml, the directions folder
+(layer `distill.train.layer`) and `<distill>/<run>/{model.safetensors,config.json,
+curves.csv}` for every key of `distill.runs`. The metrics JSON holds one dict per
+run, `baseline_train_mean`, `baseline_knn` (cos, gap, top-k, seen/unseen-token
+subsets; null where a subset is empty) and `counts`.
+"""  # noqa: E501
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import torch
+import typer
+from torch import Tensor, nn
+
+from pipeline.common.params import Sections, load_params
+from pipeline.common.splits import SPLITS
+from pipeline.concepts.comparison import Row, comparison_table, plot_val_curves, run_label
+from pipeline.concepts.layout import DirectionSet
+from pipeline.concepts.params import DistillParams, EvaluateParams
+from pipeline.concepts.scores import (
+    concept_embeddings,
+    knn_predict,
+    split_metrics,
+    token_coverage,
+    train_mean_predict,
+)
+from pipeline.concepts.students import CONFIG, FROZEN_APPROACHES, load_checkpoint
+
+CURVES = "curves.csv"
+PARAMS = Path("params.yaml")
+BATCH = 1024
+"""Concepts per forward pass; memory only, results do not depend on it."""
+CHECKPOINT_KEYS = ("trainable_params", "inference_bytes", "best_epoch")
+
+
+Splits = dict[str, tuple[Tensor, Tensor]]  # split -> (concept_ids (N,), directions (N, D))
+
+
+def run(
+    params: Sections, directions: Path, distill: Path, metrics: Path, table: Path, plot: Path
+) -> dict[str, Any]:
+    """Evaluate all runs and baselines; write metrics JSON, table and plot; return the metrics."""
+    folders = _run_folders(distill, list(params.distill.runs))
+    data = DirectionSet(directions, params.distill.train.layer)
+    splits = {split: data.load_split(split) for split in SPLITS}
+    if splits["train"][0].numel() == 0:
+        raise ValueError(f"{directions}: the train split is empty; baselines need train concepts")
+    seen = token_coverage(data.offsets, data.flat_tokens, splits["train"][0])[splits["test"][0]]
+    ks = params.evaluate.retrieval_k
+    results: dict[str, Any] = {}
+    rows, curves = [], {}
+    for name, folder in folders.items():
+        model, config = load_checkpoint(folder, data)
+        preds = {split: predict(model, data, ids) for split, (ids, _) in splits.items()}
+        sizes = {key: config.get(key) for key in CHECKPOINT_KEYS}
+        results[name] = _score(preds, splits, seen, ks) | sizes
+        frozen = config["approach"] in FROZEN_APPROACHES
+        rows.append(Row(name, run_label(params.distill.runs[name]), results[name], frozen))
+        curves[name] = read_curves(folder / CURVES)
+    for name, (label, preds, frozen) in _baselines(data, splits, params.evaluate.knn_k).items():
+        results[name] = _score(preds, splits, seen, ks)
+        rows.append(Row(name, label, results[name], frozen))
+    results["counts"] = {split: int(ids.numel()) for split, (ids, _) in splits.items()}
+    results["counts"] |= {"test_seen": int(seen.sum()), "test_unseen": int((~seen).sum())}
+    _write(metrics, json.dumps(results, indent=2, sort_keys=True) + "\n")
+    _write(table, comparison_table(_unique_labels(rows), ks))
+    knn_val = results["baseline_knn"]["val_cos"]
+    plot_val_curves(curves, plot, {"kNN baseline": knn_val} if knn_val is not None else None)
+    return results
+
+
+def _score(preds: dict[str, Tensor], splits: Splits, seen: Tensor, ks: tuple[int, ...]) -> dict:
+    return split_metrics(preds, {split: dirs for split, (_, dirs) in splits.items()}, seen, ks)
+
+
+def _run_folders(distill: Path, names: list[str]) -> dict[str, Path]:
+    """Checked before any work, so a missing run fails fast and names its path."""
+    for name in names:
+        if not (distill / name / CONFIG).is_file():
+            raise FileNotFoundError(
+                f"distill run {name!r} has no checkpoint: {distill / name / CONFIG} not found; "
+                f"run `dvc repro` to train it"
+            )
+    return {name: distill / name for name in names}
+
+
+@torch.inference_mode()
+def predict(model: nn.Module, data: DirectionSet, concept_ids: Tensor) -> Tensor:
+    """Student predictions (N, D) float32 for the given concepts, in batches."""
+    out = [torch.zeros(0, data.dim)]
+    for start in range(0, concept_ids.numel(), BATCH):
+        tokens, mask = data.concept_tokens(concept_ids[start : start + BATCH])
+        out.append(model(tokens, mask).float())
+    return torch.cat(out)
+
+
+def _baselines(data: DirectionSet, splits: Splits, k: int) -> dict[str, tuple[str, dict, bool]]:
+    """name -> (table label, predictions per split, needs the teacher's table)."""
+    train_dirs = splits["train"][1]
+    mean = {split: train_mean_predict(train_dirs, len(ids)) for split, (ids, _) in splits.items()}
+    return {
+        "baseline_train_mean": ("Baseline: train mean", mean, False),
+        "baseline_knn": (f"Baseline: kNN k={k} (teacher embeddings)", _knn(data, splits, k), True),
+    }
+
+
+def _knn(data: DirectionSet, splits: Splits, k: int) -> dict[str, Tensor]:
+    """kNN in the teacher's input-embedding space; a train concept never votes for itself."""
+    tables = (data.offsets, data.flat_tokens, data.embedding_token_ids, data.embedding_rows)
+    emb = {split: concept_embeddings(*tables, ids) for split, (ids, _) in splits.items()}
+    pool, pool_dirs = emb["train"], splits["train"][1]
+    return {
+        split: knn_predict(emb[split], pool, pool_dirs, k, exclude_self=split == "train")
+        for split in splits
+    }
+
+
+def read_curves(path: Path) -> tuple[list[int], list[float]]:
+    """(epochs, val_cos) from a run's curves.csv (header epoch,train_loss,train_cos,val_cos)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"training curves not found: {path}; run `dvc repro` to train")
+    with path.open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        missing = {"epoch", "val_cos"} - set(reader.fieldnames or [])
+        if missing:
+            raise ValueError(f"{path}: lacks columns {sorted(missing)}; has {reader.fieldnames}")
+        records = list(reader)
+    return [int(r["epoch"]) for r in records], [float(r["val_cos"]) for r in records]
+
+
+def _unique_labels(rows: list[Row]) -> list[Row]:
+    """Two runs with the same config would share a label; the run name tells them apart."""
+    labels = [row.label for row in rows]
+    return [
+        Row(r.name, f"{r.label} ({r.name})", r.metrics, r.frozen)
+        if labels.count(r.label) > 1
+        else r
+        for r in rows
+    ]
+
+
+def _write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def command(
+    directions: Annotated[Path, typer.Option(help="Folder written by the directions stage.")],
+    distill: Annotated[Path, typer.Option(help="Folder holding one <run>/ per distill run.")],
+    metrics: Annotated[Path, typer.Option(help="Metrics JSON to write (for `dvc metrics diff`).")],
+    table: Annotated[Path, typer.Option(help="Markdown comparison table to write.")],
+    plot: Annotated[Path, typer.Option(help="PNG of every run's val cos_sim per epoch.")],
+    params: Annotated[Path, typer.Option(help="Params file; `distill` and `evaluate`.")] = PARAMS,
+) -> None:
+    """Score every distill run and the train-mean / kNN baselines; write metrics, table, plot."""
+    results = run(
+        load_params(params, distill=DistillParams, evaluate=EvaluateParams),
+        directions,
+        distill,
+        metrics,
+        table,
+        plot,
+    )
+    runs = [name for name in results if name != "counts"]
+    best = max(runs, key=lambda name: results[name]["test_cos"] or float("-inf"))
+    typer.echo(f"evaluate: {len(runs)} rows, best test cos {results[best]['test_cos']} ({best})")

@@ -1,0 +1,186 @@
+"""The `directions` artifact: its layout, and a streaming reader for training.
+
+Layout of a directions folder (all tensors safetensors, listed in manifest.json):
+
+    shard-00000.safetensors   concept_id int64 (R,), split int8 (R,), layer_<L> (R, D)
+    mean.safetensors          layer_<L> float32 (D,)      train-split mean activation
+    embeddings.safetensors    token_ids int64 (V,) sorted, rows float32 (V, E)
+                              the teacher's input-embedding rows for the tokens concepts use
+    tokens.safetensors        offsets int64 (N+1,), token_ids int64 (T,)
+                              concept i's token ids are token_ids[offsets[i]:offsets[i+1]]
+
+direction = activation - train mean. Training streams shards through a bounded
+shuffle buffer, so a dump larger than memory still trains.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from pipeline.common.shards import Manifest, layer_key, read_shard
+from pipeline.common.splits import SPLITS
+
+KIND = "directions"
+SPLIT_CODES = {name: code for code, name in enumerate(SPLITS)}
+
+
+@dataclass(frozen=True)
+class Batch:
+    concept_id: torch.Tensor  # (B,) int64
+    target: torch.Tensor  # (B, D) float32 direction
+    tokens: torch.Tensor  # (B, T) int64 teacher token ids, 0 where padded
+    mask: torch.Tensor  # (B, T) bool, True on real tokens
+
+
+class DirectionSet:
+    """Reads one layer of a directions folder; checks every file against the manifest."""
+
+    def __init__(self, folder: Path, layer: int, verify: bool = True):
+        self.folder = Path(folder)
+        self.manifest = Manifest.load(self.folder, kind=KIND)
+        self.layer = layer
+        self.verify = verify
+        cached = self.manifest.extra["layers"]
+        if layer not in cached:
+            raise ValueError(
+                f"{self.folder}: layer {layer} is not cached; it holds layers {cached}"
+            )
+        files = self.manifest.files
+        self.mean = read_shard(self.folder, files["mean"], [layer_key(layer)], verify)[
+            layer_key(layer)
+        ]
+        emb = read_shard(self.folder, files["embeddings"], verify=verify)
+        self.embedding_token_ids, self.embedding_rows = emb["token_ids"], emb["rows"]
+        tok = read_shard(self.folder, files["tokens"], verify=verify)
+        self.offsets, self.flat_tokens = tok["offsets"], tok["token_ids"]
+
+    @property
+    def num_concepts(self) -> int:
+        return self.offsets.numel() - 1
+
+    @property
+    def dim(self) -> int:
+        return self.mean.numel()
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.manifest.extra["vocab_size"])
+
+    def concept_tokens(self, concept_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Right-padded token ids (B, T) and mask (B, T) for the given concepts."""
+        starts, ends = self.offsets[concept_ids], self.offsets[concept_ids + 1]
+        lengths = ends - starts
+        width = int(lengths.max()) if lengths.numel() else 0
+        positions = torch.arange(width)
+        mask = positions[None, :] < lengths[:, None]
+        index = (starts[:, None] + positions[None, :]).clamp(
+            max=max(self.flat_tokens.numel() - 1, 0)
+        )
+        tokens = torch.where(mask, self.flat_tokens[index], torch.zeros_like(index))
+        return tokens, mask
+
+    def split_shards(self, split: str) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(concept_id (R,), direction (R, D) float32) per shard, rows of `split` only."""
+        code = SPLIT_CODES[split]
+        for record in self.manifest.shards:
+            shard = read_shard(
+                self.folder, record, ["concept_id", "split", layer_key(self.layer)], self.verify
+            )
+            keep = shard["split"] == code
+            directions = shard[layer_key(self.layer)][keep].float() - self.mean
+            yield shard["concept_id"][keep], directions
+
+    def load_split(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """A whole split in memory, for evaluation of moderate sizes."""
+        parts = list(self.split_shards(split))
+        if not parts:
+            return torch.zeros(0, dtype=torch.long), torch.zeros(0, self.dim)
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+    def batches(
+        self, split: str, batch_size: int, buffer_rows: int, shuffle: bool, seed: int = 0
+    ) -> Iterator[Batch]:
+        """Stream batches of `split`; with `shuffle`, shard order and buffer rows are shuffled.
+
+        Rows go into one preallocated buffer of `buffer_rows` + one shard, so memory
+        stays bounded whatever the size of the dump.
+        """
+        generator = torch.Generator().manual_seed(seed)
+        order = list(range(len(self.manifest.shards)))
+        if shuffle:
+            order = [order[i] for i in torch.randperm(len(order), generator=generator)]
+        capacity = buffer_rows + max((s.rows for s in self.manifest.shards), default=0)
+        ids = torch.empty(capacity, dtype=torch.long)
+        dirs = torch.empty(capacity, self.dim)  # (capacity, D)
+        held = 0
+        for index in order:
+            shard_ids, shard_dirs = self._split_rows(self.manifest.shards[index], split)
+            ids[held : held + len(shard_ids)] = shard_ids
+            dirs[held : held + len(shard_ids)] = shard_dirs
+            held += len(shard_ids)
+            del shard_ids, shard_dirs
+            if held >= buffer_rows:
+                held = yield from self._emit(ids, dirs, held, batch_size, shuffle, generator, True)
+        yield from self._emit(ids, dirs, held, batch_size, shuffle, generator, False)
+
+    def _split_rows(self, record, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        names = ["concept_id", "split", layer_key(self.layer)]
+        shard = read_shard(self.folder, record, names, self.verify)
+        keep = shard["split"] == SPLIT_CODES[split]
+        return shard["concept_id"][keep], shard[layer_key(self.layer)][keep].float() - self.mean
+
+    def _emit(self, ids, dirs, held, batch_size, shuffle, generator, keep_tail):
+        """Yield full batches from the first `held` buffer rows; return how many remain."""
+        order = torch.randperm(held, generator=generator) if shuffle else torch.arange(held)
+        full = (held // batch_size) * batch_size if keep_tail else held
+        for start in range(0, full, batch_size):
+            rows = order[start : start + batch_size]
+            chunk = ids[rows]
+            yield Batch(chunk, dirs[rows], *self.concept_tokens(chunk))
+        # The partial tail moves to the front, to be mixed with the next shard.
+        tail = order[full:]
+        ids[: len(tail)], dirs[: len(tail)] = ids[tail], dirs[tail]
+        return len(tail)
+
+
+def write_shard_rows(
+    path: Path, concept_id: torch.Tensor, split: torch.Tensor, activations: dict[int, torch.Tensor]
+):
+    """One directions shard: ids, split codes and each layer's activations (R, D)."""
+    from pipeline.common.shards import write_shard
+
+    tensors = {"concept_id": concept_id.long(), "split": split.to(torch.int8)}
+    tensors.update({layer_key(layer): act for layer, act in activations.items()})
+    return write_shard(path, tensors)
+
+
+def write_side_files(
+    folder: Path,
+    means: dict[int, torch.Tensor],
+    embedding_token_ids: torch.Tensor,
+    embedding_rows: torch.Tensor,
+    offsets: torch.Tensor,
+    flat_tokens: torch.Tensor,
+):
+    """The mean, embedding-table and token files; returns their manifest records."""
+    from pipeline.common.shards import write_shard
+
+    folder = Path(folder)
+    return {
+        "mean": write_shard(
+            folder / "mean.safetensors", {layer_key(k): v.float() for k, v in means.items()}
+        ),
+        "embeddings": write_shard(
+            folder / "embeddings.safetensors",
+            {"token_ids": embedding_token_ids.long(), "rows": embedding_rows.float()},
+        ),
+        "tokens": write_shard(
+            folder / "tokens.safetensors",
+            {"offsets": offsets.long(), "token_ids": flat_tokens.long()},
+            rowwise=False,
+        ),
+    }

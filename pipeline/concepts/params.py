@@ -1,0 +1,136 @@
+"""Params of the concept-direction branch: sections `directions`, `distill`, `evaluate`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal
+
+from pipeline.common.params import DType, Sections, positive
+
+Approach = Literal["trainable", "frozen_mlp", "linear_probe"]
+
+
+@dataclass(frozen=True)
+class DirectionsParams:
+    model: str = "Qwen/Qwen3-0.6B"
+    """A Hugging Face hub id, a local directory, or `tiny:qwen3` (built offline)."""
+    revision: str = "main"
+    layers: tuple[int, ...] = (14,)
+    """HF `hidden_states` indices: 0 is the embedding output, L the output of layer L."""
+    templates: tuple[str, ...] = ("{concept}",)
+    """Prompt templates with a `{concept}` slot; vectors are averaged over templates."""
+    pooling: Literal["last", "mean"] = "last"
+    """`last`: last non-padding token (decoders); `mean`: mean over tokens (encoders)."""
+    compute_dtype: DType = "bfloat16"
+    storage_dtype: DType = "float32"
+    shard_rows: int = 8192
+    """Concepts per shard: few large files hash faster in DVC than many small ones."""
+    max_length: int = 64
+    # Knobs below do not change the result, so dvc.yaml does not list them as deps.
+    batch_size: int = 64
+    device: str = "auto"
+    padding_side: Literal["left", "right"] = "right"
+
+    def __post_init__(self) -> None:
+        if not self.layers:
+            raise ValueError("directions.layers is empty: give at least one layer index")
+        for layer in self.layers:
+            if layer < 0:
+                raise ValueError(f"directions.layers holds {layer}: layer indices are >= 0")
+        if not self.templates:
+            raise ValueError("directions.templates is empty: give at least one template")
+        for template in self.templates:
+            if "{concept}" not in template:
+                raise ValueError(
+                    f"directions.templates entry {template!r} lacks a {{concept}} slot"
+                )
+        positive("directions.shard_rows", self.shard_rows)
+        positive("directions.max_length", self.max_length)
+        positive("directions.batch_size", self.batch_size)
+
+    @property
+    def deepest_layer(self) -> int:
+        return max(self.layers)
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    layer: int = 14
+    """Which cached layer's directions to learn; must be one of directions.layers."""
+    epochs: int = 50
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    seed: int = 0
+    buffer_rows: int = 65_536
+    """Shuffle buffer: at most this many target rows are held in memory at once."""
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        positive("distill.train.epochs", self.epochs)
+        positive("distill.train.batch_size", self.batch_size)
+        positive("distill.train.buffer_rows", self.buffer_rows)
+        if self.lr <= 0:
+            raise ValueError(f"distill.train.lr must be > 0, got {self.lr}")
+
+
+@dataclass(frozen=True)
+class RunParams:
+    """One row of the seed-000 comparison table."""
+
+    approach: Approach
+    embed_dim: int | None = None
+    """Trainable embedding width (`trainable` only)."""
+    hidden_dim: int | None = None
+    """MLP hidden width (`trainable`, `frozen_mlp`)."""
+
+    def __post_init__(self) -> None:
+        needs = {"trainable": ("embed_dim", "hidden_dim"), "frozen_mlp": ("hidden_dim",)}
+        for name in ("embed_dim", "hidden_dim"):
+            value = getattr(self, name)
+            if name in needs.get(self.approach, ()):
+                if value is None or value <= 0:
+                    raise ValueError(
+                        f"approach {self.approach} needs a positive {name}, got {value}"
+                    )
+            elif value is not None:
+                raise ValueError(f"approach {self.approach} takes no {name} (got {value})")
+
+
+@dataclass(frozen=True)
+class DistillParams:
+    READS: ClassVar = ("directions",)
+
+    train: TrainParams = field(default_factory=TrainParams)
+    runs: dict[str, RunParams] = field(default_factory=lambda: _seed_runs())
+
+    def __post_init__(self) -> None:
+        if not self.runs:
+            raise ValueError("distill.runs is empty: give at least one run")
+
+    def check(self, params: Sections) -> None:
+        if self.train.layer not in params.directions.layers:
+            raise ValueError(
+                f"distill.train.layer={self.train.layer} is not cached: "
+                f"directions.layers is {list(params.directions.layers)}"
+            )
+
+
+@dataclass(frozen=True)
+class EvaluateParams:
+    knn_k: int = 10
+    """Neighbours averaged by the nearest-neighbour baseline."""
+    retrieval_k: tuple[int, ...] = (1, 10)
+
+    def __post_init__(self) -> None:
+        positive("evaluate.knn_k", self.knn_k)
+        for k in self.retrieval_k:
+            positive("evaluate.retrieval_k", k)
+
+
+def _seed_runs() -> dict[str, RunParams]:
+    return {
+        "frozen_h256": RunParams("frozen_mlp", hidden_dim=256),
+        "linear_probe": RunParams("linear_probe"),
+        "trainable_e32_h128": RunParams("trainable", embed_dim=32, hidden_dim=128),
+    }

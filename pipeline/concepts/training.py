@@ -1,0 +1,117 @@
+"""Training loop for the distill students: one epoch, one evaluation, and `fit`.
+
+`fit` trains with AdamW on the cosine loss, scores the val split after every
+epoch and keeps the best-on-val weights (seed 000 reports the best checkpoint).
+
+    torch.manual_seed(train.seed)
+    model = build_model(...)
+    result = fit(model, DirectionSet(folder, train.layer), train)
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from pipeline.concepts.layout import Batch, DirectionSet
+from pipeline.concepts.losses import cosine_loss, cosine_similarity_rows
+from pipeline.concepts.params import TrainParams
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FitResult:
+    state_dict: dict[str, Tensor]
+    """Weights of the best epoch on val, on the CPU."""
+    best_epoch: int
+    """1-based, as in `curves`."""
+    best_val_cos: float
+    curves: list[dict[str, float]]
+    """One {epoch, train_loss, train_cos, val_cos} per epoch."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def train_epoch(
+    model: nn.Module, optimizer: torch.optim.Optimizer, batches: Iterable[Batch]
+) -> tuple[float, float]:
+    """One pass; returns the row-weighted mean loss and mean cosine of the pass."""
+    model.train()
+    device = _model_device(model)
+    loss_sum, cos_sum, rows = 0.0, 0.0, 0
+    for batch in batches:
+        pred = model(batch.tokens.to(device), batch.mask.to(device))  # (B, D)
+        loss = cosine_loss(pred, batch.target.to(device))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        n = batch.target.shape[0]
+        # loss = 1 - mean cos, so the batch's cosine comes free of a second pass.
+        loss_sum += loss.item() * n
+        cos_sum += (1.0 - loss.item()) * n
+        rows += n
+    if rows == 0:
+        raise ValueError("the train split has no rows: nothing to train on")
+    return loss_sum / rows, cos_sum / rows
+
+
+@torch.no_grad()
+def evaluate_cos(model: nn.Module, directions: DirectionSet, split: str, batch_size: int) -> float:
+    """Mean cosine over every row of `split`, streamed in order."""
+    model.eval()
+    device = _model_device(model)
+    total, rows = 0.0, 0
+    # buffer_rows=batch_size: without shuffling a larger buffer buys nothing.
+    for batch in directions.batches(split, batch_size, batch_size, shuffle=False):
+        pred = model(batch.tokens.to(device), batch.mask.to(device))  # (B, D)
+        total += cosine_similarity_rows(pred, batch.target.to(device)).sum().item()
+        rows += batch.target.shape[0]
+    if rows == 0:
+        raise ValueError(f"{directions.folder}: the {split} split has no rows to evaluate")
+    return total / rows
+
+
+def make_optimizer(model: nn.Module, train: TrainParams) -> torch.optim.AdamW:
+    # Frozen tables are buffers, but filter anyway so a frozen parameter is never decayed.
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(trainable, lr=train.lr, weight_decay=train.weight_decay)
+
+
+def fit(model: nn.Module, directions: DirectionSet, train: TrainParams) -> FitResult:
+    """Train for `train.epochs`; the model ends holding the best-on-val weights."""
+    model.to(resolve_device(train.device))
+    optimizer = make_optimizer(model, train)
+    curves: list[dict[str, float]] = []
+    best_state, best_epoch, best_cos = None, 0, -float("inf")
+    bar = tqdm(range(1, train.epochs + 1), desc="distill", unit="epoch")
+    for epoch in bar:
+        batches = directions.batches(
+            "train", train.batch_size, train.buffer_rows, shuffle=True, seed=train.seed + epoch
+        )
+        train_loss, train_cos = train_epoch(model, optimizer, batches)
+        val_cos = evaluate_cos(model, directions, "val", train.batch_size)
+        row = dict(epoch=epoch, train_loss=train_loss, train_cos=train_cos, val_cos=val_cos)
+        curves.append(row)
+        if val_cos > best_cos:
+            best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            best_epoch, best_cos = epoch, val_cos
+        bar.set_postfix(train_loss=f"{train_loss:.4f}", val_cos=f"{val_cos:.4f}", best=best_epoch)
+    if best_state is None:
+        raise ValueError(f"val cosine was never finite over {train.epochs} epochs: {curves[-1]}")
+    model.load_state_dict(best_state)
+    log.info("best val cos %.4f at epoch %d of %d", best_cos, best_epoch, train.epochs)
+    return FitResult(best_state, best_epoch, best_cos, curves)

@@ -1,0 +1,111 @@
+"""Stage `corpus`: documents tokenized into fixed-length chunks for the token-level branches.
+
+Reads the `corpus` section of params.yaml and its source (builtin text, a Hugging
+Face dataset, or local files; `pipeline/corpus.py`). Writes `<out>/shard-*.safetensors`
+(chunk_id int64 (R,), token_ids int64 (R, chunk_tokens); layout: `pipeline/layouts.py`)
+and `manifest.json` whose `extra` holds model, revision, chunk_tokens, num_chunks,
+source and the document/token counts. Everything is written into a temporary folder
+renamed to `<out>` when complete, so a killed run leaves no partial corpus.
+
+    python -m pipeline.cli corpus --params params.yaml --out data/corpus
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Annotated
+
+import torch
+import typer
+
+from pipeline.common.params import load_params, to_dict
+from pipeline.common.shards import Manifest, shard_name, write_shard
+from pipeline.inputs.params import CorpusParams
+from pipeline.inputs.text_chunks import CORPUS, ChunkStats, cut_chunks, documents, load_tokenizer
+
+log = logging.getLogger(__name__)
+PARAMS = Path("params.yaml")
+
+
+def run(params: CorpusParams, out: Path) -> dict:
+    """Write the chunked corpus into `out`; returns the stats also stored in the manifest."""
+    started = time.perf_counter()
+    tokenizer = load_tokenizer(params.model, params.revision)
+    stats = ChunkStats()
+    chunks = cut_chunks(documents(params), tokenizer, params.chunk_tokens, params.max_chunks, stats)
+    for stale in out.parent.glob(f".{out.name}.tmp-*"):  # left by a killed run
+        shutil.rmtree(stale)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    tmp.mkdir(parents=True)
+    try:
+        records, rows = [], []
+        for chunk in chunks:
+            rows.append(chunk)
+            if len(rows) == params.shard_rows:
+                records.append(_write(tmp, len(records), rows, params.shard_rows))
+                rows = []
+        if rows:
+            records.append(_write(tmp, len(records), rows, params.shard_rows))
+        if not records:
+            raise ValueError(
+                f"corpus source {params.source!r} gave {stats.tokens} tokens, fewer than one "
+                f"chunk of corpus.chunk_tokens={params.chunk_tokens}"
+            )
+        num_chunks = sum(r.rows for r in records)
+        if num_chunks < params.max_chunks:
+            log.warning(
+                "corpus: the source ran out after %d of corpus.max_chunks=%d chunks",
+                num_chunks,
+                params.max_chunks,
+            )
+        extra = {
+            "model": params.model,
+            "revision": params.revision,
+            "chunk_tokens": params.chunk_tokens,
+            "num_chunks": num_chunks,
+            "source": params.source,
+            "eos_token_id": tokenizer.eos_token_id,
+            "vocab_size": len(tokenizer),
+            **asdict(stats),
+        }
+        Manifest(kind=CORPUS, params=to_dict(params), shards=records, extra=extra).save(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {
+        "chunks": num_chunks,
+        "shards": len(records),
+        **asdict(stats),
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+
+
+def _write(folder: Path, index: int, rows: list[list[int]], shard_rows: int):
+    first = index * shard_rows
+    return write_shard(
+        folder / shard_name(index),
+        {
+            "chunk_id": torch.arange(first, first + len(rows), dtype=torch.long),
+            "token_ids": torch.tensor(rows, dtype=torch.long),
+        },
+    )
+
+
+def command(
+    out: Annotated[Path, typer.Option(help="Output folder for shards and manifest.")],
+    params: Annotated[Path, typer.Option(help="Params file; its `corpus` section.")] = PARAMS,
+) -> None:
+    """Tokenize the corpus source into fixed-length chunks (safetensors shards)."""
+    stats = run(load_params(params, corpus=CorpusParams).corpus, out)
+    typer.echo(f"corpus: {stats}")
+
+
+if __name__ == "__main__":
+    typer.run(command)

@@ -1,0 +1,64 @@
+"""Params of the shared inputs: sections `wordlist` and `corpus`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from pipeline.common.params import positive
+from pipeline.common.splits import SplitFractions
+
+
+@dataclass(frozen=True)
+class WordlistParams:
+    source: Literal["nltk", "wordfreq"] = "nltk"
+    """`nltk`: the NLTK `words` corpus with WordNet POS/category (downloads);
+    `wordfreq`: the English list shipped by the wordfreq package (offline)."""
+    num_concepts: int = 50_000
+    """How many concepts to keep, most frequent first."""
+    min_length: int = 3
+    max_length: int = 20
+    splits: SplitFractions = field(default_factory=SplitFractions)
+    split_salt: str = ""
+    """Mixed into the split hash; change it to draw a different, still stable split."""
+
+    def __post_init__(self) -> None:
+        positive("wordlist.num_concepts", self.num_concepts)
+        positive("wordlist.min_length", self.min_length)
+        if self.max_length < self.min_length:
+            raise ValueError(
+                f"wordlist.max_length ({self.max_length}) is below wordlist.min_length "
+                f"({self.min_length})"
+            )
+
+
+@dataclass(frozen=True)
+class CorpusParams:
+    """Section `corpus`: text tokenized into fixed-length chunks for the token-level branches."""
+
+    source: Literal["builtin", "hf", "files"] = "hf"
+    """`builtin`: English-like sentences drawn from wordfreq with a seeded RNG (offline);
+    `hf`: a Hugging Face dataset, streamed (needs `pip install datasets` and the hub);
+    `files`: local UTF-8 text files matched by `files`, one document per file."""
+    model: str = "TinyLlama/TinyLlama-1.1B-Chat-v1.0"
+    """Whose tokenizer: a hub id, a local directory, or `tiny:llama`."""
+    revision: str = "main"
+    dataset: str = "HuggingFaceFW/fineweb-edu"
+    dataset_config: str | None = "sample-10BT"
+    dataset_split: str = "train"
+    text_field: str = "text"
+    files: str = "data/text/*.txt"
+    """Glob for `source: files`, relative to the working directory, read in sorted order."""
+    seed: int = 0
+    """Seed of the `builtin` text generator."""
+    chunk_tokens: int = 273
+    """Tokens per chunk; trajectories need num_windows * window_size + num_queries + 1."""
+    max_chunks: int = 2048
+    """Stop after this many chunks (fewer if the source runs out)."""
+    shard_rows: int = 65_536
+
+    def __post_init__(self) -> None:
+        positive("corpus.max_chunks", self.max_chunks)
+        positive("corpus.shard_rows", self.shard_rows)
+        if self.chunk_tokens < 2:
+            raise ValueError(f"corpus.chunk_tokens must be >= 2, got {self.chunk_tokens}")

@@ -1,0 +1,224 @@
+"""Text for the token-level branches: documents -> tokens joined by EOS -> fixed-length chunks.
+
+Three sources of documents (`corpus.source`):
+- `builtin`: English-like sentences whose words are drawn from wordfreq's English list
+  by frequency with a seeded RNG. Offline, deterministic, endless.
+- `hf`: a Hugging Face dataset, streamed (`datasets` is imported only here).
+- `files`: local UTF-8 text files matched by a glob, in sorted order, one document each.
+
+Each document is tokenized without special tokens and followed by the tokenizer's
+EOS; the stream is cut into consecutive chunks of `chunk_tokens` tokens (a chunk
+may span documents, the EOS marks the seam; there is no BOS). Tokens in no chunk
+(the tail shorter than one chunk) are counted.
+
+    tokenizer = load_tokenizer("tiny:llama", "main")
+    chunks = list(cut_chunks(builtin_documents(seed=0), tokenizer, 273, 8))  # 8 x 273 ids
+    CorpusChunks(Path("data/corpus")).read(0, 8)  # (8, chunk_tokens) int64, hash-checked
+
+The `corpus` artifact (kind "corpus"), written by stage `corpus`:
+    shard: chunk_id int64 (R,), token_ids int64 (R, chunk_tokens)
+    extra: model, revision (whose tokenizer), chunk_tokens, num_chunks, source
+"""
+
+from __future__ import annotations
+
+import functools
+import glob
+import itertools
+import random
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from pipeline.common.shards import Manifest, read_shard
+from pipeline.common.teacher import TeacherLoadError
+from pipeline.inputs.params import CorpusParams
+from pipeline.inputs.tiny_models import PREFIX, RECIPES, is_tiny, train_tokenizer
+
+BUILTIN_WORDS = 5_000
+"""The builtin source draws from this many of wordfreq's most frequent English words."""
+TOKENIZE_BATCH = 64
+CORPUS = "corpus"
+
+
+class CorpusSourceError(RuntimeError):
+    """A text source could not be opened; the message says how to proceed."""
+
+
+def builtin_documents(seed: int) -> Iterator[str]:
+    """Endless documents of 2-6 sentences of 4-14 words, words drawn by frequency."""
+    import wordfreq
+
+    words = [w for w in wordfreq.top_n_list("en", BUILTIN_WORDS) if w.isascii() and w.isalpha()]
+    cum_weights = list(itertools.accumulate(wordfreq.word_frequency(w, "en") for w in words))
+    rng = random.Random(seed)
+    while True:
+        sentences = []
+        for _ in range(rng.randint(2, 6)):
+            drawn = rng.choices(words, cum_weights=cum_weights, k=rng.randint(4, 14))
+            drawn = ["I" if w == "i" else w for w in drawn]
+            if len(drawn) > 7 and rng.random() < 0.5:
+                drawn[rng.randint(2, len(drawn) - 3)] += ","
+            text = " ".join(drawn)
+            sentences.append(text[0].upper() + text[1:] + ".")
+        yield " ".join(sentences)
+
+
+def hf_documents(dataset: str, config: str | None, split: str, field: str) -> Iterator[str]:
+    """The `field` of each row of a streamed Hugging Face dataset."""
+    try:
+        import datasets
+    except ImportError as err:
+        raise CorpusSourceError(
+            "corpus.source: hf needs the `datasets` library: `pip install datasets`; "
+            "or set corpus.source to builtin (offline) or files"
+        ) from err
+    try:
+        rows = datasets.load_dataset(dataset, config, split=split, streaming=True)
+        rows = iter(rows)
+        first = next(rows, None)
+    except Exception as err:  # the hub's error types vary by version: re-raised, not swallowed
+        raise CorpusSourceError(
+            f"cannot open dataset {dataset!r} (config {config!r}, split {split!r}): {err}\n"
+            "If the hub is unreachable (offline), set corpus.source: files with corpus.files "
+            "pointing at local text, or corpus.source: builtin, or run `make demo` for the "
+            "offline tiny profile."
+        ) from err
+    for row in itertools.chain([first] if first is not None else [], rows):
+        if field not in row:
+            raise ValueError(
+                f"dataset {dataset!r} rows have no field corpus.text_field={field!r}; "
+                f"they have {sorted(row)}"
+            )
+        yield row[field]
+
+
+def file_documents(pattern: str) -> Iterator[str]:
+    """Each file matched by `pattern` (sorted) as one document."""
+    paths = sorted(p for p in glob.glob(pattern, recursive=True) if Path(p).is_file())
+    if not paths:
+        raise FileNotFoundError(f"corpus.files={pattern!r} matches no file")
+    for path in paths:
+        yield Path(path).read_text(encoding="utf-8")
+
+
+def documents(params: CorpusParams) -> Iterator[str]:
+    if params.source == "builtin":
+        return builtin_documents(params.seed)
+    if params.source == "hf":
+        return hf_documents(
+            params.dataset, params.dataset_config, params.dataset_split, params.text_field
+        )
+    return file_documents(params.files)
+
+
+def load_tokenizer(model_id: str, revision: str | None) -> PreTrainedTokenizerBase:
+    """The tokenizer of `model_id` (hub id, local folder or `tiny:*`), without the model."""
+    if is_tiny(model_id):
+        if model_id.removeprefix(PREFIX) not in RECIPES:
+            raise ValueError(
+                f"unknown tiny model {model_id!r}; known: {', '.join(PREFIX + k for k in RECIPES)}"
+            )
+        return _tiny_tokenizer()
+    try:
+        return AutoTokenizer.from_pretrained(model_id, revision=revision)
+    except (OSError, ValueError) as err:
+        raise TeacherLoadError(
+            f"cannot load the tokenizer of {model_id!r} (revision {revision!r}): {err}\n"
+            "If the hub is unreachable (offline), set corpus.model and trajectories.model to a "
+            "local copy (e.g. `huggingface-cli download TinyLlama/TinyLlama-1.1B-Chat-v1.0 "
+            "--local-dir models/tinyllama`), or run `make demo` for the offline tiny profile."
+        ) from err
+
+
+@functools.cache
+def _tiny_tokenizer() -> PreTrainedTokenizerBase:
+    # Seconds to train; identical every time. Read-only here (no padding is ever set).
+    return train_tokenizer()
+
+
+@dataclass
+class ChunkStats:
+    documents: int = 0
+    """Documents read from the source (tokenized in batches: a few past the last chunk)."""
+    empty_documents: int = 0
+    """Documents that tokenize to nothing: skipped (no lone EOS), counted here."""
+    tokens: int = 0
+    """Tokens of the documents read, EOS included."""
+    unused_tokens: int = 0
+    """Tokens read but in no chunk: the tail shorter than a chunk, or what lies past
+    `max_chunks`."""
+
+
+def cut_chunks(
+    docs: Iterable[str],
+    tokenizer: PreTrainedTokenizerBase,
+    chunk_tokens: int,
+    max_chunks: int,
+    stats: ChunkStats | None = None,
+) -> Iterator[list[int]]:
+    """Consecutive `chunk_tokens`-long pieces of the EOS-joined token stream, at most
+    `max_chunks`; reads no more of `docs` than it needs."""
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has no EOS token to join documents")
+    stats = stats if stats is not None else ChunkStats()
+    buffer: list[int] = []
+    emitted = 0
+    docs = iter(docs)
+    while emitted < max_chunks:
+        batch = list(itertools.islice(docs, TOKENIZE_BATCH))
+        if not batch:
+            break
+        encoded = tokenizer(batch, add_special_tokens=False, verbose=False)["input_ids"]
+        for ids in encoded:
+            stats.documents += 1
+            if not ids:
+                stats.empty_documents += 1
+                continue
+            buffer.extend(ids)
+            buffer.append(eos)
+            stats.tokens += len(ids) + 1
+        while len(buffer) >= chunk_tokens and emitted < max_chunks:
+            yield buffer[:chunk_tokens]
+            del buffer[:chunk_tokens]
+            emitted += 1
+    stats.unused_tokens = stats.tokens - emitted * chunk_tokens
+
+
+class CorpusChunks:
+    """Read access to a corpus folder: rows [start, stop) of token ids, hash-checked."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self.manifest = Manifest.load(self.folder, kind=CORPUS)
+        self.chunk_tokens = int(self.manifest.extra["chunk_tokens"])
+        self._starts = list(itertools.accumulate((s.rows for s in self.manifest.shards), initial=0))
+        self._cached: tuple[int, torch.Tensor] | None = None
+
+    def __len__(self) -> int:
+        return self._starts[-1]
+
+    def read(self, start: int, stop: int) -> torch.Tensor:
+        """Token ids (stop - start, chunk_tokens) int64 of chunks start..stop-1."""
+        if not 0 <= start <= stop <= len(self):
+            raise IndexError(f"chunks [{start}, {stop}) outside the {len(self)} of {self.folder}")
+        parts = []
+        for index in range(len(self.manifest.shards)):
+            lo, hi = self._starts[index], self._starts[index + 1]
+            if hi <= start or lo >= stop:
+                continue
+            parts.append(self._shard(index)[max(start, lo) - lo : min(stop, hi) - lo])
+        if not parts:
+            return torch.empty(0, self.chunk_tokens, dtype=torch.long)
+        return torch.cat(parts)
+
+    def _shard(self, index: int) -> torch.Tensor:
+        # Consecutive reads mostly hit the same shard: hash and load it once.
+        if self._cached is None or self._cached[0] != index:
+            record = self.manifest.shards[index]
+            self._cached = (index, read_shard(self.folder, record, ["token_ids"])["token_ids"])
+        return self._cached[1]

@@ -1,0 +1,55 @@
+"""Stage `wordlist`: the concept list.
+
+Reads the `wordlist` section of params.yaml and either the wordfreq package's
+English list (offline) or the NLTK `words` + `wordnet` corpora, downloaded into
+`<out>/nltk_data`. Writes `<out>/concepts.parquet` (id, text, split, source,
+pos, category, freq_rank) and `<out>/stats.json` (counts per split and per
+dropped-word filter).
+
+    python -m pipeline.cli wordlist --params params.yaml --out data/wordlist
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Annotated
+
+import pyarrow.parquet as pq
+import typer
+
+from pipeline.common.params import load_params
+from pipeline.inputs.params import WordlistParams
+from pipeline.inputs.words import CONCEPTS_FILE, build_concepts
+
+log = logging.getLogger(__name__)
+
+STATS_FILE = "stats.json"
+NLTK_DIR = "nltk_data"
+PARAMS = Path("params.yaml")
+
+
+def run(params: WordlistParams, out: Path) -> dict:
+    """Build the concept table into `out`; returns the stats also written to stats.json."""
+    # Everything is validated in build_concepts before the first output file is written.
+    table, stats = build_concepts(params, nltk_dir=out / NLTK_DIR)
+    out.mkdir(parents=True, exist_ok=True)
+    # Written under a temporary name and renamed, so a killed run leaves no half table.
+    partial = out / f"{CONCEPTS_FILE}.partial"
+    pq.write_table(table, partial)
+    os.replace(partial, out / CONCEPTS_FILE)
+    (out / STATS_FILE).write_text(json.dumps(stats, indent=2) + "\n")
+    return stats
+
+
+def command(
+    out: Annotated[Path, typer.Option(help="Folder for concepts.parquet, stats.json, nltk_data.")],
+    params: Annotated[Path, typer.Option(help="Params file; its `wordlist` section.")] = PARAMS,
+) -> None:
+    """Build the concept list: filter, select the most frequent words, split 70/15/15 by hash."""
+    cfg = load_params(params, wordlist=WordlistParams).wordlist
+    stats = run(cfg, out)
+    splits = ", ".join(f"{name} {count}" for name, count in stats["splits"].items())
+    typer.echo(f"wordlist: {stats['total']} concepts from {stats['source']} ({splits}) -> {out}")

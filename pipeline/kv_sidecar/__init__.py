@@ -1,0 +1,1 @@
+"""KV sidecar (seed 003, FMKVC): stages `trajectories` and `sidecar`."""

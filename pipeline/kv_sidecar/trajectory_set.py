@@ -1,0 +1,201 @@
+"""Streaming reader of one layer of a trajectories folder, as sidecar samples.
+
+A sample is one (chunk, KV head) pair (layout: `pipeline/layouts.py`):
+
+    keys, values  (N, d)       N = num_windows * window_size dense tokens of that KV head
+    queries       (M, d)       M = num_queries * group: the future queries of every query
+                               head that reads this KV head (GQA), query-major
+    force_norms   (M,)         ||dL/dq|| per query and head, for force-weighted consistency
+
+Held-out chunks are chosen by a stable hash of chunk_id, so adding chunks never
+moves one between train and held-out. Training streams shards through a bounded
+shuffle buffer; each shard's sha256 is checked the first time it is read.
+
+    data = TrajectorySet(Path("data/trajectories"), layer=11, eval_fraction=0.05)
+    for batch in data.batches("train", batch_size=64, buffer_samples=4096, shuffle=True):
+        batch.keys  # (B, N, d) float32
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from pipeline.common.shards import Manifest, ShardRecord, read_shard
+from pipeline.kv_sidecar.layout import TRAJECTORIES, trajectory_key
+
+Split = Literal["train", "heldout"]
+SIZE_KEYS = ("n_heads", "n_kv_heads", "head_dim", "window_size", "num_windows", "num_queries")
+
+
+def is_heldout(chunk_ids: Tensor, fraction: float) -> Tensor:
+    """(R,) bool: a chunk is held out when a stable hash of its id falls below `fraction`."""
+    draws = [
+        int.from_bytes(hashlib.sha256(f"chunk:{int(i)}".encode()).digest()[:8], "big") / 2**64
+        for i in chunk_ids.tolist()
+    ]
+    return torch.tensor(draws, dtype=torch.float64) < fraction
+
+
+@dataclass(frozen=True)
+class KVBatch:
+    chunk_id: Tensor  # (B,) int64
+    kv_head: Tensor  # (B,) int64
+    keys: Tensor  # (B, N, d) float32
+    values: Tensor  # (B, N, d) float32
+    queries: Tensor  # (B, M, d) float32
+    force_norms: Tensor  # (B, M) float32
+
+    def to(self, device: torch.device | str) -> KVBatch:
+        return KVBatch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+
+    def __len__(self) -> int:
+        return self.chunk_id.numel()
+
+
+def _cat(parts: list[KVBatch]) -> KVBatch:
+    return KVBatch(
+        **{f.name: torch.cat([getattr(p, f.name) for p in parts]) for f in fields(KVBatch)}
+    )
+
+
+def _take(batch: KVBatch, index: Tensor | slice) -> KVBatch:
+    return KVBatch(**{f.name: getattr(batch, f.name)[index] for f in fields(KVBatch)})
+
+
+class TrajectorySet:
+    """One stored layer of a trajectories folder, split into train / held-out chunks."""
+
+    def __init__(self, folder: Path, layer: int, eval_fraction: float, verify: bool = True):
+        self.folder = Path(folder)
+        self.manifest = Manifest.load(self.folder, kind=TRAJECTORIES)
+        self.layer, self.eval_fraction, self.verify = layer, eval_fraction, verify
+        extra = self.manifest.extra
+        missing = [
+            key for key in (*SIZE_KEYS, "layers", "kv_head_of_query_head") if key not in extra
+        ]
+        if missing:
+            raise ValueError(f"{self.folder}/manifest.json: extra lacks {missing}")
+        if layer not in extra["layers"]:
+            raise ValueError(
+                f"{self.folder}: layer {layer} is not stored (sidecar.layer); "
+                f"it holds layers {extra['layers']}"
+            )
+        self.sizes = {key: int(extra[key]) for key in SIZE_KEYS}
+        self.force_space = str(extra.get("force_space", "kv"))
+        self.head_groups = _head_groups(extra["kv_head_of_query_head"], self.sizes)
+        self._verified: set[str] = set()
+
+    @property
+    def head_dim(self) -> int:
+        return self.sizes["head_dim"]
+
+    @property
+    def dense_tokens(self) -> int:
+        return self.sizes["num_windows"] * self.sizes["window_size"]
+
+    @property
+    def queries_per_sample(self) -> int:
+        return self.sizes["num_queries"] * self.head_groups.shape[1]
+
+    def _read(self, record: ShardRecord, names: list[str]) -> dict[str, Tensor]:
+        verify = self.verify and record.file not in self._verified
+        tensors = read_shard(self.folder, record, names, verify)
+        self._verified.add(record.file)
+        return tensors
+
+    def chunk_counts(self) -> dict[str, int]:
+        """Chunks per split (reads only chunk_id)."""
+        heldout = total = 0
+        for record in self.manifest.shards:
+            ids = self._read(record, ["chunk_id"])["chunk_id"]
+            heldout += int(is_heldout(ids, self.eval_fraction).sum())
+            total += ids.numel()
+        return {"train": total - heldout, "heldout": heldout}
+
+    def shard_samples(self, record: ShardRecord, split: Split) -> KVBatch | None:
+        """Every (chunk, KV head) sample of one shard's `split` chunks, or None if none."""
+        names = [trajectory_key(self.layer, n) for n in ("keys", "values", "queries")]
+        names.append(trajectory_key(self.layer, "force_queries"))
+        shard = self._read(record, ["chunk_id", *names])
+        keep = is_heldout(shard["chunk_id"], self.eval_fraction) == (split == "heldout")
+        if not bool(keep.any()):
+            return None
+        keys, values, queries, force_q = (shard[n][keep].float() for n in names)
+        rows, n_kv = keys.shape[0], self.sizes["n_kv_heads"]
+        heads = self.head_groups  # (n_kv, group) query heads per KV head
+        # force_queries is (R, Q, n_heads * d) in hidden space and (R, Q, n_heads, d) in kv
+        # space: both hold dL/dq per head, so the per-head norm is the same reshape.
+        force = force_q.reshape(rows, self.sizes["num_queries"], self.sizes["n_heads"], -1)
+        force_norms = force.norm(dim=-1)[:, :, heads]  # (R, Q, n_kv, group)
+        grouped_q = queries[:, :, heads]  # (R, Q, n_kv, group, d)
+        return KVBatch(
+            chunk_id=shard["chunk_id"][keep].repeat_interleave(n_kv),
+            kv_head=torch.arange(n_kv).repeat(rows),
+            keys=keys.transpose(1, 2).flatten(0, 1),  # (R * n_kv, N, d)
+            values=values.transpose(1, 2).flatten(0, 1),
+            queries=grouped_q.permute(0, 2, 1, 3, 4).flatten(2, 3).flatten(0, 1),
+            force_norms=force_norms.permute(0, 2, 1, 3).flatten(2, 3).flatten(0, 1),
+        )
+
+    def batches(
+        self,
+        split: Split,
+        batch_size: int,
+        buffer_samples: int,
+        shuffle: bool,
+        seed: int = 0,
+        drop_last: bool = False,
+    ) -> Iterator[KVBatch]:
+        """Stream batches of `split`; with `shuffle`, shard order and a bounded buffer are shuffled.
+
+        At most `buffer_samples` + one shard of samples are held at once.
+        """
+        generator = torch.Generator().manual_seed(seed)
+        order = list(range(len(self.manifest.shards)))
+        if shuffle:
+            order = [order[i] for i in torch.randperm(len(order), generator=generator)]
+        buffer: list[KVBatch] = []
+        for index in order:
+            samples = self.shard_samples(self.manifest.shards[index], split)
+            if samples is not None:
+                buffer.append(samples)
+            if sum(len(b) for b in buffer) >= buffer_samples:
+                yield from _drain(buffer, batch_size, shuffle, generator, keep_tail=True)
+        if buffer:
+            for batch in _drain(buffer, batch_size, shuffle, generator, keep_tail=False):
+                if len(batch) == batch_size or not drop_last:
+                    yield batch
+
+
+def _drain(buffer, batch_size, shuffle, generator, keep_tail) -> Iterator[KVBatch]:
+    pool = _cat(buffer)
+    buffer.clear()
+    if shuffle:
+        pool = _take(pool, torch.randperm(len(pool), generator=generator))
+    full = (len(pool) // batch_size) * batch_size if keep_tail else len(pool)
+    for start in range(0, full, batch_size):
+        yield _take(pool, slice(start, start + batch_size))
+    if full < len(pool):
+        # The partial tail stays in the buffer to be mixed with the next shard.
+        buffer.append(_take(pool, slice(full, None)))
+
+
+def _head_groups(mapping: list[int], sizes: dict[str, int]) -> Tensor:
+    """(n_kv, group) query-head indices per KV head, from kv_head_of_query_head."""
+    n_heads, n_kv = sizes["n_heads"], sizes["n_kv_heads"]
+    if len(mapping) != n_heads or sorted(set(mapping)) != list(range(n_kv)):
+        raise ValueError(
+            f"kv_head_of_query_head {mapping} does not map {n_heads} query heads onto "
+            f"{n_kv} KV heads"
+        )
+    groups = [[h for h, g in enumerate(mapping) if g == kv] for kv in range(n_kv)]
+    if len({len(g) for g in groups}) != 1:
+        raise ValueError(f"kv_head_of_query_head {mapping}: KV heads serve unequal query groups")
+    return torch.tensor(groups, dtype=torch.long)

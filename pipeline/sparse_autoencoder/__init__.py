@@ -1,0 +1,1 @@
+"""Sparse autoencoders (seed 002): stages `activations` and `sae`."""

@@ -1,0 +1,293 @@
+"""Stage `sae`: a sparse autoencoder on cached activations, with seed 002's metrics.
+
+Reads the dump `sae.input` names (`directions` or token-level `activations`) at
+`sae.layer`, plus what turns items into readable text: the wordlist parquet
+(concepts) or the corpus and its tokenizer (text spans). Trains the SAE (seed
+`sae.seed`) and, with `sae.cross_seed`, its twin (seed + 1), whose dictionaries are
+matched one to one. Writes:
+
+- `<out>/model.safetensors` + `config.json`; the twin in `<out>/cross_seed/`
+- `--metrics` JSON: seed 002's table columns, the PCA/NMF/ICA baselines at equal L0,
+  cross-seed matching, and (with `--compare`) CKA / Procrustes against a second dump
+- `--table` markdown (SAE vs baselines), `--exemplars` markdown (top items of the most
+  and least coherent features), `--curves` CSV (per-step training curves, DVC plots)
+
+    python -m pipeline.cli sae --params params.yaml --source data/activations \
+        --wordlist data/wordlist/concepts.parquet --corpus data/corpus --out data/sae \
+        --metrics metrics/sae.json --table metrics/sae.md \
+        --exemplars metrics/sae_exemplars.md --curves metrics/sae_curves.csv
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import torch
+import typer
+
+from pipeline.common.params import Sections, load_params, to_dict
+from pipeline.inputs.text_chunks import load_tokenizer
+from pipeline.sparse_autoencoder.alignment import linear_cka, match_features, orthogonal_procrustes
+from pipeline.sparse_autoencoder.metrics import (
+    decoder_cosine_stats,
+    equal_l0_components,
+    evaluate_baselines,
+    evaluate_sae,
+    fit_baseline,
+)
+from pipeline.sparse_autoencoder.model import (
+    CURVE_FIELDS,
+    SparseAutoencoder,
+    fit_sae,
+    prepare_inputs,
+    save_sae,
+)
+from pipeline.sparse_autoencoder.params import SaeParams
+from pipeline.sparse_autoencoder.report import coherence, comparison_table, exemplar_report
+from pipeline.sparse_autoencoder.sources import (
+    ActivationSource,
+    DirectionsSource,
+    TokenSource,
+    item_keys,
+    open_source,
+)
+
+log = logging.getLogger(__name__)
+PARAMS = Path("params.yaml")
+EVAL_BATCH = 1024
+
+
+def run(
+    params: Sections,
+    source: Path,
+    out: Path,
+    metrics: Path,
+    table: Path,
+    exemplars: Path,
+    curves: Path,
+    wordlist: Path | None = None,
+    corpus: Path | None = None,
+    compare: Path | None = None,
+) -> dict[str, Any]:
+    """Train, measure and report; returns the metrics written to `metrics`."""
+    started = time.perf_counter()
+    sae = params.sae
+    data = _open_input(sae, Path(source), wordlist, corpus)
+    features = data.dim * sae.code_dims_multiplier
+    if sae.topk is not None and sae.topk > features:
+        raise ValueError(
+            f"sae.topk={sae.topk} exceeds the dictionary: {data.dim} dims x "
+            f"sae.code_dims_multiplier={sae.code_dims_multiplier} = {features} features"
+        )
+    # Independent of the SAE, and the likeliest to fail on bad input: first.
+    other = _open_compare(sae, Path(compare)) if compare is not None else None
+    cross_model = None
+    if other is not None:
+        cross_model = cross_model_alignment(data, other, sae.baseline_rows, sae.seed)
+
+    _, sample = data.sample("train", sae.baseline_rows, sae.seed)
+    model, fit = _train(data, sae, features, sae.seed, sample)
+    result, evaluation = _measure(model, fit, data, sae, sample)
+    twin = None
+    if sae.cross_seed:
+        twin, _ = _train(data, sae, features, sae.seed + 1, sample)
+        matched = match_features(model.W_dec, twin.W_dec)
+        result["cross_seed"] = {
+            "twin_seed": sae.seed + 1,
+            "mean_matched_cos": matched.mean_cos,
+            "frac_above_0_9": matched.fraction_above(0.9),
+        }
+    if cross_model is not None:
+        result["cross_model"] = cross_model
+    scores = _coherence(model, data, evaluation)
+    result["coherence_mean"] = float(torch.nanmean(scores).item())
+    report = exemplar_report(
+        evaluation.exemplars,
+        scores,
+        evaluation.codes.usage,
+        evaluation.recon.rows,
+        lambda items: data.describe(items, sae.context_tokens),
+        sae.report_features,
+        f"SAE exemplars: {data.model} layer {sae.layer} ({sae.input})",
+    )
+
+    _write_models(model, twin, sae, data, result, Path(out))
+    _write_curves(Path(curves), fit.curves)
+    heading = f"SAE vs baselines: {data.model} layer {sae.layer} ({sae.input})"
+    _write_text(
+        Path(table), comparison_table(result, heading, other.model if other is not None else "")
+    )
+    _write_text(Path(exemplars), report)
+    _write_text(Path(metrics), json.dumps(result, indent=2, sort_keys=True) + "\n")
+    headline = {k: v for k, v in result.items() if not isinstance(v, dict)}
+    log.info("sae: %.1f s, %s", time.perf_counter() - started, headline)
+    return result
+
+
+def _measure(model, fit, data, sae: SaeParams, sample: torch.Tensor) -> tuple[dict, Any]:
+    """Seed 002's table columns on the eval rows, and the baselines at the same L0."""
+    evaluation = evaluate_sae(model, data, EVAL_BATCH, sae.top_exemplars, sae.buffer_rows)
+    result: dict[str, Any] = {
+        "layer": sae.layer,
+        "seed": sae.seed,
+        "model_dims": data.dim,
+        "code_dims": model.features,
+        "train_rows_per_epoch": fit.rows // sae.epochs,
+        "eval_rows": evaluation.recon.rows,
+        "baseline_rows": int(sample.shape[0]),
+        "steps": fit.steps,
+        **evaluation.summary(),
+        "dead_feature_rate_train_window": fit.dead_window,
+        **decoder_cosine_stats(model.W_dec),
+    }
+    result["baselines"] = _baselines(sae, data, sample, result["mean_active"])
+    return result, evaluation
+
+
+def _open_input(
+    sae: SaeParams, source: Path, wordlist: Path | None, corpus: Path | None
+) -> ActivationSource:
+    data = open_source(source, sae.layer, sae.eval_fraction)
+    if data.kind != sae.input:
+        raise ValueError(f"sae.input={sae.input} but {source} holds a {data.kind!r} dump")
+    if isinstance(data, DirectionsSource):
+        if wordlist is None:
+            raise ValueError("sae.input=directions needs --wordlist for the concept texts")
+        data.attach_texts(wordlist)
+    elif isinstance(data, TokenSource):
+        if corpus is None:
+            raise ValueError("sae.input=activations needs --corpus to decode text spans")
+        revision = data.manifest.extra.get("revision")
+        data.attach_texts(corpus, load_tokenizer(data.model, revision))
+    return data
+
+
+def _open_compare(sae: SaeParams, compare: Path) -> ActivationSource:
+    from pipeline.common.shards import Manifest
+
+    layers = Manifest.load(compare).extra.get("layers", [])
+    layer = sae.compare_layer if sae.compare_layer is not None else max(layers, default=-1)
+    return open_source(compare, layer, sae.eval_fraction)
+
+
+def _train(
+    data: ActivationSource, sae: SaeParams, features: int, seed: int, sample: torch.Tensor
+) -> tuple[SparseAutoencoder, Any]:
+    model = SparseAutoencoder(data.dim, features, sae.topk, sae.layer_norm, seed=seed)
+    model.init_decoder_bias(sample)
+    return model, fit_sae(model, data, sae, seed)
+
+
+def _baselines(sae: SaeParams, data, sample: torch.Tensor, mean_active: float) -> dict:
+    if not sae.baselines:
+        return {}
+    k = equal_l0_components(mean_active, data.dim)
+    prepared = prepare_inputs(sample, sae.layer_norm)
+    fitted = [fit_baseline(kind, prepared, k, sae.seed) for kind in sae.baselines]
+    return evaluate_baselines(
+        fitted, lambda x: prepare_inputs(x, sae.layer_norm), data, EVAL_BATCH, sae.buffer_rows
+    )
+
+
+def _coherence(model: SparseAutoencoder, data: ActivationSource, evaluation) -> torch.Tensor:
+    top = evaluation.exemplars
+    keys = item_keys(top.items[top.valid]).unique()
+    if keys.numel() == 0:
+        return torch.full((model.features,), float("nan"), dtype=torch.float64)
+    vectors = model.prepare(data.gather(keys))
+    center = evaluation.recon.sum_x / evaluation.recon.rows
+    return coherence(top, vectors, keys, center)
+
+
+def cross_model_alignment(
+    first: ActivationSource, second: ActivationSource, max_rows: int, seed: int
+) -> dict[str, float]:
+    """Linear CKA and Procrustes disparity over the items both dumps hold (a seeded sample)."""
+    keys_a = torch.cat([item_keys(items) for items, _, _ in first.shards("all")])
+    keys_b = torch.cat([item_keys(items) for items, _, _ in second.shards("all")])
+    shared = keys_a[torch.isin(keys_a, keys_b)].unique()
+    if shared.numel() < 2:
+        raise ValueError(
+            f"{first.folder} and {second.folder} share {shared.numel()} items: cross-model "
+            "alignment needs the same concepts (or chunks) in both dumps"
+        )
+    generator = torch.Generator().manual_seed(seed)
+    pick = shared[torch.randperm(shared.numel(), generator=generator)[:max_rows]]
+    x, y = first.gather(pick), second.gather(pick)
+    return {
+        "rows": int(pick.numel()),
+        "other_layer": second.layer,
+        "other_dims": second.dim,
+        "cka": linear_cka(x, y),
+        "procrustes_disparity": orthogonal_procrustes(x, y).disparity,
+    }
+
+
+def _write_models(model, twin, sae: SaeParams, data, result: dict, out: Path) -> None:
+    config = {
+        "input": sae.input,
+        "layer": sae.layer,
+        "teacher": data.model,
+        "source_manifest": data.manifest.extra,
+        "sae": to_dict(sae),
+        "metrics": {k: v for k, v in result.items() if not isinstance(v, dict)},
+    }
+    if out.exists():
+        shutil.rmtree(out)  # no stale cross_seed/ from an earlier run
+    save_sae(model, {**config, "seed": sae.seed}, out)
+    if twin is not None:
+        save_sae(twin, {**config, "seed": sae.seed + 1, "metrics": {}}, out / "cross_seed")
+
+
+def _write_curves(path: Path, rows: list[dict[str, float]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=CURVE_FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def command(
+    source: Annotated[
+        Path, typer.Option(help="The dump sae.input names (directions or activations).")
+    ],
+    out: Annotated[
+        Path, typer.Option(help="Folder for model.safetensors, config.json, cross_seed/.")
+    ],
+    metrics: Annotated[Path, typer.Option(help="Metrics JSON to write.")],
+    table: Annotated[Path, typer.Option(help="Markdown table: SAE vs baselines.")],
+    exemplars: Annotated[Path, typer.Option(help="Markdown exemplar report.")],
+    curves: Annotated[Path, typer.Option(help="Per-step training curves CSV.")],
+    wordlist: Annotated[Path | None, typer.Option(help="Concept table (directions input).")] = None,
+    corpus: Annotated[Path | None, typer.Option(help="Corpus folder (activations input).")] = None,
+    compare: Annotated[
+        Path | None, typer.Option(help="A second dump of the same items: CKA and Procrustes.")
+    ] = None,
+    params: Annotated[Path, typer.Option(help="Params file; its `sae` section.")] = PARAMS,
+) -> None:
+    """Train the seed-002 SAE on cached activations; write metrics, tables and exemplars."""
+    result = run(
+        load_params(params, sae=SaeParams),
+        source,
+        out,
+        metrics,
+        table,
+        exemplars,
+        curves,
+        wordlist,
+        corpus,
+        compare,
+    )
+    headline = ("reconstruction_r2", "activation_density", "dead_feature_rate", "gini")
+    typer.echo(f"sae: {json.dumps({k: result[k] for k in headline})} -> {metrics}")

@@ -1,0 +1,321 @@
+"""Stream activation rows, each with the item it came from, from either kind of dump.
+
+Two sources share one interface, so the SAE never cares which it reads:
+
+- `DirectionsSource`: the `directions` dump (`pipeline/data.py`), one direction
+  (activation - train mean) per concept; item = (concept_id, -1); eval rows are
+  the val and test splits; an exemplar is the concept's text (wordlist parquet).
+- `TokenSource`: the token-level `activations` dump (`pipeline/layouts.py`), one
+  hidden state per token; item = (chunk_id, position); eval rows are the chunks a
+  stable hash of chunk_id puts in the held-out share; an exemplar is a text span
+  decoded from the corpus chunk, the activating token in [[brackets]].
+
+A row's vector and its item travel together through every shuffle (one
+permutation indexes both), so exemplars stay aligned with their text.
+
+    source = open_source(Path("data/activations"), layer=22, eval_fraction=0.1)
+    for batch in source.batches("train", 256, 65_536, shuffle=True, seed=0): ...
+    texts = source.describe(items, context_tokens=16)  # needs attach_texts(...) first
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from pipeline.common.shards import Manifest, ShardRecord, layer_key, read_shard
+from pipeline.concepts.layout import KIND as DIRECTIONS
+from pipeline.concepts.layout import SPLIT_CODES
+from pipeline.inputs.text_chunks import CORPUS
+from pipeline.sparse_autoencoder.layout import ACTIVATIONS
+
+log = logging.getLogger(__name__)
+Split = Literal["train", "eval", "all"]
+# Knuth's multiplicative hash: ids spread evenly over [0, 2^32) whatever their pattern.
+_HASH_MULTIPLIER = 2_654_435_761
+_HASH_RANGE = 2**32
+# Item keys pack (a, b) into one int64: a * 2^24 + (b + 1); positions stay below 2^24 - 1.
+_KEY_SHIFT = 2**24
+
+
+@dataclass(frozen=True)
+class RowBatch:
+    x: Tensor  # (B, D) float32
+    items: Tensor  # (B, 2) int64: (concept_id, -1) or (chunk_id, position)
+    is_eval: Tensor  # (B,) bool
+
+
+def item_keys(items: Tensor) -> Tensor:
+    """(N, 2) items -> (N,) int64 keys, unique per item, ordered like the items."""
+    return items[:, 0] * _KEY_SHIFT + (items[:, 1] + 1)
+
+
+def held_out(chunk_id: Tensor, fraction: float) -> Tensor:
+    """Stable eval membership of each chunk: depends on its id and `fraction` only."""
+    hashed = (chunk_id.long() * _HASH_MULTIPLIER) % _HASH_RANGE
+    return hashed.double() / _HASH_RANGE < fraction
+
+
+class ActivationSource:
+    """Base: shard reading (`_load`) is per kind; batching and sampling are shared."""
+
+    kind: str
+
+    def __init__(self, folder: Path, layer: int, verify: bool = True):
+        self.folder = Path(folder)
+        self.manifest = Manifest.load(self.folder, kind=self.kind)
+        self.layer = layer
+        self.verify = verify
+        cached = self.manifest.extra.get("layers", [])
+        if layer not in cached:
+            raise ValueError(
+                f"{self.folder}: layer {layer} is not cached; it holds layers {cached}"
+            )
+        self.dim = int(self.manifest.shards[0].tensors[layer_key(layer)].shape[1])
+
+    @property
+    def model(self) -> str:
+        return str(self.manifest.extra.get("model"))
+
+    def _load(self, record: ShardRecord) -> tuple[Tensor, Tensor, Tensor]:
+        """(items (R, 2), x (R, D) float32, is_eval (R,)) of one shard."""
+        raise NotImplementedError
+
+    def describe(self, items: Tensor, context_tokens: int = 16) -> list[str]:
+        raise NotImplementedError
+
+    def shards(self, split: Split = "all") -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+        """(items, x, is_eval) per shard in storage order, rows of `split` only."""
+        for record in self.manifest.shards:
+            yield self._rows(record, split)
+
+    def _rows(self, record: ShardRecord, split: Split) -> tuple[Tensor, Tensor, Tensor]:
+        items, x, is_eval = self._load(record)
+        if split == "all":
+            return items, x, is_eval
+        keep = is_eval if split == "eval" else ~is_eval
+        return items[keep], x[keep], is_eval[keep]
+
+    def batches(
+        self, split: Split, batch_size: int, buffer_rows: int, shuffle: bool, seed: int = 0
+    ) -> Iterator[RowBatch]:
+        """Stream batches; with `shuffle`, shard order and a bounded buffer are shuffled.
+
+        At most `buffer_rows` + one shard of rows are held at once.
+        """
+        generator = torch.Generator().manual_seed(seed)
+        order = list(range(len(self.manifest.shards)))
+        if shuffle:
+            order = [order[i] for i in torch.randperm(len(order), generator=generator)]
+        buffer: list[tuple[Tensor, Tensor, Tensor]] = []
+        held = 0
+        for index in order:
+            buffer.append(self._rows(self.manifest.shards[index], split))
+            held += buffer[-1][0].shape[0]
+            if held >= buffer_rows:
+                yield from _drain(buffer, batch_size, shuffle, generator, keep_tail=True)
+                held = sum(part[0].shape[0] for part in buffer)
+        yield from _drain(buffer, batch_size, shuffle, generator, keep_tail=False)
+
+    def sample(self, split: Split, max_rows: int, seed: int = 0) -> tuple[Tensor, Tensor]:
+        """A seeded sample of at most `max_rows` rows of `split`: (items, x), bounded memory."""
+        generator = torch.Generator().manual_seed(seed)
+        share = min(1.0, max_rows / max(self.manifest.rows, 1))
+        items_parts, x_parts = [], []
+        for items, x, _ in self.shards(split):
+            take = min(items.shape[0], max(1, round(share * items.shape[0])))
+            pick = torch.randperm(items.shape[0], generator=generator)[:take]
+            items_parts.append(items[pick])
+            x_parts.append(x[pick])
+        if not items_parts:
+            return torch.zeros(0, 2, dtype=torch.long), torch.zeros(0, self.dim)
+        items, x = torch.cat(items_parts)[:max_rows], torch.cat(x_parts)[:max_rows]
+        return items, x
+
+    def gather(self, keys: Tensor) -> Tensor:
+        """Rows (len(keys), D) of the items whose `item_keys` are `keys`, in that order."""
+        out = torch.full((keys.numel(), self.dim), float("nan"))
+        order = torch.argsort(keys)
+        sorted_keys = keys[order]
+        for items, x, _ in self.shards("all"):
+            found = item_keys(items)
+            hit = torch.isin(found, sorted_keys)
+            where = torch.searchsorted(sorted_keys, found[hit])
+            out[order[where]] = x[hit]
+        missing = int(torch.isnan(out[:, 0]).sum()) if keys.numel() else 0
+        if missing:
+            raise ValueError(f"{self.folder}: {missing} of {keys.numel()} requested items absent")
+        return out
+
+
+class DirectionsSource(ActivationSource):
+    kind = DIRECTIONS
+
+    def __init__(self, folder: Path, layer: int, verify: bool = True):
+        super().__init__(folder, layer, verify)
+        mean_record = self.manifest.files["mean"]
+        self.mean = read_shard(self.folder, mean_record, [layer_key(layer)], verify)[
+            layer_key(layer)
+        ].float()
+        self._texts: dict[int, str] | None = None
+
+    def _load(self, record: ShardRecord) -> tuple[Tensor, Tensor, Tensor]:
+        key = layer_key(self.layer)
+        shard = read_shard(self.folder, record, ["concept_id", "split", key], self.verify)
+        ids = shard["concept_id"].long()
+        items = torch.stack([ids, torch.full_like(ids, -1)], dim=1)
+        return items, shard[key].float() - self.mean, shard["split"] != SPLIT_CODES["train"]
+
+    def attach_texts(self, wordlist: Path) -> None:
+        """Concept texts for `describe`, from the wordlist stage's parquet table."""
+        from pipeline.inputs.words import read_concepts
+
+        table = read_concepts(Path(wordlist))
+        ids, texts = table.column("id").to_pylist(), table.column("text").to_pylist()
+        self._texts = dict(zip(ids, texts, strict=True))
+
+    def describe(self, items: Tensor, context_tokens: int = 16) -> list[str]:
+        if self._texts is None:
+            raise ValueError("DirectionsSource.describe needs attach_texts(wordlist) first")
+        return [
+            self._texts.get(int(i), f"<concept {int(i)} not in the wordlist>") for i in items[:, 0]
+        ]
+
+
+class TokenSource(ActivationSource):
+    kind = ACTIVATIONS
+
+    def __init__(self, folder: Path, layer: int, eval_fraction: float = 0.1, verify: bool = True):
+        super().__init__(folder, layer, verify)
+        self.eval_fraction = eval_fraction
+        self._corpus: CorpusReader | None = None
+        self._tokenizer = None
+
+    def _load(self, record: ShardRecord) -> tuple[Tensor, Tensor, Tensor]:
+        key = layer_key(self.layer)
+        shard = read_shard(self.folder, record, ["chunk_id", "position", key], self.verify)
+        items = torch.stack([shard["chunk_id"].long(), shard["position"].long()], dim=1)
+        return items, shard[key].float(), held_out(shard["chunk_id"], self.eval_fraction)
+
+    def attach_texts(self, corpus: Path, tokenizer) -> None:
+        """The corpus chunks and the tokenizer that decodes them, for `describe`."""
+        self._corpus = CorpusReader(corpus, verify=self.verify)
+        self._tokenizer = tokenizer
+
+    def describe(self, items: Tensor, context_tokens: int = 16) -> list[str]:
+        if self._corpus is None or self._tokenizer is None:
+            raise ValueError("TokenSource.describe needs attach_texts(corpus, tokenizer) first")
+        chunks = self._corpus.tokens_of(items[:, 0].unique())
+        after = max(1, context_tokens // 4)
+        spans = []
+        for chunk_id, position in items.tolist():
+            tokens = chunks[chunk_id].tolist()
+            before = tokens[max(0, position - context_tokens) : position]
+            tail = tokens[position + 1 : position + 1 + after]
+            decode = self._tokenizer.decode
+            spans.append(
+                f"{decode(before)}[[{decode(tokens[position : position + 1])}]]{decode(tail)}"
+            )
+        return spans
+
+
+class CorpusReader:
+    """Random and ranged access to the `corpus` artifact's chunks (layout: pipeline/layouts.py)."""
+
+    def __init__(self, folder: Path, verify: bool = True):
+        self.folder = Path(folder)
+        self.manifest = Manifest.load(self.folder, kind=CORPUS)
+        self.verify = verify
+        rows = torch.tensor([0] + [r.rows for r in self.manifest.shards], dtype=torch.long)
+        self.starts = rows.cumsum(0)  # (num_shards + 1,) first global row of each shard
+        self._cached: tuple[int, dict[str, Tensor]] | None = None
+        self._index: dict[int, tuple[int, int]] | None = None
+
+    @property
+    def num_chunks(self) -> int:
+        return int(self.starts[-1])
+
+    @property
+    def chunk_tokens(self) -> int:
+        return int(self.manifest.extra["chunk_tokens"])
+
+    @property
+    def pad_token_id(self) -> int | None:
+        """Set when chunks may end in padding; packed chunks (no padding) leave it unset."""
+        value = self.manifest.extra.get("pad_token_id")
+        return None if value is None else int(value)
+
+    def _shard(self, index: int) -> dict[str, Tensor]:
+        if self._cached is None or self._cached[0] != index:
+            record = self.manifest.shards[index]
+            self._cached = (index, read_shard(self.folder, record, None, self.verify))
+        return self._cached[1]
+
+    def chunk_range(self, start: int, stop: int) -> tuple[Tensor, Tensor]:
+        """chunk_id (C,) and token_ids (C, T) of the chunks at global rows [start, stop)."""
+        ids, tokens = [], []
+        first = int(torch.searchsorted(self.starts, start, right=True)) - 1
+        for index in range(first, len(self.manifest.shards)):
+            lo, hi = int(self.starts[index]), int(self.starts[index + 1])
+            if lo >= stop:
+                break
+            shard = self._shard(index)
+            rows = slice(max(start, lo) - lo, min(stop, hi) - lo)
+            ids.append(shard["chunk_id"][rows].long())
+            tokens.append(shard["token_ids"][rows].long())
+        return torch.cat(ids), torch.cat(tokens)
+
+    def tokens_of(self, chunk_ids: Tensor) -> dict[int, Tensor]:
+        """Token ids (T,) of each requested chunk, by chunk id."""
+        if self._index is None:
+            self._index = {}
+            for index, record in enumerate(self.manifest.shards):
+                ids = read_shard(self.folder, record, ["chunk_id"], self.verify)["chunk_id"]
+                self._index.update({int(c): (index, row) for row, c in enumerate(ids.tolist())})
+        out = {}
+        for chunk_id in sorted(int(c) for c in chunk_ids):
+            if chunk_id not in self._index:
+                raise ValueError(f"{self.folder}: chunk_id {chunk_id} is not in the corpus")
+            index, row = self._index[chunk_id]
+            out[chunk_id] = self._shard(index)["token_ids"][row].long()
+        return out
+
+
+def open_source(
+    folder: Path, layer: int, eval_fraction: float = 0.1, verify: bool = True
+) -> ActivationSource:
+    """The reader for whichever kind of dump `folder` holds (its manifest says)."""
+    kind = Manifest.load(Path(folder)).kind
+    if kind == DIRECTIONS:
+        return DirectionsSource(folder, layer, verify)
+    if kind == ACTIVATIONS:
+        return TokenSource(folder, layer, eval_fraction, verify)
+    raise ValueError(
+        f"{folder} holds a {kind!r} dump; the SAE reads {DIRECTIONS!r} or {ACTIVATIONS!r}"
+    )
+
+
+def _drain(buffer, batch_size, shuffle, generator, keep_tail) -> Iterator[RowBatch]:
+    if not buffer:
+        return
+    items = torch.cat([part[0] for part in buffer])
+    x = torch.cat([part[1] for part in buffer])
+    is_eval = torch.cat([part[2] for part in buffer])
+    buffer.clear()
+    if shuffle:
+        # One permutation for all three: a row never parts from its item.
+        perm = torch.randperm(items.shape[0], generator=generator)
+        items, x, is_eval = items[perm], x[perm], is_eval[perm]
+    full = (items.shape[0] // batch_size) * batch_size if keep_tail else items.shape[0]
+    for start in range(0, full, batch_size):
+        rows = slice(start, start + batch_size)
+        yield RowBatch(x[rows], items[rows], is_eval[rows])
+    if full < items.shape[0]:
+        # The partial tail stays in the buffer, mixed with the next shard.
+        buffer.append((items[full:], x[full:], is_eval[full:]))

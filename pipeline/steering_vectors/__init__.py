@@ -1,0 +1,1 @@
+"""Learned steering vectors (seed 004): stages `mcdata` and `steering`."""

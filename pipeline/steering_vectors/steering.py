@@ -1,0 +1,295 @@
+"""Stage `steering`: learned steering vectors (seed 004) on a frozen causal LM, per task.
+
+Command: python -m pipeline.cli steering --params params.yaml --mcdata data/mcdata --out data/steering --metrics metrics/steering.json --table metrics/steering.md
+
+Reads the `steering` section of params.yaml and `<mcdata>/questions.jsonl`. For
+each task: the unsteered accuracy; one vector trained at each layer of
+`single_layers` (README7's baseline; best layer on val); one vector shared by all
+`layers` with per-layer scales (seed 004 section 2.1); a coefficient sweep of the
+better of the two on val (section 2.2). With two or more tasks: their final
+vectors combined by a weighted average (alpha chosen on val) and by keyword
+routing (section 2.3), on the mixed test set. Writes `<out>/model.safetensors` +
+`<out>/config.json` (every trained vector and what was chosen), the metrics JSON
+(accuracies, gains with bootstrap 95% intervals) and the markdown table.
+"""  # noqa: E501
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Annotated, Any
+
+import torch
+import typer
+from torch import Tensor, nn
+
+from pipeline.common.params import load_params, to_dict
+from pipeline.common.splits import SPLITS
+from pipeline.common.teacher import load_causal_lm
+from pipeline.steering_vectors.evaluation import (
+    accuracy,
+    accuracy_table,
+    alpha_weights,
+    best_of,
+    bootstrap_gain,
+    route,
+    routed_correct,
+    sweep_coefficients,
+    weighted_average,
+)
+from pipeline.steering_vectors.params import SteeringParams
+from pipeline.steering_vectors.questions import McQuestion, read_questions
+from pipeline.steering_vectors.vector import (
+    Deltas,
+    Encoded,
+    SteeringVector,
+    correct,
+    decoder_layers,
+    encode,
+    save_vectors,
+    train_vector,
+)
+
+log = logging.getLogger(__name__)
+PARAMS = Path("params.yaml")
+EVAL_SPLITS = ("val", "test")
+
+TaskData = dict[str, Encoded]  # split -> encoded questions
+
+
+@dataclass
+class TaskResult:
+    metrics: dict[str, Any]
+    vectors: dict[str, SteeringVector]
+    final: Deltas
+    """The chosen vector at its chosen coefficient, per layer."""
+    unsteered: dict[str, Tensor]
+    """Per-question correctness of the unsteered model (N,), val and test."""
+
+
+def run(
+    params: SteeringParams, mcdata: Path, out: Path, metrics: Path, table: Path
+) -> dict[str, Any]:
+    """Train, sweep and combine; write the vectors, metrics JSON and table; return the metrics."""
+    questions = read_questions(Path(mcdata))
+    tasks = check_tasks(questions, params, mcdata)
+    if params.num_threads:
+        torch.set_num_threads(params.num_threads)
+    model, tokenizer = load_causal_lm(params.model, params.revision, params.dtype, params.device)
+    layers, singles = params.depth_layers(len(decoder_layers(model)))
+    groups = {
+        (t, s): [q for q in questions if (q.task, q.split) == (t, s)] for t in tasks for s in SPLITS
+    }
+    data = {t: {s: encode(groups[t, s], tokenizer) for s in SPLITS} for t in tasks}
+    results = {task: steer_task(model, data[task], params, layers, singles, task) for task in tasks}
+    summary: dict[str, Any] = {
+        "model": params.model,
+        "layers": list(layers),
+        "single_layers": list(singles),
+        "tasks": {task: result.metrics for task, result in results.items()},
+    }
+    contexts = {t: {s: [q.context for q in groups[t, s]] for s in SPLITS} for t in tasks}
+    summary["combined"] = (
+        combine(model, data, contexts, results, params) if len(tasks) > 1 else None
+    )
+    vectors = {f"{task}.{name}": v for task, r in results.items() for name, v in r.vectors.items()}
+    save_vectors(Path(out), vectors, checkpoint_config(params, model, summary))
+    _write(Path(metrics), json.dumps(summary, indent=2) + "\n")
+    _write(Path(table), accuracy_table(summary))
+    return summary
+
+
+def check_tasks(questions: Sequence[McQuestion], params: SteeringParams, mcdata: Path) -> list[str]:
+    """The tasks in file order; every one needs all three splits; keyword tasks must exist."""
+    tasks = list(dict.fromkeys(q.task for q in questions))
+    present = {(q.task, q.split) for q in questions}
+    missing = [f"{t}/{s}" for t in tasks for s in SPLITS if (t, s) not in present]
+    if missing:
+        raise ValueError(f"{mcdata}: no questions for {missing} (task/split)")
+    unknown = sorted(set(params.keywords) - set(tasks))
+    if unknown:
+        raise ValueError(f"steering.keywords names {unknown}; {mcdata} holds the tasks {tasks}")
+    return tasks
+
+
+def steer_task(
+    model: nn.Module,
+    data: TaskData,
+    params: SteeringParams,
+    layers: tuple[int, ...],
+    singles: tuple[int, ...],
+    task: str,
+) -> TaskResult:
+    """Unsteered, single-layer at each candidate, multi-layer, then the coefficient sweep."""
+    ev = partial(correct, model, position=params.position, batch_size=params.eval_batch_size)
+    unsteered = {s: ev(data[s], {}) for s in EVAL_SPLITS}
+    dim = model.get_input_embeddings().weight.shape[1]
+    vectors = {f"single_L{layer}": SteeringVector((layer,), dim) for layer in singles}
+    vectors["multi"] = SteeringVector(layers, dim)
+    right: dict[str, dict[str, Tensor]] = {}
+    for name, vector in vectors.items():
+        fit = train_vector(model, vector, data["train"], data["val"], params, f"{task} {name}")
+        right[name] = {"val": fit.val_correct, "test": ev(data["test"], vector.deltas())}
+    val_acc = {name: accuracy(r["val"]) for name, r in right.items()}
+    best_single = max((n for n in vectors if n != "multi"), key=lambda n: val_acc[n])
+    # Ties go to the single layer: the simpler model.
+    chosen = "multi" if val_acc["multi"] > val_acc[best_single] else best_single
+    sweep = sweep_coefficients(
+        model,
+        vectors[chosen],
+        data["val"],
+        params.coefficients,
+        params.position,
+        params.eval_batch_size,
+    )
+    coefficient = best_of(sweep)
+    final = {k: d.detach() for k, d in vectors[chosen].deltas(coefficient).items()}
+    final_right = {s: ev(data[s], final) for s in EVAL_SPLITS}
+    gain = partial(_scored, unsteered=unsteered, samples=params.bootstrap_samples, seed=params.seed)
+    metrics = {
+        "questions": {s: len(data[s]) for s in SPLITS},
+        "unsteered": {s: accuracy(unsteered[s]) for s in EVAL_SPLITS},
+        "single_layer": {
+            name.removeprefix("single_"): {s: accuracy(r[s]) for s in EVAL_SPLITS}
+            for name, r in right.items()
+            if name != "multi"
+        },
+        "best_single": {"layer": vectors[best_single].layers[0]} | gain(right[best_single]),
+        "multi_layer": {
+            "layers": list(layers),
+            "scales": vectors["multi"].scales.detach().cpu().tolist(),
+        }
+        | gain(right["multi"]),
+        "coefficient_sweep": {
+            "config": chosen,
+            "val": {f"coef_{c:g}": acc for c, acc in sweep.items()},
+        },
+        "best_coefficient": {"config": chosen, "coefficient": coefficient} | gain(final_right),
+    }
+    return TaskResult(metrics, vectors, final, unsteered)
+
+
+def _scored(
+    right: dict[str, Tensor], unsteered: dict[str, Tensor], samples: int, seed: int
+) -> dict[str, float]:
+    """Val and test accuracy, and the test gain over the unsteered model with its 95% CI."""
+    scores = {s: accuracy(right[s]) for s in EVAL_SPLITS}
+    return scores | bootstrap_gain(unsteered["test"], right["test"], samples, seed)
+
+
+def combine(
+    model: nn.Module,
+    data: dict[str, TaskData],
+    contexts: dict[str, dict[str, list[str]]],
+    results: dict[str, TaskResult],
+    params: SteeringParams,
+) -> dict[str, Any]:
+    """Weighted average (alpha swept on the mixed val set) and keyword routing, mixed test."""
+    tasks = list(data)
+    finals = [results[t].final for t in tasks]
+    ev = partial(correct, model, position=params.position, batch_size=params.eval_batch_size)
+
+    def mixed(deltas: Deltas, split: str) -> Tensor:  # (N_mixed,) over all tasks in order
+        return torch.cat([ev(data[t][split], deltas) for t in tasks])
+
+    unsteered = {s: torch.cat([results[t].unsteered[s] for t in tasks]) for s in EVAL_SPLITS}
+    averages = {a: weighted_average(finals, alpha_weights(a, len(tasks))) for a in params.alphas}
+    alpha_val = {a: accuracy(mixed(deltas, "val")) for a, deltas in averages.items()}
+    alpha = best_of(alpha_val, prefer=0.5)
+    average_test = mixed(averages[alpha], "test")
+    fallback = weighted_average(finals, [1.0 / len(tasks)] * len(tasks))
+    vectors = {t: results[t].final for t in tasks}
+    routes = {
+        t: {s: [route(c, params.keywords, tasks) for c in contexts[t][s]] for s in EVAL_SPLITS}
+        for t in tasks
+    }
+    steered = partial(
+        routed_correct,
+        model,
+        vectors=vectors,
+        fallback=fallback,
+        position=params.position,
+        batch_size=params.eval_batch_size,
+    )
+    routed = {s: torch.cat([steered(data[t][s], routes[t][s]) for t in tasks]) for s in EVAL_SPLITS}
+    hits = [r == t for t in tasks for r in routes[t]["test"]]
+    gain = partial(
+        bootstrap_gain, unsteered["test"], samples=params.bootstrap_samples, seed=params.seed
+    )
+    return {
+        "tasks": tasks,
+        "questions": {s: len(unsteered[s]) for s in EVAL_SPLITS},
+        "unsteered": {s: accuracy(unsteered[s]) for s in EVAL_SPLITS},
+        "average": {
+            "alpha": alpha,
+            "weights": alpha_weights(alpha, len(tasks)),
+            "val_by_alpha": {f"alpha_{a:g}": acc for a, acc in alpha_val.items()},
+            "val": alpha_val[alpha],
+            "test": accuracy(average_test),
+        }
+        | gain(average_test),
+        "routing": {
+            "routed_right": sum(hits) / len(hits),
+            "val": accuracy(routed["val"]),
+            "test": accuracy(routed["test"]),
+        }
+        | gain(routed["test"]),
+    }
+
+
+def checkpoint_config(
+    params: SteeringParams, model: nn.Module, summary: dict[str, Any]
+) -> dict[str, Any]:
+    """What a reader needs to re-apply the vectors: model, layers, chosen config and coefficient."""
+    final = {
+        task: {
+            "vector": f"{task}.{m['best_coefficient']['config']}",
+            "coefficient": m["best_coefficient"]["coefficient"],
+        }
+        for task, m in summary["tasks"].items()
+    }
+    combined = summary["combined"]
+    return {
+        "model": params.model,
+        "revision": getattr(model.config, "_commit_hash", None) or params.revision,
+        "hidden_size": int(model.get_input_embeddings().weight.shape[1]),
+        "num_layers": len(decoder_layers(model)),
+        "position": params.position,
+        "final": final,
+        "combination": None
+        if combined is None
+        else {
+            "tasks": combined["tasks"],
+            "weights": combined["average"]["weights"],
+            "keywords": {t: list(k) for t, k in params.keywords.items()},
+        },
+        "steering": to_dict(params),
+    }
+
+
+def _write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def command(
+    mcdata: Annotated[Path, typer.Option(help="Folder written by the mcdata stage.")],
+    out: Annotated[Path, typer.Option(help="Folder for model.safetensors and config.json.")],
+    metrics: Annotated[Path, typer.Option(help="Metrics JSON to write.")],
+    table: Annotated[Path, typer.Option(help="Markdown accuracy table to write.")],
+    params: Annotated[Path, typer.Option(help="Params file; its `steering` section.")] = PARAMS,
+) -> None:
+    """Train steering vectors (single layer, multi-layer), sweep coefficients, combine tasks."""
+    summary = run(
+        load_params(params, steering=SteeringParams).steering, mcdata, out, metrics, table
+    )
+    typer.echo(accuracy_table(summary))
+    typer.echo(f"steering -> {out}, {metrics}, {table}")
+
+
+if __name__ == "__main__":
+    typer.run(command)

@@ -1,1 +1,0 @@
-"""One module per DVC stage: `run` (params and paths in, metrics out) and a CLI command."""

@@ -1,0 +1,153 @@
+"""The distill stage and its training loop, on the synthetic linear directions folder."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from pipeline.concepts import distill
+from pipeline.concepts.layout import DirectionSet
+from pipeline.concepts.params import RunParams, TrainParams
+from pipeline.concepts.students import build_model, load_checkpoint
+from pipeline.concepts.training import evaluate_cos, fit, train_epoch
+from tests.conftest import build_params
+
+RUNS = {
+    "probe": {"approach": "linear_probe"},
+    "frozen": {"approach": "frozen_mlp", "hidden_dim": 8},
+    "tiny": {"approach": "trainable", "embed_dim": 4, "hidden_dim": 8},
+}
+FAST = {"layer": 2, "epochs": 3, "batch_size": 32, "lr": 0.01, "buffer_rows": 64}
+
+
+def params(**train):
+    return build_params(
+        directions={"layers": [2]},
+        distill={"train": {**FAST, **train}, "runs": RUNS},
+    )
+
+
+def probe(directions: DirectionSet):
+    return build_model(
+        RunParams("linear_probe"),
+        directions.vocab_size,
+        directions.dim,
+        directions.embedding_token_ids,
+        directions.embedding_rows,
+    )
+
+
+def test_linear_probe_learns_linear_targets(direction_set):
+    # Targets are W @ mean(embedding rows) - mean: a linear probe can fit them exactly.
+    directions = DirectionSet(direction_set, layer=2)
+    torch.manual_seed(0)
+    model = probe(directions)
+    train = TrainParams(
+        layer=2, epochs=40, batch_size=16, lr=0.03, weight_decay=0.0, buffer_rows=64
+    )
+    result = fit(model, directions, train)
+
+    val = [row["val_cos"] for row in result.curves]
+    assert [row["epoch"] for row in result.curves] == list(range(1, 41))
+    assert result.best_val_cos == max(val) > 0.95
+    assert val[result.best_epoch - 1] == result.best_val_cos
+    assert result.curves[-1]["train_loss"] < result.curves[0]["train_loss"]
+    # fit leaves the best weights in the model, and they are the returned state.
+    assert evaluate_cos(model, directions, "val", 7) == pytest.approx(result.best_val_cos, abs=1e-6)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, result.state_dict[key])
+
+
+def test_train_epoch_reports_mean_loss_and_cos(direction_set):
+    directions = DirectionSet(direction_set, layer=2)
+    model = probe(directions)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # lr 0: the model is unchanged
+    batches = list(directions.batches("train", 32, 64, shuffle=True, seed=3))
+    loss, cos = train_epoch(model, optimizer, batches)
+    assert loss == pytest.approx(1 - cos)
+    assert cos == pytest.approx(evaluate_cos(model, directions, "train", 50), abs=1e-5)
+
+
+def test_stage_writes_checkpoint_config_and_curves(direction_set, tmp_path):
+    out = tmp_path / "frozen"
+    summary = distill.run(params(), "frozen", direction_set, out)
+
+    written = sorted(p.name for p in out.iterdir())
+    assert written == ["config.json", "curves.csv", "model.safetensors"]
+    with open(out / "curves.csv", newline="") as handle:
+        rows = list(csv.reader(handle))
+    assert rows[0] == ["epoch", "train_loss", "train_cos", "val_cos"]
+    assert len(rows) - 1 == FAST["epochs"]
+    config = json.loads((out / "config.json").read_text())
+    assert config["run"] == "frozen" and config["approach"] == "frozen_mlp"
+    assert config["trainable_params"] == 8 * 8 + 8 + 8 * 16 + 16 == summary["trainable_params"]
+    assert config["inference_bytes"] == (config["trainable_params"] + 50 * 8) * 4
+    assert config["train"]["epochs"] == FAST["epochs"] and config["layer"] == 2
+    assert summary["best_val_cos"] == max(float(r[3]) for r in rows[1:])
+    assert rows[summary["best_epoch"]][3] == repr(summary["best_val_cos"])
+
+    model, _ = load_checkpoint(out, directions := DirectionSet(direction_set, layer=2))
+    assert evaluate_cos(model, directions, "val", 64) == pytest.approx(summary["best_val_cos"])
+
+
+def test_same_seed_same_weights(direction_set, tmp_path):
+    for name in ("a", "b"):
+        distill.run(params(seed=5), "tiny", direction_set, tmp_path / name)
+    first, second = (load_file(str(tmp_path / n / "model.safetensors")) for n in ("a", "b"))
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    distill.run(params(seed=6), "tiny", direction_set, tmp_path / "c")
+    third = load_file(str(tmp_path / "c" / "model.safetensors"))
+    assert not torch.equal(first["embedding.weight"], third["embedding.weight"])
+
+
+def test_unknown_run_is_named_and_writes_nothing(direction_set, tmp_path):
+    with pytest.raises(ValueError, match=r"'nope'.*\['frozen', 'probe', 'tiny'\]"):
+        distill.run(params(), "nope", direction_set, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_layer_fails_before_writing(direction_set, tmp_path):
+    bad = build_params(
+        directions={"layers": [3]}, distill={"train": {**FAST, "layer": 3}, "runs": RUNS}
+    )
+    with pytest.raises(ValueError, match="layer 3 is not cached"):
+        distill.run(bad, "probe", direction_set, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_command_line(direction_set, tmp_path):
+    import typer
+
+    app = typer.Typer()
+    app.command()(distill.command)
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(
+        yaml.safe_dump(
+            {
+                "directions": {"layers": [2]},
+                "distill": {"train": {**FAST, "epochs": 1}, "runs": RUNS},
+            }
+        )
+    )
+    out = tmp_path / "probe"
+    args = [
+        "--params",
+        str(params_file),
+        "--run",
+        "probe",
+        "--directions",
+        str(direction_set),
+        "--out",
+        str(out),
+    ]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert (out / "model.safetensors").is_file()
+    assert "best_val_cos" in result.output

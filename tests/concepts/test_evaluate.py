@@ -1,0 +1,203 @@
+"""The evaluate stage end to end on a synthetic directions folder with hand-made checkpoints."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from pipeline.cli import app
+from pipeline.concepts.evaluate import run
+from pipeline.concepts.layout import DirectionSet
+from pipeline.concepts.params import RunParams
+from pipeline.concepts.scores import concept_embeddings, mean_cosine
+from pipeline.concepts.students import (
+    build_model,
+    count_trainable,
+    inference_bytes,
+    save_checkpoint,
+)
+from tests.conftest import build_params, make_direction_set
+
+LAYER = 2
+RUNS = {
+    "linear_probe": {"approach": "linear_probe"},
+    "tiny": {"approach": "trainable", "embed_dim": 4, "hidden_dim": 8},
+}
+RUN_KEYS = {
+    "train_cos",
+    "val_cos",
+    "test_cos",
+    "gap",
+    "test_top1",
+    "test_top10",
+    "test_seen_cos",
+    "test_unseen_cos",
+    "test_seen_top1",
+    "test_unseen_top1",
+    "test_seen_top10",
+    "test_unseen_top10",
+    "trainable_params",
+    "inference_bytes",
+    "best_epoch",
+}
+BASELINE_KEYS = RUN_KEYS - {"trainable_params", "inference_bytes", "best_epoch"}
+SECTIONS = {
+    "directions": {"layers": [LAYER]},
+    "distill": {"train": {"layer": LAYER}, "runs": RUNS},
+    "evaluate": {"knn_k": 3, "retrieval_k": [1, 10]},
+}
+
+
+def fit_exact_probe(model: torch.nn.Module, data: DirectionSet) -> None:
+    """Least squares on train: the synthetic targets are an affine map of mean token rows."""
+    ids, dirs = data.load_split("train")
+    pooled = concept_embeddings(
+        data.offsets, data.flat_tokens, data.embedding_token_ids, data.embedding_rows, ids
+    )
+    design = torch.cat([pooled, torch.ones(len(ids), 1, dtype=torch.float64)], 1)  # (N, E+1)
+    solution = torch.linalg.lstsq(design, dirs.double()).solution  # (E+1, D)
+    with torch.no_grad():
+        model.head.weight.copy_(solution[:-1].T)
+        model.head.bias.copy_(solution[-1])
+
+
+def write_run(distill: Path, name: str, data: DirectionSet, exact: bool = False) -> torch.nn.Module:
+    spec = RunParams(**RUNS[name])
+    table = (data.embedding_token_ids, data.embedding_rows)
+    model = build_model(spec, data.vocab_size, data.dim, *table)
+    if exact:
+        fit_exact_probe(model, data)
+    emb_dim = int(data.embedding_rows.shape[1])
+    trainable = count_trainable(model)
+    config = {
+        "run": name,
+        "approach": spec.approach,
+        "embed_dim": spec.embed_dim,
+        "hidden_dim": spec.hidden_dim,
+        "vocab_size": data.vocab_size,
+        "output_dim": data.dim,
+        "embedding_dim": emb_dim,
+        "layer": LAYER,
+        "trainable_params": trainable,
+        "inference_bytes": inference_bytes(spec.approach, trainable, data.vocab_size, emb_dim),
+        "best_epoch": 2,
+        "best_val_cos": 0.5,
+    }
+    save_checkpoint(model, config, distill / name)
+    (distill / name / "curves.csv").write_text(
+        "epoch,train_loss,train_cos,val_cos\n1,0.9,0.1,0.2\n2,0.5,0.5,0.5\n"
+    )
+    return model.eval()
+
+
+def stage_paths(tmp_path: Path) -> dict[str, Path]:
+    out = tmp_path / "metrics"
+    names = {"metrics": "distill.json", "table": "comparison.md", "plot": "curves.png"}
+    return {key: out / name for key, name in names.items()}
+
+
+@pytest.fixture
+def setup(tmp_path):
+    """Directions with unseen-token test concepts (large vocab), plus both checkpoints."""
+    directions = make_direction_set(tmp_path / "directions", vocab_size=400, layer=LAYER)
+    data = DirectionSet(directions, LAYER)
+    distill = tmp_path / "distill"
+    models = {"linear_probe": write_run(distill, "linear_probe", data, exact=True)}
+    models["tiny"] = write_run(distill, "tiny", data)
+    return build_params(**SECTIONS), directions, distill, data, models
+
+
+def test_evaluate_end_to_end(setup, tmp_path):
+    params, directions, distill, data, models = setup
+    paths = stage_paths(tmp_path)
+    results = run(params, directions, distill, **paths)
+
+    assert json.loads(paths["metrics"].read_text()) == results
+    assert set(results) == {"linear_probe", "tiny", "baseline_train_mean", "baseline_knn", "counts"}
+    for name in RUNS:
+        assert set(results[name]) == RUN_KEYS
+    for name in ("baseline_train_mean", "baseline_knn"):
+        assert set(results[name]) == BASELINE_KEYS
+    counts = results["counts"]
+    assert counts["train"] + counts["val"] + counts["test"] == data.num_concepts
+    assert counts["test_seen"] > 0 and counts["test_unseen"] > 0
+    assert counts["test_seen"] + counts["test_unseen"] == counts["test"]
+
+    probe = results["linear_probe"]
+    # The exact affine map reproduces every direction, seen tokens or not.
+    for key in ("train_cos", "val_cos", "test_cos", "test_seen_cos", "test_unseen_cos"):
+        assert probe[key] == pytest.approx(1.0, abs=1e-5)
+    assert probe["test_top1"] == 1.0 and probe["test_top10"] == 1.0
+    assert probe["gap"] == pytest.approx(0.0, abs=1e-5)
+    assert probe["trainable_params"] == 8 * 16 + 16 and probe["best_epoch"] == 2
+
+    # The untrained student's score equals the one computed directly from its predictions.
+    ids, targets = data.load_split("test")
+    with torch.no_grad():
+        direct = mean_cosine(models["tiny"](*data.concept_tokens(ids)), targets)
+    assert results["tiny"]["test_cos"] == pytest.approx(direct, abs=1e-6)
+    assert results["tiny"]["gap"] == pytest.approx(
+        results["tiny"]["train_cos"] - results["tiny"]["test_cos"]
+    )
+
+    assert results["baseline_train_mean"]["test_cos"] == pytest.approx(0.0, abs=1e-9)
+    # A zero prediction ties with every candidate, so retrieval is at chance: k / N.
+    assert results["baseline_train_mean"]["test_top10"] == pytest.approx(10 / counts["test"])
+    # The targets are a smooth function of the teacher's embeddings, so kNN there helps.
+    assert results["baseline_knn"]["test_cos"] > 0.3
+
+    lines = paths["table"].read_text().splitlines()
+    assert lines[2].startswith("| Linear Probe | 144 | ")
+    assert "*" in lines[2].split(" | ")[2]
+    assert lines[-1].startswith("\\* needs the teacher's embedding table")
+    assert paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_evaluate_empty_subset_is_null(direction_set, tmp_path):
+    # In the default fixture every test concept's tokens occur in train: no unseen subset.
+    data = DirectionSet(direction_set, LAYER)
+    distill = tmp_path / "distill"
+    for name in RUNS:
+        write_run(distill, name, data)
+    paths = stage_paths(tmp_path)
+    results = run(build_params(**SECTIONS), direction_set, distill, **paths)
+    assert results["counts"]["test_unseen"] == 0
+    assert results["tiny"]["test_unseen_cos"] is None
+    assert results["tiny"]["test_unseen_top1"] is None
+    assert '"test_unseen_cos": null' in paths["metrics"].read_text()
+
+
+def test_missing_run_folder_names_it(setup, tmp_path):
+    params, directions, distill, _, _ = setup
+    runs = RUNS | {"absent": {"approach": "frozen_mlp", "hidden_dim": 4}}
+    params = build_params(**(SECTIONS | {"distill": {"train": {"layer": LAYER}, "runs": runs}}))
+    with pytest.raises(FileNotFoundError, match=r"absent.*config\.json.*dvc repro"):
+        run(params, directions, distill, **stage_paths(tmp_path))
+    assert not stage_paths(tmp_path)["metrics"].exists()
+
+
+def test_cli_evaluate(setup, tmp_path):
+    _, directions, distill, _, _ = setup
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(SECTIONS))
+    paths = stage_paths(tmp_path)
+    args = [
+        "evaluate",
+        "--params",
+        str(params_file),
+        "--directions",
+        str(directions),
+        "--distill",
+        str(distill),
+    ]
+    for name, path in paths.items():
+        args += [f"--{name}", str(path)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "linear_probe" in result.output
+    assert all(path.is_file() for path in paths.values())

@@ -1,0 +1,213 @@
+"""Metrics and report on hand-built inputs with hand-computed values."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from pipeline.concepts.comparison import (
+    Row,
+    comparison_table,
+    human_bytes,
+    human_count,
+    plot_val_curves,
+    run_label,
+)
+from pipeline.concepts.params import RunParams
+from pipeline.concepts.scores import (
+    concept_embeddings,
+    knn_predict,
+    mean_cosine,
+    retrieval_ranks,
+    row_cosine,
+    split_metrics,
+    token_coverage,
+    top_k_hit_rates,
+    train_mean_predict,
+)
+
+
+def test_row_and_mean_cosine_hand_case():
+    pred = torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 2.0]])
+    target = torch.tensor([[2.0, 0.0], [1.0, 0.0], [0.0, -1.0]])
+    expected = [1.0, 1 / math.sqrt(2), -1.0]
+    assert row_cosine(pred, target).tolist() == pytest.approx(expected)
+    assert row_cosine(pred, target).dtype == torch.float64
+    assert mean_cosine(pred, target) == pytest.approx(sum(expected) / 3)
+
+
+def test_cosine_of_zero_row_is_zero_and_empty_is_none():
+    assert row_cosine(torch.zeros(1, 3), torch.ones(1, 3)).tolist() == [0.0]
+    assert mean_cosine(torch.zeros(0, 3), torch.zeros(0, 3)) is None
+
+
+# Targets are the 4 unit axes; prediction i's cosines to the targets are known by eye.
+TARGETS = torch.eye(4)
+PREDS = torch.tensor(
+    [
+        [1.0, 0.0, 0.0, 0.0],  # own target e0 first            -> rank 0
+        [0.0, 0.5, 1.0, 0.0],  # e2 (1.0) beats own e1 (0.5)     -> rank 1
+        [0.3, 0.2, 0.1, 0.0],  # e0 0.3, e1 0.2 beat own e2 0.1  -> rank 2
+        [0.4, 0.3, 0.2, 0.1],  # own e3 is last of 4             -> rank 3
+    ]
+)
+
+
+def test_retrieval_ranks_and_hit_rates_hand_case():
+    assert retrieval_ranks(PREDS, TARGETS).tolist() == [0, 1, 2, 3]
+    rates = top_k_hit_rates(PREDS, TARGETS, ks=(1, 2, 3, 4))
+    assert rates == {1: 0.25, 2: 0.5, 3: 0.75, 4: 1.0}
+
+
+def test_retrieval_ties_go_to_the_lower_index():
+    # A zero prediction ties with every candidate: ranks by index, hit rate = chance k/N.
+    assert retrieval_ranks(torch.zeros(4, 4), TARGETS).tolist() == [0, 1, 2, 3]
+    assert top_k_hit_rates(torch.zeros(4, 4), TARGETS, ks=(1, 2)) == {1: 0.25, 2: 0.5}
+    # Two identical targets cannot be told apart: only the first wins top-1.
+    twins = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    assert retrieval_ranks(twins, twins).tolist() == [0, 1, 0]
+
+
+def test_retrieval_subset_queries_keep_the_whole_pool():
+    rows = torch.tensor([1, 3])
+    # Candidates stay all 4 targets, so row 3 still ranks last (3), a top-2 miss.
+    assert retrieval_ranks(PREDS, TARGETS, rows).tolist() == [1, 3]
+    assert top_k_hit_rates(PREDS, TARGETS, ks=(1, 2), rows=rows) == {1: 0.0, 2: 0.5}
+    no_rows = torch.tensor([], dtype=torch.long)
+    assert top_k_hit_rates(PREDS, TARGETS, ks=(1,), rows=no_rows) == {1: None}
+
+
+def test_token_coverage_hand_csr():
+    # concept 0: [1, 2]  train
+    # concept 1: [3]     train
+    # concept 2: [2, 3]  all tokens seen in train        -> seen
+    # concept 3: [4]     token 4 only in test             -> unseen
+    # concept 4: [1, 5]  5 occurs only in concept 4       -> unseen
+    offsets = torch.tensor([0, 2, 3, 5, 6, 8])
+    flat = torch.tensor([1, 2, 3, 2, 3, 4, 1, 5])
+    seen = token_coverage(offsets, flat, train_ids=torch.tensor([0, 1]))
+    assert seen.tolist() == [True, True, True, False, False]
+
+
+def test_concept_embeddings_mean_token_rows():
+    table_ids = torch.tensor([2, 5, 9])  # sorted, sparse ids as the directions folder stores them
+    table_rows = torch.tensor([[1.0, 0.0], [0.0, 1.0], [3.0, 3.0]])
+    offsets = torch.tensor([0, 2, 3])
+    flat = torch.tensor([2, 5, 9])
+    emb = concept_embeddings(offsets, flat, table_ids, table_rows, torch.tensor([1, 0]))
+    assert emb.tolist() == [[3.0, 3.0], [0.5, 0.5]]
+    with pytest.raises(ValueError, match=r"\[7\]"):
+        bad = torch.tensor([2, 7, 9])
+        concept_embeddings(offsets, bad, table_ids, table_rows, torch.tensor([0]))
+
+
+POOL = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]])
+POOL_DIRS = torch.tensor([[10.0, 0.0], [20.0, 0.0], [0.0, 30.0]])
+
+
+def test_knn_k1_returns_nearest_train_direction():
+    query = torch.tensor([[0.1, 1.0], [1.0, 0.05]])
+    assert knn_predict(query, POOL, POOL_DIRS, k=1).tolist() == [[0.0, 30.0], [10.0, 0.0]]
+    # k=2 averages the two nearest: for query 1 those are pool rows 0 and 1.
+    assert knn_predict(query[1:], POOL, POOL_DIRS, k=2).tolist() == [[15.0, 0.0]]
+
+
+def test_knn_train_split_excludes_self():
+    # Without exclusion each row finds itself; with it row 0 <-> row 1, row 2 -> row 1.
+    assert knn_predict(POOL, POOL, POOL_DIRS, k=1).tolist() == POOL_DIRS.tolist()
+    got = knn_predict(POOL, POOL, POOL_DIRS, k=1, exclude_self=True)
+    assert got.tolist() == [[20.0, 0.0], [10.0, 0.0], [20.0, 0.0]]
+    # k larger than the pool minus self is clamped, not an error.
+    assert knn_predict(POOL, POOL, POOL_DIRS, k=10, exclude_self=True).shape == (3, 2)
+
+
+def test_train_mean_baseline_is_about_zero():
+    train = torch.randn(200, 16)
+    train = train - train.mean(0)  # centred like directions: float32 noise remains
+    test = torch.randn(50, 16)
+    pred = train_mean_predict(train, 50)
+    assert pred.shape == (50, 16)
+    assert mean_cosine(pred, test) == pytest.approx(0.0, abs=1e-12)
+    # An uncentred train set gives its real mean.
+    shifted = train_mean_predict(train + 1.0, 2)
+    assert torch.allclose(shifted, torch.ones(2, 16, dtype=torch.float64))
+
+
+def test_split_metrics_keys_and_subsets():
+    preds = {"train": PREDS, "val": PREDS[:0], "test": PREDS}
+    targets = {"train": TARGETS, "val": TARGETS[:0], "test": TARGETS}
+    seen = torch.tensor([True, True, False, False])
+    out = split_metrics(preds, targets, seen, ks=(1, 2))
+    assert out["val_cos"] is None
+    assert out["test_top1"] == 0.25 and out["test_top2"] == 0.5
+    assert out["test_seen_top2"] == 1.0 and out["test_unseen_top2"] == 0.0
+    cos = row_cosine(PREDS, TARGETS)
+    assert out["test_seen_cos"] == pytest.approx(float(cos[:2].mean()))
+    assert out["test_unseen_cos"] == pytest.approx(float(cos[2:].mean()))
+    assert out["gap"] == pytest.approx(0.0)
+
+
+def test_human_sizes():
+    assert [human_count(n) for n in (132_000, 1_050_000, 10_000_000, 9_800_000, 999, 999_600)] == [
+        "132K",
+        "1.05M",
+        "10M",
+        "9.8M",
+        "999",
+        "1M",
+    ]
+    assert [human_bytes(n) for n in (600_000_000, 40_000_000, 512)] == ["600MB", "40MB", "512B"]
+
+
+def test_run_labels():
+    assert run_label(RunParams("trainable", embed_dim=64, hidden_dim=256)) == "Trainable e=64,h=256"
+    assert run_label(RunParams("frozen_mlp", hidden_dim=128)) == "Frozen+MLP h=128"
+    assert run_label(RunParams("linear_probe")) == "Linear Probe"
+
+
+def _metrics(test_cos: float | None, params: int | None = None, size: int | None = None) -> dict:
+    return {
+        "test_cos": test_cos,
+        "train_cos": 0.95,
+        "val_cos": 0.9,
+        "gap": 0.05,
+        "test_top1": 0.5,
+        "test_top10": 0.875,
+        "test_seen_cos": 0.91,
+        "test_unseen_cos": None,
+        "trainable_params": params,
+        "inference_bytes": size,
+    }
+
+
+def test_comparison_table_best_first_with_footnote():
+    rows = [
+        Row("t", "Trainable e=64,h=256", _metrics(0.8951, 10_000_000, 40_000_000)),
+        Row("m", "Baseline: train mean", _metrics(None)),
+        Row("f", "Frozen+MLP h=64", _metrics(0.9019, 132_000, 600_000_000), frozen=True),
+        Row("p", "Linear Probe", _metrics(0.9062, 1_050_000, 600_000_000), frozen=True),
+    ]
+    lines = comparison_table(rows, ks=(1, 10)).splitlines()
+    assert "Test top-10" in lines[0] and "Test cos (unseen tokens)" in lines[0]
+    body = [line.split(" | ") for line in lines[2:6]]
+    assert [cells[0].lstrip("| ") for cells in body] == [
+        "Linear Probe",
+        "Frozen+MLP h=64",
+        "Trainable e=64,h=256",
+        "Baseline: train mean",
+    ]
+    assert body[0][1:3] == ["1.05M", "600MB*"]
+    assert body[1][1:3] == ["132K", "600MB*"]
+    assert body[2][1:3] == ["10M", "40MB"]
+    assert body[0][5] == "0.9062" and body[0][7] == "50.0%" and body[0][8] == "87.5%"
+    assert body[3][5] == "—" and body[0][10].rstrip(" |") == "—"
+    assert lines[-1] == "\\* needs the teacher's embedding table at inference"
+
+
+def test_plot_val_curves_writes_png(tmp_path):
+    path = tmp_path / "sub" / "curves.png"
+    curves = {"a": ([1, 2, 3], [0.1, 0.5, 0.6]), "b": ([1, 2], [0.2, 0.3])}
+    plot_val_curves(curves, path, {"kNN": 0.4})
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,0 +1,266 @@
+"""The token-level activations stage: known answers against transformers, padding, resume."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+import typer
+import yaml
+from typer.testing import CliRunner
+
+from pipeline.common.scratch import SCRATCH
+from pipeline.common.shards import Manifest, layer_key, read_shard, shard_name, write_shard
+from pipeline.inputs.text_chunks import CORPUS
+from pipeline.inputs.tiny_models import build_tiny
+from pipeline.sparse_autoencoder import activations
+from pipeline.sparse_autoencoder.layout import ACTIVATIONS
+from pipeline.sparse_autoencoder.params import ActivationsParams
+from pipeline.sparse_autoencoder.sources import CorpusReader, TokenSource, held_out
+from tests.conftest import build_params
+
+TEXT = (
+    "The quick brown fox jumps over the lazy dog while the cat sleeps in the warm sun. "
+    "Rivers run to the sea and the mountains stand still under a blue sky every morning. "
+    "People read books, write letters and talk about the weather over a cup of tea."
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_llama():
+    return build_tiny("tiny:llama")
+
+
+@pytest.fixture(autouse=True)
+def built_once(monkeypatch, tiny_llama):
+    """The stage builds its teacher through `build_tiny`: hand it copies of one build
+    (training the tiny tokenizer takes seconds; load_teacher truncates what it gets)."""
+    import pipeline.common.teacher
+
+    def cached(model_id: str):
+        assert model_id == "tiny:llama", model_id
+        return copy.deepcopy(tiny_llama)
+
+    monkeypatch.setattr(pipeline.common.teacher, "build_tiny", cached)
+
+
+def make_corpus(
+    folder: Path,
+    tokenizer,
+    num_chunks: int = 6,
+    chunk_tokens: int = 12,
+    shard_rows: int = 4,
+    pad_to: list[int] | None = None,
+    model: str = "tiny:llama",
+) -> Path:
+    """A corpus folder per pipeline/layouts.py: chunks of TEXT's tokens, ids 100, 103, ...
+
+    `pad_to[i]`: keep that many real tokens in chunk i and right-pad the rest.
+    """
+    ids = tokenizer(TEXT, add_special_tokens=False)["input_ids"]
+    assert len(ids) >= num_chunks * chunk_tokens, "TEXT is too short for this corpus"
+    tokens = torch.tensor(ids[: num_chunks * chunk_tokens]).reshape(num_chunks, chunk_tokens)
+    extra = {"model": model, "revision": "main", "chunk_tokens": chunk_tokens}
+    if pad_to is not None:
+        for row, keep in enumerate(pad_to):
+            tokens[row, keep:] = tokenizer.pad_token_id
+        extra["pad_token_id"] = tokenizer.pad_token_id
+    chunk_id = 100 + 3 * torch.arange(num_chunks)
+    folder.mkdir(parents=True, exist_ok=True)
+    records = [
+        write_shard(
+            folder / shard_name(i),
+            {
+                "chunk_id": chunk_id[start : start + shard_rows],
+                "token_ids": tokens[start : start + shard_rows],
+            },
+        )
+        for i, start in enumerate(range(0, num_chunks, shard_rows))
+    ]
+    extra |= {"num_chunks": num_chunks, "source": "test"}
+    Manifest(kind=CORPUS, params={}, shards=records, extra=extra).save(folder)
+    return folder
+
+
+def params(**overrides) -> ActivationsParams:
+    base = dict(
+        model="tiny:llama",
+        layers=(2, 4),
+        positions="all",
+        compute_dtype="float32",
+        storage_dtype="float32",
+        shard_rows=20,
+        batch_size=2,
+        device="cpu",
+    )
+    return ActivationsParams(**(base | overrides))
+
+
+def stored(folder: Path) -> dict[str, torch.Tensor]:
+    manifest = Manifest.load(folder, kind=ACTIVATIONS)
+    shards = [read_shard(folder, record) for record in manifest.shards]
+    return {name: torch.cat([s[name] for s in shards]) for name in shards[0]}
+
+
+def reference(model, tokens: torch.Tensor, layer: int) -> torch.Tensor:
+    with torch.no_grad():
+        return model(tokens[None], output_hidden_states=True).hidden_states[layer][0]
+
+
+def test_all_tokens_equal_transformers_hidden_states(tmp_path, tiny_llama):
+    model, tokenizer = tiny_llama
+    corpus = make_corpus(tmp_path / "corpus", tokenizer)
+    stats = activations.run(params(), corpus, tmp_path / "acts")
+    rows = stored(tmp_path / "acts")
+    manifest = Manifest.load(tmp_path / "acts")
+    # 20 target rows / 12 tokens per chunk -> 1 chunk per shard, 6 shards, 72 rows.
+    assert stats["rows"] == 72 and stats["shards"] == 6 == len(manifest.shards)
+    assert manifest.extra["layers"] == [2, 4] and manifest.extra["hidden_size"] == 64
+    assert rows["chunk_id"].tolist() == [c for c in range(100, 118, 3) for _ in range(12)]
+    assert rows["position"].tolist() == list(range(12)) * 6
+    chunks = CorpusReader(corpus).chunk_range(0, 6)[1]
+    assert torch.equal(rows["token_id"], chunks.flatten())
+    for layer in (2, 4):  # 4 is the last layer: HF reports it after the final norm
+        expected = torch.cat([reference(model, chunk, layer) for chunk in chunks])
+        got = rows[layer_key(layer)]
+        assert got.dtype == torch.float32 and got.shape == (72, 64)
+        assert torch.allclose(got, expected, atol=1e-5), f"layer {layer}"
+
+
+def test_last_non_padding_token_per_chunk(tmp_path, tiny_llama):
+    model, tokenizer = tiny_llama
+    corpus = make_corpus(tmp_path / "corpus", tokenizer, num_chunks=4, pad_to=[12, 5, 9, 0])
+    activations.run(params(positions="last", layers=(3,)), corpus, tmp_path / "acts")
+    rows = stored(tmp_path / "acts")
+    # The all-padding chunk (103 + 6 = 109) has no row; the others their last real token.
+    assert rows["chunk_id"].tolist() == [100, 103, 106]
+    assert rows["position"].tolist() == [11, 4, 8]
+    chunks = CorpusReader(corpus).chunk_range(0, 3)[1]
+    for i, keep in enumerate((12, 5, 9)):
+        expected = reference(model, chunks[i, :keep], 3)[-1]
+        assert torch.allclose(rows["layer_3"][i], expected, atol=1e-5)
+        assert rows["token_id"][i] == chunks[i, keep - 1]
+
+
+def test_all_positions_skip_padding(tmp_path, tiny_llama):
+    _, tokenizer = tiny_llama
+    corpus = make_corpus(tmp_path / "corpus", tokenizer, num_chunks=2, pad_to=[12, 7])
+    run = params(layers=(1,), max_chunks=2, storage_dtype="bfloat16")
+    activations.run(run, corpus, tmp_path / "acts")
+    rows = stored(tmp_path / "acts")
+    assert rows["layer_1"].dtype == torch.bfloat16
+    assert TokenSource(tmp_path / "acts", layer=1).sample("all", 100)[1].dtype == torch.float32
+    assert rows["position"].tolist() == list(range(12)) + list(range(7))
+    assert not (rows["token_id"] == tokenizer.pad_token_id).any()
+
+
+def test_max_chunks_and_token_source_reads_rows_with_items(tmp_path, tiny_llama):
+    _, tokenizer = tiny_llama
+    corpus = make_corpus(tmp_path / "corpus", tokenizer)
+    activations.run(params(max_chunks=4, shard_rows=30), corpus, tmp_path / "acts")
+    source = TokenSource(tmp_path / "acts", layer=2, eval_fraction=0.5)
+    assert [r.rows for r in source.manifest.shards] == [24, 24]  # 2 chunks per shard
+    items, x, is_eval = (torch.cat(parts) for parts in zip(*source.shards("all"), strict=True))
+    assert items[:, 0].unique().tolist() == [100, 103, 106, 109]
+    assert torch.equal(x, stored(tmp_path / "acts")["layer_2"])
+    assert torch.equal(is_eval, held_out(items[:, 0], 0.5))
+    # All tokens of a chunk fall on the same side of the split.
+    for chunk in items[:, 0].unique():
+        assert is_eval[items[:, 0] == chunk].unique().numel() == 1
+    source.attach_texts(corpus, tokenizer)
+    span = source.describe(torch.tensor([[103, 5]]), context_tokens=3)[0]
+    chunk = CorpusReader(corpus).tokens_of(torch.tensor([103]))[103].tolist()
+    expected = (
+        tokenizer.decode(chunk[2:5])
+        + "[["
+        + tokenizer.decode(chunk[5:6])
+        + "]]"
+        + tokenizer.decode(chunk[6:7])
+    )
+    assert span == expected
+
+
+def test_held_out_share_is_stable_and_close_to_the_fraction():
+    ids = torch.arange(20_000)
+    share = held_out(ids, 0.1).double().mean().item()
+    assert 0.09 < share < 0.11
+    assert torch.equal(held_out(ids[::7], 0.1), held_out(ids, 0.1)[::7])
+
+
+def test_interrupted_run_resumes_from_finished_shards(tmp_path, tiny_llama, monkeypatch):
+    _, tokenizer = tiny_llama
+    corpus = make_corpus(tmp_path / "corpus", tokenizer)
+    activations.run(params(), corpus, tmp_path / "clean")
+    original = activations._shard
+    calls = {"n": 0}
+
+    def failing(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("simulated crash")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(activations, "_shard", failing)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        activations.run(params(), corpus, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    assert len(list((tmp_path / SCRATCH).glob("out-*/shard-*.safetensors"))) == 2
+    monkeypatch.setattr(activations, "_shard", original)
+    stats = activations.run(params(), corpus, tmp_path / "out")
+    assert stats["reused_shards"] == 2
+    clean, resumed = stored(tmp_path / "clean"), stored(tmp_path / "out")
+    assert all(torch.equal(clean[k], resumed[k]) for k in clean)
+    assert not list((tmp_path / SCRATCH).glob("out-*"))
+
+
+def test_bad_input_is_named_before_anything_is_written(tmp_path, tiny_llama):
+    _, tokenizer = tiny_llama
+    corpus = make_corpus(tmp_path / "corpus", tokenizer, model="tiny:qwen3")
+    with pytest.raises(ValueError, match=r"activations.model='tiny:llama'.*'tiny:qwen3'"):
+        activations.run(params(), corpus, tmp_path / "out")
+    good = make_corpus(tmp_path / "good", tokenizer)
+    with pytest.raises(ValueError, match=r"activations.layers holds \[9\].*4 layers"):
+        activations.run(params(layers=(2, 9)), good, tmp_path / "out")
+    with pytest.raises(FileNotFoundError, match="manifest.json"):
+        activations.run(params(), tmp_path / "missing", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_params_validate_and_check_the_corpus_model():
+    with pytest.raises(ValueError, match="activations.layers is empty"):
+        ActivationsParams(layers=())
+    with pytest.raises(ValueError, match="activations.max_chunks must be > 0"):
+        ActivationsParams(max_chunks=0)
+    with pytest.raises(ValueError, match="activations.positions must be one of"):
+        build_params(activations={"positions": "first"})
+    with pytest.raises(ValueError, match=r"activations.model='tiny:qwen3' differs from corpus"):
+        build_params(
+            corpus={"model": "tiny:llama"},
+            trajectories={"model": "tiny:llama"},
+            activations={"model": "tiny:qwen3"},
+        )
+    params = build_params(
+        corpus={"model": "tiny:llama"},
+        trajectories={"model": "tiny:llama"},
+        activations={"model": "tiny:llama"},
+    )
+    assert params.activations.model == params.corpus.model == "tiny:llama"
+
+
+def test_command_line(tmp_path, tiny_llama):
+    _, tokenizer = tiny_llama
+    corpus = make_corpus(tmp_path / "corpus", tokenizer, num_chunks=2)
+    params_file = tmp_path / "params.yaml"
+    section = {"model": "tiny:llama", "layers": [1], "compute_dtype": "float32", "device": "cpu"}
+    # The token-level sections must agree on the model that tokenizes the corpus.
+    same = {"model": "tiny:llama"}
+    sections = {"corpus": same, "trajectories": same, "activations": section, "sae": {"layer": 1}}
+    params_file.write_text(yaml.safe_dump(sections))
+    app = typer.Typer()
+    app.command()(activations.command)
+    args = ["--params", str(params_file), "--corpus", str(corpus), "--out", str(tmp_path / "a")]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "'rows': 2" in result.output  # positions: last (the default) -> one row per chunk

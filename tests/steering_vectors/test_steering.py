@@ -1,0 +1,286 @@
+"""Steering: hooks, scoring, gradients, training on the offline task, and the stage.
+
+`dvc exp run -S steering.layers=...` re-running only this stage is tested with the
+whole DAG in tests/test_dvc_pipeline.py.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import typer
+import yaml
+from typer.testing import CliRunner
+
+from pipeline.common.params import to_dict
+from pipeline.common.teacher import load_causal_lm
+from pipeline.inputs.params import WordlistParams
+from pipeline.inputs.words import build_concepts
+from pipeline.steering_vectors import steering
+from pipeline.steering_vectors.evaluation import (
+    accuracy,
+    alpha_weights,
+    best_of,
+    bootstrap_gain,
+    route,
+    weighted_average,
+)
+from pipeline.steering_vectors.params import SteeringParams
+from pipeline.steering_vectors.questions import (
+    McQuestion,
+    arithmetic_questions,
+    category_questions,
+    write_questions,
+)
+from pipeline.steering_vectors.vector import (
+    SteeringVector,
+    correct,
+    decoder_layers,
+    encode,
+    ending_scores,
+    load_vectors,
+    save_vectors,
+    steer,
+    train_vector,
+)
+
+CAPS = {"train": 256, "val": 160, "test": 160}
+
+
+@pytest.fixture(scope="module")
+def tiny_lm():
+    return load_causal_lm("tiny:qwen3", None)
+
+
+@pytest.fixture(scope="module")
+def questions() -> list[McQuestion]:
+    """The offline tasks on the tiny profile's word list (wordfreq, no WordNet)."""
+    concepts, _ = build_concepts(WordlistParams(source="wordfreq", num_concepts=2000))
+    category, _ = category_questions(concepts, "category", seed=0, caps=CAPS)
+    return category + arithmetic_questions("arithmetic", seed=0, caps=CAPS)
+
+
+def pick(questions, task, split, count=None):
+    return [q for q in questions if q.task == task and q.split == split][:count]
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def test_hooks_leave_the_model_bit_identical(tiny_lm):
+    model, tokenizer = tiny_lm
+    ids = tokenizer(["seven plus three is ten"], return_tensors="pt")["input_ids"]
+    before = logits(model, ids)
+    vector = SteeringVector((0, 2), 64)
+    torch.nn.init.normal_(vector.v)
+    with steer(model, vector.deltas()):
+        assert not torch.equal(logits(model, ids), before)
+    assert torch.equal(logits(model, ids), before)
+    with pytest.raises(RuntimeError, match="boom"), steer(model, vector.deltas()):
+        raise RuntimeError("boom")
+    assert torch.equal(logits(model, ids), before), "hooks survived an exception"
+    assert all(not layer._forward_hooks for layer in decoder_layers(model))
+    with steer(model, SteeringVector((0, 1, 3), 64).deltas()):  # v = 0
+        assert torch.equal(logits(model, ids), before)
+
+
+def capture_inputs(model, layer):
+    """Forward pre-hook on layer `layer`: the residual stream it receives."""
+    seen = []
+
+    def hook(module, args, kwargs):
+        seen.append((args[0] if args else kwargs["hidden_states"]).detach().clone())
+
+    return seen, decoder_layers(model)[layer].register_forward_pre_hook(hook, with_kwargs=True)
+
+
+@pytest.mark.parametrize("position", [0, 3])
+def test_residual_stream_shifts_by_exactly_scale_times_v(tiny_lm, position):
+    model, tokenizer = tiny_lm
+    ids = tokenizer(["a word that starts with a letter"], return_tensors="pt")["input_ids"]
+    vector = SteeringVector((1,), 64)
+    with torch.no_grad():
+        vector.v.normal_()
+        vector.scales.fill_(0.7)
+    seen, handle = capture_inputs(model, 2)  # layer 2 reads what layer 1 wrote
+    try:
+        logits(model, ids)
+        with steer(model, vector.deltas(), position):
+            logits(model, ids)
+    finally:
+        handle.remove()
+    plain, steered = seen
+    shift = (0.7 * vector.v).detach()
+    assert torch.equal(steered[:, position:], plain[:, position:] + shift)
+    assert torch.equal(steered[:, :position], plain[:, :position])
+
+
+@pytest.mark.parametrize("position", [None, 0, 5])
+def test_scores_equal_token_logprobs_from_the_logits(tiny_lm, questions, position):
+    """Scores (context cached once, endings batched) = one plain forward per ending.
+
+    With a vector (at every position, or from token 5 on, which falls inside some
+    contexts and inside some endings) the same holds under the same hooks.
+    """
+    model, tokenizer = tiny_lm
+    chosen = pick(questions, "category", "val", 2) + pick(questions, "arithmetic", "val", 2)
+    data = encode(chosen, tokenizer)
+    assert len({len(c) for c in data.contexts}) > 1 and len({len(e) for e in data.endings[0]}) > 1
+    vector = SteeringVector((0, 2), 64)
+    if position is not None:
+        torch.nn.init.normal_(vector.v)
+    with steer(model, vector.deltas(), position or 0), torch.no_grad():
+        scores = ending_scores(model, data.batch(range(len(chosen))))  # (4, 4)
+        for i, question in enumerate(chosen):
+            for j, ending in enumerate(question.endings):
+                context = tokenizer(question.context)["input_ids"]
+                end = tokenizer(" " + ending, add_special_tokens=False)["input_ids"]
+                logprobs = logits(model, torch.tensor([context + end]))[0].log_softmax(-1)
+                total = sum(logprobs[len(context) + k - 1, t] for k, t in enumerate(end))
+                assert scores[i, j].item() * len(end) == pytest.approx(total.item(), abs=1e-4)
+
+
+def test_gradients_reach_v_and_scales_only(tiny_lm, questions):
+    model, tokenizer = tiny_lm
+    data = encode(pick(questions, "category", "train", 4), tokenizer)
+    vector = SteeringVector((0, 2, 3), 64)
+    torch.nn.init.normal_(vector.v, std=0.1)
+    with steer(model, vector.deltas()):
+        scores = ending_scores(model, data.batch(range(4)))
+    torch.nn.functional.cross_entropy(scores, data.labels).backward()
+    assert vector.v.grad is not None and vector.v.grad.abs().sum() > 0
+    assert vector.scales.grad is not None and (vector.scales.grad != 0).all()
+    assert all(p.grad is None and not p.requires_grad for p in model.parameters())
+
+
+def test_training_beats_the_unsteered_model_on_held_out_questions(tiny_lm, questions):
+    """The category task has a known direction: raise the log-prob of a-m initial tokens."""
+    model, tokenizer = tiny_lm
+    train, val, test = (encode(pick(questions, "category", s), tokenizer) for s in CAPS)
+    params = SteeringParams(model="tiny:qwen3", epochs=3, batch_size=16, lr=0.02, keywords={})
+    unsteered = {
+        name: accuracy(correct(model, data, {})) for name, data in (("val", val), ("test", test))
+    }
+    vector = SteeringVector((0, 2, 3), 64)
+    fit = train_vector(model, vector, train, val, params)
+    steered = accuracy(correct(model, test, vector.deltas()))
+    assert fit.val_acc >= unsteered["val"] + 0.1, (fit.val_acc, unsteered)
+    assert steered >= unsteered["test"] + 0.1, (steered, unsteered)
+    assert fit.val_acc == accuracy(correct(model, val, vector.deltas()))
+
+
+def test_vectors_round_trip_through_safetensors(tmp_path):
+    vector = SteeringVector((1, 3), 8)
+    torch.nn.init.normal_(vector.v)
+    save_vectors(tmp_path, {"t.multi": vector}, {"model": "m"})
+    loaded, config = load_vectors(tmp_path)
+    assert config["model"] == "m" and loaded["t.multi"].layers == (1, 3)
+    assert torch.equal(loaded["t.multi"].v, vector.v)
+    assert (tmp_path / "model.safetensors").is_file()
+
+
+def test_eval_helpers():
+    base = torch.tensor([0, 1, 0, 1, 0, 0, 1, 0], dtype=torch.bool)
+    same = bootstrap_gain(base, base, samples=200)
+    assert same == {"gain": 0.0, "gain_ci_low": 0.0, "gain_ci_high": 0.0}
+    better = bootstrap_gain(base, torch.ones(8, dtype=torch.bool), samples=500)
+    assert better["gain"] == pytest.approx(5 / 8)
+    assert 0 < better["gain_ci_low"] < 5 / 8 < better["gain_ci_high"] <= 1
+    assert alpha_weights(0.25, 3) == [0.25, 0.375, 0.375] and alpha_weights(0.3, 1) == [1.0]
+    a, b = {0: torch.ones(2), 2: torch.ones(2)}, {2: torch.full((2,), 3.0)}
+    mixed = weighted_average([a, b], [0.5, 0.5])
+    assert mixed[0].tolist() == [0.5, 0.5] and mixed[2].tolist() == [2.0, 2.0]
+    keywords = {"math": ("plus", "minus")}
+    assert route("seven PLUS three is", keywords, ["cat", "math"]) == "math"
+    assert route("A word that", keywords, ["cat", "math"]) == "cat"
+    assert route("A word", {"cat": ("word",), "math": ("plus",)}, ["cat", "math"]) == "cat"
+    assert route("none", {"cat": ("word",), "math": ("plus",)}, ["cat", "math"]) is None
+    assert best_of({0.5: 0.6, 1.3: 0.6, 2.0: 0.4}) == 1.3
+
+
+def stage_params(**overrides) -> SteeringParams:
+    base = dict(
+        model="tiny:qwen3",
+        dtype="float32",
+        layers=(2, 3),
+        single_layers=(3,),
+        epochs=1,
+        batch_size=16,
+        lr=0.05,
+        coefficients=(0.5, 1.0, 2.0),
+        alphas=(0.0, 0.5, 1.0),
+        keywords={"arithmetic": ("plus", "minus")},
+        bootstrap_samples=200,
+        device="cpu",
+    )
+    return SteeringParams(**(base | overrides))
+
+
+def small_mcdata(folder: Path, questions: list[McQuestion], count: int = 24) -> Path:
+    folder.mkdir(parents=True)
+    chosen = [
+        q for t in ("category", "arithmetic") for s in CAPS for q in pick(questions, t, s, count)
+    ]
+    write_questions(folder / "questions.jsonl", chosen)
+    return folder
+
+
+def test_stage_cli_writes_vectors_metrics_and_table(tmp_path, questions):
+    mcdata = small_mcdata(tmp_path / "mcdata", questions)
+    params_file = tmp_path / "params.yaml"
+    tasks = {"category": {"source": "category"}, "arithmetic": {"source": "arithmetic"}}
+    plain = json.loads(json.dumps(to_dict(stage_params())))  # tuples -> lists
+    params_file.write_text(yaml.safe_dump({"mcdata": {"tasks": tasks}, "steering": plain}))
+    app = typer.Typer()
+    app.command()(steering.command)
+    out, metrics, table = (
+        tmp_path / "steering",
+        tmp_path / "m" / "steering.json",
+        tmp_path / "m" / "steering.md",
+    )
+    args = [
+        "--params",
+        params_file,
+        "--mcdata",
+        mcdata,
+        "--out",
+        out,
+        "--metrics",
+        metrics,
+        "--table",
+        table,
+    ]
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(metrics.read_text())
+    cat = summary["tasks"]["category"]
+    assert set(cat["single_layer"]) == {"L3"} and cat["multi_layer"]["layers"] == [2, 3]
+    assert set(cat["coefficient_sweep"]["val"]) == {"coef_0.5", "coef_1", "coef_2"}
+    final = cat["best_coefficient"]
+    assert final["gain_ci_low"] <= final["gain"] <= final["gain_ci_high"]
+    assert final["gain"] == pytest.approx(final["test"] - cat["unsteered"]["test"])
+    combined = summary["combined"]
+    assert combined["routing"]["routed_right"] == 1.0
+    assert combined["questions"]["test"] == 48
+    vectors, config = load_vectors(out)
+    assert set(vectors) == {
+        f"{t}.{n}" for t in ("category", "arithmetic") for n in ("single_L3", "multi")
+    }
+    assert config["final"]["category"]["vector"] in vectors
+    text = table.read_text()
+    assert "| category | 24 |" in text and "keyword routing" in text and "weighted average" in text
+
+
+def test_stage_refuses_bad_layers_and_unknown_keyword_tasks_before_writing(tmp_path, questions):
+    mcdata = small_mcdata(tmp_path / "mcdata", questions, count=4)
+    paths = (mcdata, tmp_path / "out", tmp_path / "m.json", tmp_path / "t.md")
+    with pytest.raises(ValueError, match=r"steering.layers holds \[7\].*4 decoder layers"):
+        steering.run(stage_params(layers=(1, 7)), *paths)
+    with pytest.raises(ValueError, match=r"steering.keywords names \['math'\]"):
+        steering.run(stage_params(keywords={"math": ("plus",)}), *paths)
+    assert not any(p.exists() for p in paths[1:])
