@@ -9,7 +9,6 @@ Reads `distill.train` and `distill.runs.<run>` from params; the cached layer is
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Annotated, Any
 import torch
 import typer
 
+from pipeline.common.io import write_csv
 from pipeline.common.params import Sections, load_params, to_dict
 from pipeline.concepts.layout import DirectionSet
 from pipeline.concepts.params import DistillParams, RunParams
@@ -47,7 +47,7 @@ def run(params: Sections, run_name: str, directions: Path, out: Path) -> dict[st
     config = checkpoint_config(run_name, spec, dataset, model, result, params)
     out = Path(out)
     save_checkpoint(model, config, out)
-    write_curves(out / "curves.csv", result.curves)
+    write_csv(out / "curves.csv", result.curves, CURVE_FIELDS)
     summary = {key: config[key] for key in ("best_val_cos", "best_epoch", "trainable_params")}
     log.info("distill %s: %s", run_name, summary)
     return summary
@@ -92,13 +92,6 @@ def checkpoint_config(
         "best_val_cos": result.best_val_cos,
         "train": to_dict(params.distill.train),
     }
-
-
-def write_curves(path: Path, curves: list[dict[str, float]]) -> None:
-    with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=CURVE_FIELDS)
-        writer.writeheader()
-        writer.writerows(curves)
 
 
 def command(

@@ -12,7 +12,6 @@ subsets; null where a subset is empty) and `counts`.
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -20,6 +19,7 @@ import torch
 import typer
 from torch import Tensor, nn
 
+from pipeline.common.io import write_json, write_text
 from pipeline.common.params import Sections, load_params
 from pipeline.common.splits import SPLITS
 from pipeline.concepts.comparison import Row, comparison_table, plot_val_curves, run_label
@@ -70,8 +70,8 @@ def run(
         rows.append(Row(name, label, results[name], frozen))
     results["counts"] = {split: int(ids.numel()) for split, (ids, _) in splits.items()}
     results["counts"] |= {"test_seen": int(seen.sum()), "test_unseen": int((~seen).sum())}
-    _write(metrics, json.dumps(results, indent=2, sort_keys=True) + "\n")
-    _write(table, comparison_table(_unique_labels(rows), ks))
+    write_json(metrics, results)
+    write_text(table, comparison_table(_unique_labels(rows), ks))
     knn_val = results["baseline_knn"]["val_cos"]
     plot_val_curves(curves, plot, {"kNN baseline": knn_val} if knn_val is not None else None)
     return results
@@ -145,11 +145,6 @@ def _unique_labels(rows: list[Row]) -> list[Row]:
         else r
         for r in rows
     ]
-
-
-def _write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
 
 
 def command(

@@ -11,15 +11,14 @@ dropped-word filter).
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 from pathlib import Path
 from typing import Annotated
 
 import pyarrow.parquet as pq
 import typer
 
+from pipeline.common.io import atomic_path, write_json
 from pipeline.common.params import load_params
 from pipeline.inputs.params import WordlistParams
 from pipeline.inputs.words import CONCEPTS_FILE, build_concepts
@@ -35,12 +34,9 @@ def run(params: WordlistParams, out: Path) -> dict:
     """Build the concept table into `out`; returns the stats also written to stats.json."""
     # Everything is validated in build_concepts before the first output file is written.
     table, stats = build_concepts(params, nltk_dir=out / NLTK_DIR)
-    out.mkdir(parents=True, exist_ok=True)
-    # Written under a temporary name and renamed, so a killed run leaves no half table.
-    partial = out / f"{CONCEPTS_FILE}.partial"
-    pq.write_table(table, partial)
-    os.replace(partial, out / CONCEPTS_FILE)
-    (out / STATS_FILE).write_text(json.dumps(stats, indent=2) + "\n")
+    with atomic_path(out / CONCEPTS_FILE) as tmp:
+        pq.write_table(table, tmp)
+    write_json(out / STATS_FILE, stats, sort_keys=False)
     return stats
 
 

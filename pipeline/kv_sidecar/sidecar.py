@@ -12,7 +12,6 @@ row per step, `eval_curves.csv` one per `sidecar.eval_every` steps (dvc plots).
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Annotated, Any
 import torch
 import typer
 
+from pipeline.common.io import write_csv, write_json, write_text
 from pipeline.common.params import Sections, load_params, to_dict
 from pipeline.concepts.training import resolve_device
 from pipeline.kv_sidecar.params import SidecarParams
@@ -71,8 +71,8 @@ def run(
     save_sidecar(model, checkpoint_config(data, window_size, model, result, params), out)
     write_csv(out / CURVES, result.curves)
     write_csv(out / EVAL_CURVES, result.eval_curves)
-    _write(Path(metrics), json.dumps(results, indent=2, sort_keys=True) + "\n")
-    _write(Path(table), sidecar_table(results))
+    write_json(Path(metrics), results)
+    write_text(Path(table), sidecar_table(results))
     return results
 
 
@@ -133,18 +133,6 @@ def checkpoint_config(
         }
         | data.sizes,
     }
-
-
-def write_csv(path: Path, rows: list[dict[str, float]]) -> None:
-    with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-
-
-def _write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
 
 
 def command(

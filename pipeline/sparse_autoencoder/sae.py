@@ -20,7 +20,6 @@ matched one to one. Writes:
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import shutil
@@ -31,6 +30,7 @@ from typing import Annotated, Any
 import torch
 import typer
 
+from pipeline.common.io import write_csv, write_json, write_text
 from pipeline.common.params import Sections, load_params, to_dict
 from pipeline.inputs.text_chunks import load_tokenizer
 from pipeline.sparse_autoencoder.alignment import linear_cka, match_features, orthogonal_procrustes
@@ -118,13 +118,13 @@ def run(
     )
 
     _write_models(model, twin, sae, data, result, Path(out))
-    _write_curves(Path(curves), fit.curves)
+    write_csv(Path(curves), fit.curves, CURVE_FIELDS)
     heading = f"SAE vs baselines: {data.model} layer {sae.layer} ({sae.input})"
-    _write_text(
+    write_text(
         Path(table), comparison_table(result, heading, other.model if other is not None else "")
     )
-    _write_text(Path(exemplars), report)
-    _write_text(Path(metrics), json.dumps(result, indent=2, sort_keys=True) + "\n")
+    write_text(Path(exemplars), report)
+    write_json(Path(metrics), result)
     headline = {k: v for k, v in result.items() if not isinstance(v, dict)}
     log.info("sae: %.1f s, %s", time.perf_counter() - started, headline)
     return result
@@ -243,19 +243,6 @@ def _write_models(model, twin, sae: SaeParams, data, result: dict, out: Path) ->
     save_sae(model, {**config, "seed": sae.seed}, out)
     if twin is not None:
         save_sae(twin, {**config, "seed": sae.seed + 1, "metrics": {}}, out / "cross_seed")
-
-
-def _write_curves(path: Path, rows: list[dict[str, float]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=CURVE_FIELDS)
-        writer.writeheader()
-        writer.writerows(rows)
-
-
-def _write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
 
 
 def command(

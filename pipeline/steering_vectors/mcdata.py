@@ -10,14 +10,13 @@ task and split, skipped source rows, which categories the category task used).
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
+from pipeline.common.io import atomic_path, write_json
 from pipeline.common.params import load_params
 from pipeline.inputs.words import read_concepts
 from pipeline.steering_vectors.params import McDataParams
@@ -46,11 +45,9 @@ def run(params: McDataParams, wordlist: Path, out: Path) -> dict[str, Any]:
         questions += built
         log.info("mcdata %s: %s", name, stats[name]["questions"])
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    partial = out / f"{QUESTIONS_FILE}.partial"
-    write_questions(partial, questions)
-    os.replace(partial, out / QUESTIONS_FILE)
-    (out / STATS_FILE).write_text(json.dumps(stats, indent=2) + "\n")
+    with atomic_path(out / QUESTIONS_FILE) as tmp:
+        write_questions(tmp, questions)
+    write_json(out / STATS_FILE, stats, sort_keys=False)
     return stats
 
 

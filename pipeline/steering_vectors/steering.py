@@ -15,7 +15,6 @@ routing (section 2.3), on the mixed test set. Writes `<out>/model.safetensors` +
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ import torch
 import typer
 from torch import Tensor, nn
 
+from pipeline.common.io import write_json, write_text
 from pipeline.common.params import load_params, to_dict
 from pipeline.common.splits import SPLITS
 from pipeline.common.teacher import load_causal_lm
@@ -98,8 +98,8 @@ def run(
     )
     vectors = {f"{task}.{name}": v for task, r in results.items() for name, v in r.vectors.items()}
     save_vectors(Path(out), vectors, checkpoint_config(params, model, summary))
-    _write(Path(metrics), json.dumps(summary, indent=2) + "\n")
-    _write(Path(table), accuracy_table(summary))
+    write_json(Path(metrics), summary, sort_keys=False)
+    write_text(Path(table), accuracy_table(summary))
     return summary
 
 
@@ -269,11 +269,6 @@ def checkpoint_config(
         },
         "steering": to_dict(params),
     }
-
-
-def _write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
 
 
 def command(
