@@ -40,9 +40,13 @@ def write_text(path: Path, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
+def json_text(data: Any, sort_keys: bool = True) -> str:
+    """Indented JSON with a final newline, as every JSON output of the pipeline is written."""
+    return json.dumps(data, indent=2, sort_keys=sort_keys) + "\n"
+
+
 def write_json(path: Path, data: Any, sort_keys: bool = True) -> None:
-    """Indented JSON with a final newline."""
-    write_text(path, json.dumps(data, indent=2, sort_keys=sort_keys) + "\n")
+    write_text(path, json_text(data, sort_keys))
 
 
 def write_csv(

@@ -17,16 +17,12 @@ from typing import Annotated, Any
 import torch
 import typer
 
+from pipeline.common.checkpoints import save_checkpoint
 from pipeline.common.io import write_csv
 from pipeline.common.params import Sections, load_params, to_dict
 from pipeline.concepts.layout import DirectionSet
 from pipeline.concepts.params import DistillParams, RunParams
-from pipeline.concepts.students import (
-    build_model,
-    count_trainable,
-    inference_bytes,
-    save_checkpoint,
-)
+from pipeline.concepts.students import build_model, count_trainable, inference_bytes
 from pipeline.concepts.training import FitResult, fit
 
 log = logging.getLogger(__name__)
@@ -46,7 +42,7 @@ def run(params: Sections, run_name: str, directions: Path, out: Path) -> dict[st
     result = fit(model, dataset, train)
     config = checkpoint_config(run_name, spec, dataset, model, result, params)
     out = Path(out)
-    save_checkpoint(model, config, out)
+    save_checkpoint(out, model.state_dict(), config)
     write_csv(out / "curves.csv", result.curves, CURVE_FIELDS)
     summary = {key: config[key] for key in ("best_val_cos", "best_epoch", "trainable_params")}
     log.info("distill %s: %s", run_name, summary)
@@ -72,7 +68,7 @@ def checkpoint_config(
     result: FitResult,
     params: Sections,
 ) -> dict[str, Any]:
-    """Everything `load_checkpoint` and the evaluate stage need to rebuild and report."""
+    """Everything `load_student` and the evaluate stage need to rebuild and report."""
     trainable = count_trainable(model)
     embedding_dim = int(dataset.embedding_rows.shape[1])
     return {

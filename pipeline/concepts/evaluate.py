@@ -19,6 +19,7 @@ import torch
 import typer
 from torch import Tensor, nn
 
+from pipeline.common.checkpoints import CONFIG
 from pipeline.common.io import write_json, write_text
 from pipeline.common.params import Sections, load_params
 from pipeline.common.splits import SPLITS
@@ -32,7 +33,7 @@ from pipeline.concepts.scores import (
     token_coverage,
     train_mean_predict,
 )
-from pipeline.concepts.students import CONFIG, FROZEN_APPROACHES, load_checkpoint
+from pipeline.concepts.students import FROZEN_APPROACHES, load_student
 
 CURVES = "curves.csv"
 PARAMS = Path("params.yaml")
@@ -58,7 +59,7 @@ def run(
     results: dict[str, Any] = {}
     rows, curves = [], {}
     for name, folder in folders.items():
-        model, config = load_checkpoint(folder, data)
+        model, config = load_student(folder, data)
         preds = {split: predict(model, data, ids) for split, (ids, _) in splits.items()}
         sizes = {key: config.get(key) for key in CHECKPOINT_KEYS}
         results[name] = _score(preds, splits, seen, ks) | sizes

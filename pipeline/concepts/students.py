@@ -8,7 +8,7 @@ to the teacher's width D:
     linear_probe  teacher rows (E)    -> mean -> Linear(E, D)
 
 The frozen teacher rows are a non-persistent buffer: they are not trained and not
-saved in a checkpoint (they live in the directions folder), so `load_checkpoint`
+saved in a checkpoint (they live in the directions folder), so `load_student`
 rebuilds a model from `config.json` plus the directions' embedding table.
 
     model = build_model(RunParams("frozen_mlp", hidden_dim=256), V, D, ids, rows)
@@ -17,20 +17,16 @@ rebuilds a model from `config.json` plus the directions' embedding table.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from pipeline.common.checkpoints import CONFIG, load_weights, read_config
 from pipeline.concepts.layout import DirectionSet
 from pipeline.concepts.params import RunParams
 
-WEIGHTS = "model.safetensors"
-CONFIG = "config.json"
 FROZEN_APPROACHES = ("frozen_mlp", "linear_probe")
 APPROACHES = ("trainable", *FROZEN_APPROACHES)
 
@@ -136,19 +132,15 @@ def inference_bytes(
     return (trainable_params + frozen) * bytes_per_value
 
 
-def save_checkpoint(model: nn.Module, config: dict[str, Any], folder: Path) -> None:
-    """`folder/model.safetensors` (trainable weights only) + `folder/config.json`."""
+def load_student(folder: Path, directions: DirectionSet) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild a student saved by the distill stage from its `config.json` and the
+    directions' table (its weights hold the trainable parameters only); eval mode."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(folder / WEIGHTS))
-    (folder / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-
-
-def load_checkpoint(folder: Path, directions: DirectionSet) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild a student from `config.json` and the directions' table; eval mode."""
-    folder = Path(folder)
-    config = _read_config(folder / CONFIG)
+    config = read_config(folder, _REQUIRED)
+    if config["approach"] not in APPROACHES:
+        raise ValueError(
+            f"{folder / CONFIG}: approach {config['approach']!r} not in {list(APPROACHES)}"
+        )
     _check_matches(config, directions, folder / CONFIG)
     try:
         run = RunParams(config["approach"], config.get("embed_dim"), config.get("hidden_dim"))
@@ -161,32 +153,10 @@ def load_checkpoint(folder: Path, directions: DirectionSet) -> tuple[nn.Module, 
         directions.embedding_token_ids,
         directions.embedding_rows,
     )
-    weights = folder / WEIGHTS
-    if not weights.is_file():
-        raise FileNotFoundError(f"checkpoint weights not found: {weights}")
-    try:
-        model.load_state_dict(load_file(str(weights)), strict=True)
-    except (RuntimeError, SafetensorError) as err:
-        raise ValueError(f"{weights}: does not fit the model {CONFIG} describes: {err}") from err
-    return model.eval(), config
+    return load_weights(model, folder), config
 
 
 _REQUIRED = ("approach", "vocab_size", "output_dim", "embedding_dim", "layer")
-
-
-def _read_config(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint config not found: {path}")
-    try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON: {err}") from err
-    missing = [key for key in _REQUIRED if key not in config]
-    if missing:
-        raise ValueError(f"{path}: missing keys {missing}; expected at least {list(_REQUIRED)}")
-    if config["approach"] not in APPROACHES:
-        raise ValueError(f"{path}: approach {config['approach']!r} not in {list(APPROACHES)}")
-    return config
 
 
 def _check_matches(config: dict[str, Any], directions: DirectionSet, path: Path) -> None:

@@ -1,5 +1,5 @@
 """The seed-003 KV sidecar: a Set Transformer that compresses each window of K/V tokens
-into one super-token (k, v), and its training loop (step / evaluate / fit / save).
+into one super-token (k, v), and its training loop (step / evaluate / fit / load).
 
     tokens (B, W, S, 2d) = concat(K, V) per window
       -> Linear(2d, D) -> encoder (L pre-LN layers, H heads, FFN r*D; no positions:
@@ -17,7 +17,6 @@ each window's mean K and mean V.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -27,10 +26,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from pipeline.common.checkpoints import load_weights, read_config
 from pipeline.common.params import build
 from pipeline.kv_sidecar.losses import (
     TERMS,
@@ -46,8 +45,6 @@ from pipeline.kv_sidecar.params import SidecarParams
 from pipeline.kv_sidecar.trajectory_set import KVBatch, TrajectorySet
 
 log = logging.getLogger(__name__)
-WEIGHTS = "model.safetensors"
-CONFIG = "config.json"
 BASELINE = "baseline_mean"
 
 
@@ -321,26 +318,12 @@ def fit(
     return FitResult(curves, eval_curves, time.perf_counter() - start)
 
 
-def save_sidecar(model: Sidecar, config: dict[str, Any], folder: Path) -> None:
-    """`folder/model.safetensors` + `folder/config.json` (which rebuilds the model)."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(folder / WEIGHTS))
-    (folder / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-
-
 def load_sidecar(folder: Path) -> tuple[Sidecar, dict[str, Any]]:
-    """Rebuild a saved sidecar from its config.json and weights; eval mode."""
-    folder = Path(folder)
-    for name in (CONFIG, WEIGHTS):
-        if not (folder / name).is_file():
-            raise FileNotFoundError(f"{folder / name} not found: is {folder} a sidecar output?")
-    config = json.loads((folder / CONFIG).read_text())
+    """Rebuild a sidecar saved by the sidecar stage from its config.json and weights; eval mode."""
+    config = read_config(folder, required=("params", "head_dim"))
     params = build(SidecarParams, config["params"], "sidecar")
     model = build_sidecar(params, int(config["head_dim"]))
-    model.load_state_dict(load_file(str(folder / WEIGHTS)))
-    return model.eval(), config
+    return load_weights(model, folder), config
 
 
 def _floats(terms: dict[str, Tensor]) -> dict[str, float]:

@@ -20,6 +20,7 @@ from typing import Annotated, Any
 import torch
 import typer
 
+from pipeline.common.checkpoints import save_checkpoint
 from pipeline.common.io import write_csv, write_json, write_text
 from pipeline.common.params import Sections, load_params, to_dict
 from pipeline.concepts.training import resolve_device
@@ -32,7 +33,6 @@ from pipeline.kv_sidecar.set_transformer import (
     count_parameters,
     evaluate,
     fit,
-    save_sidecar,
 )
 from pipeline.kv_sidecar.trajectory_set import TrajectorySet
 
@@ -68,7 +68,8 @@ def run(
         "train": train_summary(model, result),
     }
     out = Path(out)
-    save_sidecar(model, checkpoint_config(data, window_size, model, result, params), out)
+    config = checkpoint_config(data, window_size, model, result, params)
+    save_checkpoint(out, model.state_dict(), config)
     write_csv(out / CURVES, result.curves)
     write_csv(out / EVAL_CURVES, result.eval_curves)
     write_json(Path(metrics), results)

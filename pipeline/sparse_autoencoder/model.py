@@ -15,7 +15,6 @@ and growing the decoder.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,16 +23,14 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from pipeline.common.checkpoints import load_weights, read_config, save_checkpoint
 from pipeline.sparse_autoencoder.params import SaeParams
 from pipeline.sparse_autoencoder.sources import ActivationSource
 
 log = logging.getLogger(__name__)
-MODEL_FILE = "model.safetensors"
-CONFIG_FILE = "config.json"
 LN_EPS = 1e-5
 
 
@@ -200,25 +197,18 @@ def _curve_row(pending, step, epoch, rows, last_fired, params) -> dict[str, floa
     return row
 
 
+SIZE_KEYS = ("dim", "features", "topk", "layer_norm")
+"""What `load_sae` rebuilds the model from; `save_sae` puts them in every config."""
+
+
 def save_sae(model: SparseAutoencoder, config: dict[str, Any], out: Path) -> None:
-    """`model.safetensors` + `config.json` (the config carries what `load_sae` needs)."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(out / MODEL_FILE))
-    sizes = dict(dim=model.dim, features=model.features, topk=model.topk)
-    full = {**sizes, "layer_norm": model.layer_norm, **config}
-    (out / CONFIG_FILE).write_text(json.dumps(full, indent=2, sort_keys=True) + "\n")
+    """`model.safetensors` + `config.json`: `config` plus the model's sizes."""
+    sizes = {key: getattr(model, key) for key in SIZE_KEYS}
+    save_checkpoint(out, model.state_dict(), {**sizes, **config})
 
 
 def load_sae(folder: Path) -> tuple[SparseAutoencoder, dict[str, Any]]:
-    folder = Path(folder)
-    path = folder / CONFIG_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: {folder} is not an SAE written by save_sae")
-    config = json.loads(path.read_text())
-    model = SparseAutoencoder(
-        config["dim"], config["features"], config["topk"], config["layer_norm"]
-    )
-    model.load_state_dict(load_file(str(folder / MODEL_FILE)))
-    return model.eval(), config
+    """The SAE written by `save_sae`, in eval mode, and its config."""
+    config = read_config(folder, SIZE_KEYS)
+    model = SparseAutoencoder(*(config[key] for key in SIZE_KEYS))
+    return load_weights(model, folder), config

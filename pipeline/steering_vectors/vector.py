@@ -17,7 +17,6 @@ those 4 scores and touches nothing but v and the scales.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -26,18 +25,15 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from pipeline.common.checkpoints import WEIGHTS, read_config, read_weights, save_checkpoint
 from pipeline.common.teacher import _LAYER_PATHS, _find
 from pipeline.steering_vectors.params import SteeringParams
 from pipeline.steering_vectors.questions import NUM_ENDINGS, McQuestion
 
 log = logging.getLogger(__name__)
-
-WEIGHTS = "model.safetensors"
-CONFIG = "config.json"
 
 Deltas = Mapping[int, Tensor]
 """Decoder-layer index -> the vector (D,) its output receives."""
@@ -301,30 +297,22 @@ def save_vectors(
     folder: Path, vectors: Mapping[str, SteeringVector], config: dict[str, Any]
 ) -> None:
     """`folder/model.safetensors` ({name}.v, {name}.scales) + `folder/config.json`."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     state = {}
     for name, vector in vectors.items():
-        state[f"{name}.v"] = vector.v.detach().float().cpu().contiguous()
-        state[f"{name}.scales"] = vector.scales.detach().float().cpu().contiguous()
-    save_file(state, str(folder / WEIGHTS))
+        state[f"{name}.v"] = vector.v.float()
+        state[f"{name}.scales"] = vector.scales.float()
     layers = {name: list(vector.layers) for name, vector in vectors.items()}
-    text = json.dumps(config | {"vectors": layers}, indent=2, sort_keys=True)
-    (folder / CONFIG).write_text(text + "\n")
+    save_checkpoint(folder, state, config | {"vectors": layers})
 
 
 def load_vectors(folder: Path) -> tuple[dict[str, SteeringVector], dict[str, Any]]:
     """The vectors and config written by `save_vectors`."""
-    folder = Path(folder)
-    for name in (WEIGHTS, CONFIG):
-        if not (folder / name).is_file():
-            raise FileNotFoundError(f"steering checkpoint file not found: {folder / name}")
-    config = json.loads((folder / CONFIG).read_text())
-    state = load_file(str(folder / WEIGHTS))
+    config = read_config(folder, required=("vectors",))
+    state = read_weights(folder)
     vectors = {}
     for name, layers in config["vectors"].items():
         if f"{name}.v" not in state or f"{name}.scales" not in state:
-            raise ValueError(f"{folder / WEIGHTS} lacks the tensors of vector {name!r}")
+            raise ValueError(f"{Path(folder) / WEIGHTS} lacks the tensors of vector {name!r}")
         vector = SteeringVector(layers, state[f"{name}.v"].shape[0])
         vector.load_state_dict({"v": state[f"{name}.v"], "scales": state[f"{name}.scales"]})
         vectors[name] = vector

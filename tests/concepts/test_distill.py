@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from pipeline.concepts import distill
 from pipeline.concepts.layout import DirectionSet
 from pipeline.concepts.params import RunParams, TrainParams
-from pipeline.concepts.students import build_model, load_checkpoint
+from pipeline.concepts.students import build_model, load_student
 from pipeline.concepts.training import evaluate_cos, fit, train_epoch
 from tests.conftest import build_params
 
@@ -92,7 +92,7 @@ def test_stage_writes_checkpoint_config_and_curves(direction_set, tmp_path):
     assert summary["best_val_cos"] == max(float(r[3]) for r in rows[1:])
     assert rows[summary["best_epoch"]][3] == repr(summary["best_val_cos"])
 
-    model, _ = load_checkpoint(out, directions := DirectionSet(direction_set, layer=2))
+    model, _ = load_student(out, directions := DirectionSet(direction_set, layer=2))
     assert evaluate_cos(model, directions, "val", 64) == pytest.approx(summary["best_val_cos"])
 
 

@@ -11,16 +11,12 @@ import yaml
 from typer.testing import CliRunner
 
 from pipeline.cli import app
+from pipeline.common.checkpoints import save_checkpoint
 from pipeline.concepts.evaluate import run
 from pipeline.concepts.layout import DirectionSet
 from pipeline.concepts.params import RunParams
 from pipeline.concepts.scores import concept_embeddings, mean_cosine
-from pipeline.concepts.students import (
-    build_model,
-    count_trainable,
-    inference_bytes,
-    save_checkpoint,
-)
+from pipeline.concepts.students import build_model, count_trainable, inference_bytes
 from tests.conftest import build_params, make_direction_set
 
 LAYER = 2
@@ -88,7 +84,7 @@ def write_run(distill: Path, name: str, data: DirectionSet, exact: bool = False)
         "best_epoch": 2,
         "best_val_cos": 0.5,
     }
-    save_checkpoint(model, config, distill / name)
+    save_checkpoint(distill / name, model.state_dict(), config)
     (distill / name / "curves.csv").write_text(
         "epoch,train_loss,train_cos,val_cos\n1,0.9,0.1,0.2\n2,0.5,0.5,0.5\n"
     )

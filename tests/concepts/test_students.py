@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from pipeline.common.checkpoints import save_checkpoint
 from pipeline.concepts.layout import DirectionSet
 from pipeline.concepts.losses import cosine_loss, cosine_similarity_rows
 from pipeline.concepts.params import RunParams
@@ -15,8 +16,7 @@ from pipeline.concepts.students import (
     build_model,
     count_trainable,
     inference_bytes,
-    load_checkpoint,
-    save_checkpoint,
+    load_student,
 )
 
 RUNS = {
@@ -183,9 +183,9 @@ def test_checkpoint_round_trip(name, direction_set, tmp_path):
         directions.embedding_token_ids,
         directions.embedding_rows,
     )
-    save_checkpoint(model, fitted_config(directions, run, model), tmp_path / "ckpt")
+    save_checkpoint(tmp_path / "ckpt", model.state_dict(), fitted_config(directions, run, model))
 
-    loaded, config = load_checkpoint(tmp_path / "ckpt", directions)
+    loaded, config = load_student(tmp_path / "ckpt", directions)
     assert not loaded.training and config["approach"] == name
     tokens, mask = directions.concept_tokens(torch.arange(20))
     with torch.no_grad():
@@ -195,10 +195,10 @@ def test_checkpoint_round_trip(name, direction_set, tmp_path):
     assert not {"rows", "token_ids"} & set(saved)
 
 
-def test_load_checkpoint_errors_name_the_file(direction_set, tmp_path):
+def test_load_student_errors_name_the_file(direction_set, tmp_path):
     directions = DirectionSet(direction_set, layer=2)
     with pytest.raises(FileNotFoundError, match="config.json"):
-        load_checkpoint(tmp_path / "none", directions)
+        load_student(tmp_path / "none", directions)
     run = RUNS["frozen_mlp"]
     model = build_model(
         run,
@@ -208,18 +208,18 @@ def test_load_checkpoint_errors_name_the_file(direction_set, tmp_path):
         directions.embedding_rows,
     )
     config = fitted_config(directions, run, model)
-    save_checkpoint(model, {**config, "layer": 7}, tmp_path / "layer")
+    save_checkpoint(tmp_path / "layer", model.state_dict(), {**config, "layer": 7})
     with pytest.raises(ValueError, match=r"config.json: layer=7"):
-        load_checkpoint(tmp_path / "layer", directions)
-    save_checkpoint(model, {**config, "hidden_dim": 9}, tmp_path / "shape")
+        load_student(tmp_path / "layer", directions)
+    save_checkpoint(tmp_path / "shape", model.state_dict(), {**config, "hidden_dim": 9})
     with pytest.raises(ValueError, match="model.safetensors"):
-        load_checkpoint(tmp_path / "shape", directions)
+        load_student(tmp_path / "shape", directions)
     (tmp_path / "shape" / "model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="model.safetensors"):
-        load_checkpoint(tmp_path / "shape", directions)
+        load_student(tmp_path / "shape", directions)
     (tmp_path / "shape" / "config.json").write_text(json.dumps({"approach": "trainable"}))
     with pytest.raises(ValueError, match="config.json: missing keys"):
-        load_checkpoint(tmp_path / "shape", directions)
+        load_student(tmp_path / "shape", directions)
 
 
 def test_inference_bytes_counts_full_table_for_frozen():
