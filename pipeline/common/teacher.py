@@ -13,7 +13,6 @@ kept only when the deepest layer is the last one.
 from __future__ import annotations
 
 import inspect
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from pipeline.common.devices import resolve_device
 from pipeline.inputs.tiny_models import build_tiny, is_tiny
 
 # Where the transformer blocks and the final norm live, across HF families.
@@ -169,7 +169,7 @@ def cut_teacher(
     model.config.num_hidden_layers = deepest
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = model.to(device=_device(device), dtype=DTYPES[dtype]).eval()
+    model = model.to(device=resolve_device(device), dtype=DTYPES[dtype]).eval()
     resolved = getattr(model.config, "_commit_hash", None) or revision
     return Teacher(model, tokenizer, tuple(layers), depth, model_id, resolved, blocks_path)
 
@@ -184,7 +184,7 @@ def load_causal_lm(
     model, tokenizer = _load(model_id, revision, DTYPES[dtype], causal=True)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = model.to(device=_device(device), dtype=DTYPES[dtype]).eval()
+    model = model.to(device=resolve_device(device), dtype=DTYPES[dtype]).eval()
     model.requires_grad_(False)
     return model, tokenizer
 
@@ -208,14 +208,6 @@ def _load(model_id: str, revision: str | None, dtype: torch.dtype, causal: bool 
             "or run `make demo` for the offline tiny profile."
         ) from err
     return model, tokenizer
-
-
-def _device(device: str) -> torch.device:
-    if device == "auto":
-        # Under torchrun each process takes the GPU of its LOCAL_RANK.
-        local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def _find(model: nn.Module, paths: tuple[str, ...], what: str) -> tuple[str, nn.ModuleList]:

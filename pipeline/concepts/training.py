@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from pipeline.common.devices import resolve_device
 from pipeline.concepts.layout import Batch, DirectionSet
 from pipeline.concepts.losses import cosine_loss, cosine_similarity_rows
 from pipeline.concepts.params import TrainParams
@@ -34,12 +35,6 @@ class FitResult:
     best_val_cos: float
     curves: list[dict[str, float]]
     """One {epoch, train_loss, train_cos, val_cos} per epoch."""
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def _model_device(model: nn.Module) -> torch.device:

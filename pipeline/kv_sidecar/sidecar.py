@@ -21,9 +21,9 @@ import torch
 import typer
 
 from pipeline.common.checkpoints import save_checkpoint
+from pipeline.common.devices import resolve_device
 from pipeline.common.io import write_csv, write_json, write_text
 from pipeline.common.params import Sections, load_params, to_dict
-from pipeline.concepts.training import resolve_device
 from pipeline.kv_sidecar.params import SidecarParams
 from pipeline.kv_sidecar.report import sidecar_table
 from pipeline.kv_sidecar.set_transformer import (

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from pipeline.common.checkpoints import load_weights, read_config, save_checkpoint
+from pipeline.common.devices import resolve_device
 from pipeline.sparse_autoencoder.params import SaeParams
 from pipeline.sparse_autoencoder.sources import ActivationSource
 
@@ -132,12 +133,6 @@ class FitResult:
 
 
 CURVE_FIELDS = ("step", "epoch", "rows", "loss", "mse", "l1", "r2", "l0", "dead_window")
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def fit_sae(

@@ -1,0 +1,22 @@
+"""`device` params: `auto` follows CUDA and torchrun's LOCAL_RANK; other names pass through."""
+
+from __future__ import annotations
+
+import torch
+
+from pipeline.common.devices import resolve_device
+
+
+def test_auto_is_the_local_rank_gpu_or_the_cpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert resolve_device("auto") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto") == torch.device("cuda:1")
+    monkeypatch.delenv("LOCAL_RANK")
+    assert resolve_device("auto") == torch.device("cuda:0")
+
+
+def test_other_names_are_read_by_torch():
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("cuda:3") == torch.device("cuda", 3)
