@@ -137,9 +137,11 @@ def load_teacher(
     layers: tuple[int, ...],
     dtype: str = "float32",
     device: str = "cpu",
+    layers_key: str = "layers",
 ) -> Teacher:
+    """The base model cut after max(`layers`) (see `cut_teacher`), and its tokenizer."""
     model, tokenizer = _load(model_id, revision, DTYPES[dtype])
-    return cut_teacher(model, tokenizer, layers, dtype, device, model_id, revision)
+    return cut_teacher(model, tokenizer, layers, dtype, device, model_id, revision, layers_key)
 
 
 def cut_teacher(
@@ -150,14 +152,18 @@ def cut_teacher(
     device: str = "cpu",
     model_id: str = "",
     revision: str | None = None,
+    layers_key: str = "layers",
 ) -> Teacher:
-    """Truncate a loaded base model after its deepest requested layer (in place)."""
-    blocks_path, blocks = _find(model, _LAYER_PATHS, "transformer layer list")
+    """Truncate a loaded base model after its deepest requested layer (in place).
+
+    `layers_key` is the params key `layers` came from, named when a layer is too deep.
+    """
+    blocks_path, blocks = _blocks(model)
     depth = len(blocks)
     bad = [layer for layer in layers if layer > depth]
     if bad:
         raise ValueError(
-            f"directions.layers holds {bad} but {model_id or type(model).__name__} has "
+            f"{layers_key} holds {bad} but {model_id or type(model).__name__} has "
             f"{depth} layers (valid hidden_states indices: 0..{depth})"
         )
     deepest = max(layers)
@@ -210,12 +216,25 @@ def _load(model_id: str, revision: str | None, dtype: torch.dtype, causal: bool 
     return model, tokenizer
 
 
-def _find(model: nn.Module, paths: tuple[str, ...], what: str) -> tuple[str, nn.ModuleList]:
-    for path in paths:
-        found = _get(model, path)
+def decoder_blocks(model: nn.Module) -> nn.ModuleList:
+    """The transformer blocks of a model, or of its base model (a causal LM's trunk), in order.
+
+    Found where HF families keep them: `layers` (Llama, Qwen), `h` (GPT-2),
+    `encoder.layer` (BERT) ... Block i reads `hidden_states[i]` and writes `hidden_states[i + 1]`.
+    """
+    return _blocks(model)[1]
+
+
+def _blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """(where the blocks live inside the base model, the blocks)."""
+    base = getattr(model, "base_model", model)
+    for path in _LAYER_PATHS:
+        found = _get(base, path)
         if isinstance(found, nn.ModuleList):
             return path, found
-    raise ValueError(f"cannot find the {what} of {type(model).__name__} (looked for {paths})")
+    raise ValueError(
+        f"cannot find the transformer blocks of {type(model).__name__} (looked for {_LAYER_PATHS})"
+    )
 
 
 def _get(module: nn.Module, path: str):

@@ -53,7 +53,12 @@ def run(params: DirectionsParams, wordlist: Path, out: Path) -> dict:
     )
 
     teacher = load_teacher(
-        params.model, params.revision, params.layers, params.compute_dtype, params.device
+        params.model,
+        params.revision,
+        params.layers,
+        params.compute_dtype,
+        params.device,
+        layers_key="directions.layers",
     )
     teacher.tokenizer.padding_side = params.padding_side
     _log_plan(params, len(texts), teacher)

@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.common.teacher import decoder_blocks
 from pipeline.kv_sidecar.layout import trajectory_key
 
 ForceSpace = Literal["hidden", "kv"]
@@ -138,16 +139,6 @@ def resolve_layers(layers: Sequence[int] | str, num_layers: int) -> tuple[int, .
     return tuple(layers)
 
 
-def decoder_blocks(model: nn.Module) -> nn.ModuleList:
-    blocks = getattr(model.base_model, "layers", None)
-    if not isinstance(blocks, nn.ModuleList):
-        raise ValueError(
-            f"{type(model).__name__} has no `layers` list of decoder blocks with `self_attn`: "
-            "trajectories support Llama-style causal LMs (Llama, Qwen, Mistral)"
-        )
-    return blocks
-
-
 def chunk_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """(B, Q, V) logits at the future positions, (B, Q) next tokens -> (B,) mean CE, computed
     in float32 at least (bf16 log-softmax over 32k logits is coarse)."""
@@ -165,6 +156,11 @@ def record_attention(
     after RoPE. Works by wrapping the model's attention implementation in the
     `AttentionInterface` its modeling file dispatches through; restored on exit."""
     blocks = decoder_blocks(model)
+    if not all(hasattr(block, "self_attn") for block in blocks):
+        raise ValueError(
+            f"{type(model).__name__}'s decoder blocks have no `self_attn`: "
+            "trajectories support Llama-style causal LMs (Llama, Qwen, Mistral)"
+        )
     layer_of = {id(blocks[layer].self_attn): layer for layer in layers}
     modeling = sys.modules[type(blocks[0].self_attn).__module__]
     registry = getattr(modeling, "ALL_ATTENTION_FUNCTIONS", None)

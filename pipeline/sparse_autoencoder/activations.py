@@ -89,12 +89,14 @@ def run(params: ActivationsParams, corpus: Path, out: Path) -> dict:
     num_chunks = min(reader.num_chunks, params.max_chunks or reader.num_chunks)
     if num_chunks == 0:
         raise ValueError(f"{corpus} holds no chunks: nothing to run the teacher over")
-    try:
-        teacher = load_teacher(
-            params.model, params.revision, params.layers, params.compute_dtype, params.device
-        )
-    except ValueError as err:
-        raise ValueError(str(err).replace("directions.layers", "activations.layers")) from None
+    teacher = load_teacher(
+        params.model,
+        params.revision,
+        params.layers,
+        params.compute_dtype,
+        params.device,
+        layers_key="activations.layers",
+    )
     rows_per_chunk = reader.chunk_tokens if params.positions == "all" else 1
     chunks_per_shard = max(1, params.shard_rows // rows_per_chunk)
     num_shards = math.ceil(num_chunks / chunks_per_shard)

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from pipeline.common.io import write_json, write_text
 from pipeline.common.params import load_params, to_dict
 from pipeline.common.splits import SPLITS
-from pipeline.common.teacher import load_causal_lm
+from pipeline.common.teacher import decoder_blocks, load_causal_lm
 from pipeline.steering_vectors.evaluation import (
     accuracy,
     accuracy_table,
@@ -48,7 +48,6 @@ from pipeline.steering_vectors.vector import (
     Encoded,
     SteeringVector,
     correct,
-    decoder_layers,
     encode,
     save_vectors,
     train_vector,
@@ -80,7 +79,7 @@ def run(
     if params.num_threads:
         torch.set_num_threads(params.num_threads)
     model, tokenizer = load_causal_lm(params.model, params.revision, params.dtype, params.device)
-    layers, singles = params.depth_layers(len(decoder_layers(model)))
+    layers, singles = params.depth_layers(len(decoder_blocks(model)))
     groups = {
         (t, s): [q for q in questions if (q.task, q.split) == (t, s)] for t in tasks for s in SPLITS
     }
@@ -257,7 +256,7 @@ def checkpoint_config(
         "model": params.model,
         "revision": getattr(model.config, "_commit_hash", None) or params.revision,
         "hidden_size": int(model.get_input_embeddings().weight.shape[1]),
-        "num_layers": len(decoder_layers(model)),
+        "num_layers": len(decoder_blocks(model)),
         "position": params.position,
         "final": final,
         "combination": None

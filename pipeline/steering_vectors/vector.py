@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from pipeline.common.checkpoints import WEIGHTS, read_config, read_weights, save_checkpoint
-from pipeline.common.teacher import _LAYER_PATHS, _find
+from pipeline.common.teacher import decoder_blocks
 from pipeline.steering_vectors.params import SteeringParams
 from pipeline.steering_vectors.questions import NUM_ENDINGS, McQuestion
 
@@ -39,12 +39,6 @@ Deltas = Mapping[int, Tensor]
 """Decoder-layer index -> the vector (D,) its output receives."""
 
 
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder blocks of a causal LM (or of its base model)."""
-    base = getattr(model, "base_model", model)
-    return _find(base, _LAYER_PATHS, "decoder layer list")[1]
-
-
 @contextlib.contextmanager
 def steer(model: nn.Module, deltas: Deltas, position: int = 0) -> Iterator[None]:
     """Add `deltas[i]` to the output of decoder layer i, at token positions >= `position`.
@@ -52,7 +46,7 @@ def steer(model: nn.Module, deltas: Deltas, position: int = 0) -> Iterator[None]
     Positions are the layer's `position_ids` where the model passes them (so a
     continuation over a KV cache counts on from the context), else 0..T-1.
     """
-    layers = decoder_layers(model)
+    layers = decoder_blocks(model)
     bad = sorted(i for i in deltas if not 0 <= i < len(layers))
     if bad:
         raise ValueError(f"steering layers {bad} out of range: the model has {len(layers)} layers")

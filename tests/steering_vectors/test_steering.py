@@ -16,7 +16,7 @@ import yaml
 from typer.testing import CliRunner
 
 from pipeline.common.params import to_dict
-from pipeline.common.teacher import load_causal_lm
+from pipeline.common.teacher import decoder_blocks, load_causal_lm
 from pipeline.inputs.params import WordlistParams
 from pipeline.inputs.words import build_concepts
 from pipeline.steering_vectors import steering
@@ -38,7 +38,6 @@ from pipeline.steering_vectors.questions import (
 from pipeline.steering_vectors.vector import (
     SteeringVector,
     correct,
-    decoder_layers,
     encode,
     ending_scores,
     load_vectors,
@@ -84,7 +83,7 @@ def test_hooks_leave_the_model_bit_identical(tiny_lm):
     with pytest.raises(RuntimeError, match="boom"), steer(model, vector.deltas()):
         raise RuntimeError("boom")
     assert torch.equal(logits(model, ids), before), "hooks survived an exception"
-    assert all(not layer._forward_hooks for layer in decoder_layers(model))
+    assert all(not layer._forward_hooks for layer in decoder_blocks(model))
     with steer(model, SteeringVector((0, 1, 3), 64).deltas()):  # v = 0
         assert torch.equal(logits(model, ids), before)
 
@@ -96,7 +95,7 @@ def capture_inputs(model, layer):
     def hook(module, args, kwargs):
         seen.append((args[0] if args else kwargs["hidden_states"]).detach().clone())
 
-    return seen, decoder_layers(model)[layer].register_forward_pre_hook(hook, with_kwargs=True)
+    return seen, decoder_blocks(model)[layer].register_forward_pre_hook(hook, with_kwargs=True)
 
 
 @pytest.mark.parametrize("position", [0, 3])

@@ -1,0 +1,52 @@
+"""Teacher helpers: the decoder blocks of any HF family, and the params key a bad layer names."""
+
+from __future__ import annotations
+
+import pytest
+from torch import nn
+from transformers import BertConfig, BertModel, GPT2Config, GPT2Model, LlamaConfig, LlamaForCausalLM
+
+from pipeline.common.teacher import cut_teacher, decoder_blocks
+
+
+def tiny_llama(layers: int = 3) -> LlamaForCausalLM:
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    )
+    return LlamaForCausalLM(config)
+
+
+def test_decoder_blocks_of_a_causal_lm_are_its_base_models():
+    model = tiny_llama(3)
+    blocks = decoder_blocks(model)
+    assert blocks is model.model.layers and len(blocks) == 3
+    assert decoder_blocks(model.model) is blocks
+
+
+def test_decoder_blocks_across_families():
+    gpt2 = GPT2Model(GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=2, n_positions=16))
+    assert decoder_blocks(gpt2) is gpt2.h
+    bert = BertModel(
+        BertConfig(
+            vocab_size=64,
+            hidden_size=32,
+            num_hidden_layers=4,
+            num_attention_heads=2,
+            intermediate_size=64,
+        )
+    )
+    assert decoder_blocks(bert) is bert.encoder.layer and len(bert.encoder.layer) == 4
+    with pytest.raises(ValueError, match="cannot find the transformer blocks of Sequential"):
+        decoder_blocks(nn.Sequential(nn.Linear(2, 2)))
+
+
+def test_a_layer_beyond_the_depth_names_the_callers_params_key():
+    model = tiny_llama(3)
+    with pytest.raises(ValueError, match=r"^activations.layers holds \[5\] but tiny has 3 layers"):
+        cut_teacher(model.model, None, (2, 5), model_id="tiny", layers_key="activations.layers")
+    assert len(decoder_blocks(model)) == 3  # refused before anything was cut
