@@ -31,6 +31,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from pipeline.sparse_autoencoder.exemplars import TopExemplars
+
 log = logging.getLogger(__name__)
 COSINE_BLOCK = 1024
 
@@ -186,7 +188,7 @@ def _nonnegative_split(data: np.ndarray) -> np.ndarray:
 class Evaluation:
     recon: ReconstructionStats
     codes: CodeStats
-    exemplars: object  # pipeline.sae_report.TopExemplars
+    exemplars: TopExemplars
 
     def summary(self) -> dict[str, float]:
         return {
@@ -207,8 +209,6 @@ def evaluate_sae(
 
     `shuffle` only exists to show the result does not depend on row order.
     """
-    from pipeline.sparse_autoencoder.report import TopExemplars
-
     model.eval()
     device = model.b_dec.device
     recon, codes = ReconstructionStats(model.dim), CodeStats(model.features)

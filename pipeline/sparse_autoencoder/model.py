@@ -175,11 +175,14 @@ def fit_sae(
         raise ValueError(f"{source.folder}: no train rows to fit the SAE on")
     if pending:
         curves.append(_curve_row(pending, step, params.epochs, rows, last_fired, params))
-    return FitResult(step, rows, curves, _dead_in_window(last_fired, rows, params))
+    return FitResult(step, rows, curves, dead_in_window(last_fired, rows, params))
 
 
-def _dead_in_window(last_fired: Tensor, rows: int, params: SaeParams) -> float:
-    # last_fired: training rows seen when the feature last fired (-1: never).
+def dead_in_window(last_fired: Tensor, rows: int, params: SaeParams) -> float:
+    """Share of features that did not fire in the last `params.dead_window_rows` training rows.
+
+    `last_fired` (F,): training rows seen when each feature last fired (-1: never).
+    """
     dead = (last_fired < 0) | (last_fired <= rows - params.dead_window_rows)
     return dead.float().mean().item()
 
@@ -188,7 +191,7 @@ def _curve_row(pending, step, epoch, rows, last_fired, params) -> dict[str, floa
     row: dict[str, float] = {"step": step, "epoch": epoch, "rows": rows}
     for name in ("loss", "mse", "l1", "r2", "l0"):
         row[name] = torch.stack([p[name] for p in pending]).double().mean().item()
-    row["dead_window"] = _dead_in_window(last_fired, rows, params)
+    row["dead_window"] = dead_in_window(last_fired, rows, params)
     return row
 
 

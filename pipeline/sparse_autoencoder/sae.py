@@ -34,6 +34,7 @@ from pipeline.common.io import write_csv, write_json, write_text
 from pipeline.common.params import Sections, load_params, to_dict
 from pipeline.inputs.text_chunks import load_tokenizer
 from pipeline.sparse_autoencoder.alignment import linear_cka, match_features, orthogonal_procrustes
+from pipeline.sparse_autoencoder.exemplars import coherence
 from pipeline.sparse_autoencoder.metrics import (
     decoder_cosine_stats,
     equal_l0_components,
@@ -49,7 +50,7 @@ from pipeline.sparse_autoencoder.model import (
     save_sae,
 )
 from pipeline.sparse_autoencoder.params import SaeParams
-from pipeline.sparse_autoencoder.report import coherence, comparison_table, exemplar_report
+from pipeline.sparse_autoencoder.report import comparison_table, exemplar_report
 from pipeline.sparse_autoencoder.sources import (
     ActivationSource,
     DirectionsSource,

@@ -20,16 +20,18 @@ from pipeline.inputs.params import WordlistParams
 from pipeline.inputs.words import concepts_table
 from pipeline.sparse_autoencoder import sae as sae_stage
 from pipeline.sparse_autoencoder.alignment import match_features
+from pipeline.sparse_autoencoder.exemplars import TopExemplars, coherence
 from pipeline.sparse_autoencoder.metrics import evaluate_sae
 from pipeline.sparse_autoencoder.model import (
     SparseAutoencoder,
+    dead_in_window,
     fit_sae,
     load_sae,
     sae_loss,
     train_step,
 )
 from pipeline.sparse_autoencoder.params import SaeParams
-from pipeline.sparse_autoencoder.report import TopExemplars, coherence, rank_features
+from pipeline.sparse_autoencoder.report import rank_features
 from pipeline.sparse_autoencoder.sources import DirectionsSource, item_keys, open_source
 from tests.conftest import build_params, make_direction_set
 
@@ -177,15 +179,13 @@ def test_batches_cover_every_row_once_with_items_aligned(tmp_path):
 
 
 def test_dead_in_window_on_a_hand_case():
-    from pipeline.sparse_autoencoder.model import _dead_in_window
-
     # Training rows seen when each feature last fired; -1: never.
     last_fired = torch.tensor([-1, 10, 90, 95, 100])
     window = SaeParams(dead_window_rows=10)
-    assert _dead_in_window(last_fired, rows=100, params=window) == pytest.approx(3 / 5)
+    assert dead_in_window(last_fired, rows=100, params=window) == pytest.approx(3 / 5)
     # Before a full window has passed only never-fired features count.
     early = torch.tensor([-1, 2, 3, 5, 5])
-    assert _dead_in_window(early, rows=5, params=window) == pytest.approx(1 / 5)
+    assert dead_in_window(early, rows=5, params=window) == pytest.approx(1 / 5)
 
 
 def test_same_seed_same_weights_and_a_different_seed_differs(direction_set):
