@@ -149,5 +149,6 @@ def test_command_line(direction_set, tmp_path):
     ]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
-    assert (out / "model.safetensors").is_file()
-    assert "best_val_cos" in result.output
+    assert (out / "model.safetensors").is_file() and (out / "curves.csv").is_file()
+    config = json.loads((out / "config.json").read_text())
+    assert config["run"] == "probe" and config["best_epoch"] == config["train"]["epochs"] == 1

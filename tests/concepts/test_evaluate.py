@@ -195,5 +195,7 @@ def test_cli_evaluate(setup, tmp_path):
         args += [f"--{name}", str(path)]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
-    assert "linear_probe" in result.output
     assert all(path.is_file() for path in paths.values())
+    metrics = json.loads(paths["metrics"].read_text())
+    assert set(metrics) == {*RUNS, "baseline_train_mean", "baseline_knn", "counts"}
+    assert "\n| Linear Probe | 144 | " in paths["table"].read_text()

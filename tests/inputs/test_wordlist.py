@@ -194,7 +194,7 @@ def test_read_concepts_errors_name_the_file(tmp_path):
     assert SCHEMA.names == list(COLUMNS)
 
 
-def test_command_reads_params_and_prints_summary(tmp_path):
+def test_command_reads_params_and_writes_table_and_stats(tmp_path):
     params = tmp_path / "params.yaml"
     params.write_text("wordlist:\n  source: wordfreq\n  num_concepts: 50\n")
     app = typer.Typer()
@@ -202,7 +202,8 @@ def test_command_reads_params_and_prints_summary(tmp_path):
     out = tmp_path / "wordlist"
     result = CliRunner().invoke(app, ["--params", str(params), "--out", str(out)])
     assert result.exit_code == 0, result.output
-    assert "wordlist: 50 concepts from wordfreq" in result.output
     assert read_concepts(out).num_rows == 50
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["total"] == sum(stats["splits"].values()) == 50 and stats["source"] == "wordfreq"
     help_text = CliRunner().invoke(app, ["--help"]).output
     assert "Build the concept list" in help_text and "--out" in help_text
