@@ -222,14 +222,13 @@ def decoder_blocks(model: nn.Module) -> nn.ModuleList:
     Found where HF families keep them: `layers` (Llama, Qwen), `h` (GPT-2),
     `encoder.layer` (BERT) ... Block i reads `hidden_states[i]` and writes `hidden_states[i + 1]`.
     """
-    return _blocks(model)[1]
+    return _blocks(getattr(model, "base_model", model))[1]
 
 
 def _blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """(where the blocks live inside the base model, the blocks)."""
-    base = getattr(model, "base_model", model)
+    """(where the blocks live inside `model`, the blocks)."""
     for path in _LAYER_PATHS:
-        found = _get(base, path)
+        found = _get(model, path)
         if isinstance(found, nn.ModuleList):
             return path, found
     raise ValueError(

@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 from torch import nn
-from transformers import BertConfig, BertModel, GPT2Config, GPT2Model, LlamaConfig, LlamaForCausalLM
+from transformers import (
+    BertConfig,
+    BertModel,
+    GPT2Config,
+    GPT2LMHeadModel,
+    GPT2Model,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
 
 from pipeline.common.teacher import cut_teacher, decoder_blocks
 
@@ -50,3 +60,14 @@ def test_a_layer_beyond_the_depth_names_the_callers_params_key():
     with pytest.raises(ValueError, match=r"^activations.layers holds \[5\] but tiny has 3 layers"):
         cut_teacher(model.model, None, (2, 5), model_id="tiny", layers_key="activations.layers")
     assert len(decoder_blocks(model)) == 3  # refused before anything was cut
+
+
+def test_cut_teacher_truncates_the_blocks_decoder_blocks_finds():
+    tokenizer = SimpleNamespace(pad_token="<pad>", eos_token="<eos>")
+    llama = tiny_llama(3).model
+    teacher = cut_teacher(llama, tokenizer, (1, 2))
+    assert len(decoder_blocks(llama)) == 2 and teacher.num_layers == 3
+    assert isinstance(llama.norm, nn.Identity)  # hidden_states[2] is not after the final norm
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=3, n_head=2))
+    cut_teacher(gpt2, tokenizer, (1,))
+    assert len(decoder_blocks(gpt2)) == 1 and len(gpt2.transformer.h) == 1
