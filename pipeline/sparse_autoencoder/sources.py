@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from pipeline.common.shards import Manifest, ShardRecord, layer_key, read_shard
+from pipeline.common.stream import stream_batches
 from pipeline.concepts.layout import KIND as DIRECTIONS
 from pipeline.concepts.layout import SPLIT_CODES
 from pipeline.inputs.text_chunks import CORPUS
@@ -105,23 +106,16 @@ class ActivationSource:
     def batches(
         self, split: Split, batch_size: int, buffer_rows: int, shuffle: bool, seed: int = 0
     ) -> Iterator[RowBatch]:
-        """Stream batches; with `shuffle`, shard order and a bounded buffer are shuffled.
+        """Stream batches through the bounded shuffle buffer (`stream_batches`)."""
+        shards = self.manifest.shards
 
-        At most `buffer_rows` + one shard of rows are held at once.
-        """
-        generator = torch.Generator().manual_seed(seed)
-        order = list(range(len(self.manifest.shards)))
-        if shuffle:
-            order = [order[i] for i in torch.randperm(len(order), generator=generator)]
-        buffer: list[tuple[Tensor, Tensor, Tensor]] = []
-        held = 0
-        for index in order:
-            buffer.append(self._rows(self.manifest.shards[index], split))
-            held += buffer[-1][0].shape[0]
-            if held >= buffer_rows:
-                yield from _drain(buffer, batch_size, shuffle, generator, keep_tail=True)
-                held = sum(part[0].shape[0] for part in buffer)
-        yield from _drain(buffer, batch_size, shuffle, generator, keep_tail=False)
+        def load(index: int) -> dict[str, Tensor]:
+            items, x, is_eval = self._rows(shards[index], split)
+            return {"items": items, "x": x, "is_eval": is_eval}
+
+        bounds = [record.rows for record in shards]
+        for rows in stream_batches(load, bounds, batch_size, buffer_rows, shuffle, seed):
+            yield RowBatch(rows["x"], rows["items"], rows["is_eval"])
 
     def sample(self, split: Split, max_rows: int, seed: int = 0) -> tuple[Tensor, Tensor]:
         """A seeded sample of at most `max_rows` rows of `split`: (items, x), bounded memory."""
@@ -299,23 +293,3 @@ def open_source(
     raise ValueError(
         f"{folder} holds a {kind!r} dump; the SAE reads {DIRECTIONS!r} or {ACTIVATIONS!r}"
     )
-
-
-def _drain(buffer, batch_size, shuffle, generator, keep_tail) -> Iterator[RowBatch]:
-    if not buffer:
-        return
-    items = torch.cat([part[0] for part in buffer])
-    x = torch.cat([part[1] for part in buffer])
-    is_eval = torch.cat([part[2] for part in buffer])
-    buffer.clear()
-    if shuffle:
-        # One permutation for all three: a row never parts from its item.
-        perm = torch.randperm(items.shape[0], generator=generator)
-        items, x, is_eval = items[perm], x[perm], is_eval[perm]
-    full = (items.shape[0] // batch_size) * batch_size if keep_tail else items.shape[0]
-    for start in range(0, full, batch_size):
-        rows = slice(start, start + batch_size)
-        yield RowBatch(x[rows], items[rows], is_eval[rows])
-    if full < items.shape[0]:
-        # The partial tail stays in the buffer, mixed with the next shard.
-        buffer.append((items[full:], x[full:], is_eval[full:]))
