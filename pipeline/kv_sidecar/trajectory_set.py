@@ -19,7 +19,6 @@ first time it is read.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -29,6 +28,7 @@ import torch
 from torch import Tensor
 
 from pipeline.common.shards import Manifest, ShardRecord, read_shard
+from pipeline.common.splits import unit_hash
 from pipeline.common.stream import stream_batches
 from pipeline.kv_sidecar.layout import TRAJECTORIES, trajectory_key
 
@@ -38,10 +38,7 @@ SIZE_KEYS = ("n_heads", "n_kv_heads", "head_dim", "window_size", "num_windows", 
 
 def is_heldout(chunk_ids: Tensor, fraction: float) -> Tensor:
     """(R,) bool: a chunk is held out when a stable hash of its id falls below `fraction`."""
-    draws = [
-        int.from_bytes(hashlib.sha256(f"chunk:{int(i)}".encode()).digest()[:8], "big") / 2**64
-        for i in chunk_ids.tolist()
-    ]
+    draws = [unit_hash(f"chunk:{int(i)}") for i in chunk_ids.tolist()]
     return torch.tensor(draws, dtype=torch.float64) < fraction
 
 

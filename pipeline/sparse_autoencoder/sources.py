@@ -58,7 +58,11 @@ def item_keys(items: Tensor) -> Tensor:
 
 
 def held_out(chunk_id: Tensor, fraction: float) -> Tensor:
-    """Stable eval membership of each chunk: depends on its id and `fraction` only."""
+    """Stable eval membership of each chunk: depends on its id and `fraction` only.
+
+    Not `pipeline.common.splits.unit_hash`: that would hold out other chunks than the
+    existing activations dumps and SAE metrics were measured on.
+    """
     hashed = (chunk_id.long() * _HASH_MULTIPLIER) % _HASH_RANGE
     return hashed.double() / _HASH_RANGE < fraction
 
