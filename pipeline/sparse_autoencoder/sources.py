@@ -33,7 +33,7 @@ from pipeline.common.shards import Manifest, ShardRecord, layer_key, read_shard
 from pipeline.common.stream import stream_batches
 from pipeline.concepts.layout import KIND as DIRECTIONS
 from pipeline.concepts.layout import SPLIT_CODES
-from pipeline.inputs.text_chunks import CORPUS
+from pipeline.inputs.text_chunks import CorpusChunks
 from pipeline.sparse_autoencoder.layout import ACTIVATIONS
 
 log = logging.getLogger(__name__)
@@ -192,7 +192,7 @@ class TokenSource(ActivationSource):
     def __init__(self, folder: Path, layer: int, eval_fraction: float = 0.1, verify: bool = True):
         super().__init__(folder, layer, verify)
         self.eval_fraction = eval_fraction
-        self._corpus: CorpusReader | None = None
+        self._corpus: CorpusChunks | None = None
         self._tokenizer = None
 
     def _load(self, record: ShardRecord) -> tuple[Tensor, Tensor, Tensor]:
@@ -203,7 +203,7 @@ class TokenSource(ActivationSource):
 
     def attach_texts(self, corpus: Path, tokenizer) -> None:
         """The corpus chunks and the tokenizer that decodes them, for `describe`."""
-        self._corpus = CorpusReader(corpus, verify=self.verify)
+        self._corpus = CorpusChunks(corpus, verify=self.verify)
         self._tokenizer = tokenizer
 
     def describe(self, items: Tensor, context_tokens: int = 16) -> list[str]:
@@ -221,68 +221,6 @@ class TokenSource(ActivationSource):
                 f"{decode(before)}[[{decode(tokens[position : position + 1])}]]{decode(tail)}"
             )
         return spans
-
-
-class CorpusReader:
-    """Random and ranged access to the `corpus` artifact's chunks (layout: pipeline/layouts.py)."""
-
-    def __init__(self, folder: Path, verify: bool = True):
-        self.folder = Path(folder)
-        self.manifest = Manifest.load(self.folder, kind=CORPUS)
-        self.verify = verify
-        rows = torch.tensor([0] + [r.rows for r in self.manifest.shards], dtype=torch.long)
-        self.starts = rows.cumsum(0)  # (num_shards + 1,) first global row of each shard
-        self._cached: tuple[int, dict[str, Tensor]] | None = None
-        self._index: dict[int, tuple[int, int]] | None = None
-
-    @property
-    def num_chunks(self) -> int:
-        return int(self.starts[-1])
-
-    @property
-    def chunk_tokens(self) -> int:
-        return int(self.manifest.extra["chunk_tokens"])
-
-    @property
-    def pad_token_id(self) -> int | None:
-        """Set when chunks may end in padding; packed chunks (no padding) leave it unset."""
-        value = self.manifest.extra.get("pad_token_id")
-        return None if value is None else int(value)
-
-    def _shard(self, index: int) -> dict[str, Tensor]:
-        if self._cached is None or self._cached[0] != index:
-            record = self.manifest.shards[index]
-            self._cached = (index, read_shard(self.folder, record, None, self.verify))
-        return self._cached[1]
-
-    def chunk_range(self, start: int, stop: int) -> tuple[Tensor, Tensor]:
-        """chunk_id (C,) and token_ids (C, T) of the chunks at global rows [start, stop)."""
-        ids, tokens = [], []
-        first = int(torch.searchsorted(self.starts, start, right=True)) - 1
-        for index in range(first, len(self.manifest.shards)):
-            lo, hi = int(self.starts[index]), int(self.starts[index + 1])
-            if lo >= stop:
-                break
-            shard = self._shard(index)
-            rows = slice(max(start, lo) - lo, min(stop, hi) - lo)
-            ids.append(shard["chunk_id"][rows].long())
-            tokens.append(shard["token_ids"][rows].long())
-        return torch.cat(ids), torch.cat(tokens)
-
-    def tokens_of(self, chunk_ids: Tensor) -> dict[int, Tensor]:
-        """Token ids (T,) of each requested chunk, by chunk id."""
-        if self._index is None:
-            self._index = {}
-            for index, record in enumerate(self.manifest.shards):
-                ids = read_shard(self.folder, record, ["chunk_id"], self.verify)["chunk_id"]
-                self._index.update({int(c): (index, row) for row, c in enumerate(ids.tolist())})
-        out = {}
-        for chunk_id in sorted(int(c) for c in chunk_ids):
-            if chunk_id not in self._index:
-                raise ValueError(f"{self.folder}: chunk_id {chunk_id} is not in the corpus")
-            index, row = self._index[chunk_id]
-            out[chunk_id] = self._shard(index)["token_ids"][row].long()
-        return out
 
 
 def open_source(
