@@ -56,6 +56,7 @@ def stream_batches(
         rows = load(index)
         if rows is not None:
             buffer.append(rows, shard_rows[index], index)
+        del rows  # copied into the buffer: not a second shard held while batches go out
         if buffer.held >= buffer_rows:
             yield from buffer.drain(batch_size, shuffle, generator, keep_tail=True)
     for batch in buffer.drain(batch_size, shuffle, generator, keep_tail=False):
