@@ -1,7 +1,15 @@
-"""Train / val / test splits: their names and the fractions a split hash divides."""
+"""Splits by a stable hash: train / val / test names, their fractions, and the one hash.
+
+`unit_hash(key)` is a uniform draw in [0, 1) that depends on `key` alone, so growing
+a dataset never moves an item to another split. Each use keys it its own way:
+
+    split_of(text, fractions, salt)       concepts, questions: unit_hash(f"{salt}\0{text}")
+    unit_hash(f"chunk:{chunk_id}") < f    sidecar held-out chunks (`is_heldout`)
+"""
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 
@@ -26,3 +34,18 @@ class SplitFractions:
                 f"wordlist.splits must sum to 1, got train={self.train} + val={self.val} "
                 f"+ test={self.test} = {total}"
             )
+
+
+def unit_hash(key: str) -> float:
+    """Uniform in [0, 1): the first 8 bytes of sha256(key), big-endian, over 2^64."""
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2**64
+
+
+def split_of(text: str, fractions: SplitFractions, salt: str = "") -> str:
+    """train / val / test from a hash of the text alone, so it never depends on the other items."""
+    u = unit_hash(f"{salt}\0{text}")
+    if u < fractions.train:
+        return "train"
+    if u < fractions.train + fractions.val:
+        return "val"
+    return "test"

@@ -9,8 +9,8 @@ Layout of a directions folder (all tensors safetensors, listed in manifest.json)
     tokens.safetensors        offsets int64 (N+1,), token_ids int64 (T,)
                               concept i's token ids are token_ids[offsets[i]:offsets[i+1]]
 
-direction = activation - train mean. Training streams shards through a bounded
-shuffle buffer, so a dump larger than memory still trains.
+direction = activation - train mean. Training streams shards through the bounded
+shuffle buffer of `pipeline/common/stream.py`, so a dump larger than memory still trains.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import torch
 
 from pipeline.common.shards import Manifest, layer_key, read_shard
 from pipeline.common.splits import SPLITS
+from pipeline.common.stream import stream_batches
 
 KIND = "directions"
 SPLIT_CODES = {name: code for code, name in enumerate(SPLITS)}
@@ -85,14 +86,8 @@ class DirectionSet:
 
     def split_shards(self, split: str) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """(concept_id (R,), direction (R, D) float32) per shard, rows of `split` only."""
-        code = SPLIT_CODES[split]
         for record in self.manifest.shards:
-            shard = read_shard(
-                self.folder, record, ["concept_id", "split", layer_key(self.layer)], self.verify
-            )
-            keep = shard["split"] == code
-            directions = shard[layer_key(self.layer)][keep].float() - self.mean
-            yield shard["concept_id"][keep], directions
+            yield self._split_rows(record, split)
 
     def load_split(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
         """A whole split in memory, for evaluation of moderate sizes."""
@@ -104,47 +99,23 @@ class DirectionSet:
     def batches(
         self, split: str, batch_size: int, buffer_rows: int, shuffle: bool, seed: int = 0
     ) -> Iterator[Batch]:
-        """Stream batches of `split`; with `shuffle`, shard order and buffer rows are shuffled.
+        """Stream batches of `split` through the bounded shuffle buffer (`stream_batches`)."""
+        shards = self.manifest.shards
 
-        Rows go into one preallocated buffer of `buffer_rows` + one shard, so memory
-        stays bounded whatever the size of the dump.
-        """
-        generator = torch.Generator().manual_seed(seed)
-        order = list(range(len(self.manifest.shards)))
-        if shuffle:
-            order = [order[i] for i in torch.randperm(len(order), generator=generator)]
-        capacity = buffer_rows + max((s.rows for s in self.manifest.shards), default=0)
-        ids = torch.empty(capacity, dtype=torch.long)
-        dirs = torch.empty(capacity, self.dim)  # (capacity, D)
-        held = 0
-        for index in order:
-            shard_ids, shard_dirs = self._split_rows(self.manifest.shards[index], split)
-            ids[held : held + len(shard_ids)] = shard_ids
-            dirs[held : held + len(shard_ids)] = shard_dirs
-            held += len(shard_ids)
-            del shard_ids, shard_dirs
-            if held >= buffer_rows:
-                held = yield from self._emit(ids, dirs, held, batch_size, shuffle, generator, True)
-        yield from self._emit(ids, dirs, held, batch_size, shuffle, generator, False)
+        def load(index: int) -> dict[str, torch.Tensor]:
+            concept_id, target = self._split_rows(shards[index], split)
+            return {"concept_id": concept_id, "target": target}
+
+        bounds = [record.rows for record in shards]
+        for rows in stream_batches(load, bounds, batch_size, buffer_rows, shuffle, seed):
+            ids = rows["concept_id"]
+            yield Batch(ids, rows["target"], *self.concept_tokens(ids))
 
     def _split_rows(self, record, split: str) -> tuple[torch.Tensor, torch.Tensor]:
         names = ["concept_id", "split", layer_key(self.layer)]
         shard = read_shard(self.folder, record, names, self.verify)
         keep = shard["split"] == SPLIT_CODES[split]
         return shard["concept_id"][keep], shard[layer_key(self.layer)][keep].float() - self.mean
-
-    def _emit(self, ids, dirs, held, batch_size, shuffle, generator, keep_tail):
-        """Yield full batches from the first `held` buffer rows; return how many remain."""
-        order = torch.randperm(held, generator=generator) if shuffle else torch.arange(held)
-        full = (held // batch_size) * batch_size if keep_tail else held
-        for start in range(0, full, batch_size):
-            rows = order[start : start + batch_size]
-            chunk = ids[rows]
-            yield Batch(chunk, dirs[rows], *self.concept_tokens(chunk))
-        # The partial tail moves to the front, to be mixed with the next shard.
-        tail = order[full:]
-        ids[: len(tail)], dirs[: len(tail)] = ids[tail], dirs[tail]
-        return len(tail)
 
 
 def write_shard_rows(

@@ -13,7 +13,9 @@ may span documents, the EOS marks the seam; there is no BOS). Tokens in no chunk
 
     tokenizer = load_tokenizer("tiny:llama", "main")
     chunks = list(cut_chunks(builtin_documents(seed=0), tokenizer, 273, 8))  # 8 x 273 ids
-    CorpusChunks(Path("data/corpus")).read(0, 8)  # (8, chunk_tokens) int64, hash-checked
+    corpus = CorpusChunks(Path("data/corpus"))  # hash-checked
+    corpus.read(0, 8), corpus.chunk_ids(0, 8)  # (8, chunk_tokens), (8,) int64
+    corpus.tokens_of(torch.tensor([3]))  # {3: (chunk_tokens,)}, by chunk id
 
 The `corpus` artifact (kind "corpus"), written by stage `corpus`:
     shard: chunk_id int64 (R,), token_ids int64 (R, chunk_tokens)
@@ -190,20 +192,50 @@ def cut_chunks(
 
 
 class CorpusChunks:
-    """Read access to a corpus folder: rows [start, stop) of token ids, hash-checked."""
+    """Read access to a corpus folder, hash-checked: chunks by global row range or by id."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, verify: bool = True):
         self.folder = Path(folder)
         self.manifest = Manifest.load(self.folder, kind=CORPUS)
+        self.verify = verify
         self.chunk_tokens = int(self.manifest.extra["chunk_tokens"])
         self._starts = list(itertools.accumulate((s.rows for s in self.manifest.shards), initial=0))
-        self._cached: tuple[int, torch.Tensor] | None = None
+        self._cached: tuple[int, dict[str, torch.Tensor]] | None = None
+        self._index: dict[int, tuple[int, int]] | None = None
 
     def __len__(self) -> int:
         return self._starts[-1]
 
+    @property
+    def pad_token_id(self) -> int | None:
+        """Set when chunks may end in padding; packed chunks (no padding) leave it unset."""
+        value = self.manifest.extra.get("pad_token_id")
+        return None if value is None else int(value)
+
     def read(self, start: int, stop: int) -> torch.Tensor:
-        """Token ids (stop - start, chunk_tokens) int64 of chunks start..stop-1."""
+        """Token ids (stop - start, chunk_tokens) int64 of the chunks at rows start..stop-1."""
+        return self._rows("token_ids", start, stop, (self.chunk_tokens,))
+
+    def chunk_ids(self, start: int, stop: int) -> torch.Tensor:
+        """chunk_id (stop - start,) int64 of the chunks at rows start..stop-1."""
+        return self._rows("chunk_id", start, stop, ())
+
+    def tokens_of(self, chunk_ids: torch.Tensor) -> dict[int, torch.Tensor]:
+        """Token ids (chunk_tokens,) of each requested chunk, by chunk id."""
+        if self._index is None:
+            self._index = {}
+            for index, record in enumerate(self.manifest.shards):
+                ids = read_shard(self.folder, record, ["chunk_id"], self.verify)["chunk_id"]
+                self._index.update({int(c): (index, row) for row, c in enumerate(ids.tolist())})
+        out = {}
+        for chunk_id in sorted(int(c) for c in chunk_ids):
+            if chunk_id not in self._index:
+                raise ValueError(f"{self.folder}: chunk_id {chunk_id} is not in the corpus")
+            index, row = self._index[chunk_id]
+            out[chunk_id] = self._shard(index)["token_ids"][row].long()
+        return out
+
+    def _rows(self, name: str, start: int, stop: int, shape: tuple[int, ...]) -> torch.Tensor:
         if not 0 <= start <= stop <= len(self):
             raise IndexError(f"chunks [{start}, {stop}) outside the {len(self)} of {self.folder}")
         parts = []
@@ -211,14 +243,15 @@ class CorpusChunks:
             lo, hi = self._starts[index], self._starts[index + 1]
             if hi <= start or lo >= stop:
                 continue
-            parts.append(self._shard(index)[max(start, lo) - lo : min(stop, hi) - lo])
+            parts.append(self._shard(index)[name][max(start, lo) - lo : min(stop, hi) - lo])
         if not parts:
-            return torch.empty(0, self.chunk_tokens, dtype=torch.long)
-        return torch.cat(parts)
+            return torch.empty(0, *shape, dtype=torch.long)
+        return torch.cat(parts).long()
 
-    def _shard(self, index: int) -> torch.Tensor:
+    def _shard(self, index: int) -> dict[str, torch.Tensor]:
         # Consecutive reads mostly hit the same shard: hash and load it once.
         if self._cached is None or self._cached[0] != index:
             record = self.manifest.shards[index]
-            self._cached = (index, read_shard(self.folder, record, ["token_ids"])["token_ids"])
+            names = ["chunk_id", "token_ids"]
+            self._cached = (index, read_shard(self.folder, record, names, self.verify))
         return self._cached[1]

@@ -14,7 +14,6 @@ existing concept between train, val and test.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import socket
 from collections.abc import Iterable, Iterator
@@ -24,7 +23,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.common.splits import SPLITS, SplitFractions
+from pipeline.common.splits import SPLITS, split_of
 from pipeline.inputs.params import WordlistParams
 
 log = logging.getLogger(__name__)
@@ -84,17 +83,6 @@ def _drop_reason(word: str, min_length: int, max_length: int, seen: set[str]) ->
     if word in seen:
         return "duplicate"
     return None
-
-
-def split_of(text: str, fractions: SplitFractions, salt: str = "") -> str:
-    """train / val / test from a hash of the text alone, so it never depends on the other words."""
-    digest = hashlib.sha256(f"{salt}\0{text}".encode()).digest()
-    u = int.from_bytes(digest[:8], "big") / 2**64  # uniform in [0, 1)
-    if u < fractions.train:
-        return "train"
-    if u < fractions.train + fractions.val:
-        return "val"
-    return "test"
 
 
 def select_top(kept: Ranked, params: WordlistParams, dropped: dict[str, int]) -> Ranked:

@@ -8,8 +8,9 @@ A sample is one (chunk, KV head) pair (layout: `pipeline/layouts.py`):
     force_norms   (M,)         ||dL/dq|| per query and head, for force-weighted consistency
 
 Held-out chunks are chosen by a stable hash of chunk_id, so adding chunks never
-moves one between train and held-out. Training streams shards through a bounded
-shuffle buffer; each shard's sha256 is checked the first time it is read.
+moves one between train and held-out. Training streams shards through the bounded
+shuffle buffer of `pipeline/common/stream.py`; each shard's sha256 is checked the
+first time it is read.
 
     data = TrajectorySet(Path("data/trajectories"), layer=11, eval_fraction=0.05)
     for batch in data.batches("train", batch_size=64, buffer_samples=4096, shuffle=True):
@@ -18,7 +19,6 @@ shuffle buffer; each shard's sha256 is checked the first time it is read.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -28,6 +28,8 @@ import torch
 from torch import Tensor
 
 from pipeline.common.shards import Manifest, ShardRecord, read_shard
+from pipeline.common.splits import unit_hash
+from pipeline.common.stream import stream_batches
 from pipeline.kv_sidecar.layout import TRAJECTORIES, trajectory_key
 
 Split = Literal["train", "heldout"]
@@ -36,10 +38,7 @@ SIZE_KEYS = ("n_heads", "n_kv_heads", "head_dim", "window_size", "num_windows", 
 
 def is_heldout(chunk_ids: Tensor, fraction: float) -> Tensor:
     """(R,) bool: a chunk is held out when a stable hash of its id falls below `fraction`."""
-    draws = [
-        int.from_bytes(hashlib.sha256(f"chunk:{int(i)}".encode()).digest()[:8], "big") / 2**64
-        for i in chunk_ids.tolist()
-    ]
+    draws = [unit_hash(f"chunk:{int(i)}") for i in chunk_ids.tolist()]
     return torch.tensor(draws, dtype=torch.float64) < fraction
 
 
@@ -57,16 +56,6 @@ class KVBatch:
 
     def __len__(self) -> int:
         return self.chunk_id.numel()
-
-
-def _cat(parts: list[KVBatch]) -> KVBatch:
-    return KVBatch(
-        **{f.name: torch.cat([getattr(p, f.name) for p in parts]) for f in fields(KVBatch)}
-    )
-
-
-def _take(batch: KVBatch, index: Tensor | slice) -> KVBatch:
-    return KVBatch(**{f.name: getattr(batch, f.name)[index] for f in fields(KVBatch)})
 
 
 class TrajectorySet:
@@ -153,38 +142,19 @@ class TrajectorySet:
         seed: int = 0,
         drop_last: bool = False,
     ) -> Iterator[KVBatch]:
-        """Stream batches of `split`; with `shuffle`, shard order and a bounded buffer are shuffled.
+        """Stream batches of `split` through the bounded shuffle buffer (`stream_batches`)."""
+        shards, group = self.manifest.shards, self.sizes["n_kv_heads"]
 
-        At most `buffer_samples` + one shard of samples are held at once.
-        """
-        generator = torch.Generator().manual_seed(seed)
-        order = list(range(len(self.manifest.shards)))
-        if shuffle:
-            order = [order[i] for i in torch.randperm(len(order), generator=generator)]
-        buffer: list[KVBatch] = []
-        for index in order:
-            samples = self.shard_samples(self.manifest.shards[index], split)
-            if samples is not None:
-                buffer.append(samples)
-            if sum(len(b) for b in buffer) >= buffer_samples:
-                yield from _drain(buffer, batch_size, shuffle, generator, keep_tail=True)
-        if buffer:
-            for batch in _drain(buffer, batch_size, shuffle, generator, keep_tail=False):
-                if len(batch) == batch_size or not drop_last:
-                    yield batch
+        def load(index: int) -> dict[str, Tensor] | None:
+            samples = self.shard_samples(shards[index], split)
+            if samples is None:
+                return None
+            return {f.name: getattr(samples, f.name) for f in fields(KVBatch)}
 
-
-def _drain(buffer, batch_size, shuffle, generator, keep_tail) -> Iterator[KVBatch]:
-    pool = _cat(buffer)
-    buffer.clear()
-    if shuffle:
-        pool = _take(pool, torch.randperm(len(pool), generator=generator))
-    full = (len(pool) // batch_size) * batch_size if keep_tail else len(pool)
-    for start in range(0, full, batch_size):
-        yield _take(pool, slice(start, start + batch_size))
-    if full < len(pool):
-        # The partial tail stays in the buffer to be mixed with the next shard.
-        buffer.append(_take(pool, slice(full, None)))
+        bounds = [record.rows * group for record in shards]  # one sample per chunk and KV head
+        batches = stream_batches(load, bounds, batch_size, buffer_samples, shuffle, seed, drop_last)
+        for rows in batches:
+            yield KVBatch(**rows)
 
 
 def _head_groups(mapping: list[int], sizes: dict[str, int]) -> Tensor:

@@ -30,9 +30,9 @@ from pipeline.common.params import load_params, to_dict
 from pipeline.common.scratch import Scratch, owned_shards
 from pipeline.common.shards import MANIFEST, Manifest, layer_key, sha256_file
 from pipeline.common.teacher import DTYPES, Teacher, load_teacher
+from pipeline.inputs.text_chunks import CorpusChunks
 from pipeline.sparse_autoencoder.layout import ACTIVATIONS
 from pipeline.sparse_autoencoder.params import ActivationsParams
-from pipeline.sparse_autoencoder.sources import CorpusReader
 
 log = logging.getLogger(__name__)
 PARAMS = Path("params.yaml")
@@ -79,14 +79,14 @@ def chunk_activations(
 
 def run(params: ActivationsParams, corpus: Path, out: Path) -> dict:
     started = time.perf_counter()
-    reader = CorpusReader(Path(corpus))
+    reader = CorpusChunks(Path(corpus))
     corpus_model = reader.manifest.extra.get("model")
     if corpus_model != params.model:
         raise ValueError(
             f"activations.model={params.model!r} but {corpus} was tokenized for "
             f"{corpus_model!r}: set activations.model to the corpus model"
         )
-    num_chunks = min(reader.num_chunks, params.max_chunks or reader.num_chunks)
+    num_chunks = min(len(reader), params.max_chunks or len(reader))
     if num_chunks == 0:
         raise ValueError(f"{corpus} holds no chunks: nothing to run the teacher over")
     teacher = load_teacher(
@@ -152,7 +152,7 @@ def run(params: ActivationsParams, corpus: Path, out: Path) -> dict:
 
 
 def _shard(params, teacher, reader, start, stop, on_batch) -> dict[str, torch.Tensor]:
-    chunk_ids, tokens = reader.chunk_range(start, stop)
+    chunk_ids, tokens = reader.chunk_ids(start, stop), reader.read(start, stop)
     chunk_index, position, token_id, acts = chunk_activations(
         teacher, tokens, reader.pad_token_id, params.positions, params.batch_size, on_batch
     )

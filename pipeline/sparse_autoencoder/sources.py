@@ -30,9 +30,10 @@ import torch
 from torch import Tensor
 
 from pipeline.common.shards import Manifest, ShardRecord, layer_key, read_shard
+from pipeline.common.stream import stream_batches
 from pipeline.concepts.layout import KIND as DIRECTIONS
 from pipeline.concepts.layout import SPLIT_CODES
-from pipeline.inputs.text_chunks import CORPUS
+from pipeline.inputs.text_chunks import CorpusChunks
 from pipeline.sparse_autoencoder.layout import ACTIVATIONS
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,11 @@ def item_keys(items: Tensor) -> Tensor:
 
 
 def held_out(chunk_id: Tensor, fraction: float) -> Tensor:
-    """Stable eval membership of each chunk: depends on its id and `fraction` only."""
+    """Stable eval membership of each chunk: depends on its id and `fraction` only.
+
+    Not `pipeline.common.splits.unit_hash`: that would hold out other chunks than the
+    existing activations dumps and SAE metrics were measured on.
+    """
     hashed = (chunk_id.long() * _HASH_MULTIPLIER) % _HASH_RANGE
     return hashed.double() / _HASH_RANGE < fraction
 
@@ -105,23 +110,16 @@ class ActivationSource:
     def batches(
         self, split: Split, batch_size: int, buffer_rows: int, shuffle: bool, seed: int = 0
     ) -> Iterator[RowBatch]:
-        """Stream batches; with `shuffle`, shard order and a bounded buffer are shuffled.
+        """Stream batches through the bounded shuffle buffer (`stream_batches`)."""
+        shards = self.manifest.shards
 
-        At most `buffer_rows` + one shard of rows are held at once.
-        """
-        generator = torch.Generator().manual_seed(seed)
-        order = list(range(len(self.manifest.shards)))
-        if shuffle:
-            order = [order[i] for i in torch.randperm(len(order), generator=generator)]
-        buffer: list[tuple[Tensor, Tensor, Tensor]] = []
-        held = 0
-        for index in order:
-            buffer.append(self._rows(self.manifest.shards[index], split))
-            held += buffer[-1][0].shape[0]
-            if held >= buffer_rows:
-                yield from _drain(buffer, batch_size, shuffle, generator, keep_tail=True)
-                held = sum(part[0].shape[0] for part in buffer)
-        yield from _drain(buffer, batch_size, shuffle, generator, keep_tail=False)
+        def load(index: int) -> dict[str, Tensor]:
+            items, x, is_eval = self._rows(shards[index], split)
+            return {"items": items, "x": x, "is_eval": is_eval}
+
+        bounds = [record.rows for record in shards]
+        for rows in stream_batches(load, bounds, batch_size, buffer_rows, shuffle, seed):
+            yield RowBatch(rows["x"], rows["items"], rows["is_eval"])
 
     def sample(self, split: Split, max_rows: int, seed: int = 0) -> tuple[Tensor, Tensor]:
         """A seeded sample of at most `max_rows` rows of `split`: (items, x), bounded memory."""
@@ -194,7 +192,7 @@ class TokenSource(ActivationSource):
     def __init__(self, folder: Path, layer: int, eval_fraction: float = 0.1, verify: bool = True):
         super().__init__(folder, layer, verify)
         self.eval_fraction = eval_fraction
-        self._corpus: CorpusReader | None = None
+        self._corpus: CorpusChunks | None = None
         self._tokenizer = None
 
     def _load(self, record: ShardRecord) -> tuple[Tensor, Tensor, Tensor]:
@@ -205,7 +203,7 @@ class TokenSource(ActivationSource):
 
     def attach_texts(self, corpus: Path, tokenizer) -> None:
         """The corpus chunks and the tokenizer that decodes them, for `describe`."""
-        self._corpus = CorpusReader(corpus, verify=self.verify)
+        self._corpus = CorpusChunks(corpus, verify=self.verify)
         self._tokenizer = tokenizer
 
     def describe(self, items: Tensor, context_tokens: int = 16) -> list[str]:
@@ -225,68 +223,6 @@ class TokenSource(ActivationSource):
         return spans
 
 
-class CorpusReader:
-    """Random and ranged access to the `corpus` artifact's chunks (layout: pipeline/layouts.py)."""
-
-    def __init__(self, folder: Path, verify: bool = True):
-        self.folder = Path(folder)
-        self.manifest = Manifest.load(self.folder, kind=CORPUS)
-        self.verify = verify
-        rows = torch.tensor([0] + [r.rows for r in self.manifest.shards], dtype=torch.long)
-        self.starts = rows.cumsum(0)  # (num_shards + 1,) first global row of each shard
-        self._cached: tuple[int, dict[str, Tensor]] | None = None
-        self._index: dict[int, tuple[int, int]] | None = None
-
-    @property
-    def num_chunks(self) -> int:
-        return int(self.starts[-1])
-
-    @property
-    def chunk_tokens(self) -> int:
-        return int(self.manifest.extra["chunk_tokens"])
-
-    @property
-    def pad_token_id(self) -> int | None:
-        """Set when chunks may end in padding; packed chunks (no padding) leave it unset."""
-        value = self.manifest.extra.get("pad_token_id")
-        return None if value is None else int(value)
-
-    def _shard(self, index: int) -> dict[str, Tensor]:
-        if self._cached is None or self._cached[0] != index:
-            record = self.manifest.shards[index]
-            self._cached = (index, read_shard(self.folder, record, None, self.verify))
-        return self._cached[1]
-
-    def chunk_range(self, start: int, stop: int) -> tuple[Tensor, Tensor]:
-        """chunk_id (C,) and token_ids (C, T) of the chunks at global rows [start, stop)."""
-        ids, tokens = [], []
-        first = int(torch.searchsorted(self.starts, start, right=True)) - 1
-        for index in range(first, len(self.manifest.shards)):
-            lo, hi = int(self.starts[index]), int(self.starts[index + 1])
-            if lo >= stop:
-                break
-            shard = self._shard(index)
-            rows = slice(max(start, lo) - lo, min(stop, hi) - lo)
-            ids.append(shard["chunk_id"][rows].long())
-            tokens.append(shard["token_ids"][rows].long())
-        return torch.cat(ids), torch.cat(tokens)
-
-    def tokens_of(self, chunk_ids: Tensor) -> dict[int, Tensor]:
-        """Token ids (T,) of each requested chunk, by chunk id."""
-        if self._index is None:
-            self._index = {}
-            for index, record in enumerate(self.manifest.shards):
-                ids = read_shard(self.folder, record, ["chunk_id"], self.verify)["chunk_id"]
-                self._index.update({int(c): (index, row) for row, c in enumerate(ids.tolist())})
-        out = {}
-        for chunk_id in sorted(int(c) for c in chunk_ids):
-            if chunk_id not in self._index:
-                raise ValueError(f"{self.folder}: chunk_id {chunk_id} is not in the corpus")
-            index, row = self._index[chunk_id]
-            out[chunk_id] = self._shard(index)["token_ids"][row].long()
-        return out
-
-
 def open_source(
     folder: Path, layer: int, eval_fraction: float = 0.1, verify: bool = True
 ) -> ActivationSource:
@@ -299,23 +235,3 @@ def open_source(
     raise ValueError(
         f"{folder} holds a {kind!r} dump; the SAE reads {DIRECTIONS!r} or {ACTIVATIONS!r}"
     )
-
-
-def _drain(buffer, batch_size, shuffle, generator, keep_tail) -> Iterator[RowBatch]:
-    if not buffer:
-        return
-    items = torch.cat([part[0] for part in buffer])
-    x = torch.cat([part[1] for part in buffer])
-    is_eval = torch.cat([part[2] for part in buffer])
-    buffer.clear()
-    if shuffle:
-        # One permutation for all three: a row never parts from its item.
-        perm = torch.randperm(items.shape[0], generator=generator)
-        items, x, is_eval = items[perm], x[perm], is_eval[perm]
-    full = (items.shape[0] // batch_size) * batch_size if keep_tail else items.shape[0]
-    for start in range(0, full, batch_size):
-        rows = slice(start, start + batch_size)
-        yield RowBatch(x[rows], items[rows], is_eval[rows])
-    if full < items.shape[0]:
-        # The partial tail stays in the buffer, mixed with the next shard.
-        buffer.append((items[full:], x[full:], is_eval[full:]))

@@ -33,8 +33,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from pipeline.common.splits import SPLITS, SplitFractions
-from pipeline.inputs.words import split_of
+from pipeline.common.splits import SPLITS, SplitFractions, split_of
 from pipeline.steering_vectors.params import McDataParams, McTaskParams
 
 QUESTIONS_FILE = "questions.jsonl"

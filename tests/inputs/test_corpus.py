@@ -158,9 +158,17 @@ def test_unreachable_tokenizer_names_the_key_and_make_demo(monkeypatch):
 def test_reader_spans_shards_and_refuses_a_tampered_one(tmp_path):
     corpus.run(params(), tmp_path / "out")
     chunks = CorpusChunks(tmp_path / "out")
-    _, tokens = stored_chunks(tmp_path / "out")
-    assert len(chunks) == 10 and chunks.chunk_tokens == 21
+    ids, tokens = stored_chunks(tmp_path / "out")
+    assert len(chunks) == 10 and chunks.chunk_tokens == 21 and chunks.pad_token_id is None
     assert torch.equal(chunks.read(3, 9), tokens[3:9])  # shards [0,4) [4,8) [8,10)
+    assert chunks.chunk_ids(3, 9).tolist() == ids[3:9].tolist() == list(range(3, 9))
+    assert chunks.read(4, 4).shape == (0, 21) and chunks.chunk_ids(4, 4).shape == (0,)
+    by_id = chunks.tokens_of(torch.tensor([9, 2]))
+    assert sorted(by_id) == [2, 9] and torch.equal(by_id[9], tokens[9])
+    with pytest.raises(IndexError, match=r"chunks \[8, 11\) outside the 10"):
+        chunks.read(8, 11)
+    with pytest.raises(ValueError, match="chunk_id 10 is not in the corpus"):
+        chunks.tokens_of(torch.tensor([10]))
     shard = tmp_path / "out" / "shard-00001.safetensors"
     blob = bytearray(shard.read_bytes())
     blob[-1] ^= 0xFF

@@ -12,10 +12,10 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from pipeline.common.splits import SplitFractions
+from pipeline.common.splits import SplitFractions, split_of
 from pipeline.inputs import wordlist, words
 from pipeline.inputs.params import WordlistParams
-from pipeline.inputs.words import COLUMNS, SCHEMA, filter_words, read_concepts, split_of
+from pipeline.inputs.words import COLUMNS, SCHEMA, filter_words, read_concepts
 
 
 def build_cfg(**overrides) -> WordlistParams:

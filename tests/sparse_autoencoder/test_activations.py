@@ -13,12 +13,12 @@ from typer.testing import CliRunner
 
 from pipeline.common.scratch import SCRATCH
 from pipeline.common.shards import Manifest, layer_key, read_shard, shard_name, write_shard
-from pipeline.inputs.text_chunks import CORPUS
+from pipeline.inputs.text_chunks import CORPUS, CorpusChunks
 from pipeline.inputs.tiny_models import build_tiny
 from pipeline.sparse_autoencoder import activations
 from pipeline.sparse_autoencoder.layout import ACTIVATIONS
 from pipeline.sparse_autoencoder.params import ActivationsParams
-from pipeline.sparse_autoencoder.sources import CorpusReader, TokenSource, held_out
+from pipeline.sparse_autoencoder.sources import TokenSource, held_out
 from tests.conftest import build_params
 
 TEXT = (
@@ -120,7 +120,7 @@ def test_all_tokens_equal_transformers_hidden_states(tmp_path, tiny_llama):
     assert manifest.extra["layers"] == [2, 4] and manifest.extra["hidden_size"] == 64
     assert rows["chunk_id"].tolist() == [c for c in range(100, 118, 3) for _ in range(12)]
     assert rows["position"].tolist() == list(range(12)) * 6
-    chunks = CorpusReader(corpus).chunk_range(0, 6)[1]
+    chunks = CorpusChunks(corpus).read(0, 6)
     assert torch.equal(rows["token_id"], chunks.flatten())
     for layer in (2, 4):  # 4 is the last layer: HF reports it after the final norm
         expected = torch.cat([reference(model, chunk, layer) for chunk in chunks])
@@ -137,7 +137,7 @@ def test_last_non_padding_token_per_chunk(tmp_path, tiny_llama):
     # The all-padding chunk (103 + 6 = 109) has no row; the others their last real token.
     assert rows["chunk_id"].tolist() == [100, 103, 106]
     assert rows["position"].tolist() == [11, 4, 8]
-    chunks = CorpusReader(corpus).chunk_range(0, 3)[1]
+    chunks = CorpusChunks(corpus).read(0, 3)
     for i, keep in enumerate((12, 5, 9)):
         expected = reference(model, chunks[i, :keep], 3)[-1]
         assert torch.allclose(rows["layer_3"][i], expected, atol=1e-5)
@@ -171,7 +171,7 @@ def test_max_chunks_and_token_source_reads_rows_with_items(tmp_path, tiny_llama)
         assert is_eval[items[:, 0] == chunk].unique().numel() == 1
     source.attach_texts(corpus, tokenizer)
     span = source.describe(torch.tensor([[103, 5]]), context_tokens=3)[0]
-    chunk = CorpusReader(corpus).tokens_of(torch.tensor([103]))[103].tolist()
+    chunk = CorpusChunks(corpus).tokens_of(torch.tensor([103]))[103].tolist()
     expected = (
         tokenizer.decode(chunk[2:5])
         + "[["
