@@ -233,4 +233,5 @@ def test_command_line(tmp_path, tiny_llama):
     args = ["--params", str(params_file), "--corpus", str(corpus), "--out", str(tmp_path / "a")]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
-    assert '"rows": 24' in result.output  # positions: all (the default) -> 2 chunks x 12
+    # positions: all (the default): every token of the 2 chunks of 12.
+    assert Manifest.load(tmp_path / "a").rows == 2 * 12
