@@ -2,12 +2,12 @@
 
 Under `torchrun --nproc-per-node N` (or `accelerate launch`) each process gets
 RANK and WORLD_SIZE from the environment. Extraction stages compute only the
-shards `pipeline.resume.owned_shards(num_shards, rank, world_size)` gives them,
-then meet at a barrier; rank 0 writes the manifest. Shard contents do not
+shards `world.owned_shards(num_shards)` gives them, then meet at a barrier; rank 0
+writes the manifest (`pipeline/common/extraction.py`). Shard contents do not
 depend on the world size, so any N gives the same artifact.
 
     with process_group() as world:
-        for index in owned_shards(num_shards, world.rank, world.size): ...
+        for index in world.owned_shards(num_shards): ...
         world.barrier()
 """
 
@@ -29,6 +29,10 @@ class World:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    def owned_shards(self, num_shards: int) -> list[int]:
+        """Shards this rank computes: a pure function of (index, rank, world size)."""
+        return [index for index in range(num_shards) if index % self.size == self.rank]
 
     def barrier(self) -> None:
         if self.size > 1:

@@ -6,9 +6,13 @@ everything that determines their content (params that change the result, input
 file hashes). The next run with the same fingerprint reuses the finished shards;
 any param or input change gives a new fingerprint, so stale shards are never
 reused. When every shard is done the scratch folder is renamed to the output.
+Beside each shard, its record may carry a small JSON summary that the manifest
+aggregates later (trajectories: the summed LM loss of the shard's chunks).
+`pipeline/common/extraction.py` drives it for the extraction stages.
 
     scratch = Scratch.for_output(Path("data/directions"), {"params": ..., "wordlist": sha})
-    if (record := scratch.completed(i)) is None: record = scratch.write(i, tensors)
+    if scratch.completed(i) is None: scratch.write(i, tensors, summary={"loss_sum": 3.5})
+    records, summary = scratch.all_records(num_shards), scratch.summary(i)
     scratch.publish()
 """
 
@@ -33,11 +37,6 @@ SCRATCH = ".scratch"
 
 def fingerprint(inputs: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def owned_shards(num_shards: int, rank: int = 0, world_size: int = 1) -> list[int]:
-    """Shards this rank computes: a pure function of (index, rank, world size)."""
-    return [i for i in range(num_shards) if i % world_size == rank]
 
 
 class Scratch:
@@ -79,12 +78,18 @@ class Scratch:
             raise RuntimeError(f"shards {missing} are missing from {self.folder} after all ranks")
         return records
 
-    def write(self, index: int, tensors: dict[str, torch.Tensor]) -> ShardRecord:
+    def summary(self, index: int) -> dict[str, Any]:
+        """The summary written with shard `index` (empty if it was written without one)."""
+        return json.loads(self._record_path(index).read_text()).get("summary", {})
+
+    def write(
+        self, index: int, tensors: dict[str, torch.Tensor], summary: dict[str, Any] | None = None
+    ) -> ShardRecord:
         record = write_shard(self.folder / shard_name(index), tensors)
-        # The record is written after the shard is renamed into place: a record
-        # therefore always describes a complete shard.
+        # The record (with the summary) is written after the shard is renamed into
+        # place: a record therefore always describes a complete shard.
         tmp = self._record_path(index).with_suffix(".tmp")
-        tmp.write_text(json.dumps(asdict(record)))
+        tmp.write_text(json.dumps(asdict(record) | {"summary": summary or {}}))
         os.replace(tmp, self._record_path(index))
         return record
 
@@ -93,6 +98,9 @@ class Scratch:
         for path in self.folder.glob("*.json"):
             if path.name.startswith("shard-"):
                 path.unlink()
+        # A killed run may have left a half-written file under its temporary name.
+        for path in self.folder.glob("*.tmp*"):
+            path.unlink()
         (self.folder / "inputs.json").unlink(missing_ok=True)
         if self.output.exists():
             shutil.rmtree(self.output)

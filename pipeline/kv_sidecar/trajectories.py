@@ -1,12 +1,13 @@
 """Stage `trajectories`: K, V, future Q and LM-loss forces per layer, in resumable shards.
 
 Reads the chunks of stage `corpus` and runs the causal LM over each chunk once
-forward and once backward (`pipeline/trajectories.py` defines the loss and the forces).
-Writes `<out>/shard-*.safetensors` (chunk_id and, per stored layer, keys, values,
-queries and the forces of `trajectories.force_space`; layout: `pipeline/layouts.py`)
-and `manifest.json`. The planned disk use is logged before the first forward. A killed
-run resumes from its finished shards (`pipeline/resume.py`); under torchrun each rank
-computes its own shards and rank 0 writes the manifest.
+forward and once backward (`pipeline/kv_sidecar/forces.py` defines the loss and the
+forces). Writes `<out>/shard-*.safetensors` (chunk_id and, per stored layer, keys,
+values, queries and the forces of `trajectories.force_space`; layout:
+`pipeline/kv_sidecar/layout.py`) and `manifest.json`. The planned disk use is logged
+before the first forward. A killed run resumes from its finished shards; under torchrun
+each rank computes its own shards and rank 0 writes the manifest
+(`pipeline/common/extraction.py`).
 
     python -m pipeline.cli trajectories --params params.yaml \
         --corpus data/corpus --out data/trajectories
@@ -16,21 +17,24 @@ from __future__ import annotations
 
 import json
 import logging
-import math
-import os
 import time
+from functools import partial
 from pathlib import Path
 from typing import Annotated
 
 import torch
 import typer
-from tqdm import tqdm
 
-from pipeline.common.code_deps import code_fingerprint
-from pipeline.common.distributed import process_group
-from pipeline.common.params import load_params, to_dict
-from pipeline.common.scratch import Scratch, owned_shards
-from pipeline.common.shards import MANIFEST, Manifest, sha256_file
+from pipeline.common.extraction import (
+    CompletedShards,
+    ManifestAdditions,
+    Progress,
+    Shard,
+    ShardedExtraction,
+    ShardPlan,
+)
+from pipeline.common.params import load_params
+from pipeline.common.shards import MANIFEST, sha256_file
 from pipeline.common.teacher import DTYPES, load_causal_lm
 from pipeline.inputs.text_chunks import CorpusChunks
 from pipeline.kv_sidecar.forces import (
@@ -49,8 +53,9 @@ from pipeline.kv_sidecar.params import TrajectoriesParams
 log = logging.getLogger(__name__)
 PARAMS = Path("params.yaml")
 
-# Params that do not change the stored values; kept out of the resume fingerprint.
-RESULT_NEUTRAL = ("batch_size", "device")
+EXTRACTION = ShardedExtraction(
+    "trajectories", TRAJECTORIES, __name__, result_neutral=("batch_size", "device")
+)
 
 
 def run(params: TrajectoriesParams, corpus: Path, out: Path) -> dict:
@@ -61,82 +66,85 @@ def run(params: TrajectoriesParams, corpus: Path, out: Path) -> dict:
     model, _ = load_causal_lm(params.model, params.revision, params.compute_dtype, params.device)
     layers = resolve_layers(params.layers, model.config.num_hidden_layers)
     sizes = Sizes.of(model.config, params.window_size, params.num_windows, params.num_queries)
-    planned = _log_plan(params, sizes, layers, num_chunks)
-
-    with process_group() as world:
-        scratch = Scratch.for_output(out, _fingerprint_inputs(params, corpus))
-        num_shards = math.ceil(num_chunks / params.shard_rows)
-        owned = owned_shards(num_shards, world.rank, world.size)
-        reused = _extract_shards(params, model, chunks, layers, sizes, num_chunks, scratch, owned)
-        world.barrier()
-        if not world.is_main:
-            return {"rank": world.rank, "shards": len(owned), "reused_shards": reused}
-    records = scratch.all_records(num_shards)
-    loss_sum = sum(_pop_loss(scratch, index) for index in range(num_shards))
-    lm_loss = loss_sum / num_chunks
-    revision = getattr(model.config, "_commit_hash", None) or params.revision
-    extra = {
-        "model": params.model,
-        "revision": revision,
-        "layers": list(layers),
-        "num_layers": model.config.num_hidden_layers,
-        "n_heads": sizes.n_heads,
-        "n_kv_heads": sizes.n_kv_heads,
-        "head_dim": sizes.head_dim,
-        "hidden_size": sizes.hidden_size,
-        "window_size": sizes.window_size,
-        "num_windows": sizes.num_windows,
-        "num_queries": sizes.num_queries,
-        "force_space": params.force_space,
-        "rope": "after",
-        "rope_note": ROPE_NOTE,
-        "kv_head_of_query_head": kv_head_of_query_head(sizes.n_heads, sizes.n_kv_heads),
-        "loss": LOSS_NOTE,
-        "lm_loss_mean": lm_loss,
-        "num_chunks": num_chunks,
-        "compute_dtype": params.compute_dtype,
-        "storage_dtype": params.storage_dtype,
-        "corpus_manifest_sha256": sha256_file(corpus / MANIFEST),
-    }
-    manifest = Manifest(kind=TRAJECTORIES, params=to_dict(params), shards=records, extra=extra)
-    manifest.save(scratch.folder)
-    scratch.publish()
+    plan = _plan(params, sizes, layers, num_chunks)
+    done = EXTRACTION.run(
+        params,
+        {"corpus": corpus / MANIFEST},
+        out,
+        plan,
+        partial(_trajectory_shard, params, model, chunks, layers, sizes),
+        partial(_describe, params, model, corpus, layers, sizes, num_chunks),
+    )
+    if not done.world.is_main:
+        return done.rank_stats
     return {
         "chunks": num_chunks,
         "layers": len(layers),
-        "shards": num_shards,
-        "reused_shards": reused,
-        "lm_loss_mean": round(lm_loss, 6),
-        "bytes": planned,
-        "world_size": world.size,
-        "seconds": round(time.perf_counter() - started, 2),
-    }
+        "lm_loss_mean": round(done.manifest.extra["lm_loss_mean"], 6),
+        "bytes": plan.planned_bytes,
+    } | done.stats(started)
 
 
-def _extract_shards(params, model, chunks, layers, sizes, num_chunks, scratch, owned) -> int:
-    """Compute the shards in `owned` that a previous run did not finish; return reused count."""
+def _trajectory_shard(
+    params: TrajectoriesParams,
+    model,
+    chunks: CorpusChunks,
+    layers: tuple[int, ...],
+    sizes: Sizes,
+    rows: range,
+    progress: Progress,
+) -> Shard:
+    """The shard of chunks `rows`, in batches; its summary keeps their summed LM loss."""
+    first, stop = rows.start, rows.stop
     storage = DTYPES[params.storage_dtype]
-    reused = 0
-    spans = [(i * params.shard_rows, min((i + 1) * params.shard_rows, num_chunks)) for i in owned]
-    with tqdm(total=sum(b - a for a, b in spans), unit="chunk", desc="trajectories") as bar:
-        for index, (first, stop) in zip(owned, spans, strict=True):
-            if scratch.completed(index) is not None and _loss_path(scratch, index).is_file():
-                reused += 1
-                bar.update(stop - first)
-                continue
-            parts, loss_sum = [], 0.0
-            for start in range(first, stop, params.batch_size):
-                batch = chunks.read(start, min(start + params.batch_size, stop))
-                tensors, losses = trajectory_batch(model, batch, layers, sizes, params.force_space)
-                parts.append({k: v.to(device="cpu", dtype=storage) for k, v in tensors.items()})
-                loss_sum += float(losses.double().sum())
-                bar.update(len(batch))
-            shard = {"chunk_id": torch.arange(first, stop, dtype=torch.long)}
-            shard |= {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
-            # The loss record goes first: a shard record always has its loss beside it.
-            _write_loss(scratch, index, loss_sum)
-            scratch.write(index, shard)
-    return reused
+    parts, loss_sum = [], 0.0
+    for start in range(first, stop, params.batch_size):
+        batch = chunks.read(start, min(start + params.batch_size, stop))
+        tensors, losses = trajectory_batch(model, batch, layers, sizes, params.force_space)
+        parts.append({k: v.to(device="cpu", dtype=storage) for k, v in tensors.items()})
+        loss_sum += float(losses.double().sum())
+        progress(len(batch))
+    shard = {"chunk_id": torch.arange(first, stop, dtype=torch.long)}
+    shard |= {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
+    return Shard(shard, summary={"loss_sum": loss_sum})
+
+
+def _describe(
+    params: TrajectoriesParams,
+    model,
+    corpus: Path,
+    layers: tuple[int, ...],
+    sizes: Sizes,
+    num_chunks: int,
+    shards: CompletedShards,
+) -> ManifestAdditions:
+    lm_loss = sum(summary["loss_sum"] for summary in shards.summaries) / num_chunks
+    revision = getattr(model.config, "_commit_hash", None) or params.revision
+    return ManifestAdditions(
+        extra={
+            "model": params.model,
+            "revision": revision,
+            "layers": list(layers),
+            "num_layers": model.config.num_hidden_layers,
+            "n_heads": sizes.n_heads,
+            "n_kv_heads": sizes.n_kv_heads,
+            "head_dim": sizes.head_dim,
+            "hidden_size": sizes.hidden_size,
+            "window_size": sizes.window_size,
+            "num_windows": sizes.num_windows,
+            "num_queries": sizes.num_queries,
+            "force_space": params.force_space,
+            "rope": "after",
+            "rope_note": ROPE_NOTE,
+            "kv_head_of_query_head": kv_head_of_query_head(sizes.n_heads, sizes.n_kv_heads),
+            "loss": LOSS_NOTE,
+            "lm_loss_mean": lm_loss,
+            "num_chunks": num_chunks,
+            "compute_dtype": params.compute_dtype,
+            "storage_dtype": params.storage_dtype,
+            "corpus_manifest_sha256": sha256_file(corpus / MANIFEST),
+        }
+    )
 
 
 def _check_corpus(params: TrajectoriesParams, chunks: CorpusChunks) -> None:
@@ -162,9 +170,11 @@ def _check_corpus(params: TrajectoriesParams, chunks: CorpusChunks) -> None:
         )
 
 
-def _log_plan(params, sizes: Sizes, layers, num_chunks: int) -> int:
-    """Log bytes per window in both force spaces and the total; return the planned bytes."""
-    width = torch.finfo(DTYPES[params.storage_dtype]).bits // 8
+def _plan(
+    params: TrajectoriesParams, sizes: Sizes, layers: tuple[int, ...], num_chunks: int
+) -> ShardPlan:
+    """Log bytes per window in both force spaces; plan the chosen one."""
+    width = DTYPES[params.storage_dtype].itemsize
     for space in FORCE_SPACES:
         log.info(
             "trajectories: force space %-6s %s: %.0f bytes per window per layer "
@@ -176,45 +186,14 @@ def _log_plan(params, sizes: Sizes, layers, num_chunks: int) -> int:
             bytes_per_chunk(sizes, space, width) * len(layers) / 1e6,
             len(layers),
         )
-    total = bytes_per_chunk(sizes, params.force_space, width) * len(layers) * num_chunks
-    log.info(
-        "trajectories: %d chunks x %d windows of %d tokens + %d future positions through %s; "
-        "planned shards %.2f GB (%s, %s)",
-        num_chunks,
-        sizes.num_windows,
-        sizes.window_size,
-        sizes.num_queries,
-        params.model,
-        total / 1e9,
-        params.force_space,
-        params.storage_dtype,
+    return ShardPlan(
+        num_rows=num_chunks,
+        rows_per_shard=params.shard_rows,
+        planned_bytes=bytes_per_chunk(sizes, params.force_space, width) * len(layers) * num_chunks,
+        description=f"{num_chunks} chunks x {sizes.num_windows} windows of {sizes.window_size} "
+        f"tokens + {sizes.num_queries} future positions through {params.model} "
+        f"({params.force_space}, {params.storage_dtype})",
     )
-    return total
-
-
-def _fingerprint_inputs(params: TrajectoriesParams, corpus: Path) -> dict:
-    code = code_fingerprint(__name__)
-    values = {k: v for k, v in to_dict(params).items() if k not in RESULT_NEUTRAL}
-    return {"params": values, "corpus": sha256_file(corpus / MANIFEST), "code": code}
-
-
-def _loss_path(scratch: Scratch, index: int) -> Path:
-    return scratch.folder / f"loss-{index:05d}.json"
-
-
-def _write_loss(scratch: Scratch, index: int, loss_sum: float) -> None:
-    path = _loss_path(scratch, index)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps({"loss_sum": loss_sum}))
-    os.replace(tmp, path)
-
-
-def _pop_loss(scratch: Scratch, index: int) -> float:
-    """The shard's summed chunk losses; the file is removed so it is not published."""
-    path = _loss_path(scratch, index)
-    loss_sum = json.loads(path.read_text())["loss_sum"]
-    path.unlink()
-    return loss_sum
 
 
 def command(
@@ -224,7 +203,7 @@ def command(
 ) -> None:
     """Store K, V, future Q and LM-loss forces per layer into safetensors shards (resumable)."""
     stats = run(load_params(params, trajectories=TrajectoriesParams).trajectories, corpus, out)
-    typer.echo(f"trajectories: {stats}")
+    typer.echo(f"trajectories: {json.dumps(stats)}")
 
 
 if __name__ == "__main__":

@@ -1,12 +1,14 @@
 """Stage `activations`: token-level teacher hidden states over corpus chunks, in resumable shards.
 
-Reads the `corpus` artifact (chunk_id, token_ids; layout `pipeline/layouts.py`),
+Reads the `corpus` artifact (chunk_id, token_ids; `pipeline/inputs/corpus.py`),
 runs `activations.model` over each chunk and keeps, at each layer of
 `activations.layers`, every non-padding token (`positions: all`) or the last
 non-padding token of each chunk (`positions: last`). Writes shards of
-chunk_id, position, token_id, layer_<L> (layout `activations`) plus `manifest.json`.
-Padding is what the corpus manifest's `pad_token_id` marks; packed chunks have none.
-A killed run resumes from its finished shards (`pipeline/resume.py`).
+chunk_id, position, token_id, layer_<L> (layout `pipeline/sparse_autoencoder/layout.py`)
+plus `manifest.json`. Padding is what the corpus manifest's `pad_token_id` marks; packed
+chunks have none. A killed run resumes from its finished shards; under torchrun each
+rank computes its own shards and rank 0 writes the manifest
+(`pipeline/common/extraction.py`).
 
     python -m pipeline.cli activations --params params.yaml \
         --corpus data/corpus --out data/activations
@@ -14,29 +16,33 @@ A killed run resumes from its finished shards (`pipeline/resume.py`).
 
 from __future__ import annotations
 
-import logging
-import math
+import json
 import time
 from pathlib import Path
 from typing import Annotated
 
 import torch
 import typer
-from tqdm import tqdm
 
-from pipeline.common.code_deps import code_fingerprint
-from pipeline.common.distributed import process_group
-from pipeline.common.params import load_params, to_dict
-from pipeline.common.scratch import Scratch, owned_shards
-from pipeline.common.shards import MANIFEST, Manifest, layer_key, sha256_file
+from pipeline.common.extraction import (
+    ManifestAdditions,
+    Progress,
+    Shard,
+    ShardedExtraction,
+    ShardPlan,
+)
+from pipeline.common.params import load_params
+from pipeline.common.shards import MANIFEST, layer_key, sha256_file
 from pipeline.common.teacher import DTYPES, Teacher, load_teacher
 from pipeline.inputs.text_chunks import CorpusChunks
 from pipeline.sparse_autoencoder.layout import ACTIVATIONS
 from pipeline.sparse_autoencoder.params import ActivationsParams
 
-log = logging.getLogger(__name__)
 PARAMS = Path("params.yaml")
-RESULT_NEUTRAL = ("batch_size", "device")
+
+EXTRACTION = ShardedExtraction(
+    "activations", ACTIVATIONS, __name__, result_neutral=("batch_size", "device")
+)
 
 
 def chunk_activations(
@@ -98,33 +104,48 @@ def run(params: ActivationsParams, corpus: Path, out: Path) -> dict:
         layers_key="activations.layers",
     )
     rows_per_chunk = reader.chunk_tokens if params.positions == "all" else 1
-    chunks_per_shard = max(1, params.shard_rows // rows_per_chunk)
-    num_shards = math.ceil(num_chunks / chunks_per_shard)
-    _log_plan(params, num_chunks, rows_per_chunk, teacher)
+    row_bytes = teacher.hidden_size * len(params.layers) * DTYPES[params.storage_dtype].itemsize
+    plan = ShardPlan(
+        num_rows=num_chunks,
+        rows_per_shard=max(1, params.shard_rows // rows_per_chunk),
+        # At most: padding positions are planned but not stored.
+        planned_bytes=num_chunks * rows_per_chunk * row_bytes,
+        description=f"{num_chunks} chunks ({params.positions} tokens) through {params.model}, "
+        f"layers {list(params.layers)} of {teacher.num_layers}",
+    )
+    done = EXTRACTION.run(
+        params,
+        {"corpus": Path(corpus) / MANIFEST},
+        out,
+        plan,
+        lambda rows, progress: _chunk_shard(params, teacher, reader, rows, progress),
+        lambda shards: _describe(params, teacher, reader, corpus, num_chunks),
+    )
+    if not done.world.is_main:
+        return done.rank_stats
+    return {"chunks": num_chunks, "rows": done.manifest.rows} | done.stats(started)
 
-    with process_group() as world:
-        scratch = Scratch.for_output(out, _fingerprint_inputs(params, corpus))
-        owned = owned_shards(num_shards, world.rank, world.size)
-        reused = 0
-        with tqdm(total=num_chunks, unit="chunk", desc="activations") as bar:
-            for index in owned:
-                start = index * chunks_per_shard
-                stop = min(start + chunks_per_shard, num_chunks)
-                if scratch.completed(index) is not None:
-                    reused += 1
-                    bar.update(stop - start)
-                    continue
-                scratch.write(index, _shard(params, teacher, reader, start, stop, bar.update))
-        world.barrier()
-        if not world.is_main:
-            return {"rank": world.rank, "shards": len(owned), "reused_shards": reused}
-    records = scratch.all_records(num_shards)
 
-    rows = sum(r.rows for r in records)
-    manifest = Manifest(
-        kind=ACTIVATIONS,
-        params=to_dict(params),
-        shards=records,
+def _chunk_shard(
+    params: ActivationsParams,
+    teacher: Teacher,
+    reader: CorpusChunks,
+    rows: range,
+    progress: Progress,
+) -> Shard:
+    chunk_ids, tokens = reader.chunk_ids(rows.start, rows.stop), reader.read(rows.start, rows.stop)
+    chunk_index, position, token_id, acts = chunk_activations(
+        teacher, tokens, reader.pad_token_id, params.positions, params.batch_size, progress
+    )
+    storage = DTYPES[params.storage_dtype]
+    tensors = {"chunk_id": chunk_ids[chunk_index], "position": position, "token_id": token_id}
+    return Shard(tensors | {layer_key(layer): a.to(storage) for layer, a in acts.items()})
+
+
+def _describe(
+    params: ActivationsParams, teacher: Teacher, reader: CorpusChunks, corpus: Path, num_chunks: int
+) -> ManifestAdditions:
+    return ManifestAdditions(
         extra={
             "model": params.model,
             "revision": teacher.revision,
@@ -137,49 +158,7 @@ def run(params: ActivationsParams, corpus: Path, out: Path) -> dict:
             "pad_token_id": reader.pad_token_id,
             "storage_dtype": params.storage_dtype,
             "corpus_manifest_sha256": sha256_file(Path(corpus) / MANIFEST),
-        },
-    )
-    manifest.save(scratch.folder)
-    scratch.publish()
-    return {
-        "chunks": num_chunks,
-        "rows": rows,
-        "shards": num_shards,
-        "reused_shards": reused,
-        "world_size": world.size,
-        "seconds": round(time.perf_counter() - started, 2),
-    }
-
-
-def _shard(params, teacher, reader, start, stop, on_batch) -> dict[str, torch.Tensor]:
-    chunk_ids, tokens = reader.chunk_ids(start, stop), reader.read(start, stop)
-    chunk_index, position, token_id, acts = chunk_activations(
-        teacher, tokens, reader.pad_token_id, params.positions, params.batch_size, on_batch
-    )
-    storage = DTYPES[params.storage_dtype]
-    tensors = {"chunk_id": chunk_ids[chunk_index], "position": position, "token_id": token_id}
-    tensors |= {layer_key(layer): a.to(storage) for layer, a in acts.items()}
-    return tensors
-
-
-def _fingerprint_inputs(params: ActivationsParams, corpus: Path) -> dict:
-    code = code_fingerprint(__name__)
-    values = {k: v for k, v in to_dict(params).items() if k not in RESULT_NEUTRAL}
-    return {"params": values, "corpus": sha256_file(Path(corpus) / MANIFEST), "code": code}
-
-
-def _log_plan(params, num_chunks, rows_per_chunk, teacher) -> None:
-    bytes_per = torch.finfo(DTYPES[params.storage_dtype]).bits // 8
-    planned = num_chunks * rows_per_chunk * teacher.hidden_size * len(params.layers) * bytes_per
-    log.info(
-        "activations: %d chunks (%s tokens) through %s, layers %s of %d; planned shards "
-        "at most %.1f MB",
-        num_chunks,
-        params.positions,
-        params.model,
-        list(params.layers),
-        teacher.num_layers,
-        planned / 1e6,
+        }
     )
 
 
@@ -190,4 +169,4 @@ def command(
 ) -> None:
     """Dump token-level teacher activations over corpus chunks into safetensors shards."""
     stats = run(load_params(params, activations=ActivationsParams).activations, corpus, out)
-    typer.echo(f"activations: {stats}")
+    typer.echo(f"activations: {json.dumps(stats)}")

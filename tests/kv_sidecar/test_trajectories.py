@@ -1,4 +1,4 @@
-"""The trajectories stage: K/V/Q and forces against an independent reference, shards, resumption.
+"""The trajectories stage: K/V/Q and forces against an independent reference, shards, layout.
 
 The reference never uses `pipeline.trajectories`: it feeds the whole chunk to the
 model, takes the cross-entropy of the future positions' logits, reads the k/v/q
@@ -8,15 +8,7 @@ itself (HF's half-rotation convention, inv_freq = theta^(-2i/d)).
 
 from __future__ import annotations
 
-import ast
-import json
 import math
-import os
-import shutil
-import signal
-import subprocess
-import sys
-import time
 import types
 from pathlib import Path
 
@@ -26,7 +18,6 @@ import torch
 from pipeline.common.params import build
 from pipeline.common.scratch import SCRATCH
 from pipeline.common.shards import Manifest, read_shard
-from pipeline.common.teacher import TeacherLoadError
 from pipeline.inputs import corpus
 from pipeline.inputs.params import CorpusParams
 from pipeline.inputs.text_chunks import CorpusChunks
@@ -42,7 +33,6 @@ from pipeline.kv_sidecar.forces import (
 from pipeline.kv_sidecar.layout import TRAJECTORIES, trajectory_key
 from pipeline.kv_sidecar.params import TrajectoriesParams
 
-ROOT = Path(__file__).resolve().parents[2]
 GEOMETRY = dict(window_size=6, num_windows=2, num_queries=4)  # chunks of 12 + 4 + 1 tokens
 N, Q = 12, 4
 CHUNK = N + Q + 1
@@ -236,7 +226,7 @@ def test_kv_queries_are_the_hidden_space_queries_rotated(model64):
     assert torch.allclose(a, b, rtol=1e-10)
 
 
-# --- the stage: shards, manifest, GQA, errors, resumption ---
+# --- the stage: shards, manifest, GQA, bad input (resumption: tests/common/test_extraction.py) ---
 
 
 def traj_params(**overrides) -> TrajectoriesParams:
@@ -333,47 +323,11 @@ def test_stored_kvq_and_forces_equal_the_models_attention_gqa_included(kv_run, c
                 assert match == should_match, f"mapping {mapping} layer {layer}"
 
 
-def test_tampered_shard_is_refused(kv_run, tmp_path):
-    copy = shutil.copytree(kv_run, tmp_path / "copy")
-    shard = copy / "shard-00002.safetensors"
-    blob = bytearray(shard.read_bytes())
-    blob[len(blob) // 2] ^= 0x01
-    shard.write_bytes(bytes(blob))
-    manifest = Manifest.load(copy)
-    with pytest.raises(ValueError, match="shard-00002.safetensors is corrupt"):
-        read_shard(copy, manifest.shards[2])
-
-
-def test_layer_beyond_depth_is_refused_before_writing(corpus_dir, tmp_path):
-    with pytest.raises(ValueError, match=r"trajectories.layers holds \[4\].*4 decoder blocks"):
-        trajectories.run(traj_params(layers=(1, 4)), corpus_dir, tmp_path / "out")
-    assert not (tmp_path / "out").exists() and not (tmp_path / SCRATCH).exists()
-
-
 def test_corpus_of_another_geometry_or_model_is_refused(corpus_dir, tmp_path):
     with pytest.raises(ValueError, match="chunks of 17 tokens but trajectories needs .* 18"):
         trajectories.run(traj_params(num_queries=5), corpus_dir, tmp_path / "out")
     with pytest.raises(ValueError, match="tokenized for 'tiny:llama' but trajectories.model"):
         trajectories.run(traj_params(model="tiny:qwen3"), corpus_dir, tmp_path / "out")
-
-
-def test_unreachable_model_names_the_way_out(corpus_dir, tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    manifest = Manifest.load(corpus_dir)
-    manifest.extra["model"] = "no-such-org/no-such-model"
-    fake = tmp_path / "corpus"
-    shutil.copytree(corpus_dir, fake)
-    manifest.save(fake)
-    with pytest.raises(TeacherLoadError, match="(?s)no-such-org/no-such-model.*make demo"):
-        trajectories.run(traj_params(model="no-such-org/no-such-model"), fake, tmp_path / "out")
-
-
-def test_result_neutral_knobs_keep_the_fingerprint_and_others_change_it(corpus_dir):
-    base = trajectories._fingerprint_inputs(traj_params(), corpus_dir)
-    same = traj_params(batch_size=1, device="cpu")
-    assert trajectories._fingerprint_inputs(same, corpus_dir) == base
-    for change in ({"layers": (0,)}, {"force_space": "hidden"}, {"storage_dtype": "bfloat16"}):
-        assert trajectories._fingerprint_inputs(traj_params(**change), corpus_dir) != base
 
 
 def test_batch_size_does_not_change_the_values(corpus_dir, tmp_path, kv_run):
@@ -416,86 +370,6 @@ def test_kv_forces_are_over_10x_smaller_per_kv_head_at_tinyllama_size():
     assert math.prod(hidden_force) / (2 * math.prod(kv_force)) == 4
     ratio = bytes_per_window(s, "hidden", 2, True) / bytes_per_window(s, "kv", 2, True)
     assert ratio == 3.4
-
-
-# --- resumption ---
-
-SCRIPT = """
-import json, sys
-from pathlib import Path
-from pipeline.common.params import build
-from pipeline.kv_sidecar.params import TrajectoriesParams
-from pipeline.kv_sidecar import trajectories
-params = build(TrajectoriesParams, json.loads(sys.argv[1]), "trajectories")
-print(trajectories.run(params, Path(sys.argv[2]), Path(sys.argv[3])))
-"""
-
-
-@pytest.mark.slow
-def test_sigkill_then_rerun_matches_an_uninterrupted_run(tmp_path):
-    source = tmp_path / "corpus"
-    corpus.run(
-        CorpusParams(source="builtin", model="tiny:llama", chunk_tokens=CHUNK, max_chunks=48),
-        source,
-    )
-    raw = json.dumps(GEOMETRY | dict(model="tiny:llama", layers="all", max_chunks=48,
-                     compute_dtype="float32", shard_rows=2, batch_size=1))  # fmt: skip
-    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-
-    def cmd(out: Path) -> list[str]:
-        return [sys.executable, "-c", SCRIPT, raw, str(source), str(out)]
-
-    out = tmp_path / "killed" / "trajectories"
-    proc = subprocess.Popen(cmd(out), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)  # fmt: skip
-    scratch = out.parent / SCRATCH
-    deadline = time.time() + 300
-    while time.time() < deadline and not list(scratch.glob("*/shard-00001.safetensors.json")):
-        time.sleep(0.005)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    finished = len(list(scratch.glob("*/shard-*.json")))
-    assert not out.exists() and 0 < finished < 24, f"kill landed after {finished} of 24 shards"
-
-    rerun = subprocess.run(cmd(out), cwd=ROOT, env=env, capture_output=True, text=True, check=True)
-    stats = ast.literal_eval(rerun.stdout.strip().splitlines()[-1])
-    assert stats["reused_shards"] >= finished - 1 and stats["reused_shards"] > 0
-    assert not scratch.exists()
-
-    clean = tmp_path / "clean" / "trajectories"
-    subprocess.run(cmd(clean), cwd=ROOT, env=env, check=True, capture_output=True)
-    killed, reference = Manifest.load(out), Manifest.load(clean)
-    assert [s.sha256 for s in killed.shards] == [s.sha256 for s in reference.shards]
-    assert killed.extra == reference.extra
-    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in clean.iterdir())
-
-
-@pytest.mark.slow
-def test_torchrun_world_size_two_writes_the_same_shards_as_one_process(tmp_path, corpus_dir):
-    script = tmp_path / "run_trajectories.py"
-    script.write_text(SCRIPT)
-    raw = json.dumps(GEOMETRY | dict(model="tiny:llama", layers=[1, 2], max_chunks=12,
-                     compute_dtype="float32", shard_rows=4, batch_size=2))  # fmt: skip
-    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    args = [str(script), raw, str(corpus_dir)]
-    subprocess.run([sys.executable, *args, str(tmp_path / "one")], cwd=ROOT, env=env, check=True,
-                   capture_output=True)  # fmt: skip
-    torchrun = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node",
-        "2",
-    ]
-    done = subprocess.run([*torchrun, *args, str(tmp_path / "two")], cwd=ROOT, env=env,
-                          capture_output=True, text=True)  # fmt: skip
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert "'world_size': 2" in done.stdout and "'rank': 1" in done.stdout
-    one, two = Manifest.load(tmp_path / "one"), Manifest.load(tmp_path / "two")
-    assert len(one.shards) == 3
-    assert [s.sha256 for s in one.shards] == [s.sha256 for s in two.shards]
-    assert one.extra == two.extra
 
 
 def test_layers_take_a_list_or_all_and_name_the_key_otherwise():
