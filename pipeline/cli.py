@@ -1,4 +1,4 @@
-"""Command line: one command per DVC stage, plus helpers for the tiny profile.
+"""Command line: one command per DVC stage, plus `demo`.
 
     python -m pipeline.cli --help
     python -m pipeline.cli directions --help
@@ -19,6 +19,7 @@ import typer
 
 # Command name -> module whose `command` implements it.
 STAGES = {
+    "teachers": "pipeline.inputs.teachers",
     "wordlist": "pipeline.inputs.wordlist",
     "directions": "pipeline.concepts.directions",
     "distill": "pipeline.concepts.distill",
@@ -33,7 +34,6 @@ STAGES = {
 }
 # Helper commands outside the DAG, likewise by module.
 HELPERS = {
-    "build-tiny": "pipeline.inputs.tiny_models",
     "demo": "pipeline.demo",
 }
 COMMANDS = STAGES | HELPERS

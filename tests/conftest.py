@@ -11,6 +11,8 @@ import torch
 from pipeline.common.params import Sections, sections_from_dict
 from pipeline.common.shards import Manifest, shard_name
 from pipeline.concepts.layout import KIND, write_shard_rows, write_side_files
+from pipeline.inputs.tiny_models import RECIPES
+from tests.tiny_teachers import tiny_teacher
 
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -30,6 +32,22 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def tiny_teachers() -> dict[str, Path]:
+    """Recipe -> model folder of each tiny teacher (what stage `teachers` writes)."""
+    return {recipe: Path(tiny_teacher(recipe)) for recipe in RECIPES}
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_path() -> str:
+    return tiny_teacher("qwen3")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_path() -> str:
+    return tiny_teacher("llama")
 
 
 def build_params(**sections) -> Sections:

@@ -1,17 +1,14 @@
-"""`pipeline.cli`: help for every command, params errors before any output, `build-tiny` by path."""
+"""`pipeline.cli`: help for every command, params errors before any output."""
 
 from __future__ import annotations
 
 import re
 
 import pytest
-import torch
 import typer
-from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
 from pipeline.cli import app
-from pipeline.inputs.tiny_models import build_tiny
 
 # Each command's own options (besides --help); dvc.yaml passes these.
 OPTIONS = {
@@ -29,7 +26,7 @@ OPTIONS = {
     ],
     "mcdata": ["--out", "--wordlist", "--params"],
     "steering": ["--mcdata", "--out", "--metrics", "--table", "--params"],
-    "build-tiny": ["--out", "--model"],
+    "teachers": ["--out", "--params"],
     "demo": ["--workspace"],
 }
 # Required path options of each stage command, all pointing at files that do not exist.
@@ -98,36 +95,3 @@ def test_missing_params_file_fails_with_its_name(tmp_path):
     assert result.exit_code != 0
     assert isinstance(result.exception, FileNotFoundError)
     assert str(missing) in str(result.exception)
-
-
-def test_build_tiny_rejects_an_unknown_model(tmp_path):
-    result = invoke("build-tiny", "--out", str(tmp_path / "m"), "--model", "tiny:nope")
-    assert result.exit_code != 0
-    assert "unknown tiny model 'tiny:nope'" in str(result.exception)
-    assert not (tmp_path / "m").exists()
-
-
-def test_build_tiny_writes_a_folder_that_loads_by_path(tmp_path):
-    out = tmp_path / "tiny-qwen3"
-    result = invoke("build-tiny", "--out", str(out))
-    assert result.exit_code == 0, result.output
-    assert f"wrote {out}" in result.output
-    assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
-
-    model = AutoModelForCausalLM.from_pretrained(out, local_files_only=True).eval()
-    tokenizer = AutoTokenizer.from_pretrained(out, local_files_only=True)
-    reference, reference_tokenizer = build_tiny("tiny:qwen3")
-    assert type(model) is type(reference)
-    assert model.dtype == torch.float32
-    assert tokenizer.get_vocab() == reference_tokenizer.get_vocab()
-    assert (tokenizer.pad_token, tokenizer.eos_token) == ("<|pad|>", "<|endoftext|>")
-
-    texts = ["apple", "The word: river"]
-    batch = tokenizer(texts, return_tensors="pt", padding=True)
-    expected = reference_tokenizer(texts, return_tensors="pt", padding=True)
-    assert torch.equal(batch["input_ids"], expected["input_ids"])
-    with torch.no_grad():
-        logits = model(**batch).logits  # (B, T, V)
-        reference_logits = reference(**expected).logits
-    assert logits.shape == (2, batch["input_ids"].shape[1], len(reference_tokenizer))
-    torch.testing.assert_close(logits, reference_logits, rtol=0, atol=0)

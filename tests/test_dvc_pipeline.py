@@ -26,7 +26,11 @@ RUNS = {
 
 
 BRANCH_STAGES = {"corpus", "trajectories", "sidecar", "activations", "sae", "mcdata", "steering"}
-ALL_STAGES = {"wordlist", "directions", "evaluate"} | {f"distill@{n}" for n in RUNS} | BRANCH_STAGES
+ALL_STAGES = (
+    {"teachers", "wordlist", "directions", "evaluate"}
+    | {f"distill@{n}" for n in RUNS}
+    | BRANCH_STAGES
+)
 
 
 def small_profile(path: Path) -> Path:
@@ -144,3 +148,42 @@ def test_branch_params_rerun_only_their_own_stage(repo):
     assert steering["layers"] == [1, 2]
     sae = json.loads((repo / "data" / "sae" / "config.json").read_text())
     assert sae["topk"] == 8 and sae["sae"]["topk"] == 8
+
+
+def changed_stages(workspace: Path) -> set[str]:
+    return set(json.loads(dvc(workspace, "status", "--json")))
+
+
+@pytest.mark.parametrize(
+    ("module", "expected"),
+    [
+        ("pipeline/kv_sidecar/losses.py", {"sidecar"}),
+        ("pipeline/concepts/students.py", {f"distill@{n}" for n in RUNS} | {"evaluate"}),
+        ("pipeline/common/scratch.py", {"directions", "trajectories", "activations"}),
+    ],
+)
+def test_a_code_edit_invalidates_exactly_the_stages_that_run_it(repo, module, expected):
+    before = changed_stages(repo)
+    source = repo / module
+    original = source.read_text()
+    source.write_text(original + "\n# an edit\n")
+    try:
+        assert changed_stages(repo) - before == expected
+    finally:
+        source.write_text(original)
+    assert changed_stages(repo) == before
+
+
+def test_editing_the_tiny_builder_reruns_only_the_teachers_stage(repo):
+    """The builder is no dep of any extraction: its edit re-runs `teachers`, whose model
+    folders come out byte-identical, so DVC has nothing else to re-run."""
+    source = repo / "pipeline/inputs/tiny_models.py"
+    original = source.read_text()
+    source.write_text(original + "\n# an edit that changes no weight\n")
+    try:
+        assert stages_run(dvc(repo, "repro")) == {"teachers"}
+    finally:
+        source.write_text(original)
+    # Back to the committed code: DVC's run cache restores `teachers` without running it.
+    assert stages_run(dvc(repo, "repro")) == set()
+    assert changed_stages(repo) == set()

@@ -34,6 +34,7 @@ DType = Literal["float32", "bfloat16", "float16"]
 
 # Section name -> "module:Class". Every top-level key of params.yaml is one of these.
 SECTIONS = {
+    "teachers": "pipeline.inputs.params:TeachersParams",
     "wordlist": "pipeline.inputs.params:WordlistParams",
     "corpus": "pipeline.inputs.params:CorpusParams",
     "directions": "pipeline.concepts.params:DirectionsParams",

@@ -1,4 +1,4 @@
-"""Load a teacher (hub id, local path or `tiny:*`) cut at its deepest needed layer.
+"""Load a teacher (hub id or local path) cut at its deepest needed layer.
 
 The loaded module is the base model (no LM head) with its layer list truncated
 to the deepest requested layer, so a forward costs layers 1..L only. Indices
@@ -28,7 +28,6 @@ from transformers import (
 )
 
 from pipeline.common.devices import resolve_device
-from pipeline.inputs.tiny_models import build_tiny, is_tiny
 
 # Where the transformer blocks and the final norm live, across HF families.
 _LAYER_PATHS = ("layers", "encoder.layer", "h", "decoder.layers", "transformer.h")
@@ -196,9 +195,6 @@ def load_causal_lm(
 
 
 def _load(model_id: str, revision: str | None, dtype: torch.dtype, causal: bool = False):
-    if is_tiny(model_id):
-        model, tokenizer = build_tiny(model_id)
-        return (model if causal else model.base_model), tokenizer
     auto = AutoModelForCausalLM if causal else AutoModel
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_id, revision=revision)

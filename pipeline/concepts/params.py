@@ -13,7 +13,7 @@ Approach = Literal["trainable", "frozen_mlp", "linear_probe"]
 @dataclass(frozen=True)
 class DirectionsParams:
     model: str = "Qwen/Qwen3-0.6B"
-    """A Hugging Face hub id, a local directory, or `tiny:qwen3` (built offline)."""
+    """A Hugging Face hub id or a local model folder (tiny profile: data/teachers/tiny-qwen3)."""
     revision: str = "main"
     layers: tuple[int, ...] = (14,)
     """HF `hidden_states` indices: 0 is the embedding output, L the output of layer L."""

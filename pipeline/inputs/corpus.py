@@ -1,8 +1,8 @@
 """Stage `corpus`: documents tokenized into fixed-length chunks for the token-level branches.
 
 Reads the `corpus` section of params.yaml and its source (builtin text, a Hugging
-Face dataset, or local files; `pipeline/corpus.py`). Writes `<out>/shard-*.safetensors`
-(chunk_id int64 (R,), token_ids int64 (R, chunk_tokens); layout: `pipeline/layouts.py`)
+Face dataset, or local files; `pipeline/inputs/text_chunks.py`). Writes `<out>/shard-*.safetensors`
+(chunk_id int64 (R,), token_ids int64 (R, chunk_tokens); layout: `pipeline/inputs/text_chunks.py`)
 and `manifest.json` whose `extra` holds model, revision, chunk_tokens, num_chunks,
 source and the document/token counts. Everything is written into a temporary folder
 renamed to `<out>` when complete, so a killed run leaves no partial corpus.
@@ -12,6 +12,7 @@ renamed to `<out>` when complete, so a killed run leaves no partial corpus.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -104,7 +105,7 @@ def command(
 ) -> None:
     """Tokenize the corpus source into fixed-length chunks (safetensors shards)."""
     stats = run(load_params(params, corpus=CorpusParams).corpus, out)
-    typer.echo(f"corpus: {stats}")
+    typer.echo(f"corpus: {json.dumps(stats)}")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Params of the shared inputs: sections `wordlist` and `corpus`."""
+"""Params of the shared inputs: sections `wordlist`, `corpus` and `teachers`."""
 
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ class CorpusParams:
     `hf`: a Hugging Face dataset, streamed (needs `pip install datasets` and the hub);
     `files`: local UTF-8 text files matched by `files`, one document per file."""
     model: str = "TinyLlama/TinyLlama-1.1B-Chat-v1.0"
-    """Whose tokenizer: a hub id, a local directory, or `tiny:llama`."""
+    """Whose tokenizer: a hub id or a local model folder."""
     revision: str = "main"
     dataset: str = "HuggingFaceFW/fineweb-edu"
     dataset_config: str | None = "sample-10BT"
@@ -62,3 +62,21 @@ class CorpusParams:
         positive("corpus.shard_rows", self.shard_rows)
         if self.chunk_tokens < 2:
             raise ValueError(f"corpus.chunk_tokens must be >= 2, got {self.chunk_tokens}")
+
+
+TinyRecipe = Literal["qwen3", "llama"]
+
+
+@dataclass(frozen=True)
+class TeachersParams:
+    """Section `teachers`: random-weight teachers built locally (stage `teachers`)."""
+
+    tiny: dict[str, TinyRecipe] = field(default_factory=dict)
+    """Folder name -> recipe: `qwen3` (a small Qwen3ForCausalLM) or `llama` (a small
+    LlamaForCausalLM with grouped-query attention). Each becomes data/teachers/<name>,
+    loaded by path. Empty in the real experiment, which loads pretrained models."""
+
+    def __post_init__(self) -> None:
+        for name in self.tiny:
+            if not name or "/" in name or name.startswith("."):
+                raise ValueError(f"teachers.tiny key {name!r} must be a plain folder name")

@@ -11,7 +11,7 @@ EOS; the stream is cut into consecutive chunks of `chunk_tokens` tokens (a chunk
 may span documents, the EOS marks the seam; there is no BOS). Tokens in no chunk
 (the tail shorter than one chunk) are counted.
 
-    tokenizer = load_tokenizer("tiny:llama", "main")
+    tokenizer = load_tokenizer("data/teachers/tiny-llama", "main")
     chunks = list(cut_chunks(builtin_documents(seed=0), tokenizer, 273, 8))  # 8 x 273 ids
     corpus = CorpusChunks(Path("data/corpus"))  # hash-checked
     corpus.read(0, 8), corpus.chunk_ids(0, 8)  # (8, chunk_tokens), (8,) int64
@@ -24,7 +24,6 @@ The `corpus` artifact (kind "corpus"), written by stage `corpus`:
 
 from __future__ import annotations
 
-import functools
 import glob
 import itertools
 import random
@@ -38,7 +37,6 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from pipeline.common.shards import Manifest, read_shard
 from pipeline.common.teacher import TeacherLoadError
 from pipeline.inputs.params import CorpusParams
-from pipeline.inputs.tiny_models import PREFIX, RECIPES, is_tiny, train_tokenizer
 
 BUILTIN_WORDS = 5_000
 """The builtin source draws from this many of wordfreq's most frequent English words."""
@@ -118,13 +116,7 @@ def documents(params: CorpusParams) -> Iterator[str]:
 
 
 def load_tokenizer(model_id: str, revision: str | None) -> PreTrainedTokenizerBase:
-    """The tokenizer of `model_id` (hub id, local folder or `tiny:*`), without the model."""
-    if is_tiny(model_id):
-        if model_id.removeprefix(PREFIX) not in RECIPES:
-            raise ValueError(
-                f"unknown tiny model {model_id!r}; known: {', '.join(PREFIX + k for k in RECIPES)}"
-            )
-        return _tiny_tokenizer()
+    """The tokenizer of `model_id` (hub id or local folder), without the model."""
     try:
         return AutoTokenizer.from_pretrained(model_id, revision=revision)
     except (OSError, ValueError) as err:
@@ -134,12 +126,6 @@ def load_tokenizer(model_id: str, revision: str | None) -> PreTrainedTokenizerBa
             "local copy (e.g. `huggingface-cli download TinyLlama/TinyLlama-1.1B-Chat-v1.0 "
             "--local-dir models/tinyllama`), or run `make demo` for the offline tiny profile."
         ) from err
-
-
-@functools.cache
-def _tiny_tokenizer() -> PreTrainedTokenizerBase:
-    # Seconds to train; identical every time. Read-only here (no padding is ever set).
-    return train_tokenizer()
 
 
 @dataclass

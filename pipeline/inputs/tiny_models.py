@@ -1,21 +1,20 @@
 """Tiny teachers built offline and deterministically, for the tiny profile and tests.
 
-`tiny:qwen3` is a `Qwen3ForCausalLM` from a small `Qwen3Config`, `tiny:llama` a
+Recipe `qwen3` is a `Qwen3ForCausalLM` from a small `Qwen3Config`, `llama` a
 `LlamaForCausalLM` with grouped-query attention like TinyLlama; both have random
 weights (seeded) and a byte-level BPE tokenizer trained here on the wordfreq
-English list. Same architecture code paths as the real models, no network.
+English list. Same architecture code paths as the real models, no network. Stage
+`teachers` saves them as model folders, which every other stage loads by path.
 
-    model, tokenizer = build_tiny("tiny:qwen3")
-    save_tiny("tiny:qwen3", Path("models/tiny-qwen3"))  # then load it by path
+    model, tokenizer = build_tiny("qwen3")
+    save_tiny("qwen3", Path("data/teachers/tiny-qwen3"))  # then load it by path
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
 
 import torch
-import typer
 import wordfreq
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
@@ -27,16 +26,11 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
-PREFIX = "tiny:"
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
 TOKENIZER_WORDS = 30_000
 TOKENIZER_VOCAB = 2_048
 SEED = 1234
-
-
-def is_tiny(model_id: str) -> bool:
-    return model_id.startswith(PREFIX)
 
 
 def tiny_qwen3_config(vocab_size: int) -> Qwen3Config:
@@ -91,13 +85,11 @@ def train_tokenizer(vocab_size: int = TOKENIZER_VOCAB) -> PreTrainedTokenizerFas
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOS, pad_token=PAD)
 
 
-def build_tiny(model_id: str) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
-    name = model_id.removeprefix(PREFIX)
-    if name not in RECIPES:
-        raise ValueError(
-            f"unknown tiny model {model_id!r}; known: {', '.join(PREFIX + k for k in RECIPES)}"
-        )
-    make_config, model_class = RECIPES[name]
+def build_tiny(recipe: str) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+    """The causal LM of `recipe` (a key of RECIPES) with seeded weights, and its tokenizer."""
+    if recipe not in RECIPES:
+        raise ValueError(f"unknown tiny teacher recipe {recipe!r}; known: {', '.join(RECIPES)}")
+    make_config, model_class = RECIPES[recipe]
     tokenizer = train_tokenizer()
     config = make_config(len(tokenizer))
     config.pad_token_id = tokenizer.pad_token_id
@@ -109,18 +101,10 @@ def build_tiny(model_id: str) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]
     return model, tokenizer
 
 
-def save_tiny(model_id: str, out: Path) -> Path:
+def save_tiny(recipe: str, out: Path) -> Path:
     """Write a tiny teacher as a normal HF model directory (loadable by path)."""
-    model, tokenizer = build_tiny(model_id)
+    model, tokenizer = build_tiny(recipe)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
-
-
-def command(
-    out: Annotated[Path, typer.Option(help="Folder to write the model and tokenizer to.")],
-    model: Annotated[str, typer.Option(help="Which tiny teacher to build.")] = "tiny:qwen3",
-) -> None:
-    """Save a tiny teacher as an ordinary HF model folder (then load it by path)."""
-    typer.echo(f"wrote {save_tiny(model, out)}")

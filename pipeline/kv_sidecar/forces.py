@@ -90,7 +90,7 @@ class Sizes:
 
 
 def layer_shapes(sizes: Sizes, force_space: ForceSpace) -> dict[str, tuple[int, ...]]:
-    """Shape of one chunk's row of each tensor stored for one layer (`pipeline/layouts.py`)."""
+    """Shape of one chunk's row of each tensor stored for one layer (`pipeline/kv_sidecar/layout.py`)."""
     n, q = sizes.window_tokens, sizes.num_queries
     kv = (n, sizes.n_kv_heads, sizes.head_dim)
     shapes = {"keys": kv, "values": kv, "queries": (q, sizes.n_heads, sizes.head_dim)}
@@ -199,7 +199,7 @@ def trajectory_batch(
     force_space: ForceSpace,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Stored tensors of a batch of chunks (B, chunk_tokens) for each layer, named as in
-    `pipeline/layouts.py` (detached, compute dtype, on the model's device), and the (B,)
+    `pipeline/kv_sidecar/layout.py` (detached, compute dtype, on the model's device), and the (B,)
     per-chunk LM losses. One forward and one backward for the whole batch."""
     if chunks.dim() != 2 or chunks.shape[1] != sizes.chunk_tokens:
         raise ValueError(

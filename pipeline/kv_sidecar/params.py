@@ -93,7 +93,7 @@ class SidecarParams:
     """Section `sidecar`: the seed-003 KV sidecar, its losses and its training.
 
     Every loss term is a weight, so the seed's v1, v2 and v3 are param presets
-    (`pipeline.sidecar_losses.PRESETS`); the defaults are v3.
+    (`pipeline.kv_sidecar.losses.PRESETS`); the defaults are v3.
     """
 
     READS: ClassVar = ("trajectories",)

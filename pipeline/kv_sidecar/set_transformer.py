@@ -8,7 +8,7 @@ into one super-token (k, v), and its training loop (step / evaluate / fit / load
       -> k_cg (B, W, d), v_cg (B, W, d)
 
 Queries attend over the W super-tokens instead of the W*S dense tokens; the losses
-(`pipeline.sidecar_losses`) compare the two attentions, the baseline compressor is
+(`pipeline.kv_sidecar.losses`) compare the two attentions, the baseline compressor is
 each window's mean K and mean V.
 
     model = build_sidecar(params, head_dim=64)

@@ -1,6 +1,6 @@
 """Streaming reader of one layer of a trajectories folder, as sidecar samples.
 
-A sample is one (chunk, KV head) pair (layout: `pipeline/layouts.py`):
+A sample is one (chunk, KV head) pair (layout: `pipeline/kv_sidecar/layout.py`):
 
     keys, values  (N, d)       N = num_windows * window_size dense tokens of that KV head
     queries       (M, d)       M = num_queries * group: the future queries of every query

@@ -9,7 +9,7 @@ renormalized after every step, so the L1 term cannot be dodged by shrinking code
 and growing the decoder.
 
     model = SparseAutoencoder(dim=64, features=256, topk=16, layer_norm=True, seed=0)
-    result = fit_sae(model, source, params, seed=0)  # source: pipeline.activation_sources
+    result = fit_sae(model, source, params, seed=0)  # source: pipeline.sparse_autoencoder.sources
     save_sae(model, config, Path("data/sae"))
 """
 

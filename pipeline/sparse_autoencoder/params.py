@@ -18,7 +18,7 @@ class ActivationsParams:
     READS: ClassVar = ("corpus",)
 
     model: str = "TinyLlama/TinyLlama-1.1B-Chat-v1.0"
-    """Teacher run over the chunks: a hub id, a local directory, or `tiny:llama`. Must equal
+    """Teacher run over the chunks: a hub id or a local model folder. Must equal
     `corpus.model`: the chunks are token ids of that model's tokenizer."""
     revision: str = "main"
     layers: tuple[int, ...] = (11, 22)

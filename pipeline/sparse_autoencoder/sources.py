@@ -2,10 +2,10 @@
 
 Two sources share one interface, so the SAE never cares which it reads:
 
-- `DirectionsSource`: the `directions` dump (`pipeline/data.py`), one direction
+- `DirectionsSource`: the `directions` dump (`pipeline/concepts/layout.py`), one direction
   (activation - train mean) per concept; item = (concept_id, -1); eval rows are
   the val and test splits; an exemplar is the concept's text (wordlist parquet).
-- `TokenSource`: the token-level `activations` dump (`pipeline/layouts.py`), one
+- `TokenSource`: the token-level `activations` dump (`pipeline/sparse_autoencoder/layout.py`), one
   hidden state per token; item = (chunk_id, position); eval rows are the chunks a
   stable hash of chunk_id puts in the held-out share; an exemplar is a text span
   decoded from the corpus chunk, the activating token in [[brackets]].

@@ -80,7 +80,7 @@ class SteeringParams:
     READS: ClassVar = ("mcdata",)
 
     model: str = "Qwen/Qwen3-0.6B"
-    """A causal LM: Hugging Face hub id, local directory, or `tiny:qwen3`."""
+    """A causal LM: Hugging Face hub id or local model folder."""
     revision: str = "main"
     dtype: DType = "bfloat16"
     """Compute dtype of the frozen model; v and the scales stay float32."""

@@ -95,3 +95,10 @@ def test_every_cli_stage_is_a_dvc_stage_and_stages_do_not_import_each_other():
     for name, module in modules.items():
         others = set(stage_files.values()) - {stage_files[name]}
         assert not others & set(stage_closure(module)), name
+
+
+def test_the_tiny_teacher_builder_runs_in_stage_teachers_only():
+    """Editing the demo's model builder must not re-run a real extraction."""
+    for stage, module in stage_modules().items():
+        runs_builder = "pipeline/inputs/tiny_models.py" in stage_closure(module)
+        assert runs_builder == (stage == "teachers"), stage

@@ -33,6 +33,7 @@ from pipeline.kv_sidecar import trajectories
 from pipeline.kv_sidecar.params import TrajectoriesParams
 from pipeline.sparse_autoencoder import activations
 from pipeline.sparse_autoencoder.params import ActivationsParams
+from tests.tiny_teachers import tiny_teacher
 
 ROOT = Path(__file__).resolve().parents[2]
 CHUNK = 17  # trajectories: 2 windows of 6 tokens + 4 future positions + 1
@@ -45,8 +46,10 @@ class Stage:
 
     module: ModuleType
     params_class: type
-    base: dict
-    """Params of a quick run with at least 3 shards."""
+    recipe: str
+    """The tiny teacher it runs (`tiny_teacher(recipe)` is its model folder)."""
+    settings: dict
+    """With the teacher: params of a quick run with at least 3 shards."""
     many_shards: dict
     """Params of a run long enough (tens of shards) for a kill to land inside it."""
     neutral: dict
@@ -57,6 +60,10 @@ class Stage:
     too_deep_error: str
     input_kind: str  # "wordlist" or "corpus"
     seeds: dict = field(default_factory=dict)
+
+    @property
+    def base(self) -> dict:
+        return {"model": tiny_teacher(self.recipe)} | self.settings
 
     @property
     def name(self) -> str:
@@ -74,20 +81,22 @@ STAGES = [
     Stage(
         directions,
         DirectionsParams,
-        base=dict(model="tiny:qwen3", layers=(2, 4), compute_dtype="float32", shard_rows=3,
+        "qwen3",
+        settings=dict(layers=(2, 4), compute_dtype="float32", shard_rows=3,
                   batch_size=4, templates=("{concept}", 'The word "{concept}" means')),
         many_shards=dict(layers=(2,), shard_rows=16,
                          templates=("{concept}", "The word {concept}", "A {concept}")),
         neutral=dict(batch_size=1, device="cpu", padding_side="right"),
         changed=dict(layers=(2,)),
         too_deep=dict(layers=(2, 9)),
-        too_deep_error=r"directions\.layers holds \[9\] but tiny:qwen3 has 4 layers",
+        too_deep_error=r"directions\.layers holds \[9\] but \S*tiny-qwen3 has 4 layers",
         input_kind="wordlist",
     ),
     Stage(
         trajectories,
         TrajectoriesParams,
-        base=GEOMETRY | dict(model="tiny:llama", layers=(0, 3), max_chunks=10, shard_rows=3,
+        "llama",
+        settings=GEOMETRY | dict(layers=(0, 3), max_chunks=10, shard_rows=3,
                              compute_dtype="float32", batch_size=2),
         many_shards=dict(layers="all", max_chunks=48, shard_rows=2, batch_size=1),
         neutral=dict(batch_size=1, device="cpu"),
@@ -99,13 +108,14 @@ STAGES = [
     Stage(
         activations,
         ActivationsParams,
-        base=dict(model="tiny:llama", layers=(2, 4), positions="all", compute_dtype="float32",
+        "llama",
+        settings=dict(layers=(2, 4), positions="all", compute_dtype="float32",
                   shard_rows=2 * CHUNK, batch_size=2, max_chunks=10),
         many_shards=dict(layers=(1, 2, 3, 4), max_chunks=48, shard_rows=CHUNK, batch_size=1),
         neutral=dict(batch_size=1, device="cpu"),
         changed=dict(layers=(2,)),
         too_deep=dict(layers=(2, 9)),
-        too_deep_error=r"activations\.layers holds \[9\] but tiny:llama has 4 layers",
+        too_deep_error=r"activations\.layers holds \[9\] but \S*tiny-llama has 4 layers",
         input_kind="corpus",
     ),
 ]  # fmt: skip
@@ -136,7 +146,11 @@ def make_input(kind: str, folder: Path, variant: int, size: str) -> Path:
         return folder / CONCEPTS_FILE
     count = {"small": 12, "large": 48}[size]
     params = CorpusParams(
-        source="builtin", model="tiny:llama", chunk_tokens=CHUNK, max_chunks=count, seed=variant
+        source="builtin",
+        model=tiny_teacher("llama"),
+        chunk_tokens=CHUNK,
+        max_chunks=count,
+        seed=variant,
     )
     corpus.run(params, folder / "corpus")
     return folder / "corpus"

@@ -18,8 +18,9 @@ from pipeline.concepts.concept_vectors import pool
 from pipeline.concepts.layout import DirectionSet
 from pipeline.concepts.params import DirectionsParams
 from pipeline.inputs.params import WordlistParams
-from pipeline.inputs.tiny_models import build_tiny, save_tiny
+from pipeline.inputs.tiny_models import build_tiny
 from pipeline.inputs.words import SCHEMA, concepts_table
+from tests.tiny_teachers import tiny_teacher
 
 # Mixed lengths: one-token words next to words the tiny BPE splits into several.
 WORDS = ["time", "the", "thunderstorm", "cat", "photosynthesis", "run", "blue", "extraordinary"]
@@ -40,7 +41,7 @@ def write_wordlist(path: Path, words: list[str]) -> Path:
 
 def tiny_params(**overrides) -> DirectionsParams:
     base = dict(
-        model="tiny:qwen3",
+        model=tiny_teacher("qwen3"),
         layers=(2, 4),
         templates=TEMPLATES,
         compute_dtype="float32",
@@ -58,7 +59,7 @@ def stored_activations(folder: Path, layer: int) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def tiny_model():
-    model, tokenizer = build_tiny("tiny:qwen3")
+    model, tokenizer = build_tiny("qwen3")
     return model, tokenizer
 
 
@@ -115,16 +116,6 @@ def test_pooling_last_and_mean_on_a_hand_built_batch():
     assert pool(hidden, right, "mean").flatten().tolist() == [0.5, 4.0]
 
 
-def test_local_path_gives_the_same_vectors_as_the_builtin(tmp_path):
-    wordlist = write_wordlist(tmp_path / "concepts.parquet", WORDS[:4])
-    local = save_tiny("tiny:qwen3", tmp_path / "tiny-qwen3")
-    directions.run(tiny_params(), wordlist, tmp_path / "a")
-    directions.run(tiny_params(model=str(local)), wordlist, tmp_path / "b")
-    assert torch.allclose(
-        stored_activations(tmp_path / "a", 2), stored_activations(tmp_path / "b", 2)
-    )
-
-
 def test_empty_wordlist_is_refused(tmp_path):
     wordlist = write_wordlist(tmp_path / "concepts.parquet", [])
     with pytest.raises(ValueError, match="holds no concepts"):
@@ -132,7 +123,7 @@ def test_empty_wordlist_is_refused(tmp_path):
 
 
 def test_teacher_stops_at_the_deepest_layer_without_lm_head():
-    teacher = load_teacher("tiny:qwen3", None, (1, 2))
+    teacher = load_teacher(tiny_teacher("qwen3"), None, (1, 2))
     assert len(teacher.model.layers) == 2 and teacher.num_layers == 4
     assert not any("lm_head" in name for name, _ in teacher.model.named_modules())
     assert isinstance(teacher.model.norm, torch.nn.Identity)  # hidden_states[2] is pre-norm

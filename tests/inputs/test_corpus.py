@@ -26,13 +26,21 @@ from pipeline.kv_sidecar.params import TrajectoriesParams
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    return load_tokenizer("tiny:llama", "main")
+def tokenizer(tiny_llama_path):
+    return load_tokenizer(tiny_llama_path, "main")
 
 
-def params(**overrides) -> CorpusParams:
-    base = dict(source="builtin", model="tiny:llama", chunk_tokens=21, max_chunks=10, shard_rows=4)
-    return CorpusParams(**(base | overrides))
+@pytest.fixture
+def params(tiny_llama_path):
+    """CorpusParams on the tiny Llama's tokenizer, with overrides."""
+
+    def make(**overrides) -> CorpusParams:
+        base = dict(
+            source="builtin", model=tiny_llama_path, chunk_tokens=21, max_chunks=10, shard_rows=4
+        )
+        return CorpusParams(**(base | overrides))
+
+    return make
 
 
 def stored_chunks(folder: Path) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,7 +57,7 @@ def eos_stream(tokenizer, docs) -> list[int]:
     return stream
 
 
-def test_builtin_chunks_are_deterministic_with_the_layout_shapes(tmp_path):
+def test_builtin_chunks_are_deterministic_with_the_layout_shapes(tmp_path, params):
     stats = corpus.run(params(), tmp_path / "a")
     corpus.run(params(), tmp_path / "b")
     a, b = Manifest.load(tmp_path / "a"), Manifest.load(tmp_path / "b")
@@ -58,14 +66,14 @@ def test_builtin_chunks_are_deterministic_with_the_layout_shapes(tmp_path):
     ids, tokens = stored_chunks(tmp_path / "a")
     assert ids.dtype == tokens.dtype == torch.int64
     assert ids.tolist() == list(range(10)) and tokens.shape == (10, 21)
-    assert a.extra | {"num_chunks": 10, "chunk_tokens": 21, "model": "tiny:llama"} == a.extra
+    assert a.extra | {"num_chunks": 10, "chunk_tokens": 21, "model": params().model} == a.extra
     assert a.extra["source"] == "builtin" and stats["chunks"] == 10
 
     corpus.run(params(seed=1), tmp_path / "c")
     assert not torch.equal(stored_chunks(tmp_path / "c")[1], tokens)
 
 
-def test_chunks_are_the_eos_joined_token_stream_cut_in_order(tmp_path, tokenizer):
+def test_chunks_are_the_eos_joined_token_stream_cut_in_order(tmp_path, tokenizer, params):
     corpus.run(params(), tmp_path / "out")
     _, tokens = stored_chunks(tmp_path / "out")
     docs = list(itertools.islice(builtin_documents(seed=0), 20))
@@ -75,7 +83,7 @@ def test_chunks_are_the_eos_joined_token_stream_cut_in_order(tmp_path, tokenizer
     assert docs[0].split()[0][0].isupper() and docs[0].endswith(".")
 
 
-def test_files_source_reads_sorted_files_and_counts_the_unused_tail(tmp_path, tokenizer):
+def test_files_source_reads_sorted_files_and_counts_the_unused_tail(tmp_path, tokenizer, params):
     texts = {"b.txt": "the cat sat on the mat " * 6, "a.txt": "a dog ran far away " * 5}
     texts["c.txt"] = ""  # counted, contributes no lone EOS
     for name, text in texts.items():
@@ -91,12 +99,12 @@ def test_files_source_reads_sorted_files_and_counts_the_unused_tail(tmp_path, to
     assert stats["unused_tokens"] == len(stream) % 21
 
 
-def test_files_glob_matching_nothing_is_named(tmp_path):
+def test_files_glob_matching_nothing_is_named(tmp_path, params):
     with pytest.raises(FileNotFoundError, match="corpus.files=.*nothing-here.*matches no file"):
         corpus.run(params(source="files", files=str(tmp_path / "nothing-here/*.txt")), tmp_path)
 
 
-def test_too_little_text_for_one_chunk_is_refused_without_output(tmp_path):
+def test_too_little_text_for_one_chunk_is_refused_without_output(tmp_path, params):
     (tmp_path / "short.txt").write_text("too short")
     with pytest.raises(ValueError, match="fewer than one chunk of corpus.chunk_tokens=21"):
         corpus.run(params(source="files", files=str(tmp_path / "*.txt")), tmp_path / "out")
@@ -104,7 +112,7 @@ def test_too_little_text_for_one_chunk_is_refused_without_output(tmp_path):
     assert not list(tmp_path.glob(".out.tmp-*"))
 
 
-def test_hf_source_without_datasets_says_how_to_install(tmp_path, monkeypatch):
+def test_hf_source_without_datasets_says_how_to_install(tmp_path, monkeypatch, params):
     monkeypatch.setitem(sys.modules, "datasets", None)  # import fails as if not installed
     with pytest.raises(CorpusSourceError, match="pip install datasets"):
         corpus.run(params(source="hf"), tmp_path / "out")
@@ -123,7 +131,7 @@ def fake_datasets(monkeypatch, load_dataset) -> list:
     return calls
 
 
-def test_hf_source_offline_names_the_ways_out(tmp_path, monkeypatch):
+def test_hf_source_offline_names_the_ways_out(tmp_path, monkeypatch, params):
     def offline(*args, **kwargs):
         raise ConnectionError("Couldn't reach the Hugging Face Hub")
 
@@ -132,7 +140,7 @@ def test_hf_source_offline_names_the_ways_out(tmp_path, monkeypatch):
         corpus.run(params(source="hf"), tmp_path / "out")
 
 
-def test_hf_source_streams_the_text_field(tmp_path, monkeypatch, tokenizer):
+def test_hf_source_streams_the_text_field(tmp_path, monkeypatch, tokenizer, params):
     rows = [
         {"body": f"row {i} says the cat is blue and the sky is red", "id": i} for i in range(40)
     ]
@@ -155,7 +163,7 @@ def test_unreachable_tokenizer_names_the_key_and_make_demo(monkeypatch):
         load_tokenizer("no-such-org/no-such-model", "main")
 
 
-def test_reader_spans_shards_and_refuses_a_tampered_one(tmp_path):
+def test_reader_spans_shards_and_refuses_a_tampered_one(tmp_path, params):
     corpus.run(params(), tmp_path / "out")
     chunks = CorpusChunks(tmp_path / "out")
     ids, tokens = stored_chunks(tmp_path / "out")
@@ -183,14 +191,14 @@ def test_cut_chunks_reads_no_more_documents_than_needed(tokenizer):
     assert next(docs)  # an endless source stays usable: nothing ran away
 
 
-def test_trajectories_check_names_both_keys():
-    traj = TrajectoriesParams(model="tiny:llama", window_size=8, num_windows=2, num_queries=4)
+def test_trajectories_check_names_both_keys(params):
+    traj = TrajectoriesParams(model=params().model, window_size=8, num_windows=2, num_queries=4)
     ok = types.SimpleNamespace(corpus=params(chunk_tokens=21))
     traj.check(ok)
     with pytest.raises(ValueError, match=r"corpus.chunk_tokens=20 .*trajectories.num_windows.*21"):
         traj.check(types.SimpleNamespace(corpus=params(chunk_tokens=20)))
-    with pytest.raises(ValueError, match="corpus.model='tiny:qwen3'.*trajectories.model"):
-        traj.check(types.SimpleNamespace(corpus=params(model="tiny:qwen3")))
+    with pytest.raises(ValueError, match="corpus.model='other/model'.*trajectories.model"):
+        traj.check(types.SimpleNamespace(corpus=params(model="other/model")))
 
 
 def test_default_sections_agree():

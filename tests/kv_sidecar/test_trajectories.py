@@ -32,6 +32,7 @@ from pipeline.kv_sidecar.forces import (
 )
 from pipeline.kv_sidecar.layout import TRAJECTORIES, trajectory_key
 from pipeline.kv_sidecar.params import TrajectoriesParams
+from tests.tiny_teachers import tiny_teacher
 
 GEOMETRY = dict(window_size=6, num_windows=2, num_queries=4)  # chunks of 12 + 4 + 1 tokens
 N, Q = 12, 4
@@ -48,7 +49,7 @@ def rms_norm_in_input_dtype(self, x: torch.Tensor) -> torch.Tensor:
 def model64():
     """The tiny Llama in float64 throughout: HF's RMSNorm computes in float32 whatever the
     input dtype, which would leave float32 noise (~1e-4 relative) in finite differences."""
-    model, _ = build_tiny("tiny:llama")
+    model, _ = build_tiny("llama")
     for module in model.modules():
         if type(module).__name__ == "LlamaRMSNorm":
             module.forward = types.MethodType(rms_norm_in_input_dtype, module)
@@ -57,7 +58,7 @@ def model64():
 
 @pytest.fixture(scope="module")
 def model32():
-    model, _ = build_tiny("tiny:llama")
+    model, _ = build_tiny("llama")
     return model.requires_grad_(False)
 
 
@@ -230,7 +231,7 @@ def test_kv_queries_are_the_hidden_space_queries_rotated(model64):
 
 
 def traj_params(**overrides) -> TrajectoriesParams:
-    base = dict(model="tiny:llama", layers=(0, 3), max_chunks=10, compute_dtype="float32",
+    base = dict(model=tiny_teacher("llama"), layers=(0, 3), max_chunks=10, compute_dtype="float32",
                 storage_dtype="float32", shard_rows=3, batch_size=2, force_space="kv")  # fmt: skip
     return TrajectoriesParams(**(GEOMETRY | base | overrides))
 
@@ -238,7 +239,9 @@ def traj_params(**overrides) -> TrajectoriesParams:
 @pytest.fixture(scope="module")
 def corpus_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("corpus") / "corpus"
-    params = CorpusParams(source="builtin", model="tiny:llama", chunk_tokens=CHUNK, max_chunks=12)
+    params = CorpusParams(
+        source="builtin", model=tiny_teacher("llama"), chunk_tokens=CHUNK, max_chunks=12
+    )
     corpus.run(params, out)
     return out
 
@@ -261,7 +264,7 @@ def test_shards_follow_the_layout(corpus_dir, tmp_path, force_space):
     params = traj_params(force_space=force_space, storage_dtype="bfloat16", layers="all")
     stats = trajectories.run(params, corpus_dir, tmp_path / "out")
     manifest, data = load_all(tmp_path / "out")
-    # pipeline/layouts.py at tiny size: W*S = 12, Q = 4, 2 KV heads, 8 query heads, 8 x 8 = 64.
+    # pipeline/kv_sidecar/layout.py at tiny size: W*S = 12, Q = 4, 2 KV heads, 8 query heads, 8 x 8 = 64.
     layout = {"keys": (12, 2, 8), "values": (12, 2, 8), "queries": (4, 8, 8)} | {
         "hidden": {"force_hidden": (12, 64), "force_queries": (4, 64)},
         "kv": {"force_keys": (12, 2, 8), "force_values": (12, 2, 8), "force_queries": (4, 8, 8)},
@@ -282,7 +285,7 @@ def test_shards_follow_the_layout(corpus_dir, tmp_path, force_space):
     assert extra["rope"] == "after" and "what the attention function consumes" in extra["rope_note"]
     assert extra["kv_head_of_query_head"] == [0, 0, 0, 0, 1, 1, 1, 1]
     assert (extra["window_size"], extra["num_windows"], extra["num_queries"]) == (6, 2, 4)
-    assert extra["model"] == "tiny:llama" and extra["revision"] == "main"
+    assert extra["model"] == tiny_teacher("llama") and extra["revision"] == "main"
     assert stats["bytes"] == 10 * 4 * bytes_per_chunk(sizes, force_space, 2)  # the logged plan
     assert math.isclose(extra["lm_loss_mean"], stats["lm_loss_mean"], abs_tol=1e-6)
     assert not (tmp_path / SCRATCH).exists()
@@ -326,8 +329,8 @@ def test_stored_kvq_and_forces_equal_the_models_attention_gqa_included(kv_run, c
 def test_corpus_of_another_geometry_or_model_is_refused(corpus_dir, tmp_path):
     with pytest.raises(ValueError, match="chunks of 17 tokens but trajectories needs .* 18"):
         trajectories.run(traj_params(num_queries=5), corpus_dir, tmp_path / "out")
-    with pytest.raises(ValueError, match="tokenized for 'tiny:llama' but trajectories.model"):
-        trajectories.run(traj_params(model="tiny:qwen3"), corpus_dir, tmp_path / "out")
+    with pytest.raises(ValueError, match="tokenized for '.*tiny-llama' but trajectories.model"):
+        trajectories.run(traj_params(model="other/model"), corpus_dir, tmp_path / "out")
 
 
 def test_batch_size_does_not_change_the_values(corpus_dir, tmp_path, kv_run):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import pytest
@@ -19,6 +18,7 @@ from pipeline.sparse_autoencoder.layout import ACTIVATIONS
 from pipeline.sparse_autoencoder.params import ActivationsParams
 from pipeline.sparse_autoencoder.sources import TokenSource, held_out
 from tests.conftest import build_params
+from tests.tiny_teachers import tiny_teacher
 
 TEXT = (
     "The quick brown fox jumps over the lazy dog while the cat sleeps in the warm sun. "
@@ -29,20 +29,8 @@ TEXT = (
 
 @pytest.fixture(scope="module")
 def tiny_llama():
-    return build_tiny("tiny:llama")
-
-
-@pytest.fixture(autouse=True)
-def built_once(monkeypatch, tiny_llama):
-    """The stage builds its teacher through `build_tiny`: hand it copies of one build
-    (training the tiny tokenizer takes seconds; load_teacher truncates what it gets)."""
-    import pipeline.common.teacher
-
-    def cached(model_id: str):
-        assert model_id == "tiny:llama", model_id
-        return copy.deepcopy(tiny_llama)
-
-    monkeypatch.setattr(pipeline.common.teacher, "build_tiny", cached)
+    """The reference model and its tokenizer; the stage loads the same teacher by path."""
+    return build_tiny("llama")
 
 
 def make_corpus(
@@ -52,16 +40,20 @@ def make_corpus(
     chunk_tokens: int = 12,
     shard_rows: int = 4,
     pad_to: list[int] | None = None,
-    model: str = "tiny:llama",
+    model: str | None = None,
 ) -> Path:
-    """A corpus folder per pipeline/layouts.py: chunks of TEXT's tokens, ids 100, 103, ...
+    """A corpus folder per pipeline/inputs/text_chunks.py: chunks of TEXT's tokens, ids 100, 103, ...
 
     `pad_to[i]`: keep that many real tokens in chunk i and right-pad the rest.
     """
     ids = tokenizer(TEXT, add_special_tokens=False)["input_ids"]
     assert len(ids) >= num_chunks * chunk_tokens, "TEXT is too short for this corpus"
     tokens = torch.tensor(ids[: num_chunks * chunk_tokens]).reshape(num_chunks, chunk_tokens)
-    extra = {"model": model, "revision": "main", "chunk_tokens": chunk_tokens}
+    extra = {
+        "model": model or tiny_teacher("llama"),
+        "revision": "main",
+        "chunk_tokens": chunk_tokens,
+    }
     if pad_to is not None:
         for row, keep in enumerate(pad_to):
             tokens[row, keep:] = tokenizer.pad_token_id
@@ -85,7 +77,7 @@ def make_corpus(
 
 def params(**overrides) -> ActivationsParams:
     base = dict(
-        model="tiny:llama",
+        model=tiny_teacher("llama"),
         layers=(2, 4),
         positions="all",
         compute_dtype="float32",
@@ -190,8 +182,8 @@ def test_held_out_share_is_stable_and_close_to_the_fraction():
 
 def test_bad_input_is_named_before_anything_is_written(tmp_path, tiny_llama):
     _, tokenizer = tiny_llama
-    corpus = make_corpus(tmp_path / "corpus", tokenizer, model="tiny:qwen3")
-    with pytest.raises(ValueError, match=r"activations.model='tiny:llama'.*'tiny:qwen3'"):
+    corpus = make_corpus(tmp_path / "corpus", tokenizer, model="other/model")
+    with pytest.raises(ValueError, match=r"activations.model='.*tiny-llama'.*'other/model'"):
         activations.run(params(), corpus, tmp_path / "out")
     with pytest.raises(FileNotFoundError, match="manifest.json"):
         activations.run(params(), tmp_path / "missing", tmp_path / "out")
@@ -205,27 +197,32 @@ def test_params_validate_and_check_the_corpus_model():
         ActivationsParams(max_chunks=0)
     with pytest.raises(ValueError, match="activations.positions must be one of"):
         build_params(activations={"positions": "first"})
-    with pytest.raises(ValueError, match=r"activations.model='tiny:qwen3' differs from corpus"):
+    with pytest.raises(ValueError, match=r"activations.model='other/model' differs from corpus"):
         build_params(
-            corpus={"model": "tiny:llama"},
-            trajectories={"model": "tiny:llama"},
-            activations={"model": "tiny:qwen3"},
+            corpus={"model": tiny_teacher("llama")},
+            trajectories={"model": tiny_teacher("llama")},
+            activations={"model": "other/model"},
         )
     params = build_params(
-        corpus={"model": "tiny:llama"},
-        trajectories={"model": "tiny:llama"},
-        activations={"model": "tiny:llama"},
+        corpus={"model": tiny_teacher("llama")},
+        trajectories={"model": tiny_teacher("llama")},
+        activations={"model": tiny_teacher("llama")},
     )
-    assert params.activations.model == params.corpus.model == "tiny:llama"
+    assert params.activations.model == params.corpus.model == tiny_teacher("llama")
 
 
 def test_command_line(tmp_path, tiny_llama):
     _, tokenizer = tiny_llama
     corpus = make_corpus(tmp_path / "corpus", tokenizer, num_chunks=2)
     params_file = tmp_path / "params.yaml"
-    section = {"model": "tiny:llama", "layers": [1], "compute_dtype": "float32", "device": "cpu"}
+    section = {
+        "model": tiny_teacher("llama"),
+        "layers": [1],
+        "compute_dtype": "float32",
+        "device": "cpu",
+    }
     # The token-level sections must agree on the model that tokenizes the corpus.
-    same = {"model": "tiny:llama"}
+    same = {"model": tiny_teacher("llama")}
     sections = {"corpus": same, "trajectories": same, "activations": section, "sae": {"layer": 1}}
     params_file.write_text(yaml.safe_dump(sections))
     app = typer.Typer()

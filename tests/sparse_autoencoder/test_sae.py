@@ -365,18 +365,19 @@ def test_stage_cross_model_alignment_of_a_rotated_dump(tmp_path):
     assert "linear CKA 1.0000" in out["sae.md"].read_text()
 
 
-def test_stage_on_token_activations_reports_text_spans(tmp_path):
-    from pipeline.inputs.tiny_models import train_tokenizer
+def test_stage_on_token_activations_reports_text_spans(tmp_path, tiny_llama_path):
+    from transformers import AutoTokenizer
+
     from pipeline.sparse_autoencoder import activations
     from tests.sparse_autoencoder.test_activations import make_corpus
 
-    tokenizer = train_tokenizer()
-    corpus = make_corpus(tmp_path / "corpus", tokenizer, num_chunks=6)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_path)
+    corpus = make_corpus(tmp_path / "corpus", tokenizer, num_chunks=6, model=tiny_llama_path)
     acts = build_params(
-        corpus={"model": "tiny:llama"},
-        trajectories={"model": "tiny:llama"},
+        corpus={"model": tiny_llama_path},
+        trajectories={"model": tiny_llama_path},
         activations={
-            "model": "tiny:llama",
+            "model": tiny_llama_path,
             "layers": [2],
             "positions": "all",
             "compute_dtype": "float32",
@@ -392,7 +393,7 @@ def test_stage_on_token_activations_reports_text_spans(tmp_path):
     assert 0 < held < 72 and result["eval_rows"] == held
     assert result["model_dims"] == 64 and result["code_dims"] == 128
     report = out["exemplars.md"].read_text()
-    assert report.count("[[") >= 3 and "tiny:llama layer 2 (activations)" in report
+    assert report.count("[[") >= 3 and f"{tiny_llama_path} layer 2 (activations)" in report
 
 
 def test_bad_input_is_named_before_anything_is_written(tmp_path, direction_set):

@@ -50,8 +50,8 @@ CAPS = {"train": 256, "val": 160, "test": 160}
 
 
 @pytest.fixture(scope="module")
-def tiny_lm():
-    return load_causal_lm("tiny:qwen3", None)
+def tiny_lm(tiny_qwen3_path):
+    return load_causal_lm(tiny_qwen3_path, None)
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +161,7 @@ def test_training_beats_the_unsteered_model_on_held_out_questions(tiny_lm, quest
     """The category task has a known direction: raise the log-prob of a-m initial tokens."""
     model, tokenizer = tiny_lm
     train, val, test = (encode(pick(questions, "category", s), tokenizer) for s in CAPS)
-    params = SteeringParams(model="tiny:qwen3", epochs=3, batch_size=16, lr=0.02, keywords={})
+    params = SteeringParams(model="unused", epochs=3, batch_size=16, lr=0.02, keywords={})
     unsteered = {
         name: accuracy(correct(model, data, {})) for name, data in (("val", val), ("test", test))
     }
@@ -202,9 +202,9 @@ def test_eval_helpers():
     assert best_of({0.5: 0.6, 1.3: 0.6, 2.0: 0.4}) == 1.3
 
 
-def stage_params(**overrides) -> SteeringParams:
+def stage_params(model: str, **overrides) -> SteeringParams:
     base = dict(
-        model="tiny:qwen3",
+        model=model,
         dtype="float32",
         layers=(2, 3),
         single_layers=(3,),
@@ -229,11 +229,11 @@ def small_mcdata(folder: Path, questions: list[McQuestion], count: int = 24) -> 
     return folder
 
 
-def test_stage_cli_writes_vectors_metrics_and_table(tmp_path, questions):
+def test_stage_cli_writes_vectors_metrics_and_table(tmp_path, questions, tiny_qwen3_path):
     mcdata = small_mcdata(tmp_path / "mcdata", questions)
     params_file = tmp_path / "params.yaml"
     tasks = {"category": {"source": "category"}, "arithmetic": {"source": "arithmetic"}}
-    plain = json.loads(json.dumps(to_dict(stage_params())))  # tuples -> lists
+    plain = json.loads(json.dumps(to_dict(stage_params(tiny_qwen3_path))))  # tuples -> lists
     params_file.write_text(yaml.safe_dump({"mcdata": {"tasks": tasks}, "steering": plain}))
     app = typer.Typer()
     app.command()(steering.command)
@@ -275,11 +275,13 @@ def test_stage_cli_writes_vectors_metrics_and_table(tmp_path, questions):
     assert "| category | 24 |" in text and "keyword routing" in text and "weighted average" in text
 
 
-def test_stage_refuses_bad_layers_and_unknown_keyword_tasks_before_writing(tmp_path, questions):
+def test_stage_refuses_bad_layers_and_unknown_keyword_tasks_before_writing(
+    tmp_path, questions, tiny_qwen3_path
+):
     mcdata = small_mcdata(tmp_path / "mcdata", questions, count=4)
     paths = (mcdata, tmp_path / "out", tmp_path / "m.json", tmp_path / "t.md")
     with pytest.raises(ValueError, match=r"steering.layers holds \[7\].*4 decoder layers"):
-        steering.run(stage_params(layers=(1, 7)), *paths)
+        steering.run(stage_params(tiny_qwen3_path, layers=(1, 7)), *paths)
     with pytest.raises(ValueError, match=r"steering.keywords names \['math'\]"):
-        steering.run(stage_params(keywords={"math": ("plus",)}), *paths)
+        steering.run(stage_params(tiny_qwen3_path, keywords={"math": ("plus",)}), *paths)
     assert not any(p.exists() for p in paths[1:])
