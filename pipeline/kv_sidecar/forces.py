@@ -90,7 +90,7 @@ class Sizes:
 
 
 def layer_shapes(sizes: Sizes, force_space: ForceSpace) -> dict[str, tuple[int, ...]]:
-    """Shape of one chunk's row of each tensor stored for one layer (`pipeline/kv_sidecar/layout.py`)."""
+    """Shape of one chunk's row of each tensor stored for one layer (`kv_sidecar/layout.py`)."""
     n, q = sizes.window_tokens, sizes.num_queries
     kv = (n, sizes.n_kv_heads, sizes.head_dim)
     shapes = {"keys": kv, "values": kv, "queries": (q, sizes.n_heads, sizes.head_dim)}

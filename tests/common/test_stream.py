@@ -246,7 +246,6 @@ def test_rows_stay_aligned_with_their_ids_under_shuffling(tmp_path, name):
             assert torch.equal(row[field], stored), f"{name} row {key}: {field} misaligned"
 
 
-
 @pytest.mark.parametrize("name", READERS)
 def test_a_tampered_shard_is_refused_by_name_while_streaming(tmp_path, name):
     reader = READERS[name]
@@ -259,6 +258,7 @@ def test_a_tampered_shard_is_refused_by_name_while_streaming(tmp_path, name):
     with pytest.raises(ValueError, match=r"shard-00001\.safetensors is corrupt or was modified"):
         for _ in data.batches("train", 16, 50, True, 3):
             pass
+
 
 PEAK_SCRIPT = """
 import json, sys

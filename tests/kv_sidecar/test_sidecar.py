@@ -1,4 +1,4 @@
-"""The sidecar stage on a synthetic trajectories folder (layout of `pipeline/kv_sidecar/layout.py`)."""
+"""The sidecar stage on a synthetic trajectories folder (layout: `kv_sidecar/layout.py`)."""
 
 from __future__ import annotations
 

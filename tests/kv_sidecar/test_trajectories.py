@@ -264,7 +264,7 @@ def test_shards_follow_the_layout(corpus_dir, tmp_path, force_space):
     params = traj_params(force_space=force_space, storage_dtype="bfloat16", layers="all")
     stats = trajectories.run(params, corpus_dir, tmp_path / "out")
     manifest, data = load_all(tmp_path / "out")
-    # pipeline/kv_sidecar/layout.py at tiny size: W*S = 12, Q = 4, 2 KV heads, 8 query heads, 8 x 8 = 64.
+    # kv_sidecar/layout.py at tiny size: W*S = 12, Q = 4, 2 KV heads, 8 query heads, 8 x 8 = 64.
     layout = {"keys": (12, 2, 8), "values": (12, 2, 8), "queries": (4, 8, 8)} | {
         "hidden": {"force_hidden": (12, 64), "force_queries": (4, 64)},
         "kv": {"force_keys": (12, 2, 8), "force_values": (12, 2, 8), "force_queries": (4, 8, 8)},

@@ -42,7 +42,7 @@ def make_corpus(
     pad_to: list[int] | None = None,
     model: str | None = None,
 ) -> Path:
-    """A corpus folder per pipeline/inputs/text_chunks.py: chunks of TEXT's tokens, ids 100, 103, ...
+    """A corpus folder (layout: inputs/text_chunks.py): chunks of TEXT's tokens, ids 100, 103, ...
 
     `pad_to[i]`: keep that many real tokens in chunk i and right-pad the rest.
     """
