@@ -185,6 +185,14 @@ class CorpusChunks:
         self.manifest = Manifest.load(self.folder, kind=CORPUS)
         self.verify = verify
         self.chunk_tokens = int(self.manifest.extra["chunk_tokens"])
+        # Records are checked against their headers (Manifest.load); extra is not.
+        for record in self.manifest.shards:
+            shape = record.tensors["token_ids"].shape if "token_ids" in record.tensors else None
+            if shape is None or shape[1:] != [self.chunk_tokens]:
+                raise ValueError(
+                    f"{self.folder / record.file}: token_ids is {shape}, but the manifest's "
+                    f"extra.chunk_tokens is {self.chunk_tokens}; re-run the corpus stage"
+                )
         self._starts = list(itertools.accumulate((s.rows for s in self.manifest.shards), initial=0))
         self._cached: tuple[int, dict[str, torch.Tensor]] | None = None
         self._index: dict[int, tuple[int, int]] | None = None
