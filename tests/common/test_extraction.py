@@ -476,10 +476,12 @@ from pipeline.common.params import build
 stage, params_class, section, raw, source, out = sys.argv[1:]
 module, _, name = params_class.partition(":")
 params = build(getattr(importlib.import_module(module), name), json.loads(raw), section)
-print(json.dumps(importlib.import_module(stage).run(params, Path(source), Path(out))))
+stats = importlib.import_module(stage).run(params, Path(source), Path(out))
 root = Path(importlib.import_module("pipeline").__file__).resolve().parents[1]
 ran = [Path(m.__file__).resolve() for n, m in sys.modules.items() if n.split(".")[0] == "pipeline"]
-print("ran", json.dumps(sorted(str(path.relative_to(root)) for path in ran)))
+# One write per line: torchrun's ranks share the pipe, unbuffered.
+sys.stdout.write(json.dumps(stats) + "\\n")
+sys.stdout.write("ran " + json.dumps(sorted(str(path.relative_to(root)) for path in ran)) + "\\n")
 """
 
 
@@ -613,7 +615,7 @@ def test_torchrun_world_size_two_equals_world_size_one(stage, inputs, tmp_path):
     [alone] = printed_stats(one.stdout)
     ranks = sorted(printed_stats(two.stdout), key=lambda stats: stats.get("rank", 0))
     assert alone["world_size"] == 1 and alone["shards"] >= 3
-    assert [stats.get("world_size") for stats in ranks] == [2, None]
+    assert [stats.get("world_size") for stats in ranks] == [2, None], two.stdout
     assert ranks[1]["rank"] == 1 and ranks[1]["shards"] == alone["shards"] // 2
     assert_same_output(tmp_path / "one", tmp_path / "two")
     assert MANIFEST in {p.name for p in (tmp_path / "two").iterdir()}
