@@ -7,10 +7,14 @@ this module does the rest, the same way for all three:
 - the resume fingerprint: the stage's params minus its result-neutral knobs, the
   sha256 of its input files and the code of its import closure (`code_deps.py`);
 - resumption: a shard that a previous run finished intact is reused (`scratch.py`);
+- one extractor per scratch folder: rank 0 locks it for the run, a second run with
+  the same fingerprint stops at once naming the holder's PID;
 - under torchrun each rank computes its own shards (`distributed.py`), all meet at a
   barrier, and rank 0 checks every rank's shards, writes the manifest and publishes
-  the folder. Shard contents do not depend on the world size;
-- the planned disk use, logged before the first shard.
+  exactly the files it lists. Shard contents do not depend on the world size;
+- the planned disk use and the free space, logged before the first shard; a full
+  disk stops the run with one line naming the file, the planned and the free bytes,
+  and the re-run after freeing space resumes from the finished shards.
 
     EXTRACTION = ShardedExtraction("directions", KIND, __name__, result_neutral=("batch_size",))
     plan = ShardPlan(num_rows=8, rows_per_shard=3, planned_bytes=..., description="8 concepts")
@@ -23,9 +27,12 @@ this module does the rest, the same way for all three:
 
 from __future__ import annotations
 
+import errno
 import logging
+import shutil
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -156,31 +163,63 @@ class ShardedExtraction:
         by its manifest). `compute_shard(rows, progress)` computes the shard of those rows.
         `describe` runs on rank 0 once every rank's shards are in place.
         """
+        free = shutil.disk_usage(_existing(out.parent)).free
         log.info(
-            "%s: %s; planned shards %s", self.name, plan.description, _size(plan.planned_bytes)
+            "%s: %s; planned shards %s bytes (%s), %s free there",
+            self.name,
+            plan.description,
+            f"{plan.planned_bytes:,}",
+            _size(plan.planned_bytes),
+            _size(free),
         )
+        if plan.planned_bytes > free:
+            log.warning("%s: the planned shards do not fit in the free space", self.name)
+        scratch = self.scratch(params, input_files, out)
+        try:
+            return self._run(scratch, params, plan, compute_shard, describe)
+        except OSError as error:
+            if error.errno != errno.ENOSPC:
+                raise
+            raise self._disk_full(error, plan, scratch) from error
+
+    def _run(
+        self, scratch: Scratch, params, plan: ShardPlan, compute_shard, describe
+    ) -> ExtractionResult:
         num_shards = len(plan.shard_rows)
-        with process_group() as world:
-            scratch = self.scratch(params, input_files, out)
-            owned = world.owned_shards(num_shards)
-            reused = self._compute(scratch, plan, owned, compute_shard)
-            # The manifest is written once every rank's shards are in place.
-            world.barrier()
-        if not world.is_main:
-            return ExtractionResult(world, num_shards, owned, reused, manifest=None)
-        records = scratch.all_records(num_shards)
-        summaries = [scratch.summary(index) for index in range(num_shards)]
-        additions = describe(CompletedShards(scratch.folder, records, summaries))
-        manifest = Manifest(
-            kind=self.kind,
-            params=to_dict(params),
-            shards=records,
-            files=additions.files,
-            extra=additions.extra,
-        )
-        manifest.save(scratch.folder)
-        scratch.publish()
+        with ExitStack() as held:
+            with process_group() as world:
+                if world.is_main:  # one extractor per scratch folder: rank 0 holds it
+                    held.enter_context(scratch.locked())
+                world.barrier()  # the other ranks start once the folder exists
+                owned = world.owned_shards(num_shards)
+                reused = self._compute(scratch, plan, owned, compute_shard)
+                # The manifest is written once every rank's shards are in place.
+                world.barrier()
+            if not world.is_main:
+                return ExtractionResult(world, num_shards, owned, reused, manifest=None)
+            records = scratch.all_records(num_shards)
+            summaries = [scratch.summary(index) for index in range(num_shards)]
+            additions = describe(CompletedShards(scratch.folder, records, summaries))
+            manifest = Manifest(
+                kind=self.kind,
+                params=to_dict(params),
+                shards=records,
+                files=additions.files,
+                extra=additions.extra,
+            )
+            manifest.save(scratch.folder)
+            scratch.publish(manifest)
         return ExtractionResult(world, num_shards, owned, reused, manifest)
+
+    def _disk_full(self, error: OSError, plan: ShardPlan, scratch: Scratch) -> RuntimeError:
+        """One line: the file being written, the planned bytes, the free bytes there."""
+        where = Path(error.filename) if error.filename else scratch.folder
+        free = shutil.disk_usage(_existing(where)).free
+        return RuntimeError(
+            f"{self.name}: no space left on device writing {where}: the run planned "
+            f"{plan.planned_bytes:,} bytes of shards and {free:,} bytes are free on that "
+            "filesystem; free some space and re-run (finished shards are kept and reused)"
+        )
 
     def _compute(self, scratch: Scratch, plan: ShardPlan, owned: list[int], compute_shard) -> int:
         """Compute the shards in `owned` no previous run finished; return how many one had."""
@@ -203,3 +242,11 @@ class ShardedExtraction:
 
 def _size(num_bytes: int) -> str:
     return f"{num_bytes / 1e9:.2f} GB" if num_bytes >= 1e9 else f"{num_bytes / 1e6:.1f} MB"
+
+
+def _existing(path: Path) -> Path:
+    """`path`, or its nearest existing parent: where `shutil.disk_usage` can look."""
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path

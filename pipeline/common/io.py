@@ -30,6 +30,11 @@ def atomic_path(path: Path) -> Iterator[Path]:
     try:
         yield tmp
         os.replace(tmp, path)
+    except OSError as error:
+        if error.filename is not None:
+            raise
+        # A failed write or close (a full disk) says which file it was writing.
+        raise OSError(error.errno, error.strerror, str(path)) from error
     finally:
         # A failed write (a full disk) leaves no half file behind.
         tmp.unlink(missing_ok=True)

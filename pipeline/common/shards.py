@@ -16,6 +16,7 @@ whose sha256 disagrees.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
@@ -27,7 +28,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 MANIFEST = "manifest.json"
@@ -118,9 +119,7 @@ def write_shard(path: Path, tensors: dict[str, torch.Tensor], rowwise: bool = Tr
         raise ValueError(f"{path.name}: tensors disagree on their row count: {sorted(rows)}")
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
+        save_tensors({k: v.contiguous() for k, v in tensors.items()}, tmp)
         record = ShardRecord(
             file=path.name,
             sha256=sha256_file(tmp),
@@ -130,10 +129,23 @@ def write_shard(path: Path, tensors: dict[str, torch.Tensor], rowwise: bool = Tr
             },
         )
         os.replace(tmp, path)
+    except (OSError, SafetensorError) as error:
+        # safetensors reports a full disk as SafetensorError("... (os error 28)").
+        no_space = f"(os error {errno.ENOSPC})" in str(error)
+        if getattr(error, "errno", None) == errno.ENOSPC or no_space:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from error
+        raise
     finally:
         # A failed write (a full disk) leaves no half file behind.
         tmp.unlink(missing_ok=True)
     return record
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Write `tensors` to `path` and flush it to disk: where `write_shard` writes bytes."""
+    save_file(tensors, str(path))
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
 
 
 def read_shard(

@@ -7,8 +7,12 @@ the slow tests kill a real subprocess instead, and run torchrun with gloo on the
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
+import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -19,13 +23,18 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+import yaml
+from safetensors import SafetensorError
 
+from pipeline.common import shards
+from pipeline.common.code_deps import code_fingerprint, dvc_stage_deps, stage_closure
 from pipeline.common.distributed import World
 from pipeline.common.scratch import SCRATCH, Scratch
 from pipeline.common.shards import MANIFEST, Manifest, read_shard
 from pipeline.common.teacher import TeacherLoadError
 from pipeline.concepts import directions
 from pipeline.concepts.params import DirectionsParams
+from pipeline.demo import project_files
 from pipeline.inputs import corpus, wordlist
 from pipeline.inputs.params import CorpusParams, WordlistParams
 from pipeline.inputs.words import CONCEPTS_FILE
@@ -175,18 +184,49 @@ def crash_after(monkeypatch, shards: int) -> None:
 
 def crashed_run(stage: Stage, params, source: Path, out: Path, monkeypatch, shards=2) -> Path:
     """Run until `shards` shards are done, crash, and return the scratch folder left behind."""
+    before = set(scratch_folders(out))
     with monkeypatch.context() as patch:
         crash_after(patch, shards)
         with pytest.raises(Crash):
             stage.run(params, source, out)
-    assert not out.exists()
-    [folder] = scratch_folders(out)
+    [folder] = set(scratch_folders(out)) - before
     assert len(list(folder.glob("shard-*.json"))) == shards
     return folder
 
 
 def scratch_folders(out: Path) -> list[Path]:
-    return sorted((out.parent / SCRATCH).glob(f"{out.name}-*"))
+    return sorted(p for p in (out.parent / SCRATCH).glob(f"{out.name}-*") if p.is_dir())
+
+
+def dvc_listing(folder: Path) -> tuple[int, str]:
+    """What `dvc add` hashes a folder by: its file count and the md5 of its (relpath, md5) list."""
+    entries = [
+        {
+            "md5": hashlib.md5(path.read_bytes()).hexdigest(),
+            "relpath": path.relative_to(folder).as_posix(),
+        }
+        for path in sorted(folder.rglob("*"))
+        if path.is_file()
+    ]
+    return len(entries), hashlib.md5(json.dumps(entries, sort_keys=True).encode()).hexdigest()
+
+
+def listed_files(folder: Path) -> list[str]:
+    """What the manifest in `folder` lists, and the manifest itself."""
+    manifest = Manifest.load(folder)
+    return sorted([MANIFEST, *(r.file for r in [*manifest.shards, *manifest.files.values()])])
+
+
+def project_copy(folder: Path) -> Path:
+    """A copy of the project's files (tracked and untracked-but-not-ignored) in `folder`."""
+    for rel in project_files(ROOT):
+        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / rel, folder / rel)
+    return folder
+
+
+def append_a_comment(path: Path) -> None:
+    path.write_text(path.read_text() + "\n# an edit that changes no behaviour\n")
 
 
 def flip_a_byte(path: Path) -> None:
@@ -252,15 +292,161 @@ def test_result_neutral_knobs_resume_from_the_same_shards(stage, inputs, tmp_pat
 
 
 @by_name
-def test_a_changed_param_or_input_file_never_reuses_a_shard(stage, inputs, tmp_path, monkeypatch):
+def test_a_changed_param_or_input_file_never_reuses_a_shard(
+    stage, inputs, tmp_path, monkeypatch, caplog
+):
     source, out = inputs(stage), tmp_path / "out"
     crashed = crashed_run(stage, stage.params(), source, out, monkeypatch)
-    assert stage.run(stage.params(**stage.changed), source, out)["reused_shards"] == 0
+    with caplog.at_level(logging.INFO):
+        assert stage.run(stage.params(**stage.changed), source, out)["reused_shards"] == 0
+    # Publishing frees the scratch folders of this output's older inputs.
+    assert not scratch_folders(out) and f"removed {crashed}, a scratch folder" in caplog.text
+    assert crashed_run(stage, stage.params(), source, out, monkeypatch) == crashed
     assert stage.run(stage.params(), inputs(stage, variant=1), out)["reused_shards"] == 0
-    assert scratch_folders(out) == [crashed], "the crashed run's shards are kept for their params"
-    # Its own params on its own input resume from them.
+    assert not scratch_folders(out)
+    # Its own params on its own input resume from its shards.
+    crashed_run(stage, stage.params(), source, out, monkeypatch)
+    crashed_run(stage, stage.params(**stage.changed), source, out, monkeypatch, shards=1)
     assert stage.run(stage.params(), source, out)["reused_shards"] == 2
     assert not scratch_folders(out)
+
+
+@by_name
+def test_the_fingerprint_covers_the_stage_closure_and_nothing_else(stage, tmp_path):
+    module = stage.module.__name__
+    inputs = stage.module.EXTRACTION.fingerprint_inputs(stage.params(), {})
+    assert inputs["code"] == code_fingerprint(module)
+    assert sorted(inputs["code"]) == stage_closure(module) == [
+        d for d in dvc_stage_deps(yaml.safe_load((ROOT / "dvc.yaml").read_text()), stage.name)
+        if d.endswith(".py")
+    ]  # fmt: skip
+    copy = project_copy(tmp_path)
+    before = code_fingerprint(module, copy)
+    assert before == inputs["code"], "a copy of the project runs the same code"
+    for outside in ("pipeline/steering_vectors/steering.py", "pipeline/demo.py", "README.md"):
+        assert outside not in before
+        append_a_comment(copy / outside)
+        assert code_fingerprint(module, copy) == before, f"{outside} is not run by {stage.name}"
+    for inside in ("pipeline/common/shards.py", stage.module.__file__):
+        rel = str(Path(inside).relative_to(ROOT) if Path(inside).is_absolute() else inside)
+        append_a_comment(copy / rel)
+        after = code_fingerprint(module, copy)
+        assert [name for name in after if after[name] != before[name]] == [rel]
+        before = after
+
+
+@by_name
+def test_publish_leaves_exactly_what_the_manifest_lists(
+    stage, inputs, tmp_path, monkeypatch, caplog
+):
+    source = inputs(stage)
+    stage.run(stage.params(), source, tmp_path / "clean")
+    out = tmp_path / "out"
+    folder = crashed_run(stage, stage.params(), source, out, monkeypatch)
+    # What a kill can leave: a shard and a record cut short, a side file half-written.
+    (folder / ".shard-00002.safetensors.tmp-999999").write_bytes(b"half a shard")
+    (folder / ".shard-00001.safetensors.json.tmp-999999").write_text('{"fi')
+    (folder / ".manifest.json.tmp-999999").write_text("{")
+    (folder / "notes.txt").write_text("left by hand")
+    (folder / "stray").mkdir()
+    (folder / "stray" / "x.bin").write_bytes(b"x")
+    with caplog.at_level(logging.INFO):
+        assert stage.run(stage.params(), source, out)["reused_shards"] == 2
+    assert sorted(p.name for p in out.iterdir()) == listed_files(out)
+    assert "5 files the manifest does not list" in caplog.text and "notes.txt" in caplog.text
+    assert dvc_listing(out) == dvc_listing(tmp_path / "clean")
+    assert not (tmp_path / SCRATCH).exists()
+
+
+@by_name
+def test_a_second_extractor_on_the_same_scratch_folder_stops_at_once(
+    stage, inputs, tmp_path, monkeypatch
+):
+    source, out = inputs(stage), tmp_path / "out"
+    folder = crashed_run(stage, stage.params(), source, out, monkeypatch)
+    with Scratch(folder, out).locked():
+        with pytest.raises(RuntimeError, match=rf"{folder.name} is in use by another extractor "
+                           rf"\(PID {os.getpid()}\)"):  # fmt: skip
+            stage.run(stage.params(), source, out)
+        assert len(list(folder.glob("shard-*.json"))) == 2 and not out.exists()
+    assert stage.run(stage.params(), source, out)["reused_shards"] == 2
+
+
+def full_disk_at(monkeypatch, name: str) -> None:
+    """From now on, saving the tensors of `name` writes half a file, then finds the disk full."""
+    save = shards.save_tensors
+
+    def save_or_fail(tensors, path: Path) -> None:
+        if not path.name.startswith(f".{name}.tmp-"):
+            return save(tensors, path)
+        path.write_bytes(b"half a shard")
+        raise SafetensorError(
+            f"Error while serializing: I/O error: No space left on device (os error {errno.ENOSPC})"
+        )
+
+    monkeypatch.setattr(shards, "save_tensors", save_or_fail)
+
+
+FULL = (
+    r"^{stage}: no space left on device writing (?P<file>\S+): the run planned "
+    r"(?P<planned>[\d,]+) bytes of shards and (?P<free>[\d,]+) bytes are free on that "
+    r"filesystem; free some space and re-run \(finished shards are kept and reused\)$"
+)
+PLANNED = r"planned shards (?P<planned>[\d,]+) bytes"
+
+
+def assert_nothing_half_written(out: Path) -> None:
+    [folder] = scratch_folders(out)
+    assert not [p.name for p in folder.iterdir() if ".tmp" in p.name]
+    assert all(
+        Scratch(folder, out).completed(int(p.name[6:11])) for p in folder.glob("shard-*.json")
+    )
+
+
+@by_name
+def test_a_full_disk_names_the_file_and_the_space_and_the_rerun_resumes(
+    stage, inputs, tmp_path, monkeypatch, caplog
+):
+    source, out = inputs(stage), tmp_path / "out"
+    stage.run(stage.params(), source, tmp_path / "clean")
+    with monkeypatch.context() as patch, caplog.at_level(logging.INFO):
+        full_disk_at(patch, "shard-00002.safetensors")
+        with pytest.raises(RuntimeError) as raised:
+            stage.run(stage.params(), source, out)
+    found = re.match(FULL.format(stage=stage.name), str(raised.value))
+    assert found, str(raised.value)
+    [folder] = scratch_folders(out)
+    assert found["file"] == str(folder / "shard-00002.safetensors")
+    assert found["planned"] == re.search(PLANNED, caplog.text)["planned"]
+    free = shutil.disk_usage(tmp_path).free
+    assert abs(int(found["free"].replace(",", "")) - free) < 0.01 * free
+    assert_nothing_half_written(out)
+    assert sorted(p.name for p in folder.glob("shard-*.json")) == [
+        "shard-00000.safetensors.json", "shard-00001.safetensors.json"
+    ]  # fmt: skip
+    assert stage.run(stage.params(), source, out)["reused_shards"] == 2
+    assert dvc_listing(out) == dvc_listing(tmp_path / "clean")
+
+
+@by_name
+def test_a_real_full_filesystem_stops_cleanly_and_resumes(
+    stage, inputs, tmp_path, small_filesystem, fill_up
+):
+    source, out = inputs(stage), small_filesystem / "out"
+    stage.run(stage.params(), source, tmp_path / "clean")
+    # Room for shard 0, its record, the lock and the inputs, and not for every shard.
+    shard_0 = (tmp_path / "clean" / "shard-00000.safetensors").stat().st_size
+    filler = fill_up(small_filesystem, leave_bytes=-(-shard_0 // 4096) * 4096 + 4 * 4096)
+    with pytest.raises(RuntimeError) as raised:
+        stage.run(stage.params(), source, out)
+    found = re.match(FULL.format(stage=stage.name), str(raised.value))
+    assert found and found["file"].startswith(str(small_filesystem)), str(raised.value)
+    assert not out.exists()
+    assert_nothing_half_written(out)
+    filler.unlink()
+    stats = stage.run(stage.params(), source, out)
+    assert stats["shards"] >= 3 and stats["reused_shards"] >= 1
+    assert dvc_listing(out) == dvc_listing(tmp_path / "clean")
 
 
 @by_name
@@ -290,7 +476,12 @@ from pipeline.common.params import build
 stage, params_class, section, raw, source, out = sys.argv[1:]
 module, _, name = params_class.partition(":")
 params = build(getattr(importlib.import_module(module), name), json.loads(raw), section)
-print(json.dumps(importlib.import_module(stage).run(params, Path(source), Path(out))))
+stats = importlib.import_module(stage).run(params, Path(source), Path(out))
+root = Path(importlib.import_module("pipeline").__file__).resolve().parents[1]
+ran = [Path(m.__file__).resolve() for n, m in sys.modules.items() if n.split(".")[0] == "pipeline"]
+# One write per line: torchrun's ranks share the pipe, unbuffered.
+sys.stdout.write(json.dumps(stats) + "\\n")
+sys.stdout.write("ran " + json.dumps(sorted(str(path.relative_to(root)) for path in ran)) + "\\n")
 """
 
 
@@ -305,7 +496,45 @@ def printed_stats(stdout: str) -> list[dict]:
     return [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
 
 
+def printed_modules(stdout: str) -> list[str]:
+    """The project files whose modules the SCRIPT's run imported."""
+    [line] = [line for line in stdout.splitlines() if line.startswith("ran ")]
+    return json.loads(line.removeprefix("ran "))
+
+
 ENV = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
+def killed_after_shard_1(cmd: list[str], out: Path, root: Path = ROOT) -> int:
+    """Run `cmd` (the SCRIPT into `out`) from `root`, SIGKILL it once shard 1 is done.
+
+    Returns how many shards it had finished; their scratch folder is left behind.
+    """
+    env = ENV | {"PYTHONPATH": str(root)}
+    proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)  # fmt: skip
+    scratch = out.parent / SCRATCH
+    deadline = time.time() + 300
+    while not list(scratch.glob("*/shard-00001.safetensors.json")):
+        assert proc.poll() is None and time.time() < deadline, "the run ended before shard 1"
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not out.exists()
+    return len(list(scratch.glob("*/shard-*.json")))
+
+
+def dvc_add(repo: Path, *folders: Path) -> list[dict]:
+    """What real `dvc add` records for each folder (md5, nfiles, size), in a new repo `repo`."""
+    dvc = [str(Path(sys.executable).parent / "dvc")]
+    env = ENV | {"DVC_NO_ANALYTICS": "1"}
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    subprocess.run([*dvc, "init", "-q"], cwd=repo, env=env, check=True)
+    subprocess.run([*dvc, "add", "-q", *map(str, folders)], cwd=repo, env=env, check=True)
+    outs = [
+        yaml.safe_load(folder.with_name(f"{folder.name}.dvc").read_text()) for folder in folders
+    ]
+    return [{k: out["outs"][0][k] for k in ("md5", "nfiles", "size")} for out in outs]
 
 
 @pytest.mark.slow
@@ -318,30 +547,55 @@ def test_sigkill_then_rerun_matches_an_uninterrupted_run(stage, inputs, tmp_path
         return [sys.executable, "-c", SCRIPT, *args, str(out)]
 
     out = tmp_path / "killed" / stage.name
-    proc = subprocess.Popen(cmd(out), cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)  # fmt: skip
-    scratch = out.parent / SCRATCH
-    deadline = time.time() + 300
-    while not list(scratch.glob("*/shard-00001.safetensors.json")):
-        assert proc.poll() is None and time.time() < deadline, "the run ended before shard 1"
-        time.sleep(0.005)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    finished = len(list(scratch.glob("*/shard-*.json")))
+    finished = killed_after_shard_1(cmd(out), out)
     clean = tmp_path / "clean" / stage.name
     done = subprocess.run(cmd(clean), cwd=ROOT, env=ENV, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     [reference] = printed_stats(done.stdout)
-    assert not out.exists() and 0 < finished < reference["shards"], (
+    assert 0 < finished < reference["shards"], (
         f"the kill landed after {finished} of {reference['shards']} shards"
     )
+    # Besides what the kill left, what a kill in mid-write leaves: a shard under its
+    # temporary name, a record cut short, a stray file.
+    [folder] = scratch_folders(out)
+    (folder / f".shard-{finished:05d}.safetensors.tmp-999999").write_bytes(b"half a shard")
+    (folder / f".shard-{finished - 1:05d}.safetensors.json.tmp-999999").write_text('{"fi')
+    (folder / "core").write_bytes(b"\0" * 100)
 
     rerun = subprocess.run(cmd(out), cwd=ROOT, env=ENV, capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     [stats] = printed_stats(rerun.stdout)
     assert stats["reused_shards"] == finished
-    assert not scratch.exists()
+    assert not (out.parent / SCRATCH).exists()
     assert_same_output(out, clean)
+    assert sorted(p.name for p in out.iterdir()) == listed_files(out)
+    [killed_hash, clean_hash] = dvc_add(tmp_path, out, clean)
+    assert killed_hash == clean_hash
+    count, md5 = dvc_listing(out)
+    assert (killed_hash["nfiles"], killed_hash["md5"]) == (count, f"{md5}.dir")
+
+
+@pytest.mark.slow
+@by_name
+def test_a_code_change_after_a_kill_reuses_no_shard(stage, inputs, tmp_path):
+    copy = project_copy(tmp_path / "project")
+    params = stage.base | stage.many_shards
+    out = tmp_path / "data" / stage.name
+    cmd = [sys.executable, "-c", SCRIPT, *script_args(stage, params, inputs(stage, size="large")),
+           str(out)]  # fmt: skip
+    assert killed_after_shard_1(cmd, out, root=copy) > 0
+    [killed] = scratch_folders(out)
+    append_a_comment(copy / "pipeline/common/shards.py")
+    env = ENV | {"PYTHONPATH": str(copy)}
+    rerun = subprocess.run(cmd, cwd=copy, env=env, capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    [stats] = printed_stats(rerun.stdout)
+    assert stats["reused_shards"] == 0 and stats["shards"] > 2
+    assert not killed.exists(), "publishing frees the scratch folder of the old code"
+    # The fingerprint covers every project module the run executed.
+    ran = printed_modules(rerun.stdout)
+    assert "pipeline/common/shards.py" in ran
+    assert set(ran) <= set(stage_closure(stage.module.__name__, copy))
 
 
 @pytest.mark.slow
@@ -361,7 +615,7 @@ def test_torchrun_world_size_two_equals_world_size_one(stage, inputs, tmp_path):
     [alone] = printed_stats(one.stdout)
     ranks = sorted(printed_stats(two.stdout), key=lambda stats: stats.get("rank", 0))
     assert alone["world_size"] == 1 and alone["shards"] >= 3
-    assert [stats.get("world_size") for stats in ranks] == [2, None]
+    assert [stats.get("world_size") for stats in ranks] == [2, None], two.stdout
     assert ranks[1]["rank"] == 1 and ranks[1]["shards"] == alone["shards"] // 2
     assert_same_output(tmp_path / "one", tmp_path / "two")
     assert MANIFEST in {p.name for p in (tmp_path / "two").iterdir()}

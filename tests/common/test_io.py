@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import errno
+import os
+
 import pytest
 
 from pipeline.common.io import atomic_path, write_csv, write_json, write_text
@@ -43,3 +46,18 @@ def test_csv_without_rows_needs_field_names(tmp_path):
         write_csv(tmp_path / "empty.csv", [])
     write_csv(tmp_path / "empty.csv", [], fields=("epoch", "val_cos"))
     assert (tmp_path / "empty.csv").read_text() == "epoch,val_cos\n"
+
+
+def test_a_failed_write_names_the_file_it_was_writing(tmp_path):
+    target = tmp_path / "record.json"
+    with pytest.raises(OSError) as raised:
+        with atomic_path(target) as tmp:
+            tmp.write_text("half")
+            # A write or close on a full disk fails without naming its file.
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    assert (raised.value.errno, raised.value.filename) == (errno.ENOSPC, str(target))
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(FileNotFoundError) as raised:
+        with atomic_path(target) as tmp:
+            open(tmp_path / "missing" / "x")
+    assert raised.value.filename == str(tmp_path / "missing" / "x")
