@@ -1,9 +1,10 @@
 """Strict, typed loading of `params.yaml`: one frozen dataclass per section.
 
 Each branch defines its sections' dataclasses in its own `params.py`; `SECTIONS`
-below names them all. Loading is strict: an unknown key, a wrong type or an
-out-of-range value raises `ValueError` naming the file and the dotted key, so a
-typo in `dvc exp run -S` fails before any stage touches its outputs.
+below names them all. Loading is strict: an unknown key, a wrong type, a float that
+is nan or inf, or an out-of-range value raises `ValueError` naming the file, the dotted
+key and the value. Stage `params_check` (`params_check.py`) loads the whole file first
+in the DAG, so a typo in `dvc exp run -S` fails before DVC removes any stage's outputs.
 
 A stage loads the sections it reads, with their classes:
 
