@@ -6,19 +6,27 @@
 Each DVC stage is a fresh process, so `python -m pipeline.cli <stage>` imports
 only that stage's module: a training stage does not pay for importing
 transformers. `from pipeline.cli import app` gives the app with every command.
+
+A failure prints one line, `error: ...`; `-v` (before the command) adds the traceback:
+
+    python -m pipeline.cli -v directions --params params.yaml ...
 """
 
 from __future__ import annotations
 
 import importlib
 import logging
+import os
 import sys
+import traceback
+from pathlib import Path
 from typing import Annotated
 
 import typer
 
 # Command name -> module whose `command` implements it.
 STAGES = {
+    "params_check": "pipeline.common.params_check",
     "teachers": "pipeline.inputs.teachers",
     "wordlist": "pipeline.inputs.wordlist",
     "directions": "pipeline.concepts.directions",
@@ -71,17 +79,75 @@ def __getattr__(name: str):
     raise AttributeError(name)
 
 
-def run() -> None:
-    """Entry point: a user error (bad params, missing file, model out of reach) prints one
-    clear message and exits 1 (a model out of reach is a RuntimeError: TeacherLoadError);
-    anything else keeps its traceback."""
-    wanted = [arg for arg in sys.argv[1:] if not arg.startswith("-")][:1]
-    app = make_app(wanted if wanted and wanted[0] in COMMANDS else None)
+# What a user can cause and fix: bad params, a missing or unwritable file, a full disk,
+# a model out of reach (TeacherLoadError is a RuntimeError). Anything else is a bug and
+# keeps its traceback.
+USER_ERRORS = (ValueError, OSError, RuntimeError)
+# Set by DVC for a stage's command (dvc/stage/run.py: `DVC_STAGE = stage.addressing`,
+# e.g. `distill@linear_probe`); DVC removed that stage's outputs before running it.
+DVC_STAGE = "DVC_STAGE"
+
+
+def run(argv: list[str] | None = None) -> None:
+    """Entry point: a failure prints one line, `error: <message>`, and exits 1; with
+    `-v` the traceback comes first. A user error (USER_ERRORS) prints no traceback
+    otherwise; any other exception does. Under DVC the line ends with how to restore the
+    outputs DVC removed."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    name = next((arg for arg in argv if not arg.startswith("-")), None)
+    app = make_app([name] if name in COMMANDS else None)
+    options = argv[: argv.index(name)] if name is not None else argv
+    verbose = "-v" in options or "--verbose" in options
     try:
-        app()
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
-        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
-        raise SystemExit(1) from None
+        app(argv)
+    except USER_ERRORS as err:
+        fail(err, name, verbose)
+    except Exception as err:
+        fail(err, name, verbose=True, prefix=f"{type(err).__name__}: ")
+
+
+def fail(err: BaseException, command: str | None, verbose: bool, prefix: str = "") -> None:
+    if verbose:
+        traceback.print_exception(err)
+    message = " ".join(str(err).split()) or type(err).__name__
+    typer.secho(f"error: {prefix}{message}{restore_hint(command)}", fg=typer.colors.RED, err=True)
+    raise SystemExit(1) from None
+
+
+def restore_hint(command: str | None) -> str:
+    """Under DVC, how to get back the outputs DVC removed before running the stage."""
+    stage = os.environ.get(DVC_STAGE)
+    if not stage:
+        return ""
+    if command == "params_check":
+        return f" (stage {stage} runs before every other stage: none of them ran or lost outputs)"
+    hint = f"`dvc checkout {stage}` restores them"
+    in_git = uncached_outputs(stage)
+    if in_git:
+        hint += f", `git checkout -- {' '.join(in_git)}` the ones kept in git"
+    return f" (DVC removed the outputs of stage {stage} before running it; {hint})"
+
+
+def uncached_outputs(stage: str) -> list[str]:
+    """The outputs of `stage` (`name` or `name@key`) that dvc.yaml marks `cache: false`:
+    git keeps those, and `dvc checkout` leaves them alone."""
+    import yaml
+
+    name, _, key = stage.partition("@")
+    try:
+        dvc_yaml = yaml.safe_load((Path(os.environ.get("DVC_ROOT", ".")) / "dvc.yaml").read_text())
+        spec = dvc_yaml["stages"][name]
+    except (OSError, KeyError, TypeError, yaml.YAMLError):
+        return []  # another dvc.yaml (`sub/dvc.yaml:name`) or none: the hint stays general
+    spec = spec.get("do", spec)
+    return [
+        path.replace("${key}", key)
+        for section in ("outs", "metrics", "plots")
+        for entry in spec.get(section, [])
+        if isinstance(entry, dict)
+        for path, options in entry.items()
+        if isinstance(options, dict) and options.get("cache") is False
+    ]
 
 
 if __name__ == "__main__":

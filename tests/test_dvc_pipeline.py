@@ -1,4 +1,5 @@
-"""End to end through real DVC: `dvc repro`, then a one-param experiment and a metrics diff.
+"""End to end through real DVC: `dvc repro`, then a one-param experiment and a metrics diff,
+and params that DVC alone would not check: stage `params_check` fails on them first.
 
 Runs the tiny profile (shrunk: fewer concepts, epochs and runs) in a temporary
 git repository made the way `make demo` makes its workspace.
@@ -9,6 +10,8 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -27,7 +30,7 @@ RUNS = {
 
 BRANCH_STAGES = {"corpus", "trajectories", "sidecar", "activations", "sae", "mcdata", "steering"}
 ALL_STAGES = (
-    {"teachers", "wordlist", "directions", "evaluate"}
+    {"params_check", "teachers", "wordlist", "directions", "evaluate"}
     | {f"distill@{n}" for n in RUNS}
     | BRANCH_STAGES
 )
@@ -56,6 +59,15 @@ def dvc(workspace: Path, *args: str) -> str:
     )
     assert done.returncode == 0, f"dvc {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}"
     return done.stdout
+
+
+def dvc_fails(workspace: Path, *args: str) -> str:
+    """stdout and stderr of a dvc command that must fail."""
+    done = subprocess.run(
+        ["dvc", *args], cwd=workspace, env=offline_env(), capture_output=True, text=True
+    )
+    assert done.returncode != 0, f"dvc {' '.join(args)} passed:\n{done.stdout}\n{done.stderr}"
+    return done.stdout + done.stderr
 
 
 def git(workspace: Path, *args: str) -> None:
@@ -103,7 +115,8 @@ def test_fresh_clone_trains_from_the_remote_without_re_extracting(repo, tmp_path
         "--pull",
         "--allow-missing",
     )
-    assert stages_run(out) == {f"distill@{name}" for name in RUNS} | {"evaluate"}
+    distill = {f"distill@{name}" for name in RUNS}
+    assert stages_run(out) == {"params_check"} | distill | {"evaluate"}
     assert not (clone / "data" / ".scratch").exists()
     metrics = json.loads((clone / "metrics" / "distill.json").read_text())
     assert metrics["frozen_h64"]["best_epoch"] <= 2
@@ -112,7 +125,7 @@ def test_fresh_clone_trains_from_the_remote_without_re_extracting(repo, tmp_path
 def test_one_param_experiment_reruns_only_its_branch(repo):
     workspace = repo
     experiment = dvc(workspace, "exp", "run", "-S", "distill.runs.frozen_h64.hidden_dim=16")
-    assert stages_run(experiment) == {"distill@frozen_h64", "evaluate"}
+    assert stages_run(experiment) == {"params_check", "distill@frozen_h64", "evaluate"}
 
     lock = yaml.safe_load((workspace / "dvc.lock").read_text())
     assert lock["stages"]["distill@frozen_h64"]["params"]["params.yaml"][
@@ -143,7 +156,7 @@ def test_branch_params_rerun_only_their_own_stage(repo):
         "-S",
         "steering.layers=[1,2]",
     )
-    assert stages_run(out) == {"sidecar", "sae", "steering"}
+    assert stages_run(out) == {"params_check", "sidecar", "sae", "steering"}
     steering = json.loads((repo / "metrics" / "steering.json").read_text())
     assert steering["layers"] == [1, 2]
     sae = json.loads((repo / "data" / "sae" / "config.json").read_text())
@@ -160,6 +173,7 @@ def changed_stages(workspace: Path) -> set[str]:
         ("pipeline/kv_sidecar/losses.py", {"sidecar"}),
         ("pipeline/concepts/students.py", {f"distill@{n}" for n in RUNS} | {"evaluate"}),
         ("pipeline/common/scratch.py", {"directions", "trajectories", "activations"}),
+        ("pipeline/sparse_autoencoder/params.py", {"params_check", "activations", "sae"}),
     ],
 )
 def test_a_code_edit_invalidates_exactly_the_stages_that_run_it(repo, module, expected):
@@ -187,3 +201,66 @@ def test_editing_the_tiny_builder_reruns_only_the_teachers_stage(repo):
     # Back to the committed code: DVC's run cache restores `teachers` without running it.
     assert stages_run(dvc(repo, "repro")) == set()
     assert changed_stages(repo) == set()
+
+
+@contextmanager
+def params_edited(workspace: Path, **values) -> Iterator[None]:
+    """params.yaml with dotted keys set (`**{"directions.shard_rows": 0}`), then put back,
+    with the params check's marker (which a failed check leaves removed)."""
+    path = workspace / "params.yaml"
+    original = path.read_text()
+    raw = yaml.safe_load(original)
+    for dotted, value in values.items():
+        *parents, last = dotted.split(".")
+        node = raw
+        for name in parents:
+            node = node[name]
+        node[last] = value
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    try:
+        yield
+    finally:
+        path.write_text(original)
+        dvc(workspace, "checkout", "params_check")
+
+
+def error_lines(output: str) -> list[str]:
+    assert "Traceback" not in output, output
+    return [line for line in output.splitlines() if line.startswith("error: ")]
+
+
+def test_a_typo_in_a_key_no_stage_lists_fails_repro_in_one_line(repo):
+    """DVC alone re-runs nothing for `foo: 1` ("Data and pipelines are up to date")."""
+    before = changed_stages(repo)
+    with params_edited(repo, foo=1):
+        out = dvc_fails(repo, "repro")
+        assert stages_run(out) == {"params_check"}
+        (line,) = error_lines(out)
+        assert line.startswith("error: params.yaml: unknown key 'foo' in the top level")
+        assert line.endswith("none of them ran or lost outputs)")
+    assert changed_stages(repo) == before
+
+
+def test_an_invalid_value_fails_before_dvc_removes_any_output(repo):
+    """Without the check, DVC removes data/directions, then the stage fails on the value."""
+    directions = repo / "data" / "directions"
+    files = sorted(directions.rglob("*"))
+    assert files
+    with params_edited(repo, **{"directions.shard_rows": 0}):
+        out = dvc_fails(repo, "repro")
+        assert stages_run(out) == {"params_check"}
+        (line,) = error_lines(out)
+        assert "params.yaml: directions.shard_rows must be > 0, got 0" in line
+        assert sorted(directions.rglob("*")) == files
+
+
+def test_an_edit_that_changes_no_param_reruns_the_check_alone(repo):
+    """The check's output never changes, so nothing downstream sees a changed dep."""
+    path = repo / "params.yaml"
+    original = path.read_text()
+    path.write_text(original + "\n# a note, no param\n")
+    try:
+        assert stages_run(dvc(repo, "repro")) == {"params_check"}
+    finally:
+        path.write_text(original)
+    assert stages_run(dvc(repo, "repro")) == set(), "the run cache restores the check"

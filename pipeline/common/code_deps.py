@@ -8,7 +8,10 @@ re-runs that stage and editing any other module does not.
 Every import statement counts, inside functions too, except those under
 `if TYPE_CHECKING:` (they never run). Imports by name through `importlib` are not
 seen: the CLI dispatches to stage modules that way, so `pipeline/cli.py` alone is
-common to every stage.
+common to every stage. One such import is counted: stage `params_check` exists to run
+every section's checks, so its closure holds the module of each params section
+(`SECTIONS`, which `load_params` imports by name); for any other stage a section it does
+not read can only make it fail, never change its result.
 
     python -m pipeline.common.code_deps          # each stage's closure
     python -m pipeline.common.code_deps --write  # rewrite the code deps in dvc.yaml
@@ -25,6 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = "pipeline"
 ENTRY = "pipeline.cli"
+PARAMS_CHECK = "pipeline.common.params_check"
 
 
 def module_file(module: str, root: Path = ROOT) -> Path | None:
@@ -106,7 +110,15 @@ def import_closure(module: str, root: Path = ROOT) -> list[str]:
 
 def stage_closure(module: str, root: Path = ROOT) -> list[str]:
     """The files a stage run as `python -m pipeline.cli <stage>` executes."""
-    return sorted(set(import_closure(module, root)) | set(import_closure(ENTRY, root)))
+    modules = [module, ENTRY] + (section_modules() if module == PARAMS_CHECK else [])
+    return sorted({name for m in modules for name in import_closure(m, root)})
+
+
+def section_modules() -> list[str]:
+    """The modules of the params sections, which `load_params` imports by name."""
+    from pipeline.common.params import SECTIONS
+
+    return sorted({spec.partition(":")[0] for spec in SECTIONS.values()})
 
 
 def code_fingerprint(module: str, root: Path = ROOT) -> dict[str, str]:

@@ -1,9 +1,10 @@
 """Strict, typed loading of `params.yaml`: one frozen dataclass per section.
 
 Each branch defines its sections' dataclasses in its own `params.py`; `SECTIONS`
-below names them all. Loading is strict: an unknown key, a wrong type or an
-out-of-range value raises `ValueError` naming the file and the dotted key, so a
-typo in `dvc exp run -S` fails before any stage touches its outputs.
+below names them all. Loading is strict: an unknown key, a wrong type, a float that
+is nan or inf, or an out-of-range value raises `ValueError` naming the file, the dotted
+key and the value. Stage `params_check` (`params_check.py`) loads the whole file first
+in the DAG, so a typo in `dvc exp run -S` fails before DVC removes any stage's outputs.
 
 A stage loads the sections it reads, with their classes:
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import math
 import types
 import typing
 from collections.abc import Mapping
@@ -96,11 +98,22 @@ def load_params(path: str | Path, **wanted: type) -> Sections:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"params file not found: {path}")
-    raw = yaml.safe_load(path.read_text()) or {}
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path}: not valid YAML: {_yaml_problem(err)}") from None
     try:
         return sections_from_dict(raw, **wanted)
     except ValueError as err:
         raise ValueError(f"{path}: {err}") from None
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """PyYAML's multi-line message as one line: the problem and where (1-based)."""
+    if not isinstance(err, yaml.MarkedYAMLError) or err.problem_mark is None:
+        return " ".join(str(err).split())
+    mark = err.problem_mark
+    return f"{err.problem} (line {mark.line + 1}, column {mark.column + 1})"
 
 
 def sections_from_dict(raw: Any, **wanted: type) -> Sections:
@@ -140,6 +153,23 @@ def _build_section(name: str, cls: type, raw: dict) -> Any:
 def positive(key: str, value: int) -> None:
     if value <= 0:
         raise ValueError(f"{key} must be > 0, got {value}")
+
+
+def layer_list(
+    key: str,
+    layers: tuple[int, ...],
+    empty: str = "give at least one layer index",
+    what: str = "layer indices",
+) -> None:
+    """Layer indices as a params list takes them: at least one, each >= 0, each once."""
+    if not layers:
+        raise ValueError(f"{key} is empty: {empty}")
+    for layer in layers:
+        if layer < 0:
+            raise ValueError(f"{key} holds {layer}: {what} are >= 0")
+    repeated = sorted({layer for layer in layers if layers.count(layer) > 1})
+    if repeated:
+        raise ValueError(f"{key} repeats {repeated} in {list(layers)}: give each index once")
 
 
 def build(cls: type, data: Any, prefix: str) -> Any:
@@ -206,14 +236,8 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
         if not isinstance(value, dict):
             raise ValueError(f"{key} must be a mapping, got {type(value).__name__}")
         return {str(k): _coerce(args[1], v, _dotted(key, str(k))) for k, v in value.items()}
-    if hint is float and isinstance(value, int | float) and not isinstance(value, bool):
-        return float(value)
-    if hint is float and isinstance(value, str):
-        # YAML 1.1 reads `1e-3` (no dot) as a string.
-        try:
-            return float(value)
-        except ValueError:
-            pass
+    if hint is float:
+        return _finite(value, key)
     if hint is int and isinstance(value, int) and not isinstance(value, bool):
         return value
     if hint is str and isinstance(value, str):
@@ -221,6 +245,24 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
     if hint is bool and isinstance(value, bool):
         return value
     raise ValueError(f"{key} must be {getattr(hint, '__name__', hint)}, got {value!r}")
+
+
+def _finite(value: Any, key: str) -> float:
+    """A float param: a number, or a numeric string (YAML 1.1 reads `1e-3`, no dot, as one);
+    nan and inf never make sense as a param and only fail later, far from the key."""
+    number = None
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        number = float(value)
+    elif isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            pass
+    if number is None:
+        raise ValueError(f"{key} must be float, got {value!r}")
+    if not math.isfinite(number):
+        raise ValueError(f"{key} must be a finite float, got {value!r}")
+    return number
 
 
 def _dotted(prefix: str, name: str) -> str:

@@ -137,9 +137,13 @@ def load_teacher(
     dtype: str = "float32",
     device: str = "cpu",
     layers_key: str = "layers",
+    model_key: str = "model",
 ) -> Teacher:
-    """The base model cut after max(`layers`) (see `cut_teacher`), and its tokenizer."""
-    model, tokenizer = _load(model_id, revision, DTYPES[dtype])
+    """The base model cut after max(`layers`) (see `cut_teacher`), and its tokenizer.
+
+    `model_key` is the params key `model_id` came from, named when its folder is missing.
+    """
+    model, tokenizer = _load(model_id, revision, DTYPES[dtype], model_key=model_key)
     return cut_teacher(model, tokenizer, layers, dtype, device, model_id, revision, layers_key)
 
 
@@ -180,13 +184,17 @@ def cut_teacher(
 
 
 def load_causal_lm(
-    model_id: str, revision: str | None, dtype: str = "float32", device: str = "cpu"
+    model_id: str,
+    revision: str | None,
+    dtype: str = "float32",
+    device: str = "cpu",
+    model_key: str = "model",
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """The whole causal LM (with its head), for stages that need logits or LM-loss gradients.
 
-    Same sources and offline error as `load_teacher`; parameters are frozen.
+    Same sources and errors as `load_teacher`; parameters are frozen.
     """
-    model, tokenizer = _load(model_id, revision, DTYPES[dtype], causal=True)
+    model, tokenizer = _load(model_id, revision, DTYPES[dtype], causal=True, model_key=model_key)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model = model.to(device=resolve_device(device), dtype=DTYPES[dtype]).eval()
@@ -194,15 +202,42 @@ def load_causal_lm(
     return model, tokenizer
 
 
-def _load(model_id: str, revision: str | None, dtype: torch.dtype, causal: bool = False):
+def looks_like_path(model_id: str) -> bool:
+    """Whether a `model` param names a local folder rather than a hub id (`org/name`): it
+    starts with `.`, `/` or `~`, has more than one `/`, or its parent folder exists."""
+    parent = Path(model_id).parent
+    return (
+        model_id.startswith((".", "/", "~"))
+        or model_id.count("/") > 1
+        or (parent != Path(".") and parent.is_dir())
+    )
+
+
+def missing_model_folder(model_id: str, model_key: str) -> FileNotFoundError | None:
+    """The error for a `model` param that names a local folder that does not exist."""
+    if looks_like_path(model_id) and not Path(model_id).exists():
+        return FileNotFoundError(f"model folder not found: {model_id} ({model_key})")
+    return None
+
+
+def _load(
+    model_id: str,
+    revision: str | None,
+    dtype: torch.dtype,
+    causal: bool = False,
+    model_key: str = "model",
+):
     auto = AutoModelForCausalLM if causal else AutoModel
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_id, revision=revision)
         model = auto.from_pretrained(model_id, revision=revision, dtype=dtype)
     except (OSError, ValueError) as err:
+        missing = missing_model_folder(model_id, model_key)
+        if missing is not None:
+            raise missing from None
         where = "local directory" if Path(model_id).exists() else "Hugging Face hub id"
         raise TeacherLoadError(
-            f"cannot load model {model_id!r} (revision {revision!r}, as a {where}): {err}\n"
+            f"cannot load model {model_id!r} (revision {revision!r}, as a {where}): {err} "
             "If the hub is unreachable (offline), point the stage's `model` param "
             "(directions.model, trajectories.model, ...) at a local copy "
             "(a folder with config.json, weights and tokenizer files, e.g. made by "

@@ -58,6 +58,7 @@ def run(params: DirectionsParams, wordlist: Path, out: Path) -> dict:
         params.compute_dtype,
         params.device,
         layers_key="directions.layers",
+        model_key="directions.model",
     )
     teacher.tokenizer.padding_side = params.padding_side
     row_bytes = teacher.hidden_size * len(params.layers) * DTYPES[params.storage_dtype].itemsize

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import string
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
-from pipeline.common.params import DType, Sections, positive
+from pipeline.common.params import DType, Sections, layer_list, positive
 
 Approach = Literal["trainable", "frozen_mlp", "linear_probe"]
+SLOT = "concept"
+SPECIAL_TOKENS = 2
+"""Tokens a tokenizer may add around a prompt: BOS (Llama), [CLS] + [SEP] (BERT), or
+BOS + SentencePiece's dummy-prefix piece; byte-level BPE (Qwen, GPT-2) adds none."""
 
 
 @dataclass(frozen=True)
@@ -31,19 +36,14 @@ class DirectionsParams:
     device: str = "auto"
     padding_side: Literal["left", "right"] = "right"
 
+    READS: ClassVar = ("wordlist",)
+
     def __post_init__(self) -> None:
-        if not self.layers:
-            raise ValueError("directions.layers is empty: give at least one layer index")
-        for layer in self.layers:
-            if layer < 0:
-                raise ValueError(f"directions.layers holds {layer}: layer indices are >= 0")
+        layer_list("directions.layers", self.layers)
         if not self.templates:
             raise ValueError("directions.templates is empty: give at least one template")
         for template in self.templates:
-            if "{concept}" not in template:
-                raise ValueError(
-                    f"directions.templates entry {template!r} lacks a {{concept}} slot"
-                )
+            template_parts(template)
         positive("directions.shard_rows", self.shard_rows)
         positive("directions.max_length", self.max_length)
         positive("directions.batch_size", self.batch_size)
@@ -51,6 +51,24 @@ class DirectionsParams:
     @property
     def deepest_layer(self) -> int:
         return max(self.layers)
+
+    def check(self, params: Sections) -> None:
+        """max_length must hold the longest prompt the word list can produce, counted in the
+        worst case: one token per UTF-8 byte (byte-level BPE and SentencePiece's byte
+        fallback never give more) plus SPECIAL_TOKENS. A shorter limit can truncate a
+        prompt, and a truncated prompt silently pools a token that is not the concept's; a
+        longer one costs nothing, since a batch is padded to its own longest prompt only."""
+        longest_concept = params.wordlist.max_length
+        needs = {t: prompt_bytes(t, longest_concept) + SPECIAL_TOKENS for t in self.templates}
+        template = max(needs, key=needs.__getitem__)
+        if self.max_length < needs[template]:
+            raise ValueError(
+                f"directions.max_length={self.max_length} can truncate prompts: template "
+                f"{template!r} with a concept of wordlist.max_length={longest_concept} "
+                f"letters takes up to {needs[template]} tokens (one per byte, plus "
+                f"{SPECIAL_TOKENS} special tokens); set directions.max_length >= "
+                f"{needs[template]}"
+            )
 
 
 @dataclass(frozen=True)
@@ -126,6 +144,41 @@ class EvaluateParams:
         positive("evaluate.knn_k", self.knn_k)
         for k in self.retrieval_k:
             positive("evaluate.retrieval_k", k)
+
+
+def template_parts(template: str) -> tuple[str, int]:
+    """(literal text, number of {concept} slots) of a prompt template, checked: well-formed
+    braces (`{{` and `}}` are literal ones), only the plain `{concept}` placeholder, at least
+    one of it."""
+    key = "directions.templates"
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as err:
+        raise ValueError(
+            f"{key} entry {template!r} is malformed: {err} (write {{{{ or }}}} for a literal brace)"
+        ) from None
+    literal, slots = "", 0
+    for text, name, spec, conversion in parsed:
+        literal += text
+        if name is None:
+            continue
+        if name != SLOT or spec or conversion:
+            written = "{" + name + (f"!{conversion}" if conversion else "")
+            written += (f":{spec}" if spec else "") + "}"
+            raise ValueError(
+                f"{key} entry {template!r} has the placeholder {written}: only {{{SLOT}}} is "
+                "filled in (write {{ or }} for a literal brace)"
+            )
+        slots += 1
+    if not slots:
+        raise ValueError(f"{key} entry {template!r} lacks a {{{SLOT}}} slot")
+    return literal, slots
+
+
+def prompt_bytes(template: str, concept_length: int) -> int:
+    """UTF-8 bytes of `template` filled with an ASCII concept of `concept_length` letters."""
+    literal, slots = template_parts(template)
+    return len(literal.encode()) + slots * concept_length
 
 
 def _seed_runs() -> dict[str, RunParams]:

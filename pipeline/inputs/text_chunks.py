@@ -35,7 +35,7 @@ import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from pipeline.common.shards import Manifest, read_shard
-from pipeline.common.teacher import TeacherLoadError
+from pipeline.common.teacher import TeacherLoadError, missing_model_folder
 from pipeline.inputs.params import CorpusParams
 
 BUILTIN_WORDS = 5_000
@@ -115,13 +115,19 @@ def documents(params: CorpusParams) -> Iterator[str]:
     return file_documents(params.files)
 
 
-def load_tokenizer(model_id: str, revision: str | None) -> PreTrainedTokenizerBase:
-    """The tokenizer of `model_id` (hub id or local folder), without the model."""
+def load_tokenizer(
+    model_id: str, revision: str | None, model_key: str = "corpus.model"
+) -> PreTrainedTokenizerBase:
+    """The tokenizer of `model_id` (hub id or local folder), without the model; `model_key`
+    is the params key it came from, named when its folder is missing."""
     try:
         return AutoTokenizer.from_pretrained(model_id, revision=revision)
     except (OSError, ValueError) as err:
+        missing = missing_model_folder(model_id, model_key)
+        if missing is not None:
+            raise missing from None
         raise TeacherLoadError(
-            f"cannot load the tokenizer of {model_id!r} (revision {revision!r}): {err}\n"
+            f"cannot load the tokenizer of {model_id!r} (revision {revision!r}): {err} "
             "If the hub is unreachable (offline), set corpus.model and trajectories.model to a "
             "local copy (e.g. `huggingface-cli download TinyLlama/TinyLlama-1.1B-Chat-v1.0 "
             "--local-dir models/tinyllama`), or run `make demo` for the offline tiny profile."

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
-from pipeline.common.params import DType, Sections, positive
+from pipeline.common.params import DType, Sections, layer_list, positive
 
 ForceSpace = Literal["hidden", "kv"]
 
@@ -40,11 +40,8 @@ class TrajectoriesParams:
 
     def __post_init__(self) -> None:
         if self.layers != "all":
-            if not self.layers:
-                raise ValueError("trajectories.layers is empty: give layer indices or `all`")
-            for layer in self.layers:
-                if layer < 0:
-                    raise ValueError(f"trajectories.layers holds {layer}: block indices are >= 0")
+            empty = "give block indices or `all`"
+            layer_list("trajectories.layers", self.layers, empty, what="block indices")
         for name in ("window_size", "num_windows", "num_queries", "max_chunks", "shard_rows"):
             positive(f"trajectories.{name}", getattr(self, name))
         positive("trajectories.batch_size", self.batch_size)
@@ -197,8 +194,16 @@ class SidecarParams:
         return {name: getattr(self, f"{name}_weight") for name in SIDECAR_TERMS}
 
     def check(self, params: Sections) -> None:
-        layers = params.trajectories.layers
+        trajectories = params.trajectories
+        layers = trajectories.layers
         if layers != "all" and self.layer not in layers:
             raise ValueError(
                 f"sidecar.layer={self.layer} is not stored: trajectories.layers is {list(layers)}"
+            )
+        dense = trajectories.window_tokens
+        if self.window_size is not None and dense % self.window_size:
+            raise ValueError(
+                f"sidecar.window_size={self.window_size} does not divide the {dense} dense "
+                f"tokens of a chunk (trajectories.num_windows x window_size = "
+                f"{trajectories.num_windows} x {trajectories.window_size})"
             )

@@ -63,7 +63,9 @@ def run(params: TrajectoriesParams, corpus: Path, out: Path) -> dict:
     chunks = CorpusChunks(corpus)
     _check_corpus(params, chunks)
     num_chunks = min(params.max_chunks, len(chunks))
-    model, _ = load_causal_lm(params.model, params.revision, params.compute_dtype, params.device)
+    model, _ = load_causal_lm(
+        params.model, params.revision, params.compute_dtype, params.device, "trajectories.model"
+    )
     layers = resolve_layers(params.layers, model.config.num_hidden_layers)
     sizes = Sizes.of(model.config, params.window_size, params.num_windows, params.num_queries)
     plan = _plan(params, sizes, layers, num_chunks)

@@ -102,6 +102,7 @@ def run(params: ActivationsParams, corpus: Path, out: Path) -> dict:
         params.compute_dtype,
         params.device,
         layers_key="activations.layers",
+        model_key="activations.model",
     )
     rows_per_chunk = reader.chunk_tokens if params.positions == "all" else 1
     row_bytes = teacher.hidden_size * len(params.layers) * DTYPES[params.storage_dtype].itemsize

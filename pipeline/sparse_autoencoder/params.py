@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
-from pipeline.common.params import DType, Sections, positive
+from pipeline.common.params import DType, Sections, layer_list, positive
 
 SaeInput = Literal["directions", "activations"]
 Baseline = Literal["pca", "nmf", "ica"]
@@ -39,11 +39,7 @@ class ActivationsParams:
     device: str = "auto"
 
     def __post_init__(self) -> None:
-        if not self.layers:
-            raise ValueError("activations.layers is empty: give at least one layer index")
-        for layer in self.layers:
-            if layer < 0:
-                raise ValueError(f"activations.layers holds {layer}: layer indices are >= 0")
+        layer_list("activations.layers", self.layers)
         if self.max_chunks is not None:
             positive("activations.max_chunks", self.max_chunks)
         positive("activations.shard_rows", self.shard_rows)

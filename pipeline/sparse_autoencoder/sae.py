@@ -165,7 +165,7 @@ def _open_input(
         if corpus is None:
             raise ValueError("sae.input=activations needs --corpus to decode text spans")
         revision = data.manifest.extra.get("revision")
-        data.attach_texts(corpus, load_tokenizer(data.model, revision))
+        data.attach_texts(corpus, load_tokenizer(data.model, revision, "activations.model"))
     return data
 
 

@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
-from pipeline.common.params import DType, Sections, positive
+from pipeline.common.params import DType, Sections, layer_list, positive
 
 McSource = Literal["hf", "jsonl", "category", "arithmetic"]
 COEFFICIENTS = (0.3, 0.5, 0.7, 1.0, 1.3, 1.5, 2.0)
@@ -120,12 +120,8 @@ class SteeringParams:
             raise ValueError(f"steering.num_threads must be >= 0, got {self.num_threads}")
         for key in ("layers", "single_layers"):
             value = getattr(self, key)
-            if value is None:
-                continue
-            if not value:
-                raise ValueError(f"steering.{key} is empty: give layer indices or null")
-            if min(value) < 0 or len(set(value)) != len(value):
-                raise ValueError(f"steering.{key} must be distinct indices >= 0, got {value}")
+            if value is not None:
+                layer_list(f"steering.{key}", value, "give layer indices or null")
         if self.position < 0:
             raise ValueError(f"steering.position must be >= 0 (0 = all), got {self.position}")
         for key in ("epochs", "batch_size", "bootstrap_samples", "eval_batch_size"):

@@ -78,7 +78,9 @@ def run(
     tasks = check_tasks(questions, params, mcdata)
     if params.num_threads:
         torch.set_num_threads(params.num_threads)
-    model, tokenizer = load_causal_lm(params.model, params.revision, params.dtype, params.device)
+    model, tokenizer = load_causal_lm(
+        params.model, params.revision, params.dtype, params.device, "steering.model"
+    )
     layers, singles = params.depth_layers(len(decoder_blocks(model)))
     groups = {
         (t, s): [q for q in questions if (q.task, q.split) == (t, s)] for t in tasks for s in SPLITS

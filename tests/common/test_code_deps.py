@@ -7,6 +7,7 @@ from pathlib import Path
 import yaml
 
 from pipeline.common.code_deps import (
+    PARAMS_CHECK,
     ROOT,
     code_deps_drift,
     code_fingerprint,
@@ -14,6 +15,7 @@ from pipeline.common.code_deps import (
     stage_closure,
     stage_modules,
 )
+from pipeline.common.params import SECTIONS
 
 
 def write_package(root: Path) -> None:
@@ -102,3 +104,12 @@ def test_the_tiny_teacher_builder_runs_in_stage_teachers_only():
     for stage, module in stage_modules().items():
         runs_builder = "pipeline/inputs/tiny_models.py" in stage_closure(module)
         assert runs_builder == (stage == "teachers"), stage
+
+
+def test_the_params_check_runs_the_module_of_every_params_section():
+    """It imports them by name (`SECTIONS`); editing a section's checks must re-run it."""
+    files = {spec.partition(":")[0].replace(".", "/") + ".py" for spec in SECTIONS.values()}
+    assert len(files) == 5
+    assert files <= set(stage_closure(PARAMS_CHECK))
+    directions = set(stage_closure(stage_modules()["directions"]))
+    assert "pipeline/kv_sidecar/params.py" not in directions, "only the check gains them"

@@ -17,11 +17,13 @@ from pipeline.common.params import (
 )
 from pipeline.common.splits import SplitFractions
 from pipeline.concepts.params import (
+    SPECIAL_TOKENS,
     DirectionsParams,
     DistillParams,
     EvaluateParams,
     RunParams,
     TrainParams,
+    prompt_bytes,
 )
 from pipeline.inputs.params import WordlistParams
 
@@ -161,6 +163,17 @@ def test_dvc_yaml_params_exist_and_cover_every_result_changing_field():
         fields = {f.name for f in dataclasses.fields(cls)}
         declared = {key.removeprefix(section + ".") for key in listed if key.startswith(section)}
         assert declared == fields - NOT_DEPS[section], section
+
+
+def test_every_stage_waits_for_the_params_check_which_reads_the_whole_file():
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    check = stages["params_check"]
+    assert list(stages)[0] == "params_check"
+    assert "params.yaml" in check["deps"] and "params" not in check
+    (marker,) = check["outs"]
+    for name, stage in stages.items():
+        if name != "params_check":
+            assert marker in stage.get("do", stage)["deps"], name
 
 
 def test_default_params_match_an_empty_mapping_and_round_trip_through_to_dict():
@@ -382,3 +395,94 @@ def test_missing_required_key_and_bad_run_name_the_run(tmp_path):
     assert "missing key 'distill.runs.x.approach'" in message
     message = rejection(tmp_path, "distill.runs.y", {"approach": "trainable", "hidden_dim": 3})
     assert "distill.runs.y" in message and "embed_dim" in message
+
+
+@pytest.mark.parametrize(
+    ("dotted", "value", "expected"),
+    [
+        ("distill.train.lr", "nan", "distill.train.lr must be a finite float, got 'nan'"),
+        ("distill.train.lr", float("nan"), "distill.train.lr must be a finite float, got nan"),
+        ("sae.lr", float("inf"), "sae.lr must be a finite float, got inf"),
+        ("sidecar.force_weight", "-inf", "sidecar.force_weight must be a finite float, got '-inf'"),
+        ("wordlist.splits.val", float("nan"), "wordlist.splits.val must be a finite float"),
+        ("steering.alphas", [0.0, "inf"], "steering.alphas must be a finite float, got 'inf'"),
+    ],
+)
+def test_nan_and_inf_are_rejected_wherever_a_float_is_read(tmp_path, dotted, value, expected):
+    assert expected in rejection(tmp_path, dotted, value)
+
+
+def test_yaml_inf_and_nan_literals_are_rejected_too(tmp_path):
+    for literal in (".inf", ".nan", "-.Inf"):
+        path = tmp_path / "p.yaml"
+        path.write_text(REAL.read_text().replace("lr: 0.001", f"lr: {literal}", 1))
+        with pytest.raises(ValueError, match="distill.train.lr must be a finite float"):
+            load_params(path)
+
+
+@pytest.mark.parametrize(
+    ("dotted", "value", "expected"),
+    [
+        ("directions.layers", [14, 14], "directions.layers repeats [14] in [14, 14]"),
+        ("activations.layers", [11, 22, 11], "activations.layers repeats [11] in [11, 22, 11]"),
+        ("trajectories.layers", [3, 3], "trajectories.layers repeats [3] in [3, 3]"),
+        ("steering.layers", [1, 2, 1], "steering.layers repeats [1] in [1, 2, 1]"),
+        ("steering.single_layers", [0, 0], "steering.single_layers repeats [0]"),
+        ("steering.layers", [-1], "steering.layers holds -1: layer indices are >= 0"),
+        ("trajectories.layers", [-2], "trajectories.layers holds -2: block indices are >= 0"),
+    ],
+)
+def test_every_layers_list_rejects_repeats_and_negatives(tmp_path, dotted, value, expected):
+    assert expected in rejection(tmp_path, dotted, value)
+
+
+@pytest.mark.parametrize(
+    ("template", "expected"),
+    [
+        ("{concept} {other}", "has the placeholder {other}"),
+        ("{concept} {", "is malformed: Single '{' encountered"),
+        ("{concept}}", "is malformed: Single '}' encountered"),
+        ("{concept!r}", "has the placeholder {concept!r}: only {concept} is filled in"),
+        ("{concept:>9}", "has the placeholder {concept:>9}"),
+        ("{} {concept}", "has the placeholder {}"),
+        ("{{concept}}", "lacks a {concept} slot"),
+    ],
+)
+def test_templates_allow_only_the_concept_placeholder(tmp_path, template, expected):
+    message = rejection(tmp_path, "directions.templates", ["{concept}", template])
+    assert f"directions.templates entry {template!r} " in message and expected in message
+
+
+def test_literal_braces_and_repeated_slots_are_fine(tmp_path):
+    templates = ["{{x}} {concept}", "{concept}"]
+    params = load_edited(tmp_path, "directions.templates", templates)
+    assert params.directions.templates == tuple(templates)
+    assert prompt_bytes("{{x}} {concept}", 20) == 4 + 20
+    assert prompt_bytes("{concept}, {concept}", 20) == 2 + 2 * 20
+
+
+def test_max_length_must_hold_the_longest_possible_prompt(tmp_path):
+    # "The word: " (10 bytes) + a 20-letter concept + 2 special tokens = 32: the real value.
+    assert load_params(REAL).directions.max_length == 10 + 20 + SPECIAL_TOKENS
+    message = rejection(tmp_path, "directions.max_length", 31)
+    assert "directions.max_length=31 can truncate prompts" in message
+    assert "template 'The word: {concept}'" in message and "wordlist.max_length=20" in message
+    assert "set directions.max_length >= 32" in message
+    assert "directions.max_length=1 can" in rejection(tmp_path, "directions.max_length", 1)
+    assert "max_length >= 42" in rejection(tmp_path, "wordlist.max_length", 30)
+
+
+def test_sidecar_window_must_divide_the_stored_windows(tmp_path):
+    message = rejection(tmp_path, "sidecar.window_size", 48)
+    assert "sidecar.window_size=48 does not divide the 256 dense tokens" in message
+    assert load_edited(tmp_path, "sidecar.window_size", 16).sidecar.window_size == 16
+
+
+def test_malformed_yaml_is_one_line_naming_the_file_and_place(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("wordlist:\n  num_concepts: [1, 2\n")
+    with pytest.raises(ValueError) as err:
+        load_params(path)
+    message = str(err.value)
+    assert message.startswith(f"{path}: not valid YAML: ") and "line 3, column 1" in message
+    assert "\n" not in message

@@ -16,7 +16,14 @@ from transformers import (
     LlamaForCausalLM,
 )
 
-from pipeline.common.teacher import cut_teacher, decoder_blocks
+from pipeline.common.teacher import (
+    TeacherLoadError,
+    cut_teacher,
+    decoder_blocks,
+    load_causal_lm,
+    load_teacher,
+    looks_like_path,
+)
 
 
 def tiny_llama(layers: int = 3) -> LlamaForCausalLM:
@@ -71,3 +78,44 @@ def test_cut_teacher_truncates_the_blocks_decoder_blocks_finds():
     gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=3, n_head=2))
     cut_teacher(gpt2, tokenizer, (1,))
     assert len(decoder_blocks(gpt2)) == 1 and len(gpt2.transformer.h) == 1
+
+
+@pytest.mark.parametrize(
+    ("model_id", "is_path"),
+    [
+        ("./qwen", True),
+        ("../models/qwen", True),
+        ("/opt/models/qwen", True),
+        ("~/models/qwen", True),
+        ("data/teachers/tiny-qwen3", True),  # more than one `/`: no hub id has that
+        ("models/qwen", True),  # models/ exists (made below)
+        ("nothere/qwen", False),
+        ("Qwen/Qwen3-0.6B", False),
+        ("gpt2", False),
+    ],
+)
+def test_a_model_param_looks_like_a_path_or_a_hub_id(tmp_path, monkeypatch, model_id, is_path):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    assert looks_like_path(model_id) == is_path
+
+
+def test_a_missing_model_folder_is_named_with_its_key(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError) as err:
+        load_teacher("data/teachers/gone", "main", (1,), model_key="directions.model")
+    assert str(err.value) == "model folder not found: data/teachers/gone (directions.model)"
+    with pytest.raises(
+        FileNotFoundError, match=r"^model folder not found: \./m \(steering\.model\)$"
+    ):
+        load_causal_lm("./m", "main", model_key="steering.model")
+
+
+def test_an_unreachable_hub_id_keeps_its_message(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(TeacherLoadError) as err:
+        load_teacher("no-such-org/no-such-model", "main", (1,), model_key="directions.model")
+    message = str(err.value)
+    assert "cannot load model 'no-such-org/no-such-model'" in message
+    assert "as a Hugging Face hub id" in message and "make demo" in message

@@ -163,6 +163,14 @@ def test_unreachable_tokenizer_names_the_key_and_make_demo(monkeypatch):
         load_tokenizer("no-such-org/no-such-model", "main")
 
 
+def test_a_missing_tokenizer_folder_names_the_key(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    missing = tmp_path / "models" / "tinyllama"
+    with pytest.raises(FileNotFoundError) as err:
+        load_tokenizer(str(missing), "main")
+    assert str(err.value) == f"model folder not found: {missing} (corpus.model)"
+
+
 def test_reader_spans_shards_and_refuses_a_tampered_one(tmp_path, params):
     corpus.run(params(), tmp_path / "out")
     chunks = CorpusChunks(tmp_path / "out")
