@@ -21,6 +21,10 @@ class WordlistParams:
     splits: SplitFractions = field(default_factory=SplitFractions)
     split_salt: str = ""
     """Mixed into the split hash; change it to draw a different, still stable split."""
+    split_by: Literal["text", "stem"] = "text"
+    """What the split hash is taken of: `text`, the word itself; `stem`, its Snowball
+    English stem, so all inflections of one stem (year/years) fall in one split and test
+    words never share a stem with train words."""
 
     def __post_init__(self) -> None:
         positive("wordlist.num_concepts", self.num_concepts)

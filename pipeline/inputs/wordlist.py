@@ -4,7 +4,8 @@ Reads the `wordlist` section of params.yaml and either the wordfreq package's
 English list (offline) or the NLTK `words` + `wordnet` corpora, downloaded into
 `<out>/nltk_data`. Writes `<out>/concepts.parquet` (id, text, split, source,
 pos, category, freq_rank) and `<out>/stats.json` (counts per split and per
-dropped-word filter).
+dropped-word filter, `split_by`, and `test_sharing_train_stem`: the share of test
+words with a Snowball stem also in train).
 
     python -m pipeline.cli wordlist --params params.yaml --out data/wordlist
 """
@@ -48,4 +49,8 @@ def command(
     cfg = load_params(params, wordlist=WordlistParams).wordlist
     stats = run(cfg, out)
     splits = ", ".join(f"{name} {count}" for name, count in stats["splits"].items())
-    typer.echo(f"wordlist: {stats['total']} concepts from {stats['source']} ({splits}) -> {out}")
+    typer.echo(
+        f"wordlist: {stats['total']} concepts from {stats['source']} ({splits}, split by "
+        f"{stats['split_by']}; {stats['test_sharing_train_stem']:.1%} of test share a train "
+        f"stem) -> {out}"
+    )

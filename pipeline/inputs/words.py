@@ -3,7 +3,8 @@
 Two sources: `wordfreq` (the ranked English list the package ships; offline) and
 `nltk` (the NLTK `words` corpus, ranked by wordfreq's Zipf frequency, with POS
 and category from WordNet; needs a download). The split of a concept depends
-only on its text and `split_salt`, so growing `num_concepts` never moves an
+only on its text (or, with `split_by: stem`, its Snowball stem, so inflections
+share a split) and `split_salt`, so growing `num_concepts` never moves an
 existing concept between train, val and test.
 
     table, stats = build_concepts(params, nltk_dir=out / "nltk_data")
@@ -132,13 +133,37 @@ def wordnet_tags(texts: Iterable[str], wordnet: Any) -> list[Tag]:
     return tags
 
 
+def stems(texts: Iterable[str]) -> list[str]:
+    """Each word's Snowball English stem (years, year -> year); nltk ships it, no download."""
+    from nltk.stem import SnowballStemmer
+
+    stemmer = SnowballStemmer("english")
+    return [stemmer.stem(text) for text in texts]
+
+
+def split_keys(texts: list[str], split_by: str) -> list[str]:
+    """What each word's split hash is taken of: the text itself, or its Snowball English stem."""
+    return list(texts) if split_by == "text" else stems(texts)
+
+
+def stem_leak(texts: list[str], splits: list[str]) -> float:
+    """Share of test words with another word of the same stem in train (0 when no test words)."""
+    word_stems = stems(texts)
+    train_stems = {stem for stem, split in zip(word_stems, splits, strict=True) if split == "train"}
+    test = [stem for stem, split in zip(word_stems, splits, strict=True) if split == "test"]
+    return sum(stem in train_stems for stem in test) / len(test) if test else 0.0
+
+
 def concepts_table(chosen: Ranked, tags: list[Tag], params: WordlistParams) -> pa.Table:
     """The output table; ids follow selection (= frequency) order."""
     texts = [text for text, _ in chosen]
     columns = {
         "id": list(range(len(chosen))),
         "text": texts,
-        "split": [split_of(text, params.splits, params.split_salt) for text in texts],
+        "split": [
+            split_of(key, params.splits, params.split_salt)
+            for key in split_keys(texts, params.split_by)
+        ],
         "source": [params.source] * len(chosen),
         "pos": [pos for pos, _ in tags],
         "category": [category for _, category in tags],
@@ -169,8 +194,10 @@ def _build(params: WordlistParams, ranked: Ranked, wordnet: Any) -> tuple[pa.Tab
     splits = table.column("split").to_pylist()
     stats = {
         "source": params.source,
+        "split_by": params.split_by,
         "total": len(chosen),
         "splits": {name: splits.count(name) for name in SPLITS},
+        "test_sharing_train_stem": stem_leak(table.column("text").to_pylist(), splits),
         "candidates": len(ranked),
         "available": len(kept),
         "dropped": dropped,

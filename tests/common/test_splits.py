@@ -29,6 +29,7 @@ def test_concept_splits_are_pinned_and_depend_on_the_salt():
     words = ["the", "seven", "stone", "light", "house"]
     table = concepts_table([(w, rank) for rank, w in enumerate(words)], [(None, None)] * 5, params)
     assert table.column("split").to_pylist() == ["train", "val", "val", "test", "train"]
+    assert params.split_by == "text"  # the default: these pinned values are today's splits
     salted = [split_of(w, SplitFractions(), salt="s1") for w in ("house", "river", "seven")]
     assert salted == ["test", "val", "train"]
 

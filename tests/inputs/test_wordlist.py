@@ -12,6 +12,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
+from pipeline.common.params import load_params
 from pipeline.common.splits import SplitFractions, split_of
 from pipeline.inputs import wordlist, words
 from pipeline.inputs.params import WordlistParams
@@ -207,3 +208,42 @@ def test_command_reads_params_and_writes_table_and_stats(tmp_path):
     assert stats["total"] == sum(stats["splits"].values()) == 50 and stats["source"] == "wordfreq"
     help_text = CliRunner().invoke(app, ["--help"]).output
     assert "Build the concept list" in help_text and "--out" in help_text
+
+
+def test_split_by_stem_puts_every_inflection_of_a_stem_in_one_split():
+    vocab = [text for text, _ in words.wordfreq_ranked()[:3000] if text.isalpha()]
+    by_stem: dict[str, set[str]] = {}
+    for text, stem in zip(vocab, words.stems(vocab), strict=True):
+        by_stem.setdefault(stem, set()).add(text)
+    groups = [group for group in by_stem.values() if len(group) > 1]
+    assert len(groups) > 100 and {"year", "years"} in groups
+
+    def split_sets(split_by: str) -> list[set[str]]:
+        splits = dict(zip(vocab, words.split_keys(vocab, split_by), strict=True))
+        return [{split_of(splits[t], SplitFractions()) for t in group} for group in groups]
+
+    assert all(len(s) == 1 for s in split_sets("stem"))
+    assert sum(len(s) > 1 for s in split_sets("text")) > 20  # text splits scatter stems
+
+
+def test_stem_leak_counts_test_words_whose_stem_is_in_train():
+    texts = ["year", "years", "look", "looks", "river"]
+    assert words.stem_leak(texts, ["train", "test", "test", "val", "test"]) == 1 / 3
+    assert words.stem_leak(texts, ["test", "test", "train", "train", "val"]) == 0.0
+    assert words.stem_leak(texts, ["train"] * 5) == 0.0
+
+
+def test_stats_record_split_by_and_the_stem_leak(tmp_path):
+    by_text = wordlist.run(build_cfg(num_concepts=1000), tmp_path / "text")
+    by_stem = wordlist.run(build_cfg(num_concepts=1000, split_by="stem"), tmp_path / "stem")
+    assert by_text["split_by"] == "text" and by_stem["split_by"] == "stem"
+    assert by_stem["test_sharing_train_stem"] == 0.0
+    assert by_text["test_sharing_train_stem"] > 0.05
+    assert sum(by_stem["splits"].values()) == 1000
+
+
+def test_split_by_rejects_an_unknown_mode(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("wordlist:\n  source: wordfreq\n  split_by: lemma\n")
+    with pytest.raises(ValueError, match="split_by"):
+        load_params(path, wordlist=WordlistParams)
