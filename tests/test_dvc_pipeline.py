@@ -41,6 +41,7 @@ def small_profile(path: Path) -> Path:
     params["wordlist"]["num_concepts"] = 400
     params["directions"]["shard_rows"] = 128
     params["distill"]["train"]["epochs"] = 3
+    params["distill"]["train"]["seeds"] = [0, 1]
     params["distill"]["runs"] = RUNS
     # The other branches, shrunk to seconds.
     params["corpus"]["max_chunks"] = params["trajectories"]["max_chunks"] = 32
@@ -100,6 +101,7 @@ def test_repro_writes_metrics_table_and_plot_and_is_then_cached(repo):
     assert (repo / "metrics" / "val_curves.png").read_bytes()[:4] == b"\x89PNG"
     table = (repo / "metrics" / "comparison.md").read_text()
     assert "Linear Probe" in table and "Frozen+MLP h=64" in table
+    assert "| Linear Probe | 2 | " in table and metrics["linear_probe"]["num_seeds"] == 2
     assert stages_run(dvc(repo, "repro")) == set(), "a second repro must be fully cached"
 
 
@@ -119,7 +121,8 @@ def test_fresh_clone_trains_from_the_remote_without_re_extracting(repo, tmp_path
     assert stages_run(out) == {"params_check"} | distill | {"evaluate"}
     assert not (clone / "data" / ".scratch").exists()
     metrics = json.loads((clone / "metrics" / "distill.json").read_text())
-    assert metrics["frozen_h64"]["best_epoch"] <= 2
+    seeds = metrics["frozen_h64"]["seeds"]
+    assert sorted(seeds) == ["0", "1"] and all(s["best_epoch"] <= 2 for s in seeds.values())
 
 
 def test_one_param_experiment_reruns_only_its_branch(repo):

@@ -1,4 +1,5 @@
-"""The seed-000 FINAL COMPARISON table (markdown) and the val-curve picture (PNG).
+"""The seed-000 FINAL COMPARISON table (markdown), its test cos_sim over seeds with 95%
+intervals, and the val-curve picture (PNG).
 
 rows = [Row("linear_probe", "Linear Probe", metrics["linear_probe"], frozen=True), ...]
 text = comparison_table(rows, ks=(1, 10))
@@ -103,7 +104,52 @@ def comparison_table(rows: Sequence[Row], ks: Sequence[int]) -> str:
     lines += ["| " + " | ".join(_row_cells(row, ks)) + " |" for row in sorted(rows, key=_sort_key)]
     if any(row.frozen for row in rows):
         lines += ["", FOOTNOTE]
+    lines += ["", *seed_table(sorted(rows, key=_sort_key))]
     return "\n".join(lines) + "\n"
+
+
+def interval(metrics: dict[str, Any]) -> tuple[float, float] | None:
+    """A row's 95% interval of test cos: its t-interval over seeds; a point for a row
+    without seeds (a deterministic baseline); None for one seed or no test score."""
+    if metrics.get("test_cos") is None:
+        return None
+    if "num_seeds" not in metrics:
+        return metrics["test_cos"], metrics["test_cos"]
+    low, high = metrics.get("test_cos_ci95_low"), metrics.get("test_cos_ci95_high")
+    return None if low is None or high is None else (low, high)
+
+
+def overlaps(a: tuple[float, float] | None, b: tuple[float, float] | None) -> bool | None:
+    """Whether two closed intervals share a point; None when either is unknown."""
+    if a is None or b is None:
+        return None
+    return a[0] <= b[1] and b[0] <= a[1]
+
+
+def seed_table(rows: Sequence[Row]) -> list[str]:
+    """Test cos_sim mean over seeds with its 95% t-interval, in the given (table) order;
+    "overlaps next" marks a row whose interval meets the next row's: their order is not
+    established by these seeds."""
+    header = ["Approach", "Seeds", "Test cos_sim (mean)", "95% interval", "Overlaps next"]
+    lines = [
+        "Test cos_sim over seeds (95% t-interval; baselines are deterministic):",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join("---" for _ in header) + "|",
+    ]
+    for i, row in enumerate(rows):
+        m = row.metrics
+        own = interval(m)
+        after = overlaps(own, interval(rows[i + 1].metrics)) if i + 1 < len(rows) else None
+        if "num_seeds" not in m:
+            seeds, span = MISSING, "exact"
+        else:
+            seeds = str(m["num_seeds"])
+            span = MISSING if own is None else f"[{own[0]:.4f}, {own[1]:.4f}]"
+        mark = MISSING if after is None else ("yes" if after else "no")
+        cells = [row.label, seeds, _cell(m.get("test_cos"), ".4f"), span, mark]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 def plot_val_curves(

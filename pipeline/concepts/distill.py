@@ -1,10 +1,13 @@
-"""Stage `distill@<run>`: reads a directions folder, trains one row of the comparison table, writes model.safetensors, config.json, curves.csv.
+"""Stage `distill@<run>`: reads a directions folder, trains one row of the comparison table once per seed, writes seeds/<seed>/{model.safetensors,config.json,curves.csv}, config.json, curves.csv.
 
 Command: python -m pipeline.cli distill --params params.yaml --run frozen_h256 --directions data/directions --out data/distill/frozen_h256
 
 Reads `distill.train` and `distill.runs.<run>` from params; the cached layer is
-`distill.train.layer`. `curves.csv` (epoch,train_loss,train_cos,val_cos) feeds
-`dvc plots`; `config.json` carries the run's params, sizes and best epoch.
+`distill.train.layer`; each seed of `distill.train.seeds` trains one student into
+`seeds/<seed>/` (checkpoint, its config with best epoch, its curves). The run
+folder's `config.json` carries the params, sizes, `seeds` and each seed's best
+epoch; its `curves.csv` (epoch,train_loss,train_cos,val_cos, mean over seeds)
+feeds `dvc plots`.
 """  # noqa: E501
 
 from __future__ import annotations
@@ -17,36 +20,65 @@ from typing import Annotated, Any
 import torch
 import typer
 
-from pipeline.common.checkpoints import save_checkpoint
-from pipeline.common.io import write_csv
+from pipeline.common.checkpoints import CONFIG, save_checkpoint
+from pipeline.common.io import write_csv, write_json
 from pipeline.common.params import Sections, load_params, to_dict
 from pipeline.concepts.layout import DirectionSet
 from pipeline.concepts.params import DistillParams, RunParams
-from pipeline.concepts.students import build_model, count_trainable, inference_bytes
+from pipeline.concepts.students import (
+    build_model,
+    count_trainable,
+    inference_bytes,
+    seed_folder,
+)
 from pipeline.concepts.training import FitResult, fit
 
 log = logging.getLogger(__name__)
 CURVE_FIELDS = ("epoch", "train_loss", "train_cos", "val_cos")
+CURVES = "curves.csv"
+SEED_KEYS = ("best_val_cos", "best_epoch")
+"""What differs between the seeds of one run; the rest of a seed's config is shared."""
 PARAMS = Path("params.yaml")
 
 
 def run(params: Sections, run_name: str, directions: Path, out: Path) -> dict[str, Any]:
-    """Train run `run_name` on `directions` into `out`; returns the summary metrics."""
+    """Train run `run_name` once per seed on `directions` into `out`; returns the summary."""
     spec = run_spec(params, run_name)
     train = params.distill.train
     dataset = DirectionSet(Path(directions), train.layer)
-    torch.manual_seed(train.seed)  # model init is part of what the seed fixes
-    model = build_model(
-        spec, dataset.vocab_size, dataset.dim, dataset.embedding_token_ids, dataset.embedding_rows
-    )
-    result = fit(model, dataset, train)
-    config = checkpoint_config(run_name, spec, dataset, model, result, params)
     out = Path(out)
-    save_checkpoint(out, model.state_dict(), config)
-    write_csv(out / "curves.csv", result.curves, CURVE_FIELDS)
-    summary = {key: config[key] for key in ("best_val_cos", "best_epoch", "trainable_params")}
+    configs, curves = {}, {}
+    for seed in train.seeds:
+        torch.manual_seed(seed)  # model init is part of what the seed fixes
+        model = build_model(
+            spec,
+            dataset.vocab_size,
+            dataset.dim,
+            dataset.embedding_token_ids,
+            dataset.embedding_rows,
+        )
+        result = fit(model, dataset, train, seed)
+        config = checkpoint_config(run_name, spec, dataset, model, result, params) | {"seed": seed}
+        save_checkpoint(seed_folder(out, seed), model.state_dict(), config)
+        write_csv(seed_folder(out, seed) / CURVES, result.curves, CURVE_FIELDS)
+        configs[seed], curves[seed] = config, result.curves
+    first = configs[train.seeds[0]]
+    per_seed = {str(seed): {key: c[key] for key in SEED_KEYS} for seed, c in configs.items()}
+    summary_config = {key: v for key, v in first.items() if key not in (*SEED_KEYS, "seed")}
+    write_json(out / CONFIG, summary_config | {"seeds": list(train.seeds), "per_seed": per_seed})
+    write_csv(out / CURVES, mean_curves(list(curves.values())), CURVE_FIELDS)
+    summary = {"trainable_params": first["trainable_params"], "per_seed": per_seed}
     log.info("distill %s: %s", run_name, summary)
     return summary
+
+
+def mean_curves(curves: list[list[dict[str, float]]]) -> list[dict[str, float]]:
+    """Per epoch, the mean over seeds of each column (one seed: its own curves)."""
+    return [
+        {"epoch": rows[0]["epoch"]}
+        | {f: sum(row[f] for row in rows) / len(rows) for f in CURVE_FIELDS[1:]}
+        for rows in zip(*curves, strict=True)
+    ]
 
 
 # `command` takes an option named `run`, which shadows the function above inside it.
@@ -96,6 +128,6 @@ def command(
     out: Annotated[Path, typer.Option(help="For model.safetensors, config.json, curves.csv.")],
     params: Annotated[Path, typer.Option(help="Params file; its `distill` section.")] = PARAMS,
 ) -> None:
-    """Train one seed-000 student (a distill.runs entry) on cached directions, best epoch on val."""
+    """Train a distill.runs entry once per seed on cached directions, best epoch on val."""
     summary = _run_stage(load_params(params, distill=DistillParams), run, directions, out)
     typer.echo(f"distill {run}: {json.dumps(summary)} -> {out}")

@@ -3,10 +3,12 @@
 Command: python -m pipeline.cli evaluate --params params.yaml --directions data/directions --distill data/distill --metrics metrics/distill.json --table metrics/comparison.md --plot metrics/val_curves.png
 
 Reads the `distill` and `evaluate` sections of params.yaml, the directions folder
-(layer `distill.train.layer`) and `<distill>/<run>/{model.safetensors,config.json,
-curves.csv}` for every key of `distill.runs`. The metrics JSON holds one dict per
-run, `baseline_train_mean`, `baseline_knn` (cos, gap, top-k, seen/unseen-token
-subsets; null where a subset is empty) and `counts`.
+(layer `distill.train.layer`) and `<distill>/<run>/{config.json,curves.csv,
+seeds/<seed>/}` for every key of `distill.runs`. The metrics JSON holds one dict per
+run (the mean over its seeds of cos, gap, top-k, seen/unseen-token subsets, null
+where a subset is empty; `num_seeds`; `test_cos_ci95_low` / `_high`, the 95% t-interval
+of test cos over seeds, null with one seed; `seeds`, each seed's own scores and best epoch),
+`baseline_train_mean`, `baseline_knn` (deterministic: no seeds) and `counts`.
 """  # noqa: E501
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch
 import typer
 from torch import Tensor, nn
 
-from pipeline.common.checkpoints import CONFIG
+from pipeline.common.checkpoints import CONFIG, read_config
 from pipeline.common.io import write_json, write_text
 from pipeline.common.params import Sections, load_params
 from pipeline.common.splits import SPLITS
@@ -29,17 +31,19 @@ from pipeline.concepts.params import DistillParams, EvaluateParams
 from pipeline.concepts.scores import (
     concept_embeddings,
     knn_predict,
+    mean_over_seeds,
     split_metrics,
+    t_interval,
     token_coverage,
     train_mean_predict,
 )
-from pipeline.concepts.students import FROZEN_APPROACHES, load_student
+from pipeline.concepts.students import FROZEN_APPROACHES, load_student, seed_folder
 
 CURVES = "curves.csv"
 PARAMS = Path("params.yaml")
 BATCH = 1024
 """Concepts per forward pass; memory only, results do not depend on it."""
-CHECKPOINT_KEYS = ("trainable_params", "inference_bytes", "best_epoch")
+CHECKPOINT_KEYS = ("trainable_params", "inference_bytes")
 
 
 Splits = dict[str, tuple[Tensor, Tensor]]  # split -> (concept_ids (N,), directions (N, D))
@@ -59,10 +63,27 @@ def run(
     results: dict[str, Any] = {}
     rows, curves = [], {}
     for name, folder in folders.items():
-        model, config = load_student(folder, data)
-        preds = {split: predict(model, data, ids) for split, (ids, _) in splits.items()}
-        sizes = {key: config.get(key) for key in CHECKPOINT_KEYS}
-        results[name] = _score(preds, splits, seen, ks) | sizes
+        per_seed = {}
+        for seed in read_config(folder, ("seeds",))["seeds"]:
+            model, config = load_student(seed_folder(folder, seed), data)
+            preds = {split: predict(model, data, ids) for split, (ids, _) in splits.items()}
+            per_seed[str(seed)] = _score(preds, splits, seen, ks) | {
+                "best_epoch": config.get("best_epoch")
+            }
+        scores = mean_over_seeds(
+            [{k: v for k, v in m.items() if k != "best_epoch"} for m in per_seed.values()]
+        )
+        interval = t_interval([m["test_cos"] for m in per_seed.values()])
+        results[name] = (
+            scores
+            | {key: config.get(key) for key in CHECKPOINT_KEYS}
+            | {
+                "num_seeds": len(per_seed),
+                "test_cos_ci95_low": None if interval is None else interval[0],
+                "test_cos_ci95_high": None if interval is None else interval[1],
+                "seeds": per_seed,
+            }
+        )
         frozen = config["approach"] in FROZEN_APPROACHES
         rows.append(Row(name, run_label(params.distill.runs[name]), results[name], frozen))
         curves[name] = read_curves(folder / CURVES)

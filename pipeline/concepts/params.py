@@ -79,7 +79,9 @@ class TrainParams:
     batch_size: int = 128
     lr: float = 1e-3
     weight_decay: float = 0.01
-    seed: int = 0
+    seeds: tuple[int, ...] = (0,)
+    """One training per seed (model init and shuffle order); evaluate reports each run's
+    mean over seeds with a 95% t-interval (none with a single seed)."""
     buffer_rows: int = 65_536
     """Shuffle buffer: at most this many target rows are held in memory at once."""
     device: str = "cpu"
@@ -88,6 +90,10 @@ class TrainParams:
         positive("distill.train.epochs", self.epochs)
         positive("distill.train.batch_size", self.batch_size)
         positive("distill.train.buffer_rows", self.buffer_rows)
+        if not self.seeds:
+            raise ValueError("distill.train.seeds is empty: give at least one seed")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"distill.train.seeds repeats a seed: {list(self.seeds)}")
         if self.lr <= 0:
             raise ValueError(f"distill.train.lr must be > 0, got {self.lr}")
 

@@ -132,6 +132,9 @@ def inference_bytes(
     return (trainable_params + frozen) * bytes_per_value
 
 
+SEEDS_DIR = "seeds"
+
+
 def load_student(folder: Path, directions: DirectionSet) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild a student saved by the distill stage from its `config.json` and the
     directions' table (its weights hold the trainable parameters only); eval mode."""
@@ -154,6 +157,11 @@ def load_student(folder: Path, directions: DirectionSet) -> tuple[nn.Module, dic
         directions.embedding_rows,
     )
     return load_weights(model, folder), config
+
+
+def seed_folder(run_folder: Path, seed: int) -> Path:
+    """Where the distill stage puts seed `seed`'s checkpoint and curves inside a run folder."""
+    return Path(run_folder) / SEEDS_DIR / str(seed)
 
 
 _REQUIRED = ("approach", "vocab_size", "output_dim", "embedding_dim", "layer")

@@ -3,9 +3,9 @@
 `fit` trains with AdamW on the cosine loss, scores the val split after every
 epoch and keeps the best-on-val weights (seed 000 reports the best checkpoint).
 
-    torch.manual_seed(train.seed)
+    torch.manual_seed(seed)
     model = build_model(...)
-    result = fit(model, DirectionSet(folder, train.layer), train)
+    result = fit(model, DirectionSet(folder, train.layer), train, seed)
 """
 
 from __future__ import annotations
@@ -86,8 +86,9 @@ def make_optimizer(model: nn.Module, train: TrainParams) -> torch.optim.AdamW:
     return torch.optim.AdamW(trainable, lr=train.lr, weight_decay=train.weight_decay)
 
 
-def fit(model: nn.Module, directions: DirectionSet, train: TrainParams) -> FitResult:
-    """Train for `train.epochs`; the model ends holding the best-on-val weights."""
+def fit(model: nn.Module, directions: DirectionSet, train: TrainParams, seed: int) -> FitResult:
+    """Train for `train.epochs`, shuffling epoch e with seed `seed + e`; the model ends
+    holding the best-on-val weights."""
     model.to(resolve_device(train.device))
     optimizer = make_optimizer(model, train)
     curves: list[dict[str, float]] = []
@@ -95,7 +96,7 @@ def fit(model: nn.Module, directions: DirectionSet, train: TrainParams) -> FitRe
     bar = tqdm(range(1, train.epochs + 1), desc="distill", unit="epoch")
     for epoch in bar:
         batches = directions.batches(
-            "train", train.batch_size, train.buffer_rows, shuffle=True, seed=train.seed + epoch
+            "train", train.batch_size, train.buffer_rows, shuffle=True, seed=seed + epoch
         )
         train_loss, train_cos = train_epoch(model, optimizer, batches)
         val_cos = evaluate_cos(model, directions, "val", train.batch_size)

@@ -105,7 +105,7 @@ def test_real_params_are_the_seed_000_experiment():
         batch_size=128,
         lr=1e-3,
         weight_decay=0.01,
-        seed=0,
+        seeds=(0,),
         buffer_rows=65_536,
         device="cpu",
     )

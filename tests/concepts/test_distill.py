@@ -51,7 +51,7 @@ def test_linear_probe_learns_linear_targets(direction_set):
     train = TrainParams(
         layer=2, epochs=40, batch_size=16, lr=0.03, weight_decay=0.0, buffer_rows=64
     )
-    result = fit(model, directions, train)
+    result = fit(model, directions, train, seed=0)
 
     val = [row["val_cos"] for row in result.curves]
     assert [row["epoch"] for row in result.curves] == list(range(1, 41))
@@ -78,33 +78,67 @@ def test_stage_writes_checkpoint_config_and_curves(direction_set, tmp_path):
     out = tmp_path / "frozen"
     summary = distill.run(params(), "frozen", direction_set, out)
 
-    written = sorted(p.name for p in out.iterdir())
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "curves.csv", "seeds"]
+    seed_dir = out / "seeds" / "0"
+    written = sorted(p.name for p in seed_dir.iterdir())
     assert written == ["config.json", "curves.csv", "model.safetensors"]
-    with open(out / "curves.csv", newline="") as handle:
+    with open(seed_dir / "curves.csv", newline="") as handle:
         rows = list(csv.reader(handle))
     assert rows[0] == ["epoch", "train_loss", "train_cos", "val_cos"]
     assert len(rows) - 1 == FAST["epochs"]
-    config = json.loads((out / "config.json").read_text())
+    # One seed: the run's mean curves are that seed's curves.
+    assert (out / "curves.csv").read_text() == (seed_dir / "curves.csv").read_text()
+    config = json.loads((seed_dir / "config.json").read_text())
     assert config["run"] == "frozen" and config["approach"] == "frozen_mlp"
+    assert config["seed"] == 0
     assert config["trainable_params"] == 8 * 8 + 8 + 8 * 16 + 16 == summary["trainable_params"]
     assert config["inference_bytes"] == (config["trainable_params"] + 50 * 8) * 4
     assert config["train"]["epochs"] == FAST["epochs"] and config["layer"] == 2
-    assert summary["best_val_cos"] == max(float(r[3]) for r in rows[1:])
-    assert rows[summary["best_epoch"]][3] == repr(summary["best_val_cos"])
+    best = summary["per_seed"]["0"]
+    assert best["best_val_cos"] == max(float(r[3]) for r in rows[1:]) == config["best_val_cos"]
+    assert rows[best["best_epoch"]][3] == repr(best["best_val_cos"])
+    run_config = json.loads((out / "config.json").read_text())
+    assert run_config["seeds"] == [0] and run_config["per_seed"] == summary["per_seed"]
+    assert run_config["trainable_params"] == config["trainable_params"]
 
-    model, _ = load_student(out, directions := DirectionSet(direction_set, layer=2))
-    assert evaluate_cos(model, directions, "val", 64) == pytest.approx(summary["best_val_cos"])
+    model, _ = load_student(seed_dir, directions := DirectionSet(direction_set, layer=2))
+    assert evaluate_cos(model, directions, "val", 64) == pytest.approx(best["best_val_cos"])
+
+
+def test_each_seed_trains_its_own_student_and_curves_are_their_mean(direction_set, tmp_path):
+    out = tmp_path / "tiny"
+    summary = distill.run(params(seeds=[5, 6]), "tiny", direction_set, out)
+    assert sorted(summary["per_seed"]) == ["5", "6"]
+    curves = {}
+    for seed in ("5", "6"):
+        with open(out / "seeds" / seed / "curves.csv", newline="") as handle:
+            curves[seed] = list(csv.DictReader(handle))
+    with open(out / "curves.csv", newline="") as handle:
+        mean = list(csv.DictReader(handle))
+    for epoch, row in enumerate(mean):
+        expected = (float(curves["5"][epoch]["val_cos"]) + float(curves["6"][epoch]["val_cos"])) / 2
+        assert float(row["val_cos"]) == pytest.approx(expected)
+    assert curves["5"] != curves["6"]
 
 
 def test_same_seed_same_weights(direction_set, tmp_path):
     for name in ("a", "b"):
-        distill.run(params(seed=5), "tiny", direction_set, tmp_path / name)
-    first, second = (load_file(str(tmp_path / n / "model.safetensors")) for n in ("a", "b"))
+        distill.run(params(seeds=[5]), "tiny", direction_set, tmp_path / name)
+    first, second = (load_file(str(tmp_path / n / "seeds/5/model.safetensors")) for n in "ab")
     assert first.keys() == second.keys()
     assert all(torch.equal(first[k], second[k]) for k in first)
-    distill.run(params(seed=6), "tiny", direction_set, tmp_path / "c")
-    third = load_file(str(tmp_path / "c" / "model.safetensors"))
+    # Seed 5 trained beside seed 6 is the same student as seed 5 alone.
+    distill.run(params(seeds=[6, 5]), "tiny", direction_set, tmp_path / "c")
+    again = load_file(str(tmp_path / "c/seeds/5/model.safetensors"))
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    third = load_file(str(tmp_path / "c/seeds/6/model.safetensors"))
     assert not torch.equal(first["embedding.weight"], third["embedding.weight"])
+
+
+@pytest.mark.parametrize(("seeds", "match"), [([], "seeds is empty"), ([1, 1], "repeats")])
+def test_seeds_must_be_given_and_distinct(seeds, match):
+    with pytest.raises(ValueError, match=match):
+        TrainParams(seeds=tuple(seeds))
 
 
 def test_unknown_run_is_named_and_writes_nothing(direction_set, tmp_path):
@@ -149,6 +183,7 @@ def test_command_line(direction_set, tmp_path):
     ]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
-    assert (out / "model.safetensors").is_file() and (out / "curves.csv").is_file()
+    assert (out / "seeds/0/model.safetensors").is_file() and (out / "curves.csv").is_file()
     config = json.loads((out / "config.json").read_text())
-    assert config["run"] == "probe" and config["best_epoch"] == config["train"]["epochs"] == 1
+    assert config["run"] == "probe" and config["train"]["epochs"] == 1
+    assert config["per_seed"]["0"]["best_epoch"] == 1

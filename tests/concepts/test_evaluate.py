@@ -12,11 +12,17 @@ from typer.testing import CliRunner
 
 from pipeline.cli import app
 from pipeline.common.checkpoints import save_checkpoint
+from pipeline.common.io import write_json
 from pipeline.concepts.evaluate import run
 from pipeline.concepts.layout import DirectionSet
 from pipeline.concepts.params import RunParams
-from pipeline.concepts.scores import concept_embeddings, mean_cosine
-from pipeline.concepts.students import build_model, count_trainable, inference_bytes
+from pipeline.concepts.scores import concept_embeddings, mean_cosine, t_interval
+from pipeline.concepts.students import (
+    build_model,
+    count_trainable,
+    inference_bytes,
+    seed_folder,
+)
 from tests.conftest import build_params, make_direction_set
 
 LAYER = 2
@@ -39,9 +45,19 @@ RUN_KEYS = {
     "test_unseen_top10",
     "trainable_params",
     "inference_bytes",
-    "best_epoch",
+    "num_seeds",
+    "test_cos_ci95_low",
+    "test_cos_ci95_high",
+    "seeds",
 }
-BASELINE_KEYS = RUN_KEYS - {"trainable_params", "inference_bytes", "best_epoch"}
+BASELINE_KEYS = RUN_KEYS - {
+    "trainable_params",
+    "inference_bytes",
+    "num_seeds",
+    "test_cos_ci95_low",
+    "test_cos_ci95_high",
+    "seeds",
+}
 SECTIONS = {
     "directions": {"layers": [LAYER]},
     "distill": {"train": {"layer": LAYER}, "runs": RUNS},
@@ -62,9 +78,23 @@ def fit_exact_probe(model: torch.nn.Module, data: DirectionSet) -> None:
         model.head.bias.copy_(solution[-1])
 
 
-def write_run(distill: Path, name: str, data: DirectionSet, exact: bool = False) -> torch.nn.Module:
+def write_run(
+    distill: Path, name: str, data: DirectionSet, exact: bool = False, seeds: tuple = (0,)
+) -> torch.nn.Module:
+    """One checkpoint per seed (seed s: torch.manual_seed(s) init) and the run's config;
+    returns the first seed's model."""
+    models = [write_seed(distill, name, data, exact, seed) for seed in seeds]
+    write_json(distill / name / "config.json", {"run": name, "seeds": list(seeds)})
+    (distill / name / "curves.csv").write_text(
+        "epoch,train_loss,train_cos,val_cos\n1,0.9,0.1,0.2\n2,0.5,0.5,0.5\n"
+    )
+    return models[0]
+
+
+def write_seed(distill: Path, name: str, data: DirectionSet, exact: bool, seed: int):
     spec = RunParams(**RUNS[name])
     table = (data.embedding_token_ids, data.embedding_rows)
+    torch.manual_seed(seed)
     model = build_model(spec, data.vocab_size, data.dim, *table)
     if exact:
         fit_exact_probe(model, data)
@@ -84,10 +114,7 @@ def write_run(distill: Path, name: str, data: DirectionSet, exact: bool = False)
         "best_epoch": 2,
         "best_val_cos": 0.5,
     }
-    save_checkpoint(distill / name, model.state_dict(), config)
-    (distill / name / "curves.csv").write_text(
-        "epoch,train_loss,train_cos,val_cos\n1,0.9,0.1,0.2\n2,0.5,0.5,0.5\n"
-    )
+    save_checkpoint(seed_folder(distill / name, seed), model.state_dict(), config)
     return model.eval()
 
 
@@ -130,7 +157,8 @@ def test_evaluate_end_to_end(setup, tmp_path):
         assert probe[key] == pytest.approx(1.0, abs=1e-5)
     assert probe["test_top1"] == 1.0 and probe["test_top10"] == 1.0
     assert probe["gap"] == pytest.approx(0.0, abs=1e-5)
-    assert probe["trainable_params"] == 8 * 16 + 16 and probe["best_epoch"] == 2
+    assert probe["trainable_params"] == 8 * 16 + 16 and probe["seeds"]["0"]["best_epoch"] == 2
+    assert probe["num_seeds"] == 1 and probe["test_cos_ci95_low"] is None
 
     # The untrained student's score equals the one computed directly from its predictions.
     ids, targets = data.load_split("test")
@@ -150,7 +178,9 @@ def test_evaluate_end_to_end(setup, tmp_path):
     lines = paths["table"].read_text().splitlines()
     assert lines[2].startswith("| Linear Probe | 144 | ")
     assert "*" in lines[2].split(" | ")[2]
-    assert lines[-1].startswith("\\* needs the teacher's embedding table")
+    assert "\\* needs the teacher's embedding table at inference" in lines
+    seed_rows = [line for line in lines if line.startswith("| Linear Probe | 1 |")]
+    assert seed_rows == ["| Linear Probe | 1 | 1.0000 | — | — |"]
     assert paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -199,3 +229,27 @@ def test_cli_evaluate(setup, tmp_path):
     metrics = json.loads(paths["metrics"].read_text())
     assert set(metrics) == {*RUNS, "baseline_train_mean", "baseline_knn", "counts"}
     assert "\n| Linear Probe | 144 | " in paths["table"].read_text()
+
+
+def test_rows_are_the_mean_over_seeds_with_a_t_interval(tmp_path):
+    directions = make_direction_set(tmp_path / "directions", vocab_size=400, layer=LAYER)
+    data = DirectionSet(directions, LAYER)
+    distill = tmp_path / "distill"
+    write_run(distill, "linear_probe", data, exact=True, seeds=(0, 1))
+    write_run(distill, "tiny", data, seeds=(3, 4, 5))
+    paths = stage_paths(tmp_path)
+    results = run(build_params(**SECTIONS), directions, distill, **paths)
+
+    tiny = results["tiny"]
+    per_seed = [tiny["seeds"][s]["test_cos"] for s in ("3", "4", "5")]
+    assert len(set(per_seed)) == 3  # three inits, three scores
+    assert tiny["num_seeds"] == 3 and tiny["test_cos"] == pytest.approx(sum(per_seed) / 3)
+    interval = (tiny["test_cos_ci95_low"], tiny["test_cos_ci95_high"])
+    assert interval == pytest.approx(t_interval(per_seed))
+    assert interval[0] < tiny["test_cos"] < interval[1]
+    # The exact probe scores the same under both seeds: a zero-width interval at 1.
+    probe = results["linear_probe"]
+    low, high = probe["test_cos_ci95_low"], probe["test_cos_ci95_high"]
+    assert low == pytest.approx(1.0, abs=1e-5) and high == pytest.approx(low, abs=1e-9)
+    text = paths["table"].read_text()
+    assert "| Linear Probe | 2 | 1.0000 | [1.0000, 1.0000] | no |" in text

@@ -12,6 +12,7 @@ from pipeline.concepts.comparison import (
     comparison_table,
     human_bytes,
     human_count,
+    overlaps,
     plot_val_curves,
     run_label,
 )
@@ -20,9 +21,11 @@ from pipeline.concepts.scores import (
     concept_embeddings,
     knn_predict,
     mean_cosine,
+    mean_over_seeds,
     retrieval_ranks,
     row_cosine,
     split_metrics,
+    t_interval,
     token_coverage,
     top_k_hit_rates,
     train_mean_predict,
@@ -203,7 +206,57 @@ def test_comparison_table_best_first_with_footnote():
     assert body[2][1:3] == ["10M", "40MB"]
     assert body[0][5] == "0.9062" and body[0][7] == "50.0%" and body[0][8] == "87.5%"
     assert body[3][5] == "—" and body[0][10].rstrip(" |") == "—"
-    assert lines[-1] == "\\* needs the teacher's embedding table at inference"
+    assert lines[7] == "\\* needs the teacher's embedding table at inference"
+
+
+def test_t_interval_known_answer():
+    # [1, 2, 3, 4]: mean 2.5, s = sqrt(5/3), se = s / 2 = 0.6454972, t(0.975, 3) = 3.1824463,
+    # half width = 2.0542603 (by hand from the t table).
+    low, high = t_interval([1.0, 2.0, 3.0, 4.0])
+    assert low == pytest.approx(2.5 - 2.0542603, abs=1e-6)
+    assert high == pytest.approx(2.5 + 2.0542603, abs=1e-6)
+    # [0.70, 0.72]: mean 0.71, s = 0.0141421, se = 0.01, t(0.975, 1) = 12.7062047.
+    assert t_interval([0.70, 0.72]) == pytest.approx((0.71 - 0.127062, 0.71 + 0.127062), abs=1e-6)
+    assert t_interval([0.5, 0.5, 0.5]) == (0.5, 0.5)
+    assert t_interval([0.7]) is None and t_interval([]) is None
+
+
+def test_mean_over_seeds_is_keywise_and_none_if_any_seed_lacks_a_score():
+    seeds = [{"a": 1.0, "b": None}, {"a": 2.0, "b": 0.5}]
+    assert mean_over_seeds(seeds) == {"a": 1.5, "b": None}
+
+
+def _seeded(test_cos: float, ci: list[float] | None, n: int = 3) -> dict:
+    low, high = ci or (None, None)
+    return {
+        "test_cos": test_cos,
+        "num_seeds": n,
+        "test_cos_ci95_low": low,
+        "test_cos_ci95_high": high,
+    }
+
+
+def test_seed_table_marks_rows_whose_interval_overlaps_the_next():
+    rows = [
+        Row("a", "A", _seeded(0.90, [0.89, 0.91])),
+        Row("b", "B", _seeded(0.895, [0.885, 0.905])),  # overlaps A
+        Row("c", "C", _seeded(0.70, [0.69, 0.71])),  # far below B
+        Row("k", "kNN", {"test_cos": 0.695}),  # deterministic point, inside C's interval
+        Row("s", "Single", _seeded(0.60, None, n=1)),  # one seed: no interval
+    ]
+    lines = comparison_table(rows, ks=(1,)).splitlines()
+    table = lines[
+        lines.index("| Approach | Seeds | Test cos_sim (mean) | 95% interval | Overlaps next |") :
+    ]
+    assert table[2:] == [
+        "| A | 3 | 0.9000 | [0.8900, 0.9100] | yes |",
+        "| B | 3 | 0.8950 | [0.8850, 0.9050] | no |",
+        "| C | 3 | 0.7000 | [0.6900, 0.7100] | yes |",
+        "| kNN | — | 0.6950 | exact | — |",
+        "| Single | 1 | 0.6000 | — | — |",
+    ]
+    assert overlaps((0.1, 0.2), (0.2, 0.3)) and not overlaps((0.1, 0.2), (0.21, 0.3))
+    assert overlaps(None, (0.1, 0.2)) is None
 
 
 def test_plot_val_curves_writes_png(tmp_path):
