@@ -2,7 +2,7 @@
 intervals, and the val-curve picture (PNG).
 
 rows = [Row("linear_probe", "Linear Probe", metrics["linear_probe"], frozen=True), ...]
-text = comparison_table(rows, ks=(1, 10))
+text = comparison_table(rows, ks=(1, 10), split_by="text")
 plot_val_curves({"linear_probe": ([1, 2], [0.5, 0.9])}, Path("val_curves.png"))
 """
 
@@ -86,8 +86,9 @@ def _sort_key(row: Row) -> tuple[bool, float]:
     return (test is None, -(test or 0.0))
 
 
-def comparison_table(rows: Sequence[Row], ks: Sequence[int]) -> str:
-    """Markdown table, best test cos_sim first; a footnote when any row is frozen."""
+def comparison_table(rows: Sequence[Row], ks: Sequence[int], split_by: str) -> str:
+    """Markdown table, best test cos_sim first; a footnote when any row is frozen; then the
+    test cos_sim over seeds, naming what the concept split was hashed by (`split_by`)."""
     header = [
         "Approach",
         "Trainable Params",
@@ -104,7 +105,7 @@ def comparison_table(rows: Sequence[Row], ks: Sequence[int]) -> str:
     lines += ["| " + " | ".join(_row_cells(row, ks)) + " |" for row in sorted(rows, key=_sort_key)]
     if any(row.frozen for row in rows):
         lines += ["", FOOTNOTE]
-    lines += ["", *seed_table(sorted(rows, key=_sort_key))]
+    lines += ["", *seed_table(sorted(rows, key=_sort_key), split_by)]
     return "\n".join(lines) + "\n"
 
 
@@ -126,13 +127,14 @@ def overlaps(a: tuple[float, float] | None, b: tuple[float, float] | None) -> bo
     return a[0] <= b[1] and b[0] <= a[1]
 
 
-def seed_table(rows: Sequence[Row]) -> list[str]:
+def seed_table(rows: Sequence[Row], split_by: str) -> list[str]:
     """Test cos_sim mean over seeds with its 95% t-interval, in the given (table) order;
     "overlaps next" marks a row whose interval meets the next row's: their order is not
     established by these seeds."""
     header = ["Approach", "Seeds", "Test cos_sim (mean)", "95% interval", "Overlaps next"]
     lines = [
-        "Test cos_sim over seeds (95% t-interval; baselines are deterministic):",
+        f"Test cos_sim over seeds (95% t-interval; baselines are deterministic); "
+        f"concepts split by {split_by} (wordlist.split_by):",
         "",
         "| " + " | ".join(header) + " |",
         "|" + "|".join("---" for _ in header) + "|",

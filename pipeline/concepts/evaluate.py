@@ -93,7 +93,9 @@ def run(
     results["counts"] = {split: int(ids.numel()) for split, (ids, _) in splits.items()}
     results["counts"] |= {"test_seen": int(seen.sum()), "test_unseen": int((~seen).sum())}
     write_json(metrics, results)
-    write_text(table, comparison_table(_unique_labels(rows), ks))
+    # The wordlist section comes with distill (via directions' READS): the split it drew.
+    split_by = params.wordlist.split_by
+    write_text(table, comparison_table(_unique_labels(rows), ks, split_by))
     knn_val = results["baseline_knn"]["val_cos"]
     plot_val_curves(curves, plot, {"kNN baseline": knn_val} if knn_val is not None else None)
     return results

@@ -252,4 +252,5 @@ def test_rows_are_the_mean_over_seeds_with_a_t_interval(tmp_path):
     low, high = probe["test_cos_ci95_low"], probe["test_cos_ci95_high"]
     assert low == pytest.approx(1.0, abs=1e-5) and high == pytest.approx(low, abs=1e-9)
     text = paths["table"].read_text()
+    assert "concepts split by text (wordlist.split_by):" in text
     assert "| Linear Probe | 2 | 1.0000 | [1.0000, 1.0000] | no |" in text

@@ -192,7 +192,7 @@ def test_comparison_table_best_first_with_footnote():
         Row("f", "Frozen+MLP h=64", _metrics(0.9019, 132_000, 600_000_000), frozen=True),
         Row("p", "Linear Probe", _metrics(0.9062, 1_050_000, 600_000_000), frozen=True),
     ]
-    lines = comparison_table(rows, ks=(1, 10)).splitlines()
+    lines = comparison_table(rows, ks=(1, 10), split_by="text").splitlines()
     assert "Test top-10" in lines[0] and "Test cos (unseen tokens)" in lines[0]
     body = [line.split(" | ") for line in lines[2:6]]
     assert [cells[0].lstrip("| ") for cells in body] == [
@@ -244,7 +244,8 @@ def test_seed_table_marks_rows_whose_interval_overlaps_the_next():
         Row("k", "kNN", {"test_cos": 0.695}),  # deterministic point, inside C's interval
         Row("s", "Single", _seeded(0.60, None, n=1)),  # one seed: no interval
     ]
-    lines = comparison_table(rows, ks=(1,)).splitlines()
+    lines = comparison_table(rows, ks=(1,), split_by="stem").splitlines()
+    assert lines[-9].endswith("concepts split by stem (wordlist.split_by):")
     table = lines[
         lines.index("| Approach | Seeds | Test cos_sim (mean) | 95% interval | Overlaps next |") :
     ]
