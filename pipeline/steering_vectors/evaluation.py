@@ -11,6 +11,7 @@ the same resampled questions score both the unsteered and the steered model.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -75,10 +76,13 @@ def weighted_average(deltas: Sequence[Deltas], weights: Sequence[float]) -> dict
 
 def route(context: str, keywords: Mapping[str, Sequence[str]], tasks: Sequence[str]) -> str | None:
     """The task whose keyword occurs first in `keywords` order; else the first task without
-    keywords; None (= the equal-weight average) when every task has keywords."""
-    text = context.lower()
+    keywords; None (= the equal-weight average) when every task has keywords.
+
+    A keyword matches whole words only, case-insensitively: `math` is not in "aftermath",
+    `solve` not in "resolve"; a keyword of several words matches them as one phrase.
+    """
     for task, words in keywords.items():
-        if any(word.lower() in text for word in words):
+        if any(_whole_words(word).search(context) for word in words):
             return task
     return next((task for task in tasks if not keywords.get(task)), None)
 
@@ -150,3 +154,9 @@ def accuracy_table(summary: Mapping) -> str:
             f"| {_pct(routing['val'])} | {_pct(routing['test'])} | {_gain(routing)} |",
         ]
     return "\n".join(lines) + "\n"
+
+
+def _whole_words(keyword: str) -> re.Pattern[str]:
+    words = keyword.split()
+    phrase = r"\s+".join(map(re.escape, words))
+    return re.compile(rf"(?<!\w){phrase}(?!\w)", re.IGNORECASE)

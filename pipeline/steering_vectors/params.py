@@ -104,9 +104,10 @@ class SteeringParams:
     alphas: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
     """Weights of the first task's vector in the weighted average (the rest share 1 - alpha)."""
     keywords: dict[str, tuple[str, ...]] = field(default_factory=_steering_default_keywords)
-    """Keyword routing: a question whose context (lower-cased) holds one of a task's
-    keywords gets that task's vector (first match in this order); otherwise the first task
-    without keywords, or the equal-weight average when every task has keywords."""
+    """Keyword routing: a question whose context holds one of a task's keywords (whole
+    words or a whole phrase, any case: `math` is not in "aftermath") gets that task's vector
+    (first match in this order); otherwise the first task without keywords, or the
+    equal-weight average when every task has keywords."""
     bootstrap_samples: int = 2000
     """Resamples of the questions for the 95% confidence interval of each gain."""
     # Knobs below do not change the result, so dvc.yaml does not list them as deps.

@@ -202,6 +202,25 @@ def test_eval_helpers():
     assert best_of({0.5: 0.6, 1.3: 0.6, 2.0: 0.4}) == 1.3
 
 
+def test_keyword_routing_matches_whole_words_case_insensitively():
+    tasks = ["story", "math"]
+    keywords = {"math": SteeringParams(model="unused").keywords["math"]}  # the defaults
+    assert "math" in keywords["math"] and "solve" in keywords["math"]
+    # Substrings of other words do not route (both went to math before).
+    assert route("The aftermath of the storm", keywords, tasks) == "story"
+    assert route("They resolve to leave", keywords, tasks) == "story"
+    assert route("Estimate how manyfold", keywords, tasks) == "story"
+    # Whole words and phrases do, in any case and across spacing. "how much" is a default
+    # phrase, so "how much flour" still routes to math: a choice of keywords, not a match bug.
+    assert route("She asks how much flour to add", keywords, tasks) == "math"
+    assert route("She asks how much flour", {"math": ("flour s",)}, tasks) == "story"
+    assert route("A MATH problem", keywords, tasks) == "math"
+    assert route("Solve: 3 + 4", keywords, tasks) == "math"
+    assert route("How  many apples?", keywords, tasks) == "math"
+    assert route("is c++ fast", {"math": ("C++",)}, tasks) == "math"  # regex chars literal
+    assert route("is c+ fast", {"math": ("C++",)}, tasks) == "story"
+
+
 def stage_params(model: str, **overrides) -> SteeringParams:
     base = dict(
         model=model,
