@@ -35,6 +35,9 @@ from pipeline.steering_vectors.questions import NUM_ENDINGS, McQuestion
 
 log = logging.getLogger(__name__)
 
+SEED_SCALES = (0.5, 1.0, 0.3)
+"""Seed 004's initial scales of a three-layer vector (early, mid, late)."""
+
 Deltas = Mapping[int, Tensor]
 """Decoder-layer index -> the vector (D,) its output receives."""
 
@@ -82,9 +85,11 @@ class SteeringVector(nn.Module):
     def __init__(self, layers: Sequence[int], dim: int) -> None:
         super().__init__()
         self.layers = tuple(int(layer) for layer in layers)
-        # v starts at 0: step 0 is the unsteered model; scales start at 1.
+        # v starts at 0: step 0 is the unsteered model. Scales start at the seed's
+        # early/mid/late [0.5, 1.0, 0.3] on three layers, else at 1.
         self.v = nn.Parameter(torch.zeros(dim))
-        self.scales = nn.Parameter(torch.ones(len(self.layers)))
+        start = SEED_SCALES if len(self.layers) == len(SEED_SCALES) else (1.0,) * len(self.layers)
+        self.scales = nn.Parameter(torch.tensor(start))
 
     def deltas(self, coefficient: float = 1.0) -> dict[int, Tensor]:
         """{layer: coefficient * scale * v}; differentiable w.r.t. v and the scales."""

@@ -177,6 +177,13 @@ def test_training_beats_the_unsteered_model_on_held_out_questions(tiny_lm, quest
     assert fit.val_acc == accuracy(correct(model, val, vector.deltas()))
 
 
+def test_scales_start_at_the_seeds_early_mid_late_on_three_layers():
+    assert SteeringVector((0, 2, 3), 8).scales.tolist() == pytest.approx([0.5, 1.0, 0.3])
+    assert SteeringVector((1, 3), 8).scales.tolist() == [1.0, 1.0]
+    assert SteeringVector((1,), 8).scales.tolist() == [1.0]
+    assert SteeringVector((0, 2, 3), 8).v.abs().sum() == 0  # step 0: the unsteered model
+
+
 def test_vectors_round_trip_through_safetensors(tmp_path):
     vector = SteeringVector((1, 3), 8)
     torch.nn.init.normal_(vector.v)
