@@ -11,6 +11,7 @@ the same resampled questions score both the unsteered and the steered model.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -35,6 +36,39 @@ def bootstrap_gain(base: Tensor, steered: Tensor, samples: int, seed: int = 0) -
     means = diff[index].mean(1)  # (samples,)
     low, high = torch.quantile(means, torch.tensor([0.025, 0.975], dtype=means.dtype)).tolist()
     return {"gain": diff.mean().item(), "gain_ci_low": low, "gain_ci_high": high}
+
+
+def random_like(deltas: Deltas, seed: int) -> dict[int, Tensor]:
+    """The control: one random direction (seeded) at the same layers, each with that layer's
+    norm, so it differs from `deltas` in direction only."""
+    if not deltas:
+        return {}
+    first = next(iter(deltas.values()))
+    generator = torch.Generator().manual_seed(seed)
+    direction = torch.randn(first.shape[-1], generator=generator, dtype=torch.float64)
+    direction = direction / direction.norm()
+    return {
+        layer: (direction * d.detach().double().norm().item()).to(d.dtype).to(d.device)
+        for layer, d in deltas.items()
+    }
+
+
+def with_controls(
+    right: Mapping[str, Tensor],
+    base: Tensor,
+    control: Tensor,
+    samples: int,
+    seed: int,
+) -> dict[str, float]:
+    """Val/test accuracy, test gain over the unsteered model (`gain*`) and over the random
+    control (`over_random*`), each with its paired-bootstrap 95% interval."""
+    over = bootstrap_gain(control, right["test"], samples, seed)
+    return (
+        {s: accuracy(right[s]) for s in ("val", "test")}
+        | bootstrap_gain(base, right["test"], samples, seed)
+        | {"random_test": accuracy(control)}
+        | {k.replace("gain", "over_random"): v for k, v in over.items()}
+    )
 
 
 def sweep_coefficients(
@@ -75,10 +109,13 @@ def weighted_average(deltas: Sequence[Deltas], weights: Sequence[float]) -> dict
 
 def route(context: str, keywords: Mapping[str, Sequence[str]], tasks: Sequence[str]) -> str | None:
     """The task whose keyword occurs first in `keywords` order; else the first task without
-    keywords; None (= the equal-weight average) when every task has keywords."""
-    text = context.lower()
+    keywords; None (= the equal-weight average) when every task has keywords.
+
+    A keyword matches whole words only, case-insensitively: `math` is not in "aftermath",
+    `solve` not in "resolve"; a keyword of several words matches them as one phrase.
+    """
     for task, words in keywords.items():
-        if any(word.lower() in text for word in words):
+        if any(_whole_words(word).search(context) for word in words):
             return task
     return next((task for task in tasks if not keywords.get(task)), None)
 
@@ -105,10 +142,10 @@ def _pct(value: float) -> str:
     return f"{100 * value:.1f}%"
 
 
-def _gain(m: Mapping[str, float]) -> str:
+def _gain(m: Mapping[str, float], key: str = "gain") -> str:
     return (
-        f"{100 * m['gain']:+.1f} pts [{100 * m['gain_ci_low']:+.1f}, "
-        f"{100 * m['gain_ci_high']:+.1f}]"
+        f"{100 * m[key]:+.1f} pts [{100 * m[f'{key}_ci_low']:+.1f}, "
+        f"{100 * m[f'{key}_ci_high']:+.1f}]"
     )
 
 
@@ -132,6 +169,29 @@ def accuracy_table(summary: Mapping) -> str:
             f"| {_pct(best['test'])} (L{best['layer']}) | {_pct(m['multi_layer']['test'])} "
             f"| {_pct(coef['test'])} ({coef['config']} x{coef['coefficient']:g}) | {_gain(coef)} |"
         )
+    lines += [
+        "",
+        "Controls on test: each vector against a random vector (seeded) of the same norm at "
+        "the same layers, and the training-free mean-difference vector (contrastive "
+        "activation addition, from train; coefficient chosen on val) at the multi-layer set.",
+        "",
+        "| task | vector | test | gain over unsteered [95% CI] | random, same norm "
+        "| gain over random [95% CI] |",
+        "|---|---|---:|---|---:|---|",
+    ]
+    for task, m in summary["tasks"].items():
+        best, coef, caa = m["best_single"], m["best_coefficient"], m["mean_difference"]
+        rows = {
+            f"best single layer (L{best['layer']})": best,
+            "multi-layer": m["multi_layer"],
+            f"best coefficient ({coef['config']} x{coef['coefficient']:g})": coef,
+            f"mean difference (x{caa['coefficient']:g})": caa,
+        }
+        lines += [
+            f"| {task} | {name} | {_pct(r['test'])} | {_gain(r)} | {_pct(r['random_test'])} "
+            f"| {_gain(r, 'over_random')} |"
+            for name, r in rows.items()
+        ]
     combined = summary.get("combined")
     if combined:
         average, routing = combined["average"], combined["routing"]
@@ -150,3 +210,9 @@ def accuracy_table(summary: Mapping) -> str:
             f"| {_pct(routing['val'])} | {_pct(routing['test'])} | {_gain(routing)} |",
         ]
     return "\n".join(lines) + "\n"
+
+
+def _whole_words(keyword: str) -> re.Pattern[str]:
+    words = keyword.split()
+    phrase = r"\s+".join(map(re.escape, words))
+    return re.compile(rf"(?<!\w){phrase}(?!\w)", re.IGNORECASE)

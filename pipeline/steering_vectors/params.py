@@ -87,9 +87,9 @@ class SteeringParams:
     layers: tuple[int, ...] | None = None
     """Decoder-layer indices (0-based) whose output receives scale_i * v (multi-layer
     training). None = 10%, 50%, 80% of depth (seed 004 section 2.1): 2, 14, 22 on 28 layers."""
-    single_layers: tuple[int, ...] | None = None
+    single_layers: tuple[int, ...] | Literal["all"] | None = None
     """Candidates of the single-layer baseline (README7: one vector per layer, best on
-    val). None = the same as `layers`."""
+    val). None = the same as `layers`; `all` = every decoder layer."""
     position: int = 0
     """First token index that receives the vector: 0 = every position (`all`), k = from
     token k of the sequence on."""
@@ -104,9 +104,10 @@ class SteeringParams:
     alphas: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
     """Weights of the first task's vector in the weighted average (the rest share 1 - alpha)."""
     keywords: dict[str, tuple[str, ...]] = field(default_factory=_steering_default_keywords)
-    """Keyword routing: a question whose context (lower-cased) holds one of a task's
-    keywords gets that task's vector (first match in this order); otherwise the first task
-    without keywords, or the equal-weight average when every task has keywords."""
+    """Keyword routing: a question whose context holds one of a task's keywords (whole
+    words or a whole phrase, any case: `math` is not in "aftermath") gets that task's vector
+    (first match in this order); otherwise the first task without keywords, or the
+    equal-weight average when every task has keywords."""
     bootstrap_samples: int = 2000
     """Resamples of the questions for the 95% confidence interval of each gain."""
     # Knobs below do not change the result, so dvc.yaml does not list them as deps.
@@ -120,8 +121,8 @@ class SteeringParams:
             raise ValueError(f"steering.num_threads must be >= 0, got {self.num_threads}")
         for key in ("layers", "single_layers"):
             value = getattr(self, key)
-            if value is not None:
-                layer_list(f"steering.{key}", value, "give layer indices or null")
+            if value is not None and value != "all":
+                layer_list(f"steering.{key}", value, "give layer indices, all or null")
         if self.position < 0:
             raise ValueError(f"steering.position must be >= 0 (0 = all), got {self.position}")
         for key in ("epochs", "batch_size", "bootstrap_samples", "eval_batch_size"):
@@ -146,7 +147,10 @@ class SteeringParams:
     def depth_layers(self, depth: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """(layers, single_layers) resolved for `depth` decoder layers; checked in range."""
         layers = self.layers or tuple(sorted({int(depth * f) for f in (0.1, 0.5, 0.8)}))
-        single = self.single_layers or layers
+        if self.single_layers == "all":
+            single: tuple[int, ...] = tuple(range(depth))
+        else:
+            single = self.single_layers or layers
         for key, value in (("layers", layers), ("single_layers", single)):
             bad = [layer for layer in value if layer >= depth]
             if bad:

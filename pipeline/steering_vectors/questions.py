@@ -2,7 +2,7 @@
 
 Sources, one per `mcdata.tasks` entry:
 
-- `hf`: a Hugging Face dataset (HellaSwag, or GSM8K with generated numeric
+- `hf`: a Hugging Face dataset (HellaSwag, or GSM8K with other answers as numeric
   distractors), through the `datasets` library, imported only here.
 - `jsonl`: a local file of the same records (a `split` field is optional).
 - `category` (offline): "A word that belongs to the category C:", from the
@@ -45,6 +45,8 @@ INITIAL_RANGE = ("a", "m")
 INITIAL_LABEL = f"starts with a letter from {INITIAL_RANGE[0]} to {INITIAL_RANGE[1]}"
 MIN_WORDNET_COVERAGE = 0.5
 ARITHMETIC_MAX = 20
+# Numeric distractors come from a window of this many consecutive distinct answers.
+ANSWER_WINDOW = 8
 
 Rows = Sequence[Mapping[str, Any]]
 HfLoader = Callable[[str, str | None, str | None], Mapping[str, Rows]]
@@ -160,8 +162,28 @@ def number_words(n: int) -> str:
     return tens[n // 10 - 2] + ("" if n % 10 == 0 else "-" + ones.split()[n % 10])
 
 
+def numeric_distractors(answer: int, pool: Iterable[int], rng: random.Random) -> list[int] | None:
+    """3 other answers from `pool`, of similar magnitude, that do not point at `answer`.
+
+    A window of `ANSWER_WINDOW` consecutive distinct pool values (with the answer) is drawn
+    uniformly among those holding the answer, and the 3 distractors uniformly inside it. The
+    chance of a set of 4 is then the same whichever of them is the answer (away from the
+    ends of the pool), so no rule on the options alone ("the middle value", "the option the
+    others are offsets of") beats chance. None when the pool has under 3 other values.
+    A negative distractor to a non-negative answer would be too easy to rule out: none.
+    """
+    values = sorted({v for v in pool if v >= 0 or answer < 0} | {answer})
+    if len(values) < NUM_ENDINGS:
+        return None
+    width = min(ANSWER_WINDOW, len(values))
+    at = values.index(answer)
+    start = rng.randint(max(0, at - width + 1), min(at, len(values) - width))
+    window = [v for v in values[start : start + width] if v != answer]
+    return rng.sample(window, NUM_ENDINGS - 1)
+
+
 def arithmetic_questions(task: str, seed: int, caps: Caps) -> list[McQuestion]:
-    """`a plus/minus b is` for 0 <= a, b <= 20; distractors within 3 of the answer."""
+    """`a plus/minus b is` for 0 <= a, b <= 20; distractors: other answers of the split."""
     numbers = range(ARITHMETIC_MAX + 1)
     problems = [(a, "plus", b, a + b) for a in numbers for b in numbers]
     problems += [(a, "minus", b, a - b) for a in numbers for b in numbers if b <= a]
@@ -169,10 +191,12 @@ def arithmetic_questions(task: str, seed: int, caps: Caps) -> list[McQuestion]:
     for split in SPLITS:
         rng = random.Random(f"{seed}:{task}:{split}")
         chosen = [p for p in problems if _problem_split(*p[:3]) == split]
+        pool = [p[3] for p in chosen]
         rng.shuffle(chosen)
         for index, (a, op, b, result) in enumerate(chosen[: caps[split]]):
-            near = [result + d for d in (-3, -2, -1, 1, 2, 3) if result + d >= 0]
-            wrong = [number_words(n) for n in rng.sample(near, 3)]
+            near = numeric_distractors(result, pool, rng)
+            assert near is not None  # every split holds answers 0..40 on both sides
+            wrong = [number_words(n) for n in near]
             context = f"{number_words(a)} {op} {number_words(b)} is"
             questions.append(
                 _shuffled(task, split, index, context, number_words(result), wrong, rng)
@@ -233,37 +257,53 @@ def hellaswag_record(row: Mapping[str, Any]) -> tuple[str, list[str], int] | Non
 _GSM8K_ANSWER = re.compile(r"####\s*(-?[\d,]+)\s*$")
 
 
-def gsm8k_record(row: Mapping[str, Any], rng: random.Random) -> tuple[str, list[str], int] | None:
-    """(context, endings, label) from a GSM8K row: the final number and 3 numeric distractors.
-
-    None when the answer is not an integer after `####`.
-    """
+def gsm8k_record(row: Mapping[str, Any]) -> tuple[str, int] | None:
+    """(context, answer) of a GSM8K row; None when the answer is not an integer after `####`."""
     found = _GSM8K_ANSWER.search(str(row["answer"]).strip())
     if found is None:
         return None
     answer = int(found.group(1).replace(",", ""))
-    near = {answer + d for d in (-10, -2, -1, 1, 2, 10)} | {answer * 2, answer // 2}
-    # A negative distractor to a non-negative answer would be too easy to rule out.
-    near = {n for n in near if n >= 0 or answer < 0} - {answer}
-    wrong = [str(n) for n in rng.sample(sorted(near), 3)]
-    label = rng.randrange(NUM_ENDINGS)
-    endings = wrong[:label] + [str(answer)] + wrong[label:]
-    return f"Question: {str(row['question']).strip()}\nAnswer:", endings, label
+    return f"Question: {str(row['question']).strip()}\nAnswer:", answer
+
+
+def _gsm8k_choices(
+    records: list[tuple[str, int]], rng: random.Random
+) -> list[tuple[str, list[str], int] | None]:
+    """Each record's 4 endings: its answer and 3 other answers of the split (see
+    `numeric_distractors`); None where the split has too few answers."""
+    pool = [answer for _, answer in records]
+    out: list[tuple[str, list[str], int] | None] = []
+    for context, answer in records:
+        near = numeric_distractors(answer, pool, rng)
+        if near is None:
+            out.append(None)
+            continue
+        label = rng.randrange(NUM_ENDINGS)
+        wrong = [str(n) for n in near]
+        out.append((context, wrong[:label] + [str(answer)] + wrong[label:], label))
+    return out
 
 
 def convert_rows(
     rows: Iterable[tuple[str, Mapping[str, Any]]], task: str, fmt: str, seed: int, caps: Caps
 ) -> tuple[list[McQuestion], dict[str, int]]:
     """(split, raw row) pairs -> questions, at most `caps[split]` per split (seeded sample)."""
-    rng = random.Random(f"{seed}:{task}:convert")
-    by_split: dict[str, list[tuple[str, list[str], int]]] = {s: [] for s in SPLITS}
+    raw: dict[str, list[Any]] = {s: [] for s in SPLITS}
     skipped = 0
     for split, row in rows:
-        record = hellaswag_record(row) if fmt == "hellaswag" else gsm8k_record(row, rng)
+        record = hellaswag_record(row) if fmt == "hellaswag" else gsm8k_record(row)
         if record is None:
             skipped += 1
             continue
-        by_split[split].append(record)
+        raw[split].append(record)
+    by_split: dict[str, list[tuple[str, list[str], int]]] = {}
+    for split in SPLITS:
+        if fmt == "hellaswag":
+            by_split[split] = raw[split]
+            continue
+        choices = _gsm8k_choices(raw[split], random.Random(f"{seed}:{task}:{split}:choices"))
+        skipped += sum(c is None for c in choices)
+        by_split[split] = [c for c in choices if c is not None]
     questions: list[McQuestion] = []
     for split in SPLITS:
         records = by_split[split]

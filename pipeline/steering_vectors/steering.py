@@ -10,7 +10,8 @@ better of the two on val (section 2.2). With two or more tasks: their final
 vectors combined by a weighted average (alpha chosen on val) and by keyword
 routing (section 2.3), on the mixed test set. Writes `<out>/model.safetensors` +
 `<out>/config.json` (every trained vector and what was chosen), the metrics JSON
-(accuracies, gains with bootstrap 95% intervals) and the markdown table.
+(accuracies, gains with bootstrap 95% intervals over the unsteered model and over a
+random vector of the same norm, the mean-difference control) and the markdown table.
 """  # noqa: E501
 
 from __future__ import annotations
@@ -36,10 +37,12 @@ from pipeline.steering_vectors.evaluation import (
     alpha_weights,
     best_of,
     bootstrap_gain,
+    random_like,
     route,
     routed_correct,
     sweep_coefficients,
     weighted_average,
+    with_controls,
 )
 from pipeline.steering_vectors.params import SteeringParams
 from pipeline.steering_vectors.questions import McQuestion, read_questions
@@ -49,6 +52,7 @@ from pipeline.steering_vectors.vector import (
     SteeringVector,
     correct,
     encode,
+    mean_difference,
     save_vectors,
     train_vector,
 )
@@ -150,7 +154,27 @@ def steer_task(
     coefficient = best_of(sweep)
     final = {k: d.detach() for k, d in vectors[chosen].deltas(coefficient).items()}
     final_right = {s: ev(data[s], final) for s in EVAL_SPLITS}
-    gain = partial(_scored, unsteered=unsteered, samples=params.bootstrap_samples, seed=params.seed)
+    # Training-free control: the mean-difference vector at the multi-layer set, its
+    # coefficient chosen on val like the trained vector's.
+    caa = mean_difference(model, data["train"], layers, params.eval_batch_size)
+
+    def times(c: float) -> Deltas:
+        return {layer: c * d for layer, d in caa.items()}
+
+    caa_sweep = {c: accuracy(ev(data["val"], times(c))) for c in params.coefficients}
+    caa_coefficient = best_of(caa_sweep)
+    caa_right = {s: ev(data[s], times(caa_coefficient)) for s in EVAL_SPLITS}
+
+    def scored(deltas: Deltas, right: dict[str, Tensor]) -> dict[str, float]:
+        """Accuracies and gains over unsteered and over a random vector of the same norms."""
+        control = ev(data["test"], random_like(deltas, params.seed))
+        return with_controls(
+            right, unsteered["test"], control, params.bootstrap_samples, params.seed
+        )
+
+    def trained(name: str) -> Deltas:
+        return {k: d.detach() for k, d in vectors[name].deltas().items()}
+
     metrics = {
         "questions": {s: len(data[s]) for s in SPLITS},
         "unsteered": {s: accuracy(unsteered[s]) for s in EVAL_SPLITS},
@@ -159,27 +183,27 @@ def steer_task(
             for name, r in right.items()
             if name != "multi"
         },
-        "best_single": {"layer": vectors[best_single].layers[0]} | gain(right[best_single]),
+        "best_single": {"layer": vectors[best_single].layers[0]}
+        | scored(trained(best_single), right[best_single]),
         "multi_layer": {
             "layers": list(layers),
             "scales": vectors["multi"].scales.detach().cpu().tolist(),
         }
-        | gain(right["multi"]),
+        | scored(trained("multi"), right["multi"]),
         "coefficient_sweep": {
             "config": chosen,
             "val": {f"coef_{c:g}": acc for c, acc in sweep.items()},
         },
-        "best_coefficient": {"config": chosen, "coefficient": coefficient} | gain(final_right),
+        "best_coefficient": {"config": chosen, "coefficient": coefficient}
+        | scored(final, final_right),
+        "mean_difference": {
+            "layers": list(layers),
+            "coefficient": caa_coefficient,
+            "val_by_coefficient": {f"coef_{c:g}": acc for c, acc in caa_sweep.items()},
+        }
+        | scored(times(caa_coefficient), caa_right),
     }
     return TaskResult(metrics, vectors, final, unsteered)
-
-
-def _scored(
-    right: dict[str, Tensor], unsteered: dict[str, Tensor], samples: int, seed: int
-) -> dict[str, float]:
-    """Val and test accuracy, and the test gain over the unsteered model with its 95% CI."""
-    scores = {s: accuracy(right[s]) for s in EVAL_SPLITS}
-    return scores | bootstrap_gain(unsteered["test"], right["test"], samples, seed)
 
 
 def combine(

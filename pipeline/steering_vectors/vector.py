@@ -35,6 +35,9 @@ from pipeline.steering_vectors.questions import NUM_ENDINGS, McQuestion
 
 log = logging.getLogger(__name__)
 
+SEED_SCALES = (0.5, 1.0, 0.3)
+"""Seed 004's initial scales of a three-layer vector (early, mid, late)."""
+
 Deltas = Mapping[int, Tensor]
 """Decoder-layer index -> the vector (D,) its output receives."""
 
@@ -82,9 +85,11 @@ class SteeringVector(nn.Module):
     def __init__(self, layers: Sequence[int], dim: int) -> None:
         super().__init__()
         self.layers = tuple(int(layer) for layer in layers)
-        # v starts at 0: step 0 is the unsteered model; scales start at 1.
+        # v starts at 0: step 0 is the unsteered model. Scales start at the seed's
+        # early/mid/late [0.5, 1.0, 0.3] on three layers, else at 1.
         self.v = nn.Parameter(torch.zeros(dim))
-        self.scales = nn.Parameter(torch.ones(len(self.layers)))
+        start = SEED_SCALES if len(self.layers) == len(SEED_SCALES) else (1.0,) * len(self.layers)
+        self.scales = nn.Parameter(torch.tensor(start))
 
     def deltas(self, coefficient: float = 1.0) -> dict[int, Tensor]:
         """{layer: coefficient * scale * v}; differentiable w.r.t. v and the scales."""
@@ -193,6 +198,55 @@ def ending_scores(model: nn.Module, batch: McBatch) -> Tensor:
     owner = real.nonzero()[:, 0]  # (K,) row of each scored token
     total = torch.zeros(len(real), device=token_lp.device).index_add_(0, owner, token_lp)
     return (total / real.sum(1)).view(-1, NUM_ENDINGS)
+
+
+@torch.no_grad()
+def mean_difference(
+    model: nn.Module, data: Encoded, layers: Sequence[int], batch_size: int = 32
+) -> dict[int, Tensor]:
+    """The training-free contrast vector (contrastive activation addition), per layer.
+
+    Each ending runs after its context; a row's activation at layer i is that layer's output
+    averaged over the ending's tokens. The vector is the mean over questions of the right
+    ending's activation minus the mean over questions of the wrong endings' mean.
+    """
+    blocks = decoder_blocks(model)
+    device = model_device(model)
+    seen: dict[int, Tensor] = {}
+
+    def keep(index: int):
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            seen[index] = output[0] if isinstance(output, tuple) else output
+
+        return hook
+
+    sums: dict[int, Tensor] = {}
+    handles = [blocks[layer].register_forward_hook(keep(layer)) for layer in layers]
+    try:
+        for start in range(0, len(data), batch_size):
+            index = range(start, min(start + batch_size, len(data)))
+            rows = [data.contexts[i] + end for i in index for end in data.endings[i]]
+            ids, mask = _pad(rows, data.pad_id)
+            ending = torch.zeros_like(mask)  # (4B, T) 1 on the ending's tokens
+            spans = [(len(data.contexts[i]), len(e)) for i in index for e in data.endings[i]]
+            for r, (start_at, length) in enumerate(spans):
+                ending[r, start_at : start_at + length] = 1
+            model.base_model(input_ids=ids.to(device), attention_mask=mask.to(device))
+            right = torch.zeros(len(index), NUM_ENDINGS)
+            right[torch.arange(len(index)), data.labels[list(index)]] = 1
+            # Per question: +1 on the right ending, -1/3 on each wrong one; a (4B,) weight.
+            weight = (right - (1 - right) / (NUM_ENDINGS - 1)).view(-1)
+            share = ending.double() / ending.sum(1, keepdim=True)  # mean over the ending
+            for layer in layers:
+                hidden = seen[layer].detach().double().cpu()  # (4B, T, D)
+                row_mean = torch.einsum("rt,rtd->rd", share, hidden)  # (4B, D)
+                total = weight.double() @ row_mean  # (D,)
+                sums[layer] = sums.get(layer, 0) + total
+    finally:
+        for handle in handles:
+            handle.remove()
+    dtype = model.get_input_embeddings().weight.dtype
+    return {layer: (sums[layer] / len(data)).to(dtype) for layer in layers}
 
 
 def model_device(model: nn.Module) -> torch.device:

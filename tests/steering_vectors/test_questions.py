@@ -270,3 +270,7 @@ def test_params_validation_names_the_key():
     with pytest.raises(ValueError, match=r"steering.layers holds \[9\].*4 decoder layers"):
         params.steering.depth_layers(4)
     assert build_params().steering.depth_layers(28) == ((2, 14, 22), (2, 14, 22))
+    every = build_params(steering={"single_layers": "all"}).steering.depth_layers(5)
+    assert every == ((0, 2, 4), (0, 1, 2, 3, 4))
+    with pytest.raises(ValueError, match="steering.single_layers"):
+        build_params(steering={"single_layers": "most"})

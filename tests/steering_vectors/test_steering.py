@@ -7,6 +7,7 @@ whole DAG in tests/test_dvc_pipeline.py.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -25,8 +26,10 @@ from pipeline.steering_vectors.evaluation import (
     alpha_weights,
     best_of,
     bootstrap_gain,
+    random_like,
     route,
     weighted_average,
+    with_controls,
 )
 from pipeline.steering_vectors.params import SteeringParams
 from pipeline.steering_vectors.questions import (
@@ -41,6 +44,7 @@ from pipeline.steering_vectors.vector import (
     encode,
     ending_scores,
     load_vectors,
+    mean_difference,
     save_vectors,
     steer,
     train_vector,
@@ -173,6 +177,13 @@ def test_training_beats_the_unsteered_model_on_held_out_questions(tiny_lm, quest
     assert fit.val_acc == accuracy(correct(model, val, vector.deltas()))
 
 
+def test_scales_start_at_the_seeds_early_mid_late_on_three_layers():
+    assert SteeringVector((0, 2, 3), 8).scales.tolist() == pytest.approx([0.5, 1.0, 0.3])
+    assert SteeringVector((1, 3), 8).scales.tolist() == [1.0, 1.0]
+    assert SteeringVector((1,), 8).scales.tolist() == [1.0]
+    assert SteeringVector((0, 2, 3), 8).v.abs().sum() == 0  # step 0: the unsteered model
+
+
 def test_vectors_round_trip_through_safetensors(tmp_path):
     vector = SteeringVector((1, 3), 8)
     torch.nn.init.normal_(vector.v)
@@ -200,6 +211,89 @@ def test_eval_helpers():
     assert route("A word", {"cat": ("word",), "math": ("plus",)}, ["cat", "math"]) == "cat"
     assert route("none", {"cat": ("word",), "math": ("plus",)}, ["cat", "math"]) is None
     assert best_of({0.5: 0.6, 1.3: 0.6, 2.0: 0.4}) == 1.3
+
+
+def test_keyword_routing_matches_whole_words_case_insensitively():
+    tasks = ["story", "math"]
+    keywords = {"math": SteeringParams(model="unused").keywords["math"]}  # the defaults
+    assert "math" in keywords["math"] and "solve" in keywords["math"]
+    # Substrings of other words do not route (both went to math before).
+    assert route("The aftermath of the storm", keywords, tasks) == "story"
+    assert route("They resolve to leave", keywords, tasks) == "story"
+    assert route("Estimate how manyfold", keywords, tasks) == "story"
+    # Whole words and phrases do, in any case and across spacing. "how much" is a default
+    # phrase, so "how much flour" still routes to math: a choice of keywords, not a match bug.
+    assert route("She asks how much flour to add", keywords, tasks) == "math"
+    assert route("She asks how much flour", {"math": ("flour s",)}, tasks) == "story"
+    assert route("A MATH problem", keywords, tasks) == "math"
+    assert route("Solve: 3 + 4", keywords, tasks) == "math"
+    assert route("How  many apples?", keywords, tasks) == "math"
+    assert route("is c++ fast", {"math": ("C++",)}, tasks) == "math"  # regex chars literal
+    assert route("is c+ fast", {"math": ("C++",)}, tasks) == "story"
+
+
+def layer_outputs(model, ids: list[int], layers) -> dict[int, torch.Tensor]:
+    """Decoder layer outputs (1, T, D) of one unpadded sequence."""
+    seen = {}
+
+    def keep(layer):
+        def hook(module, args, out):
+            seen[layer] = out[0] if isinstance(out, tuple) else out
+
+        return hook
+
+    blocks = decoder_blocks(model)
+    handles = [blocks[layer].register_forward_hook(keep(layer)) for layer in layers]
+    with torch.no_grad():
+        model.base_model(input_ids=torch.tensor([ids]))
+    for handle in handles:
+        handle.remove()
+    return seen
+
+
+def test_mean_difference_is_the_hand_computed_contrast(tiny_lm, questions):
+    model, tokenizer = tiny_lm
+    chosen = pick(questions, "arithmetic", "train", 6)
+    data = encode(chosen, tokenizer)
+    layers = (1, 3)
+    got = mean_difference(model, data, layers, batch_size=4)  # padded batches of 4 x 4 rows
+    # By hand: one unpadded sequence at a time, the layer output averaged over the ending.
+    right = {layer: [] for layer in layers}
+    wrong = {layer: [] for layer in layers}
+    for q in range(len(data)):
+        for e, ending in enumerate(data.endings[q]):
+            seen = layer_outputs(model, data.contexts[q] + ending, layers)
+            for layer in layers:
+                mean = seen[layer][0, len(data.contexts[q]) :].mean(0)
+                (right if e == int(data.labels[q]) else wrong)[layer].append(mean)
+    for layer in layers:
+        expected = torch.stack(right[layer]).mean(0) - torch.stack(wrong[layer]).mean(0)
+        torch.testing.assert_close(got[layer], expected, atol=1e-5, rtol=1e-4)
+    # Must-fail: other labels give another vector.
+    flipped = encode([replace(q, label=(q.label + 1) % 4) for q in chosen], tokenizer)
+    other = mean_difference(model, flipped, layers)
+    assert not torch.allclose(other[1], got[1], atol=1e-3)
+
+
+def test_random_control_keeps_layers_and_norms_not_the_direction():
+    v = torch.tensor([3.0, 4.0, 0.0, 0.0, 0.0, 0.0])
+    deltas = {2: 0.5 * v, 5: 2.0 * v}
+    control = random_like(deltas, seed=3)
+    assert set(control) == {2, 5}
+    assert [control[k].norm().item() for k in (2, 5)] == pytest.approx([2.5, 10.0])
+    cosine = torch.nn.functional.cosine_similarity(control[2], control[5], dim=0)
+    assert cosine.item() == pytest.approx(1.0)  # one direction, like the trained v
+    assert abs(torch.nn.functional.cosine_similarity(control[2], v, dim=0).item()) < 0.99
+    assert torch.equal(random_like(deltas, seed=3)[2], control[2])
+    assert not torch.equal(random_like(deltas, seed=4)[2], control[2])
+    assert random_like({}, seed=0) == {}
+    right = {"val": torch.ones(8, dtype=torch.bool), "test": torch.ones(8, dtype=torch.bool)}
+    base = torch.zeros(8, dtype=torch.bool)
+    half = torch.tensor([1, 0] * 4, dtype=torch.bool)
+    scored = with_controls(right, base, half, samples=200, seed=0)
+    assert scored["gain"] == 1.0 and scored["random_test"] == 0.5
+    assert scored["over_random"] == 0.5
+    assert 0 < scored["over_random_ci_low"] <= 0.5 <= scored["over_random_ci_high"] <= 1
 
 
 def stage_params(model: str, **overrides) -> SteeringParams:
@@ -271,7 +365,13 @@ def test_stage_cli_writes_vectors_metrics_and_table(tmp_path, questions, tiny_qw
         f"{t}.{n}" for t in ("category", "arithmetic") for n in ("single_L3", "multi")
     }
     assert config["final"]["category"]["vector"] in vectors
+    for name in ("best_single", "multi_layer", "best_coefficient", "mean_difference"):
+        row = cat[name]
+        assert row["over_random"] == pytest.approx(row["test"] - row["random_test"])
+        assert row["over_random_ci_low"] <= row["over_random"] <= row["over_random_ci_high"]
+    assert cat["mean_difference"]["coefficient"] in (0.5, 1.0, 2.0)
     text = table.read_text()
+    assert "| category | mean difference (x" in text and "gain over random" in text
     assert "| category | 24 |" in text and "keyword routing" in text and "weighted average" in text
 
 
