@@ -68,15 +68,9 @@ class Sections:
                 f"section {name!r} was not loaded: pass it to load_params"
             ) from None
 
-    def __contains__(self, name: str) -> bool:
-        return name in self._values
-
     @property
     def names(self) -> tuple[str, ...]:
         return tuple(self._values)
-
-    def replace(self, **sections: Any) -> Sections:
-        return Sections({**self._values, **sections})
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Sections) and self._values == other._values
