@@ -217,7 +217,7 @@ def trajectory_batch(
     ):
         # Parameters are frozen: a leaf input that requires grad builds the graph.
         embeds = model.get_input_embeddings()(inputs).detach().requires_grad_(True)
-        logits = _future_logits(model, embeds, q)  # (B, Q, V)
+        logits = future_logits(model, embeds, q)  # (B, Q, V)
         losses = chunk_losses(logits, labels)  # (B,)
         missing = sorted(set(layers) - set(attention))
         if missing:
@@ -277,7 +277,7 @@ def _capture_hidden_space(model, layers, force_space) -> Iterator[tuple[dict, di
             handle.remove()
 
 
-def _future_logits(model, embeds: torch.Tensor, num_queries: int) -> torch.Tensor:
+def future_logits(model, embeds: torch.Tensor, num_queries: int) -> torch.Tensor:
     """Logits (B, Q, V) at the last `num_queries` input positions only."""
     if "logits_to_keep" in inspect.signature(model.forward).parameters:
         out = model(inputs_embeds=embeds, use_cache=False, logits_to_keep=num_queries)

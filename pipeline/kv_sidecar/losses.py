@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pipeline.kv_sidecar.params import SIDECAR_TERMS, SidecarParams
+from pipeline.kv_sidecar.params import SCALE_NORMALIZE, SIDECAR_TERMS, SidecarParams
 
 EPS = 1e-12
 TERMS = SIDECAR_TERMS
@@ -40,7 +40,7 @@ PRESETS: dict[str, dict[str, float | str | bool]] = {
         "kv_match_weight": 10.0,
         "anti_collapse_weight": 0.01,
         "diversity_weight": 0.01,
-        "scale_normalize": False,
+        "scale_normalize": "none",
     },
     "v2": _ALL_TERMS
     | {
@@ -53,7 +53,7 @@ PRESETS: dict[str, dict[str, float | str | bool]] = {
         "kv_norm_weight": 0.1,
         "anti_collapse_weight": 0.01,
         "diversity_weight": 0.01,
-        "scale_normalize": False,
+        "scale_normalize": "none",
     },
     "v3": _ALL_TERMS
     | {
@@ -67,7 +67,7 @@ PRESETS: dict[str, dict[str, float | str | bool]] = {
         "jacobian_ratio_weight": 1.0,
         "anti_collapse_weight": 0.01,
         "diversity_weight": 0.01,
-        "scale_normalize": True,
+        "scale_normalize": "per_sample",
     },
 }
 
@@ -127,8 +127,33 @@ def mean_norm(x: Tensor) -> Tensor:
 
 
 def scale_to(x: Tensor, target_norm: Tensor) -> Tensor:
-    """Rescale each token of x (B, W, d) to norm target_norm (B, W) (seed v2, fix 4)."""
+    """Rescale each token of x (B, W, d) to norm target_norm (B, W): `per_window`."""
     return x * (target_norm / x.norm(dim=-1).clamp_min(1e-6)).unsqueeze(-1)
+
+
+def scale_per_sample(x: Tensor, dense: Tensor) -> Tensor:
+    """Seed 003's fix 4: x (B, W, d) times one scalar per sample, mean dense token norm
+    over mean super-token norm, dense (B, W, S, d): afterwards the mean super-token norm
+    of each sample equals its mean dense norm; the windows keep their relative norms."""
+    target = dense.norm(dim=-1).flatten(1).mean(-1)  # (B,)
+    scale = target / x.norm(dim=-1).mean(-1).clamp_min(1e-6)
+    return x * scale[:, None, None]
+
+
+def normalize_scale(
+    kc: Tensor, vc: Tensor, k_win: Tensor, v_win: Tensor, mode: str
+) -> tuple[Tensor, Tensor]:
+    """Super-tokens kc, vc (B, W, d) rescaled as `sidecar.scale_normalize` says, against
+    the dense windows k_win, v_win (B, W, S, d)."""
+    if mode == "per_sample":
+        return scale_per_sample(kc, k_win), scale_per_sample(vc, v_win)
+    if mode == "per_window":
+        return scale_to(kc, mean_norm(k_win)), scale_to(vc, mean_norm(v_win))
+    if mode == "none":
+        return kc, vc
+    raise ValueError(
+        f"sidecar.scale_normalize must be one of {list(SCALE_NORMALIZE)}, got {mode!r}"
+    )
 
 
 def consistency_loss(y_dense: Tensor, y_cg: Tensor, weights: Tensor, kind: str) -> Tensor:
@@ -239,8 +264,7 @@ def evaluate_batch(
         j_dense = attention_jacobian(q, k, v, probs_dense)
         mu_k, mu_v = mean_norm(k_win), mean_norm(v_win)
         weights = query_weights(force_norms.detach(), params.force_weighted)
-    if params.scale_normalize:
-        kc, vc = scale_to(kc, mu_k), scale_to(vc, mu_v)
+    kc, vc = normalize_scale(kc, vc, k_win, v_win, params.scale_normalize)
     y_cg, probs_cg = attention(q, kc, vc)
     return BatchEval(
         k_dense=k,
@@ -295,7 +319,12 @@ def diagnostics(ev: BatchEval) -> dict[str, tuple[float, int]]:
     def mean_of(x: Tensor) -> tuple[float, int]:
         return float(x.sum()), x.numel()
 
+    # Relative Jacobian error per sample (chunk x KV head), its M queries' Jacobians
+    # stacked: ||J_dense - J_cg||_F / ||J_dense||_F; predicting J = 0 scores 1.
+    diff = (ev.j_dense - ev.j_cg).flatten(1).norm(dim=-1)
+    rel = diff / ev.j_dense.flatten(1).norm(dim=-1).clamp_min(EPS)
     return {
+        "jacobian_rel_error": mean_of(rel),
         "jacobian_norm_dense": mean_of(jd),
         "jacobian_norm_compressed": mean_of(jc),
         "k_norm_dense": mean_of(ev.k_dense.norm(dim=-1)),

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 from pipeline.common.params import DType, Sections, layer_list, positive
 
 ForceSpace = Literal["hidden", "kv"]
+ScaleNormalize = Literal["per_sample", "per_window", "none"]
+SCALE_NORMALIZE: tuple[str, ...] = typing.get_args(ScaleNormalize)
 
 
 @dataclass(frozen=True)
@@ -131,8 +134,12 @@ class SidecarParams:
     """Direction only: (1 - cos(k_cg, mean k)) + (1 - cos(v_cg, mean v)) per window."""
     jacobian_ratio_weight: float = 1.0
     """beta in beta * (||J_cg||_F / ||J_dense||_F - 1)^2 (v3)."""
-    scale_normalize: bool = True
-    """Rescale each k_cg, v_cg to its window's mean dense norm before attention (v3)."""
+    scale_normalize: ScaleNormalize = "per_sample"
+    """How the sidecar's super-tokens are rescaled before attention (never the baselines):
+    `per_sample`: seed 003's fix 4, one scalar per sample (chunk x KV head) for K,
+    mean dense K norm / mean super-token K norm, and one for V (v3); `per_window`: each
+    super-token to its own window's mean dense norm (the norm ratios and the kv_norm
+    loss are then 1 and 0 by construction); `none`."""
     # Optimisation.
     lr: float = 1e-4
     weight_decay: float = 0.01
@@ -154,15 +161,33 @@ class SidecarParams:
     """Held-out batches per curve point; the final metrics use every held-out chunk."""
     # Not DVC deps: they do not change the result beyond float rounding.
     device: str = "auto"
+    """Also where the teacher runs for the held-out LM loss (`pipeline/kv_sidecar/lm_loss.py`)."""
+    lm_batch_size: int = 8
+    """Held-out chunks per teacher forward in the LM-loss evaluation."""
     num_threads: int = 0
     """CPU threads for torch; 0 keeps torch's default. 1 suits tiny models on shared cores."""
 
     def __post_init__(self) -> None:
+        if self.scale_normalize not in SCALE_NORMALIZE:
+            was = " (booleans were the old form: true meant per_window)" * isinstance(
+                self.scale_normalize, bool
+            )
+            raise ValueError(
+                f"sidecar.scale_normalize must be one of {list(SCALE_NORMALIZE)}, "
+                f"got {self.scale_normalize!r}{was}"
+            )
         if self.num_threads < 0:
             raise ValueError(f"sidecar.num_threads must be >= 0, got {self.num_threads}")
         for key in ("d_model", "num_heads", "num_layers", "ffn_ratio", "num_inducing"):
             positive(f"sidecar.{key}", getattr(self, key))
-        for key in ("max_steps", "batch_size", "buffer_samples", "eval_every", "eval_batches"):
+        for key in (
+            "max_steps",
+            "batch_size",
+            "buffer_samples",
+            "eval_every",
+            "eval_batches",
+            "lm_batch_size",
+        ):
             positive(f"sidecar.{key}", getattr(self, key))
         if self.window_size is not None:
             positive("sidecar.window_size", self.window_size)

@@ -1,17 +1,24 @@
-"""Markdown table of the sidecar's held-out diagnostics next to the mean-K/V baseline.
+"""The sidecar stage's tables and its `summary` block, from the metrics dict it writes.
 
-text = sidecar_table(metrics)  # metrics: the dict stage `sidecar` writes as JSON
+text = sidecar_table(metrics)   # compressors ranked by LM loss increase, then diagnostics
+block = summary(metrics)        # the issue-11 summary contract (headline + control)
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from pipeline.kv_sidecar.compressors import BASELINES, LABELS, SIDECAR
+from pipeline.kv_sidecar.lm_loss import INTERVAL_KIND
 from pipeline.kv_sidecar.losses import TERMS
 
 MISSING = "—"
+BRANCH = "kv_sidecar"
 # (label, key of the dense reference or None, key of the compressed value)
 ROWS = (
+    ("LM loss at the future positions (nats/token)", None, "lm_loss"),
+    ("LM loss increase over dense", None, "lm_loss_increase"),
+    ("relative Jacobian error ‖J_dense − J_cg‖_F / ‖J_dense‖_F", None, "jacobian_rel_error"),
     ("Jacobian norm per query ‖dy/dq‖_F", "jacobian_norm_dense", "jacobian_norm_compressed"),
     ("Jacobian ratio (compressed / dense)", None, "jacobian_ratio"),
     ("K norm per token", "k_norm_dense", "k_norm_compressed"),
@@ -26,6 +33,11 @@ ROWS = (
     *((f"loss: {name}", None, f"loss_{name}") for name in TERMS),
     ("loss: total (weighted)", None, "loss_total"),
 )
+BY_CONSTRUCTION = {
+    "per_sample": "each sample's super-tokens are rescaled to its mean dense K and V norms "
+    "(seed 003 fix 4: one scalar per sample for K, one for V), so the mean norms match",
+    "per_window": "each super-token is rescaled to its own window's mean dense norm",
+}
 
 
 def fmt(value: Any) -> str:
@@ -36,21 +48,107 @@ def fmt(value: Any) -> str:
     return f"{value:.3e}"
 
 
-def sidecar_table(metrics: dict[str, Any]) -> str:
-    """Rows: diagnostics and loss terms; columns: dense reference, sidecar, baseline."""
-    sidecar, baseline = metrics["sidecar"], metrics["baseline_mean"]
-    counts = metrics.get("counts", {})
-    lines = [
-        f"Held-out chunks of layer {counts.get('layer', MISSING)}: "
-        f"{counts.get('heldout_samples', MISSING)} samples (chunk x KV head), "
-        f"{counts.get('dense_tokens', MISSING)} dense tokens -> "
-        f"{counts.get('super_tokens', MISSING)} super-tokens, "
-        f"{counts.get('queries_per_sample', MISSING)} queries each.",
-        "",
-        "| metric | dense | sidecar | baseline (window mean K, V) |",
-        "|---|---:|---:|---:|",
+def fmt_interval(interval: list[float] | None) -> str:
+    if interval is None:
+        return MISSING
+    return f"[{interval[0]:+.4g}, {interval[1]:+.4g}]"
+
+
+def ranking(compressors: dict[str, dict[str, Any]]) -> list[str]:
+    """Compressor names by LM loss increase over dense, lowest first (ties: by name)."""
+    return sorted(compressors, key=lambda name: (compressors[name]["lm_loss_increase"], name))
+
+
+def label(name: str) -> str:
+    return LABELS.get(name, name)
+
+
+def summary(metrics: dict[str, Any]) -> list[dict[str, Any]]:
+    """Headline: the sidecar's LM loss increase over dense with its interval; control: the
+    training-free baseline with the lowest increase; downstream: the dense LM loss."""
+    compressors, counts = metrics["compressors"], metrics["counts"]
+    sidecar = compressors[SIDECAR]
+    baselines = [name for name in metrics["ranking"] if name in BASELINES]
+    best = compressors[baselines[0]] if baselines else None
+    where = f"layer {counts['layer']}, {counts['window_size']}x compression"
+    return [
+        {
+            "branch": BRANCH,
+            "metric": f"sidecar LM loss increase over dense (nats/token, {where})",
+            "value": sidecar["lm_loss_increase"],
+            "interval": sidecar["lm_loss_increase_interval"],
+            "interval_kind": INTERVAL_KIND,
+            "control": (
+                f"best training-free baseline: {label(baselines[0])}" if baselines else None
+            ),
+            "control_value": best["lm_loss_increase"] if best else None,
+            "control_interval": best["lm_loss_increase_interval"] if best else None,
+            "downstream": "dense LM loss at the future positions (nats/token)",
+            "downstream_value": metrics["dense"]["lm_loss"],
+            "teacher": metrics["teacher"]["model"],
+            "n": counts["lm_chunks"],
+        }
     ]
-    for label, dense_key, key in ROWS:
-        dense = fmt(sidecar.get(dense_key)) if dense_key else ""
-        lines.append(f"| {label} | {dense} | {fmt(sidecar.get(key))} | {fmt(baseline.get(key))} |")
+
+
+def sidecar_table(metrics: dict[str, Any]) -> str:
+    """The ranking table (one row per compressor), then every diagnostic and loss term."""
+    compressors, counts = metrics["compressors"], metrics.get("counts", {})
+    order = metrics.get("ranking") or ranking(compressors)
+    mode = metrics.get("scale_normalize")
+    teacher = metrics.get("teacher", {}).get("model", MISSING)
+    lines = [
+        f"Compressors of layer {counts.get('layer', MISSING)}'s K/V cache, teacher {teacher}, "
+        f"on {counts.get('lm_chunks', MISSING)} held-out chunks "
+        f"({counts.get('heldout_samples', MISSING)} samples = chunk x KV head): "
+        f"{counts.get('dense_tokens', MISSING)} window tokens -> "
+        f"{counts.get('super_tokens', MISSING)} super-tokens per KV head, "
+        f"{counts.get('queries_per_sample', MISSING)} future queries per sample.",
+        "",
+        f"Dense LM loss at the future positions: "
+        f"{fmt(metrics.get('dense', {}).get('lm_loss'))} nats/token. Ranked by the increase "
+        "over dense (lowest first).",
+        "",
+        "| rank | compressor | LM loss | increase over dense [95% CI] ¹ | rel. Jacobian error ² "
+        "| Jacobian ratio | output cosine | K norm ratio | V norm ratio |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for rank, name in enumerate(order, 1):
+        c = compressors[name]
+        mark = " ³" if name == SIDECAR and mode in BY_CONSTRUCTION else ""
+        lines.append(
+            f"| {rank} | {label(name)} | {fmt(c.get('lm_loss'))} | "
+            f"{fmt(c.get('lm_loss_increase'))} {fmt_interval(c.get('lm_loss_increase_interval'))} "
+            f"| {fmt(c.get('jacobian_rel_error'))} | {fmt(c.get('jacobian_ratio'))} | "
+            f"{fmt(c.get('output_cosine'))} | {fmt(c.get('k_norm_ratio'))}{mark} | "
+            f"{fmt(c.get('v_norm_ratio'))}{mark} |"
+        )
+    lines += [
+        "",
+        "¹ Mean over held-out chunks of (compressed − dense) next-token cross-entropy at the "
+        "future positions, when at this layer the future queries of every head attend to the "
+        "super-tokens plus the causal future tokens instead of the window tokens (all other "
+        f"layers and positions dense); {INTERVAL_KIND}.",
+        "² Per sample (chunk x KV head), the Frobenius norm over its stacked per-query "
+        "Jacobians dy/dq, then the mean over samples; predicting J = 0 scores 1.",
+    ]
+    if mode in BY_CONSTRUCTION:
+        lines.append(
+            f"³ 1 by construction of sidecar.scale_normalize: {mode}: {BY_CONSTRUCTION[mode]}. "
+            "The baselines are never rescaled."
+        )
+    elif mode is not None:
+        lines.append(f"sidecar.scale_normalize: {mode}: no compressor is rescaled.")
+    lines += [
+        "",
+        "| metric | dense | " + " | ".join(label(name) for name in order) + " |",
+        "|---|---:|" + "---:|" * len(order),
+    ]
+    reference = compressors[order[0]] if order else {}
+    for text, dense_key, key in ROWS:
+        dense = fmt(reference.get(dense_key)) if dense_key else ""
+        if key == "lm_loss":
+            dense = fmt(metrics.get("dense", {}).get("lm_loss"))
+        values = " | ".join(fmt(compressors[name].get(key)) for name in order)
+        lines.append(f"| {text} | {dense} | {values} |")
     return "\n".join(lines) + "\n"

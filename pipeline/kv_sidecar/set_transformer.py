@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from pipeline.common.checkpoints import load_weights, read_config
 from pipeline.common.params import build
+from pipeline.kv_sidecar.compressors import SIDECAR, Compressor, sidecar_compressor
 from pipeline.kv_sidecar.losses import (
     TERMS,
     BatchEval,
@@ -45,7 +46,6 @@ from pipeline.kv_sidecar.params import SidecarParams
 from pipeline.kv_sidecar.trajectory_set import KVBatch, TrajectorySet
 
 log = logging.getLogger(__name__)
-BASELINE = "baseline_mean"
 
 
 class MAB(nn.Module):
@@ -152,21 +152,25 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def mean_compressor(keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
-    """The training-free baseline: each window's mean K and mean V, (B, W, S, d) -> (B, W, d)."""
-    return keys.mean(2), values.mean(2)
-
-
 def forward_batch(
-    compress, batch: KVBatch, params: SidecarParams, window_size: int
+    compressor: Compressor | nn.Module,
+    batch: KVBatch,
+    params: SidecarParams,
+    window_size: int,
+    mass: Tensor | None = None,
 ) -> tuple[BatchEval, dict[str, Tensor]]:
-    """Compress a batch with `compress` (the sidecar or the baseline), then score it.
+    """Compress a batch with `compressor` (a `Compressor`, or the sidecar module itself),
+    then score it; the rescaling of `params.scale_normalize` happens in `evaluate_batch`.
 
     The batch tensors are detached: gradients reach the compressor's parameters, never
     whatever produced the dense K/V/Q.
     """
     keys, values = batch.keys.detach(), batch.values.detach()
-    kc, vc = compress(windows_of(keys, window_size), windows_of(values, window_size))
+    k_win, v_win = windows_of(keys, window_size), windows_of(values, window_size)
+    if isinstance(compressor, Compressor):
+        kc, vc = compressor.compress(k_win, v_win, mass)
+    else:
+        kc, vc = compressor(k_win, v_win)
     ev = evaluate_batch(batch.queries, keys, values, kc, vc, window_size, batch.force_norms, params)
     return ev, loss_terms(ev, params)
 
@@ -237,26 +241,44 @@ class Meter:
         return {name: self.sums[name] / self.counts[name] for name in self.sums}
 
 
+MassOf = Callable[[KVBatch], Tensor]
+"""(B, N) attention mass of each sample's window tokens (see `lm_loss.window_attention_mass`)."""
+
+
 @torch.no_grad()
 def evaluate(
-    model: Sidecar, batches: Iterable[KVBatch], params: SidecarParams, window_size: int
+    compressors: Mapping[str, Compressor],
+    batches: Iterable[KVBatch],
+    params: SidecarParams,
+    window_size: int,
+    mass_of: MassOf | None = None,
 ) -> dict[str, dict[str, float | None]]:
-    """Held-out diagnostics and loss terms of the sidecar and of the mean baseline."""
-    model.eval()
-    device = next(model.parameters()).device
-    meters = {"sidecar": Meter(), BASELINE: Meter()}
+    """Held-out diagnostics and loss terms of each compressor on the same batches.
+
+    The sidecar's super-tokens are rescaled as `sidecar.scale_normalize` says (inside
+    `evaluate_batch`); every other compressor keeps its own scale (a fixed reference).
+    """
+    meters = {name: Meter() for name in compressors}
+    modules = [c.module for c in compressors.values() if c.module is not None]
+    for module in modules:
+        module.eval()
+    device = next((p.device for m in modules for p in m.parameters()), torch.device("cpu"))
     for batch in batches:
+        mass = None
+        if mass_of is not None and any(c.needs_mass for c in compressors.values()):
+            mass = windows_of(mass_of(batch).unsqueeze(-1), window_size).squeeze(-1)
         batch = batch.to(device)
-        for name, compress in (("sidecar", model), (BASELINE, mean_compressor)):
-            # The baseline is the plain window mean in every preset: a fixed reference.
-            setup = params if compress is model else replace(params, scale_normalize=False)
-            ev, terms = forward_batch(compress, batch, setup, window_size)
+        for name, compressor in compressors.items():
+            setup = replace(params, scale_normalize=compressor.scale_normalize)
+            ev, terms = forward_batch(
+                compressor, batch, setup, window_size, None if mass is None else mass.to(device)
+            )
             for key, (total, count) in diagnostics(ev).items():
                 meters[name].add(key, total, count)
             terms["total"] = total_loss(terms, params)
             for key, value in terms.items():
                 meters[name].add(f"loss_{key}", value.item() * len(batch), len(batch))
-    if not meters["sidecar"].counts:
+    if not all(meter.counts for meter in meters.values()):
         raise ValueError("no held-out samples to evaluate: raise sidecar.eval_fraction")
     return {name: with_ratios(meter.means()) for name, meter in meters.items()}
 
@@ -312,7 +334,8 @@ def fit(
         if step % params.eval_every == 0 or step == params.max_steps:
             heldout = data.batches("heldout", params.batch_size, params.batch_size, shuffle=False)
             first = (b for _, b in zip(range(params.eval_batches), heldout, strict=False))
-            scores = evaluate(model, first, params, window_size)["sidecar"]
+            sidecar = {SIDECAR: sidecar_compressor(model, params.scale_normalize)}
+            scores = evaluate(sidecar, first, params, window_size)[SIDECAR]
             eval_curves.append({"step": step} | {k: scores[k] for k in EVAL_CURVE_KEYS})
         bar.set_postfix(loss=f"{row['loss']:.4g}", jac_ratio=f"{row['jacobian_ratio']:.3g}")
     return FitResult(curves, eval_curves, time.perf_counter() - start)

@@ -1,13 +1,18 @@
-"""Stage `sidecar`: reads one layer of data/trajectories, trains the seed-003 KV sidecar, writes model.safetensors, config.json, curves.csv, eval_curves.csv, the metrics JSON and the sidecar-vs-baseline table.
+"""Stage `sidecar`: reads one layer of data/trajectories, trains the seed-003 KV sidecar, writes model.safetensors, config.json, curves.csv, eval_curves.csv, the metrics JSON and the compressor table.
 
-Command: python -m pipeline.cli sidecar --params params.yaml --trajectories data/trajectories --out data/sidecar --metrics metrics/sidecar.json --table metrics/sidecar.md
+Command: python -m pipeline.cli sidecar --params params.yaml --trajectories data/trajectories --corpus data/corpus --out data/sidecar --metrics metrics/sidecar.json --table metrics/sidecar.md
 
 Reads the `sidecar` section of params.yaml (layer `sidecar.layer` of the trajectories).
-Samples are (chunk, KV head) pairs; chunks held out by a stable hash of their id
-(`sidecar.eval_fraction`) are never trained on. The metrics JSON holds `sidecar` and
-`baseline_mean` (each window's mean K and V: the training-free reference) with the same
-held-out diagnostics and loss terms, plus `counts` and `train`. `curves.csv` has one
-row per step, `eval_curves.csv` one per `sidecar.eval_every` steps (dvc plots).
+Samples are (chunk, KV head) pairs; chunks held out by the TrajectorySet split
+(`sidecar.eval_fraction`) are never trained on. On the held-out chunks every compressor
+(the sidecar and the training-free baselines of `compressors.py`) gets the same
+attention diagnostics and loss terms, and the downstream metric (`lm_loss.py`): the
+trajectories' teacher (its manifest's `model` and `revision`) re-reads the chunks'
+tokens from the corpus with that layer's window K/V replaced by the super-tokens,
+and its LM loss at the future positions is compared with the dense one, chunk by chunk.
+The metrics JSON holds `dense`, `compressors` (name -> numbers), `ranking` (by LM loss
+increase), `counts`, `train` and the `summary` block. `curves.csv` has one row per
+step, `eval_curves.csv` one per `sidecar.eval_every` steps (dvc plots).
 """  # noqa: E501
 
 from __future__ import annotations
@@ -19,15 +24,20 @@ from typing import Annotated, Any
 
 import torch
 import typer
+from torch import Tensor
 
 from pipeline.common.checkpoints import save_checkpoint
 from pipeline.common.devices import resolve_device
 from pipeline.common.io import write_csv, write_json, write_text
 from pipeline.common.params import Sections, load_params, to_dict
+from pipeline.common.shards import MANIFEST, sha256_file
+from pipeline.common.teacher import load_causal_lm
+from pipeline.inputs.text_chunks import CorpusChunks
+from pipeline.kv_sidecar.compressors import Compressor, compressor_set
+from pipeline.kv_sidecar.lm_loss import LMLosses, heldout_lm_losses, paired_increase
 from pipeline.kv_sidecar.params import SidecarParams
-from pipeline.kv_sidecar.report import sidecar_table
+from pipeline.kv_sidecar.report import ranking, sidecar_table, summary
 from pipeline.kv_sidecar.set_transformer import (
-    BASELINE,
     FitResult,
     build_sidecar,
     count_parameters,
@@ -42,7 +52,7 @@ CURVES, EVAL_CURVES = "curves.csv", "eval_curves.csv"
 
 
 def run(
-    params: Sections, trajectories: Path, out: Path, metrics: Path, table: Path
+    params: Sections, trajectories: Path, corpus: Path, out: Path, metrics: Path, table: Path
 ) -> dict[str, Any]:
     """Train on `trajectories`, evaluate on its held-out chunks; write outputs; return metrics."""
     sp = params.sidecar
@@ -55,18 +65,28 @@ def run(
                 f"{trajectories}: no {split} chunks among {sum(chunks.values())} with "
                 f"sidecar.eval_fraction={sp.eval_fraction}; change it or store more chunks"
             )
+    tokens = heldout_tokens(data, CorpusChunks(Path(corpus)), sp.batch_size)
     if sp.num_threads:
         torch.set_num_threads(sp.num_threads)
     torch.manual_seed(sp.seed)  # model init is part of what the seed fixes
     model = build_sidecar(sp, data.head_dim)
     log.info("sidecar: %d trainable parameters, %s chunks", count_parameters(model), chunks)
-    result = fit(model, data, sp, window_size, resolve_device(sp.device))
+    device = resolve_device(sp.device)
+    result = fit(model, data, sp, window_size, device)
+    compressors = compressor_set(model.eval(), sp)
+    lm = teacher_losses(data, tokens, window_size, compressors, sp, device)
     heldout = data.batches("heldout", sp.batch_size, sp.batch_size, shuffle=False)
-    scores = evaluate(model, heldout, sp, window_size)
-    results = scores | {
-        "counts": counts(data, window_size, chunks),
+    scores = evaluate(compressors, heldout, sp, window_size, mass_lookup(lm))
+    results = {
+        "dense": {"lm_loss": float(lm.dense.mean())},
+        "compressors": with_lm_losses(scores, lm, sp.seed),
+        "counts": counts(data, window_size, chunks) | {"lm_chunks": len(lm.chunk_ids)},
+        "teacher": {key: data.manifest.extra.get(key) for key in ("model", "revision")},
+        "scale_normalize": sp.scale_normalize,
         "train": train_summary(model, result),
     }
+    results["ranking"] = ranking(results["compressors"])
+    results["summary"] = summary(results)
     out = Path(out)
     config = checkpoint_config(data, window_size, model, result, params)
     save_checkpoint(out, model.state_dict(), config)
@@ -75,6 +95,84 @@ def run(
     write_json(Path(metrics), results)
     write_text(Path(table), sidecar_table(results))
     return results
+
+
+def heldout_tokens(data: TrajectorySet, corpus: CorpusChunks, batch_size: int) -> dict[int, Tensor]:
+    """Token ids of the held-out chunks (the TrajectorySet split), from the corpus the
+    trajectories were computed from (checked by its manifest's sha256 and its geometry)."""
+    expected = data.manifest.extra.get("corpus_manifest_sha256")
+    if expected is not None and sha256_file(corpus.folder / MANIFEST) != expected:
+        raise ValueError(
+            f"{corpus.folder}/{MANIFEST} is not the corpus {data.folder} was computed from "
+            "(its sha256 differs from the trajectories manifest's corpus_manifest_sha256): "
+            "pass the trajectories' own corpus or re-run the trajectories stage"
+        )
+    needed = data.dense_tokens + data.sizes["num_queries"] + 1
+    if corpus.chunk_tokens != needed:
+        raise ValueError(
+            f"{corpus.folder} holds chunks of {corpus.chunk_tokens} tokens but {data.folder} "
+            f"has num_windows x window_size + num_queries + 1 = {needed}"
+        )
+    batches = data.batches("heldout", batch_size, batch_size, shuffle=False)
+    ids = sorted({int(c) for batch in batches for c in batch.chunk_id})
+    return corpus.tokens_of(torch.tensor(ids, dtype=torch.long))
+
+
+def teacher_losses(
+    data: TrajectorySet,
+    tokens: dict[int, Tensor],
+    window_size: int,
+    compressors: dict[str, Compressor],
+    sp: SidecarParams,
+    device: torch.device,
+) -> LMLosses:
+    """The trajectories' teacher (manifest model, revision, compute dtype): held-out LM
+    losses, dense and with each compressor's super-tokens at layer `sidecar.layer`."""
+    extra = data.manifest.extra
+    if extra.get("model") is None:
+        raise ValueError(f"{data.folder}/{MANIFEST}: extra names no teacher `model`")
+    teacher, _ = load_causal_lm(
+        str(extra["model"]),
+        extra.get("revision"),
+        str(extra.get("compute_dtype", "float32")),
+        str(device),
+        f"the `model` of {data.folder}/{MANIFEST} (trajectories.model)",
+    )
+    for compressor in compressors.values():
+        if compressor.module is not None:
+            compressor.module.to(device)
+    losses = heldout_lm_losses(
+        teacher, tokens, data.layer, data.dense_tokens, window_size, compressors,
+        sp.lm_batch_size,
+    )  # fmt: skip
+    del teacher
+    return losses
+
+
+def mass_lookup(lm: LMLosses):
+    """(B, N) window attention mass of each (chunk, KV head) sample of a batch."""
+    row_of = {chunk: row for row, chunk in enumerate(lm.chunk_ids)}
+
+    def mass_of(batch) -> Tensor:
+        rows = torch.tensor([row_of[int(c)] for c in batch.chunk_id])
+        return lm.mass[rows, batch.kv_head.cpu()]
+
+    return mass_of
+
+
+def with_lm_losses(
+    scores: dict[str, dict[str, Any]], lm: LMLosses, seed: int
+) -> dict[str, dict[str, Any]]:
+    """Each compressor's diagnostics plus its LM loss, increase over dense and interval."""
+    out = {}
+    for name, values in scores.items():
+        increase, interval = paired_increase(lm.compressed[name], lm.dense, seed)
+        out[name] = values | {
+            "lm_loss": float(lm.compressed[name].mean()),
+            "lm_loss_increase": increase,
+            "lm_loss_increase_interval": interval,
+        }
+    return out
 
 
 def resolve_window_size(data: TrajectorySet, window_size: int | None) -> int:
@@ -138,17 +236,19 @@ def checkpoint_config(
 
 def command(
     trajectories: Annotated[Path, typer.Option(help="Folder written by the trajectories stage.")],
+    corpus: Annotated[Path, typer.Option(help="The corpus folder the trajectories came from.")],
     out: Annotated[
         Path, typer.Option(help="For model.safetensors, config.json, curves.csv, eval_curves.csv.")
     ],
-    metrics: Annotated[Path, typer.Option(help="Metrics JSON: sidecar vs baseline, held out.")],
-    table: Annotated[Path, typer.Option(help="Markdown table: sidecar vs baseline.")],
+    metrics: Annotated[Path, typer.Option(help="Metrics JSON: every compressor, held out.")],
+    table: Annotated[Path, typer.Option(help="Markdown table: compressors by LM loss increase.")],
     params: Annotated[Path, typer.Option(help="Params file; its `sidecar` section.")] = PARAMS,
 ) -> None:
-    """Train the seed-003 KV sidecar on cached trajectories; score it against the mean baseline."""
-    results = run(load_params(params, sidecar=SidecarParams), trajectories, out, metrics, table)
+    """Train the seed-003 KV sidecar on cached trajectories; rank it against the baselines."""
+    sections = load_params(params, sidecar=SidecarParams)
+    results = run(sections, trajectories, corpus, out, metrics, table)
     headline = {
-        name: {k: results[name][k] for k in ("jacobian_ratio", "output_cosine")}
-        for name in ("sidecar", BASELINE)
+        name: {k: results["compressors"][name][k] for k in ("lm_loss_increase", "output_cosine")}
+        for name in results["ranking"]
     }
     typer.echo(f"sidecar: {json.dumps(headline)} -> {out}")

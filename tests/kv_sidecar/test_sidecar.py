@@ -14,13 +14,24 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from pipeline.common.shards import Manifest, shard_name, write_shard
+from pipeline.inputs import corpus as corpus_stage
+from pipeline.inputs.params import CorpusParams
 from pipeline.kv_sidecar import sidecar as stage
+from pipeline.kv_sidecar import trajectories as trajectories_stage
+from pipeline.kv_sidecar.compressors import (
+    ATTENTION_MASS,
+    BASELINES,
+    KEY_NORM_MIN,
+    SIDECAR,
+    WINDOW_MEAN,
+    sidecar_compressor,
+    window_mean,
+)
 from pipeline.kv_sidecar.layout import TRAJECTORIES, kv_head_of_query_head, trajectory_key
 from pipeline.kv_sidecar.losses import TERMS, total_loss
-from pipeline.kv_sidecar.params import SidecarParams
-from pipeline.kv_sidecar.report import sidecar_table
+from pipeline.kv_sidecar.params import SidecarParams, TrajectoriesParams
+from pipeline.kv_sidecar.report import ranking, sidecar_table, summary
 from pipeline.kv_sidecar.set_transformer import (
-    BASELINE,
     build_sidecar,
     count_parameters,
     evaluate,
@@ -28,11 +39,11 @@ from pipeline.kv_sidecar.set_transformer import (
     load_sidecar,
     lr_factor,
     make_optimizer,
-    mean_compressor,
     train_step,
 )
 from pipeline.kv_sidecar.trajectory_set import KVBatch, TrajectorySet, is_heldout
 from tests.conftest import build_params
+from tests.tiny_teachers import tiny_teacher
 
 SIZES = dict(n_heads=4, n_kv_heads=2, head_dim=8, window_size=8, num_windows=4, num_queries=4)
 TINY = {
@@ -150,6 +161,30 @@ def sidecar_params(**overrides) -> SidecarParams:
     return build_params(sidecar={**TINY, **overrides}).sidecar
 
 
+@pytest.fixture(scope="module")
+def teacher_run(tmp_path_factory) -> tuple[Path, Path]:
+    """(trajectories, corpus) of the tiny Llama (8 query heads, 2 KV heads, head_dim 8):
+    24 chunks of 4 windows x 8 tokens + 4 future positions + 1, layers 1 and 2."""
+    root = tmp_path_factory.mktemp("teacher_run")
+    llama = tiny_teacher("llama")
+    corpus_params = CorpusParams(source="builtin", model=llama, chunk_tokens=37, max_chunks=24)
+    corpus_stage.run(corpus_params, root / "corpus")
+    params = TrajectoriesParams(
+        model=llama, layers=(1, 2), window_size=8, num_windows=4, num_queries=4,
+        max_chunks=24, compute_dtype="float32", storage_dtype="float32", shard_rows=8,
+        batch_size=8, device="cpu",
+    )  # fmt: skip
+    trajectories_stage.run(params, root / "corpus", root / "trajectories")
+    return root / "trajectories", root / "corpus"
+
+
+def run_stage(params, teacher_run, tmp_path, name="out"):
+    folder, corpus = teacher_run
+    return stage.run(
+        params, folder, corpus, tmp_path / name, tmp_path / f"{name}.json", tmp_path / "t.md"
+    )
+
+
 @pytest.mark.parametrize("force_space", ["kv", "hidden"])
 def test_samples_are_chunk_kv_head_pairs_with_their_gqa_queries(tmp_path, force_space):
     folder = make_trajectories(tmp_path / "t", force_space=force_space, num_chunks=10)
@@ -210,6 +245,7 @@ def test_reader_errors_name_the_problem(trajectories, tmp_path):
         stage.run(
             build_params(sidecar={**TINY, "window_size": 64}),
             trajectories,
+            tmp_path / "no-corpus",
             tmp_path / "out",
             tmp_path / "m.json",
             tmp_path / "m.md",
@@ -281,7 +317,8 @@ def test_a_few_hundred_steps_reduce_the_heldout_loss(trajectories):
 
     def heldout_loss() -> float:
         batches = data.batches("heldout", 64, 64, shuffle=False)
-        return evaluate(model, batches, params, 8)["sidecar"]["loss_total"]
+        sidecar = {SIDECAR: sidecar_compressor(model, params.scale_normalize)}
+        return evaluate(sidecar, batches, params, 8)[SIDECAR]["loss_total"]
 
     before = heldout_loss()
     optimizer, schedule = make_optimizer(model, params)
@@ -299,16 +336,20 @@ def test_a_few_hundred_steps_reduce_the_heldout_loss(trajectories):
 
 def test_mean_baseline_is_each_windows_mean():
     keys, values = torch.randn(2, 4, 8, 3), torch.randn(2, 4, 8, 3)
-    kb, vb = mean_compressor(keys, values)
+    kb, vb = window_mean(keys, values)
     assert torch.allclose(kb[1, 2], keys[1, 2].mean(0)) and torch.allclose(
         vb[0, 3], values[0, 3].mean(0)
     )
 
 
-def test_stage_writes_outputs_and_metrics_for_sidecar_and_baseline(trajectories, tmp_path):
+COMPRESSORS = (SIDECAR, *BASELINES)
+
+
+def test_stage_writes_outputs_and_metrics_for_every_compressor(teacher_run, tmp_path):
+    folder, corpus = teacher_run
     out, metrics, table = tmp_path / "sidecar", tmp_path / "m" / "sidecar.json", tmp_path / "t.md"
     params = build_params(sidecar=TINY)
-    results = stage.run(params, trajectories, out, metrics, table)
+    results = stage.run(params, folder, corpus, out, metrics, table)
 
     assert sorted(p.name for p in out.iterdir()) == [
         "config.json",
@@ -318,19 +359,31 @@ def test_stage_writes_outputs_and_metrics_for_sidecar_and_baseline(trajectories,
     ]
     assert json.loads(metrics.read_text()) == results
     keys = {
-        "jacobian_norm_dense", "jacobian_norm_compressed", "jacobian_ratio",
-        "k_norm_dense", "k_norm_compressed", "v_norm_dense", "v_norm_compressed",
-        "attention_entropy_dense", "attention_entropy_compressed", "attention_max_dense",
-        "attention_max_compressed", "output_mse", "output_cosine", "loss_total",
+        "jacobian_rel_error", "jacobian_norm_dense", "jacobian_norm_compressed",
+        "jacobian_ratio", "k_norm_dense", "k_norm_compressed", "v_norm_dense",
+        "v_norm_compressed", "attention_entropy_dense", "attention_entropy_compressed",
+        "attention_max_dense", "attention_max_compressed", "output_mse", "output_cosine",
+        "loss_total", "lm_loss", "lm_loss_increase", "lm_loss_increase_interval",
         *(f"loss_{name}" for name in TERMS),
     }  # fmt: skip
-    for name in ("sidecar", BASELINE):
-        assert keys <= set(results[name])
-    # The dense reference is the same data for both compressors.
-    assert results["sidecar"]["jacobian_norm_dense"] == results[BASELINE]["jacobian_norm_dense"]
-    base = results[BASELINE]
+    compressors = results["compressors"]
+    assert sorted(compressors) == sorted(COMPRESSORS)
+    for name in COMPRESSORS:
+        assert keys <= set(compressors[name])
+        c = compressors[name]
+        assert c["lm_loss_increase"] == pytest.approx(c["lm_loss"] - results["dense"]["lm_loss"])
+        low, high = c["lm_loss_increase_interval"]
+        assert low <= c["lm_loss_increase"] <= high
+    # The dense reference is the same data for every compressor.
+    assert len({compressors[n]["jacobian_norm_dense"] for n in COMPRESSORS}) == 1
+    base = compressors[WINDOW_MEAN]
     assert base["loss_kv_match"] == pytest.approx(0.0, abs=1e-6)
     assert base["attention_entropy_compressed"] <= torch.log(torch.tensor(4.0)).item() + 1e-6
+    # per_sample: the sidecar's mean norms match by construction; the selections keep
+    # real tokens, so their norms are those of actual cached tokens (not rescaled).
+    assert compressors[SIDECAR]["k_norm_ratio"] == pytest.approx(1.0, rel=1e-5)
+    assert compressors[KEY_NORM_MIN]["k_norm_ratio"] < 1.0  # the lowest norm of each window
+    assert compressors[ATTENTION_MASS]["k_norm_ratio"] != pytest.approx(1.0, abs=1e-6)
     heldout = int(is_heldout(torch.arange(24), 0.25).sum())
     assert results["counts"] == {
         "layer": 1,
@@ -340,8 +393,14 @@ def test_stage_writes_outputs_and_metrics_for_sidecar_and_baseline(trajectories,
         "dense_tokens": 32,
         "super_tokens": 4,
         "window_size": 8,
-        "queries_per_sample": 8,
+        "queries_per_sample": 16,
+        "lm_chunks": heldout,
     }
+    assert results["ranking"] == sorted(
+        COMPRESSORS, key=lambda n: (compressors[n]["lm_loss_increase"], n)
+    )
+    assert results["summary"] == summary(results)
+    assert results["teacher"]["model"] == tiny_teacher("llama")
     with open(out / "curves.csv", newline="") as handle:
         curves = list(csv.DictReader(handle))
     assert [int(r["step"]) for r in curves] == list(range(1, 13))
@@ -350,40 +409,52 @@ def test_stage_writes_outputs_and_metrics_for_sidecar_and_baseline(trajectories,
     with open(out / "eval_curves.csv", newline="") as handle:
         assert [int(r["step"]) for r in csv.DictReader(handle)] == [5, 10, 12]
     text = table.read_text()
-    assert "| metric | dense | sidecar | baseline (window mean K, V) |" in text
-    assert f"{results['counts']['heldout_samples']} samples" in text
+    assert f"on {heldout} held-out chunks ({2 * heldout} samples" in text
+    assert text == sidecar_table(results)
 
     model, config = load_sidecar(out)
     assert config["head_dim"] == 8 and config["params"]["d_model"] == 32
-    data = TrajectorySet(trajectories, layer=1, eval_fraction=0.25)
-    again = evaluate(model, data.batches("heldout", 8, 8, shuffle=False), params.sidecar, 8)
-    assert again["sidecar"]["loss_total"] == pytest.approx(results["sidecar"]["loss_total"])
+    data = TrajectorySet(folder, layer=1, eval_fraction=0.25)
+    sidecar = {SIDECAR: sidecar_compressor(model, "per_sample")}
+    again = evaluate(sidecar, data.batches("heldout", 8, 8, shuffle=False), params.sidecar, 8)
+    assert again[SIDECAR]["loss_total"] == pytest.approx(compressors[SIDECAR]["loss_total"])
 
 
-def test_same_seed_same_weights(trajectories, tmp_path):
+def test_stage_refuses_a_corpus_the_trajectories_did_not_come_from(teacher_run, tmp_path):
+    folder, _ = teacher_run
+    other = tmp_path / "corpus"
+    corpus_stage.run(
+        CorpusParams(source="builtin", model=tiny_teacher("llama"), chunk_tokens=37,
+                     max_chunks=24, seed=1),
+        other,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="is not the corpus .* computed from"):
+        stage.run(build_params(sidecar=TINY), folder, other, tmp_path / "o", tmp_path / "m.json",
+                  tmp_path / "m.md")  # fmt: skip
+
+
+def test_same_seed_same_weights(teacher_run, tmp_path):
     params = build_params(sidecar={**TINY, "max_steps": 4})
-    for name in ("a", "b"):
-        stage.run(
-            params, trajectories, tmp_path / name, tmp_path / f"{name}.json", tmp_path / "t.md"
-        )
-    first, second = (load_file(str(tmp_path / n / "model.safetensors")) for n in ("a", "b"))
-    assert all(torch.equal(first[k], second[k]) for k in first)
+    first, second = (run_stage(params, teacher_run, tmp_path, name) for name in ("a", "b"))
+    assert first["compressors"] == second["compressors"]
+    weights = [load_file(str(tmp_path / n / "model.safetensors")) for n in ("a", "b")]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
 
 
 @pytest.mark.parametrize("preset", ["v1", "v2", "v3"])
-def test_each_preset_trains(trajectories, tmp_path, preset):
+def test_each_preset_trains(teacher_run, tmp_path, preset):
     from pipeline.kv_sidecar.losses import PRESETS
 
     params = build_params(sidecar={**TINY, **PRESETS[preset], "max_steps": 3, "eval_every": 3})
-    results = stage.run(
-        params, trajectories, tmp_path / "o", tmp_path / "m.json", tmp_path / "t.md"
-    )
+    results = run_stage(params, teacher_run, tmp_path)
     weights = params.sidecar.loss_weights
-    expected = sum(weights[t] * results["sidecar"][f"loss_{t}"] for t in TERMS)
-    assert results["sidecar"]["loss_total"] == pytest.approx(expected, rel=1e-5)
+    sidecar = results["compressors"][SIDECAR]
+    expected = sum(weights[t] * sidecar[f"loss_{t}"] for t in TERMS)
+    assert sidecar["loss_total"] == pytest.approx(expected, rel=1e-5)
 
 
-def test_command(trajectories, tmp_path):
+def test_command(teacher_run, tmp_path):
+    folder, corpus = teacher_run
     params = tmp_path / "params.yaml"
     params.write_text(json.dumps({"sidecar": {**TINY, "max_steps": 2}}))
     app = typer.Typer()
@@ -392,17 +463,88 @@ def test_command(trajectories, tmp_path):
     result = CliRunner().invoke(
         app,
         [
-            "--params", str(params), "--trajectories", str(trajectories), "--out", str(out),
-            "--metrics", str(tmp_path / "m.json"), "--table", str(tmp_path / "m.md"),
+            "--params", str(params), "--trajectories", str(folder), "--corpus", str(corpus),
+            "--out", str(out), "--metrics", str(tmp_path / "m.json"),
+            "--table", str(tmp_path / "m.md"),
         ],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     assert (out / "model.safetensors").is_file()
     metrics = json.loads((tmp_path / "m.json").read_text())
-    assert metrics["train"]["steps"] == 2 and math.isfinite(metrics["sidecar"]["jacobian_ratio"])
+    assert metrics["train"]["steps"] == 2
+    assert math.isfinite(metrics["compressors"][SIDECAR]["lm_loss_increase"])
 
 
-def test_table_renders_missing_values():
-    metrics = {"sidecar": {"jacobian_ratio": 0.5}, BASELINE: {"jacobian_ratio": None}}
-    text = sidecar_table(metrics)
-    assert "| Jacobian ratio (compressed / dense) |  | 0.5 | — |" in text
+def hand_metrics(mode: str = "per_sample") -> dict:
+    """A metrics dict as the stage writes it, with round numbers."""
+
+    def compressor(increase, interval, **extra):
+        return {"lm_loss": 3.0 + increase, "lm_loss_increase": increase,
+                "lm_loss_increase_interval": interval, "jacobian_rel_error": 0.5,
+                "jacobian_ratio": 0.8, "output_cosine": 0.9, "k_norm_ratio": 1.0,
+                "v_norm_ratio": 1.0, "jacobian_norm_dense": 0.25} | extra  # fmt: skip
+
+    metrics = {
+        "dense": {"lm_loss": 3.0},
+        "compressors": {
+            SIDECAR: compressor(0.25, [0.125, 0.375]),
+            WINDOW_MEAN: compressor(0.5, [0.25, 0.75], k_norm_ratio=0.35),
+            KEY_NORM_MIN: compressor(0.125, [0.0625, 0.1875], k_norm_ratio=None),
+            ATTENTION_MASS: compressor(1.0, [0.5, 1.5]),
+        },
+        "counts": {
+            "layer": 11,
+            "window_size": 64,
+            "lm_chunks": 40,
+            "heldout_samples": 160,
+            "dense_tokens": 256,
+            "super_tokens": 4,
+            "queries_per_sample": 128,
+        },  # fmt: skip
+        "teacher": {"model": "TinyLlama/TinyLlama-1.1B-Chat-v1.0", "revision": "abc"},
+        "scale_normalize": mode,
+    }
+    metrics["ranking"] = ranking(metrics["compressors"])
+    return metrics
+
+
+def test_summary_block_on_hand_built_metrics():
+    metrics = hand_metrics()
+    assert metrics["ranking"] == [KEY_NORM_MIN, SIDECAR, WINDOW_MEAN, ATTENTION_MASS]
+    (block,) = summary(metrics)
+    assert block == {
+        "branch": "kv_sidecar",
+        "metric": "sidecar LM loss increase over dense (nats/token, layer 11, 64x compression)",
+        "value": 0.25,
+        "interval": [0.125, 0.375],
+        "interval_kind": (
+            "paired bootstrap 95% (percentile, 10,000 resamples over held-out chunks)"
+        ),
+        # the best training-free baseline, even where it beats the sidecar
+        "control": "best training-free baseline: lowest-key-norm token (Devoto et al. 2024)",
+        "control_value": 0.125,
+        "control_interval": [0.0625, 0.1875],
+        "downstream": "dense LM loss at the future positions (nats/token)",
+        "downstream_value": 3.0,
+        "teacher": "TinyLlama/TinyLlama-1.1B-Chat-v1.0",
+        "n": 40,
+    }
+
+
+def test_table_ranks_by_lm_loss_increase_and_footnotes_ratios_by_construction():
+    text = sidecar_table(hand_metrics())
+    rows = [line for line in text.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert [row.split(" | ")[1] for row in rows] == [
+        "lowest-key-norm token (Devoto et al. 2024)",
+        "sidecar (trained)",
+        "window mean K, V",
+        "largest-attention-mass token (H2O/SnapKV-style)",
+    ]
+    assert rows[1] == (
+        "| 2 | sidecar (trained) | 3.25 | 0.25 [+0.125, +0.375] | 0.5 | 0.8 | 0.9 | 1 ³ | 1 ³ |"
+    )
+    assert rows[0].endswith("| 0.9 | — | 1 |")  # a missing ratio renders as a dash
+    assert "Dense LM loss at the future positions: 3 nats/token" in text
+    assert "³ 1 by construction of sidecar.scale_normalize: per_sample" in text
+    plain = sidecar_table(hand_metrics("none"))
+    assert "³" not in plain and "| 1 | 1 |" in plain

@@ -13,6 +13,7 @@ from pipeline.kv_sidecar.losses import (
     attention,
     attention_jacobian,
     consistency_loss,
+    diagnostics,
     diversity_loss,
     evaluate_batch,
     force_matching_loss,
@@ -70,7 +71,7 @@ def dense_batch(window_size=1, windows=4, queries=6, d=8, dtype=torch.float64):
     return q, k, v, forces
 
 
-@pytest.mark.parametrize("scale_normalize", [False, True])
+@pytest.mark.parametrize("scale_normalize", ["none", "per_window", "per_sample"])
 @pytest.mark.parametrize("kind", ["mse", "cosine"])
 def test_losses_vanish_when_compressed_equals_dense_with_one_token_windows(kind, scale_normalize):
     q, k, v, forces = dense_batch(window_size=1)
@@ -121,17 +122,46 @@ def test_norm_matching_is_zero_at_matched_norms_and_symmetric():
     assert kv_norm_loss(shorter, vc, mu_k, mu_v).item() == pytest.approx(1.0)
 
 
-def test_scale_normalize_sets_window_mean_norms():
+def test_scale_normalize_per_window_sets_each_window_mean_norm():
     q, k, v, forces = dense_batch(window_size=16)
     tiny = 1e-3 * torch.randn(3, 4, 8, dtype=torch.float64)  # a v1-style collapsed output
-    params = SidecarParams(scale_normalize=True)
+    params = SidecarParams(scale_normalize="per_window")
     ev = evaluate_batch(q, k, v, tiny, tiny.flip(-1), 16, forces, params)
     assert torch.allclose(ev.kc.norm(dim=-1), ev.mu_k) and torch.allclose(
         ev.vc.norm(dim=-1), ev.mu_v
     )
+    # The tautology of issue 11: per window, the kv_norm term is 0 whatever the sidecar does.
     assert loss_terms(ev, params)["kv_norm"].item() == pytest.approx(0.0, abs=1e-20)
-    off = evaluate_batch(q, k, v, tiny, tiny, 16, forces, SidecarParams(scale_normalize=False))
+    off = evaluate_batch(q, k, v, tiny, tiny, 16, forces, SidecarParams(scale_normalize="none"))
     assert loss_terms(off, params)["kv_norm"].item() > 1.0
+
+
+def test_scale_normalize_per_sample_is_one_scalar_per_sample_for_k_and_one_for_v():
+    q, k, v, forces = dense_batch(window_size=16)
+    gen = torch.Generator().manual_seed(3)
+    kc = 1e-3 * torch.randn(3, 4, 8, generator=gen, dtype=torch.float64)
+    vc = 5.0 * torch.randn(3, 4, 8, generator=gen, dtype=torch.float64)
+    params = SidecarParams(scale_normalize="per_sample")
+    ev = evaluate_batch(q, k, v, kc, vc, 16, forces, params)
+    for raw, scaled, dense in ((kc, ev.kc, k), (vc, ev.vc, v)):
+        # s = mean dense norm / mean compressed norm of the sample (seed 003, fix 4)
+        s = dense.norm(dim=-1).mean(-1) / raw.norm(dim=-1).mean(-1)  # (3,)
+        assert torch.allclose(scaled, raw * s[:, None, None], rtol=1e-12)
+        assert torch.allclose(scaled.norm(dim=-1).mean(-1), dense.norm(dim=-1).mean(-1))
+    # Unlike per_window, each super-token keeps its own norm relative to the others, so
+    # the kv_norm term still sees how far each one is from its window's mean norm.
+    assert loss_terms(ev, params)["kv_norm"].item() > 0.1
+
+
+def test_boolean_scale_normalize_is_refused_naming_key_value_and_choices():
+    for value in (True, False):
+        with pytest.raises(ValueError) as err:
+            build_params(sidecar={"scale_normalize": value})
+        message = str(err.value)
+        assert "sidecar.scale_normalize" in message and str(value) in message
+        assert "'per_sample', 'per_window', 'none'" in message and "\n" not in message
+    with pytest.raises(ValueError, match="true meant per_window"):
+        SidecarParams(scale_normalize=True)
 
 
 def test_jacobian_terms():
@@ -189,7 +219,7 @@ def test_each_preset_builds_from_params_and_its_command_round_trips(name):
         "v3": {"force": 1, "kv_norm": 1, "jacobian_ratio": 1},
     }[name]
     assert {key: weights[key] for key in expected} == expected
-    assert params.scale_normalize == (name == "v3")
+    assert params.scale_normalize == ("per_sample" if name == "v3" else "none")
     assert params.consistency == ("cosine" if name == "v3" else "mse")
     assert params.jacobian_ratio_weight == (1.0 if name == "v3" else 0.0)
 
@@ -208,3 +238,16 @@ def test_defaults_are_v3_and_bad_values_name_their_key():
         build_params(sidecar={"eval_fraction": 1.0})
     with pytest.raises(ValueError, match="unknown key 'sidecar.force'"):
         build_params(sidecar={"force": 1.0})
+
+
+def test_relative_jacobian_error_per_sample():
+    q, k, v, forces = dense_batch(window_size=1)
+    params = SidecarParams(scale_normalize="none")
+    same = diagnostics(evaluate_batch(q, k, v, k.clone(), v.clone(), 1, forces, params))
+    assert same["jacobian_rel_error"][0] == pytest.approx(0.0, abs=1e-12)
+    assert same["jacobian_rel_error"][1] == 3  # one value per sample
+    zeros = torch.zeros_like(k)  # V = 0: y = 0 and J = 0, i.e. predicting J = 0 scores 1
+    none = diagnostics(evaluate_batch(q, k, v, k.clone(), zeros, 1, forces, params))
+    assert none["jacobian_rel_error"][0] / 3 == pytest.approx(1.0)
+    ev = evaluate_batch(q, k, v, k.clone(), 3 * v, 1, forces, params)  # J_cg = 3 J_dense
+    assert diagnostics(ev)["jacobian_rel_error"][0] / 3 == pytest.approx(2.0)
