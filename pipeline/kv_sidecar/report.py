@@ -48,6 +48,12 @@ def fmt(value: Any) -> str:
     return f"{value:.3e}"
 
 
+def fmt_signed(value: Any) -> str:
+    if value is None:
+        return MISSING
+    return f"{value:+.4g}" if value == 0 or 1e-3 <= abs(value) < 1e4 else f"{value:+.3e}"
+
+
 def fmt_interval(interval: list[float] | None) -> str:
     if interval is None:
         return MISSING
@@ -118,7 +124,8 @@ def sidecar_table(metrics: dict[str, Any]) -> str:
         mark = " ³" if name == SIDECAR and mode in BY_CONSTRUCTION else ""
         lines.append(
             f"| {rank} | {label(name)} | {fmt(c.get('lm_loss'))} | "
-            f"{fmt(c.get('lm_loss_increase'))} {fmt_interval(c.get('lm_loss_increase_interval'))} "
+            f"{fmt_signed(c.get('lm_loss_increase'))} "
+            f"{fmt_interval(c.get('lm_loss_increase_interval'))} "
             f"| {fmt(c.get('jacobian_rel_error'))} | {fmt(c.get('jacobian_ratio'))} | "
             f"{fmt(c.get('output_cosine'))} | {fmt(c.get('k_norm_ratio'))}{mark} | "
             f"{fmt(c.get('v_norm_ratio'))}{mark} |"

@@ -541,10 +541,46 @@ def test_table_ranks_by_lm_loss_increase_and_footnotes_ratios_by_construction():
         "largest-attention-mass token (H2O/SnapKV-style)",
     ]
     assert rows[1] == (
-        "| 2 | sidecar (trained) | 3.25 | 0.25 [+0.125, +0.375] | 0.5 | 0.8 | 0.9 | 1 ³ | 1 ³ |"
+        "| 2 | sidecar (trained) | 3.25 | +0.25 [+0.125, +0.375] | 0.5 | 0.8 | 0.9 | 1 ³ | 1 ³ |"
     )
     assert rows[0].endswith("| 0.9 | — | 1 |")  # a missing ratio renders as a dash
     assert "Dense LM loss at the future positions: 3 nats/token" in text
     assert "³ 1 by construction of sidecar.scale_normalize: per_sample" in text
     plain = sidecar_table(hand_metrics("none"))
     assert "³" not in plain and "| 1 | 1 |" in plain
+
+
+def test_the_lm_pass_compresses_the_stored_keys_and_values(teacher_run):
+    """The super-tokens are built from the live K/V of the spliced block: the same
+    post-RoPE, per-KV-head tensors the trajectories stage stored for that chunk."""
+    from pipeline.common.teacher import load_causal_lm
+    from pipeline.inputs.text_chunks import CorpusChunks
+    from pipeline.kv_sidecar.compressors import Compressor
+    from pipeline.kv_sidecar.lm_loss import heldout_lm_losses
+
+    folder, corpus = teacher_run
+    data = TrajectorySet(folder, layer=2, eval_fraction=0.25)
+    batch = next(data.batches("heldout", 64, 64, shuffle=False))  # every held-out sample
+    tokens = CorpusChunks(corpus).tokens_of(batch.chunk_id.unique())
+    seen = []
+
+    def record(keys, values, mass):
+        seen.append((keys.clone(), values.clone()))
+        return window_mean(keys, values)
+
+    model, _ = load_causal_lm(tiny_teacher("llama"), None)
+    lm = heldout_lm_losses(model, tokens, 2, 32, 8, {"r": Compressor("r", record)}, 64)
+    keys, values = seen[0]  # (chunks x KV heads, 4 windows, 8, d), chunk-major
+    row = {
+        (c, h): i
+        for i, (c, h) in enumerate(
+            zip(batch.chunk_id.tolist(), batch.kv_head.tolist(), strict=True)
+        )
+    }
+    for i, chunk in enumerate(lm.chunk_ids):
+        for head in range(2):
+            stored = row[(chunk, head)]
+            assert torch.allclose(keys[2 * i + head].flatten(0, 1), batch.keys[stored], atol=1e-5)
+            assert torch.allclose(
+                values[2 * i + head].flatten(0, 1), batch.values[stored], atol=1e-5
+            )
