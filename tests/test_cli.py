@@ -23,7 +23,7 @@ OPTIONS = {
     "evaluate": ["--directions", "--distill", "--metrics", "--table", "--plot", "--params"],
     "corpus": ["--out", "--params"],
     "trajectories": ["--corpus", "--out", "--params"],
-    "sidecar": ["--trajectories", "--out", "--metrics", "--table", "--params"],
+    "sidecar": ["--trajectories", "--corpus", "--out", "--metrics", "--table", "--params"],
     "activations": ["--corpus", "--out", "--params"],
     "sae": [
         *("--source", "--wordlist", "--corpus", "--compare", "--out", "--metrics"),

@@ -8,8 +8,9 @@ into one super-token (k, v), and its training loop (step / evaluate / fit / load
       -> k_cg (B, W, d), v_cg (B, W, d)
 
 Queries attend over the W super-tokens instead of the W*S dense tokens; the losses
-(`pipeline.kv_sidecar.losses`) compare the two attentions, the baseline compressor is
-each window's mean K and mean V.
+(`pipeline.kv_sidecar.losses`) compare the two attentions; `evaluate` scores any set of
+compressors (the sidecar and the training-free baselines of
+`pipeline.kv_sidecar.compressors`) on the same held-out batches.
 
     model = build_sidecar(params, head_dim=64)
     result = fit(model, TrajectorySet(folder, params.layer, params.eval_fraction), params, w)
