@@ -136,6 +136,7 @@ def make_trajectories(
             "force_space": force_space,
             "rope": "after",
             "kv_head_of_query_head": mapping,
+            "block_chunks": 1,
         },
     ).save(folder)
     return folder
@@ -158,7 +159,7 @@ def test_samples_are_chunk_kv_head_pairs_with_their_gqa_queries(tmp_path, force_
     shard = load_file(str(folder / record.file))
     names = ("keys", "values", "queries", "force_queries")
     raw = {name: shard[trajectory_key(2, name)] for name in names}
-    heldout = is_heldout(torch.arange(8), 0.3)
+    heldout = is_heldout(torch.arange(8), 0.3, 1)
     train = data.shard_samples(record, "train")
     chunks = torch.arange(8)[~heldout]
     assert train.chunk_id.tolist() == chunks.repeat_interleave(2).tolist()
@@ -180,9 +181,10 @@ def test_samples_are_chunk_kv_head_pairs_with_their_gqa_queries(tmp_path, force_
 def test_heldout_split_is_stable_and_batches_cover_each_sample_once(trajectories):
     data = TrajectorySet(trajectories, layer=1, eval_fraction=0.25)
     ids = torch.arange(24)
-    assert torch.equal(is_heldout(ids[5:], 0.25), is_heldout(ids, 0.25)[5:])  # per chunk
+    assert torch.equal(is_heldout(ids[5:], 0.25, 1), is_heldout(ids, 0.25, 1)[5:])  # per chunk
     counts = data.chunk_counts()
-    assert counts == {"heldout": int(is_heldout(ids, 0.25).sum()), "train": 24 - counts["heldout"]}
+    heldout = int(is_heldout(ids, 0.25, 1).sum())
+    assert counts == {"heldout": heldout, "train": 24 - counts["heldout"]}
     assert 0 < counts["heldout"] < 24
     seen = {}
     for split in ("train", "heldout"):
@@ -331,7 +333,7 @@ def test_stage_writes_outputs_and_metrics_for_sidecar_and_baseline(trajectories,
     base = results[BASELINE]
     assert base["loss_kv_match"] == pytest.approx(0.0, abs=1e-6)
     assert base["attention_entropy_compressed"] <= torch.log(torch.tensor(4.0)).item() + 1e-6
-    heldout = int(is_heldout(torch.arange(24), 0.25).sum())
+    heldout = int(is_heldout(torch.arange(24), 0.25, 1).sum())
     assert results["counts"] == {
         "layer": 1,
         "train_chunks": 24 - heldout,
