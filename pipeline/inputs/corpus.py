@@ -122,10 +122,10 @@ def _write(folder: Path, index: int, rows: list[Chunk], shard_rows: int):
 
 def command(
     out: Annotated[Path, typer.Option(help="Output folder for shards and manifest.")],
-    params: Annotated[Path, typer.Option(help="Params file; its `corpus` section.")] = PARAMS,
     metrics: Annotated[
         Path | None, typer.Option(help="JSON of the document, chunk, block and token counts.")
     ] = None,
+    params: Annotated[Path, typer.Option(help="Params file; its `corpus` section.")] = PARAMS,
 ) -> None:
     """Tokenize the corpus source into blocks of fixed-length chunks (safetensors shards)."""
     stats = run(load_params(params, corpus=CorpusParams).corpus, out, metrics)
