@@ -304,7 +304,8 @@ def _question_tables(summary: Mapping) -> list[str]:
         "A gain that survives is a prior over the options (e.g. an ending prior), not "
         "steering toward the answer. `prior only` marks rows whose gain without the question "
         "is not clearly below the gain with it (the paired 95% interval of their difference "
-        "reaches 0).",
+        "reaches 0); on a row without a gain it says only that the question adds nothing. "
+        "A task with one distinct context keeps it (nothing to swap): every row is marked.",
         "",
         "| task | distinct contexts | context changed | unsteered | unsteered without question |",
         "|---|---:|---:|---:|---:|",
