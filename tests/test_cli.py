@@ -21,7 +21,7 @@ OPTIONS = {
     "directions": ["--wordlist", "--out", "--params"],
     "distill": ["--run", "--directions", "--out", "--params"],
     "evaluate": ["--directions", "--distill", "--metrics", "--table", "--plot", "--params"],
-    "corpus": ["--out", "--params"],
+    "corpus": ["--out", "--metrics", "--params"],
     "trajectories": ["--corpus", "--out", "--params"],
     "sidecar": ["--trajectories", "--corpus", "--out", "--metrics", "--table", "--params"],
     "activations": ["--corpus", "--out", "--params"],

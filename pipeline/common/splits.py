@@ -4,7 +4,7 @@
 a dataset never moves an item to another split. Each use keys it its own way:
 
     split_of(text, fractions, salt)       concepts, questions: unit_hash(f"{salt}\0{text}")
-    unit_hash(f"chunk:{chunk_id}") < f    sidecar held-out chunks (`is_heldout`)
+    unit_hash(f"block:{block}") < f       sidecar held-out chunks, by corpus block (`is_heldout`)
 """
 
 from __future__ import annotations

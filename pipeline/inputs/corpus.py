@@ -2,12 +2,15 @@
 
 Reads the `corpus` section of params.yaml and its source (builtin text, a Hugging
 Face dataset, or local files; `pipeline/inputs/text_chunks.py`). Writes `<out>/shard-*.safetensors`
-(chunk_id int64 (R,), token_ids int64 (R, chunk_tokens); layout: `pipeline/inputs/text_chunks.py`)
-and `manifest.json` whose `extra` holds model, revision, chunk_tokens, num_chunks,
-source and the document/token counts. Everything is written into a temporary folder
-renamed to `<out>` when complete, so a killed run leaves no partial corpus.
+(chunk_id int64 (R,), token_ids int64 (R, chunk_tokens), first_document, last_document;
+layout: `pipeline/inputs/text_chunks.py`) and `manifest.json` whose `extra` holds model,
+revision, chunk_tokens, num_chunks, block_chunks, num_blocks, source and the
+document/token counts (tokens skipped at block seams included); the same counts go to
+`--metrics` (JSON). Everything is written into a temporary folder renamed to `<out>`
+when complete, so a killed run leaves no partial corpus.
 
-    python -m pipeline.cli corpus --params params.yaml --out data/corpus
+    python -m pipeline.cli corpus --params params.yaml --out data/corpus \
+        --metrics metrics/corpus.json
 """
 
 from __future__ import annotations
@@ -24,21 +27,37 @@ from typing import Annotated
 import torch
 import typer
 
+from pipeline.common.io import write_json
 from pipeline.common.params import load_params, to_dict
 from pipeline.common.shards import Manifest, shard_name, write_shard
 from pipeline.inputs.params import CorpusParams
-from pipeline.inputs.text_chunks import CORPUS, ChunkStats, cut_chunks, documents, load_tokenizer
+from pipeline.inputs.text_chunks import (
+    CORPUS,
+    Chunk,
+    ChunkStats,
+    cut_chunks,
+    documents,
+    load_tokenizer,
+)
 
 log = logging.getLogger(__name__)
 PARAMS = Path("params.yaml")
 
 
-def run(params: CorpusParams, out: Path) -> dict:
-    """Write the chunked corpus into `out`; returns the stats also stored in the manifest."""
+def run(params: CorpusParams, out: Path, metrics: Path | None = None) -> dict:
+    """Write the chunked corpus into `out` (and its counts into `metrics`); returns the
+    stats also stored in the manifest."""
     started = time.perf_counter()
     tokenizer = load_tokenizer(params.model, params.revision)
     stats = ChunkStats()
-    chunks = cut_chunks(documents(params), tokenizer, params.chunk_tokens, params.max_chunks, stats)
+    chunks = cut_chunks(
+        documents(params),
+        tokenizer,
+        params.chunk_tokens,
+        params.max_chunks,
+        params.block_chunks,
+        stats,
+    )
     for stale in out.parent.glob(f".{out.name}.tmp-*"):  # left by a killed run
         shutil.rmtree(stale)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
@@ -69,6 +88,8 @@ def run(params: CorpusParams, out: Path) -> dict:
             "revision": params.revision,
             "chunk_tokens": params.chunk_tokens,
             "num_chunks": num_chunks,
+            "block_chunks": params.block_chunks,
+            "num_blocks": stats.blocks,
             "source": params.source,
             "eos_token_id": tokenizer.eos_token_id,
             "vocab_size": len(tokenizer),
@@ -80,31 +101,34 @@ def run(params: CorpusParams, out: Path) -> dict:
         os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return {
-        "chunks": num_chunks,
-        "shards": len(records),
-        **asdict(stats),
-        "seconds": round(time.perf_counter() - started, 2),
-    }
+    counts = {"chunks": num_chunks, "block_chunks": params.block_chunks, **asdict(stats)}
+    if metrics is not None:
+        write_json(Path(metrics), counts, sort_keys=False)
+    return counts | {"shards": len(records), "seconds": round(time.perf_counter() - started, 2)}
 
 
-def _write(folder: Path, index: int, rows: list[list[int]], shard_rows: int):
+def _write(folder: Path, index: int, rows: list[Chunk], shard_rows: int):
     first = index * shard_rows
     return write_shard(
         folder / shard_name(index),
         {
             "chunk_id": torch.arange(first, first + len(rows), dtype=torch.long),
-            "token_ids": torch.tensor(rows, dtype=torch.long),
+            "token_ids": torch.tensor([r.tokens for r in rows], dtype=torch.long),
+            "first_document": torch.tensor([r.first_document for r in rows], dtype=torch.long),
+            "last_document": torch.tensor([r.last_document for r in rows], dtype=torch.long),
         },
     )
 
 
 def command(
     out: Annotated[Path, typer.Option(help="Output folder for shards and manifest.")],
+    metrics: Annotated[
+        Path | None, typer.Option(help="JSON of the document, chunk, block and token counts.")
+    ] = None,
     params: Annotated[Path, typer.Option(help="Params file; its `corpus` section.")] = PARAMS,
 ) -> None:
-    """Tokenize the corpus source into fixed-length chunks (safetensors shards)."""
-    stats = run(load_params(params, corpus=CorpusParams).corpus, out)
+    """Tokenize the corpus source into blocks of fixed-length chunks (safetensors shards)."""
+    stats = run(load_params(params, corpus=CorpusParams).corpus, out, metrics)
     typer.echo(f"corpus: {json.dumps(stats)}")
 
 

@@ -59,10 +59,16 @@ class CorpusParams:
     """Tokens per chunk; trajectories need num_windows * window_size + num_queries + 1."""
     max_chunks: int = 2048
     """Stop after this many chunks (fewer if the source runs out)."""
+    block_chunks: int = 16
+    """Chunks per block, the unit the sidecar and the SAE split into train and held-out.
+    At each block seam the rest of the current document is skipped (counted), so no
+    document has tokens in two blocks. Larger blocks skip fewer tokens but give fewer
+    split units: keep max_chunks / block_chunks well above 1 / each eval_fraction."""
     shard_rows: int = 65_536
 
     def __post_init__(self) -> None:
         positive("corpus.max_chunks", self.max_chunks)
+        positive("corpus.block_chunks", self.block_chunks)
         positive("corpus.shard_rows", self.shard_rows)
         if self.chunk_tokens < 2:
             raise ValueError(f"corpus.chunk_tokens must be >= 2, got {self.chunk_tokens}")

@@ -1,4 +1,4 @@
-"""Text for the token-level branches: documents -> tokens joined by EOS -> fixed-length chunks.
+"""Text for the token-level branches: documents -> tokens joined by EOS -> blocks of chunks.
 
 Three sources of documents (`corpus.source`):
 - `builtin`: English-like sentences whose words are drawn from wordfreq's English list
@@ -8,18 +8,26 @@ Three sources of documents (`corpus.source`):
 
 Each document is tokenized without special tokens and followed by the tokenizer's
 EOS; the stream is cut into consecutive chunks of `chunk_tokens` tokens (a chunk
-may span documents, the EOS marks the seam; there is no BOS). Tokens in no chunk
-(the tail shorter than one chunk) are counted.
+may span documents, the EOS marks the seam; there is no BOS). Every `block_chunks`
+chunks form a block, the unit that consumers split into train and held-out: at
+each block seam the rest of the current document is skipped, so every block starts
+at a document start and no document has tokens in two blocks (block = chunk_id //
+block_chunks). Skipped tokens and tokens in no chunk (the tail shorter than a chunk)
+are counted.
 
     tokenizer = load_tokenizer("data/teachers/tiny-llama", "main")
-    chunks = list(cut_chunks(builtin_documents(seed=0), tokenizer, 273, 8))  # 8 x 273 ids
+    chunks = list(cut_chunks(builtin_documents(seed=0), tokenizer, 273, 8, block_chunks=4))
     corpus = CorpusChunks(Path("data/corpus"))  # hash-checked
     corpus.read(0, 8), corpus.chunk_ids(0, 8)  # (8, chunk_tokens), (8,) int64
     corpus.tokens_of(torch.tensor([3]))  # {3: (chunk_tokens,)}, by chunk id
+    block_ids(corpus.chunk_ids(0, 8), corpus.block_chunks)  # (8,) the split unit
 
 The `corpus` artifact (kind "corpus"), written by stage `corpus`:
-    shard: chunk_id int64 (R,), token_ids int64 (R, chunk_tokens)
-    extra: model, revision (whose tokenizer), chunk_tokens, num_chunks, source
+    shard: chunk_id int64 (R,), token_ids int64 (R, chunk_tokens),
+           first_document, last_document int64 (R,): source index of the first and last
+           document the chunk holds tokens of (empty documents count)
+    extra: model, revision (whose tokenizer), chunk_tokens, num_chunks, block_chunks,
+           num_blocks, source, and the counts of `ChunkStats`
 """
 
 from __future__ import annotations
@@ -137,14 +145,75 @@ def load_tokenizer(
 @dataclass
 class ChunkStats:
     documents: int = 0
-    """Documents read from the source (tokenized in batches: a few past the last chunk)."""
+    """Documents taken from the source (empty ones included)."""
     empty_documents: int = 0
     """Documents that tokenize to nothing: skipped (no lone EOS), counted here."""
     tokens: int = 0
-    """Tokens of the documents read, EOS included."""
+    """Tokens of the documents taken, EOS included."""
+    blocks: int = 0
+    """Blocks of `block_chunks` chunks (the last one may be shorter)."""
+    seam_skipped_tokens: int = 0
+    """Tokens skipped at block seams: the rest of the document a block ended in."""
     unused_tokens: int = 0
-    """Tokens read but in no chunk: the tail shorter than a chunk, or what lies past
-    `max_chunks`."""
+    """Other tokens in no chunk: the tail shorter than a chunk, or the rest of the
+    document the `max_chunks`-th chunk ended in."""
+
+
+@dataclass(frozen=True)
+class Chunk:
+    tokens: list[int]
+    """`chunk_tokens` token ids."""
+    first_document: int
+    last_document: int
+    """Source index of the first and last document whose tokens the chunk holds."""
+
+
+def pack_blocks(
+    token_docs: Iterable[list[int]],
+    eos: int,
+    chunk_tokens: int,
+    max_chunks: int,
+    block_chunks: int,
+    stats: ChunkStats | None = None,
+) -> Iterator[Chunk]:
+    """Chunks of the EOS-joined stream of `token_docs`, in blocks of `block_chunks`; at
+    each block seam the rest of the current document is skipped. Takes no more of
+    `token_docs` than it needs."""
+    if chunk_tokens < 1 or block_chunks < 1:
+        raise ValueError(
+            f"chunk_tokens and block_chunks must be >= 1: {chunk_tokens}, {block_chunks}"
+        )
+    stats = stats if stats is not None else ChunkStats()
+    buffer: list[int] = []
+    owners: list[int] = []  # document index of each buffered token
+    emitted = 0
+    for index, ids in enumerate(token_docs):
+        stats.documents += 1
+        if not ids:
+            stats.empty_documents += 1
+            continue
+        doc = [*ids, eos]
+        stats.tokens += len(doc)
+        at = 0
+        while at < len(doc):
+            take = min(chunk_tokens - len(buffer), len(doc) - at)
+            buffer += doc[at : at + take]
+            owners += [index] * take
+            at += take
+            if len(buffer) < chunk_tokens:
+                continue
+            yield Chunk(buffer, owners[0], owners[-1])
+            emitted += 1
+            buffer, owners = [], []
+            if emitted == max_chunks:
+                break
+            if emitted % block_chunks == 0:
+                stats.seam_skipped_tokens += len(doc) - at
+                break
+        if emitted == max_chunks:
+            break
+    stats.blocks = -(-emitted // block_chunks)
+    stats.unused_tokens = stats.tokens - emitted * chunk_tokens - stats.seam_skipped_tokens
 
 
 def cut_chunks(
@@ -152,35 +221,28 @@ def cut_chunks(
     tokenizer: PreTrainedTokenizerBase,
     chunk_tokens: int,
     max_chunks: int,
+    block_chunks: int,
     stats: ChunkStats | None = None,
-) -> Iterator[list[int]]:
-    """Consecutive `chunk_tokens`-long pieces of the EOS-joined token stream, at most
-    `max_chunks`; reads no more of `docs` than it needs."""
+) -> Iterator[Chunk]:
+    """`pack_blocks` over `docs` tokenized in batches; reads no more of `docs` than it needs
+    (at most one batch more)."""
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has no EOS token to join documents")
-    stats = stats if stats is not None else ChunkStats()
-    buffer: list[int] = []
-    emitted = 0
+    return pack_blocks(
+        _tokenized(docs, tokenizer), eos, chunk_tokens, max_chunks, block_chunks, stats
+    )
+
+
+def _tokenized(docs: Iterable[str], tokenizer: PreTrainedTokenizerBase) -> Iterator[list[int]]:
     docs = iter(docs)
-    while emitted < max_chunks:
-        batch = list(itertools.islice(docs, TOKENIZE_BATCH))
-        if not batch:
-            break
-        encoded = tokenizer(batch, add_special_tokens=False, verbose=False)["input_ids"]
-        for ids in encoded:
-            stats.documents += 1
-            if not ids:
-                stats.empty_documents += 1
-                continue
-            buffer.extend(ids)
-            buffer.append(eos)
-            stats.tokens += len(ids) + 1
-        while len(buffer) >= chunk_tokens and emitted < max_chunks:
-            yield buffer[:chunk_tokens]
-            del buffer[:chunk_tokens]
-            emitted += 1
-    stats.unused_tokens = stats.tokens - emitted * chunk_tokens
+    while batch := list(itertools.islice(docs, TOKENIZE_BATCH)):
+        yield from tokenizer(batch, add_special_tokens=False, verbose=False)["input_ids"]
+
+
+def block_ids(chunk_ids: torch.Tensor, block_chunks: int) -> torch.Tensor:
+    """The block (the train / held-out split unit) of each chunk id, (R,) int64."""
+    return torch.div(chunk_ids.long(), block_chunks, rounding_mode="floor")
 
 
 class CorpusChunks:
@@ -191,6 +253,12 @@ class CorpusChunks:
         self.manifest = Manifest.load(self.folder, kind=CORPUS)
         self.verify = verify
         self.chunk_tokens = int(self.manifest.extra["chunk_tokens"])
+        if "block_chunks" not in self.manifest.extra:
+            raise ValueError(
+                f"{self.folder}/manifest.json has no block_chunks: it was written before "
+                "held-out splits followed documents; re-run the corpus stage (dvc repro corpus)"
+            )
+        self.block_chunks = int(self.manifest.extra["block_chunks"])
         # Records are checked against their headers (Manifest.load); extra is not.
         for record in self.manifest.shards:
             shape = record.tensors["token_ids"].shape if "token_ids" in record.tensors else None

@@ -75,7 +75,7 @@ def run(params: TrajectoriesParams, corpus: Path, out: Path) -> dict:
         out,
         plan,
         partial(_trajectory_shard, params, model, chunks, layers, sizes),
-        partial(_describe, params, model, corpus, layers, sizes, num_chunks),
+        partial(_describe, params, model, corpus, layers, sizes, num_chunks, chunks.block_chunks),
     )
     if not done.world.is_main:
         return done.rank_stats
@@ -118,6 +118,7 @@ def _describe(
     layers: tuple[int, ...],
     sizes: Sizes,
     num_chunks: int,
+    block_chunks: int,
     shards: CompletedShards,
 ) -> ManifestAdditions:
     lm_loss = sum(summary["loss_sum"] for summary in shards.summaries) / num_chunks
@@ -142,6 +143,7 @@ def _describe(
             "loss": LOSS_NOTE,
             "lm_loss_mean": lm_loss,
             "num_chunks": num_chunks,
+            "block_chunks": block_chunks,
             "compute_dtype": params.compute_dtype,
             "storage_dtype": params.storage_dtype,
             "corpus_manifest_sha256": sha256_file(corpus / MANIFEST),

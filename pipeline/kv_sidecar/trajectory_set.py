@@ -7,10 +7,11 @@ A sample is one (chunk, KV head) pair (layout: `pipeline/kv_sidecar/layout.py`):
                                head that reads this KV head (GQA), query-major
     force_norms   (M,)         ||dL/dq|| per query and head, for force-weighted consistency
 
-Held-out chunks are chosen by a stable hash of chunk_id, so adding chunks never
-moves one between train and held-out. Training streams shards through the bounded
-shuffle buffer of `pipeline/common/stream.py`; each shard's sha256 is checked the
-first time it is read.
+Held-out chunks are chosen by a stable hash of their corpus block (chunk_id //
+block_chunks, `pipeline/inputs/text_chunks.py`), so no document has tokens on both
+sides and adding chunks never moves one between train and held-out. Training streams
+shards through the bounded shuffle buffer of `pipeline/common/stream.py`; each shard's
+sha256 is checked the first time it is read.
 
     data = TrajectorySet(Path("data/trajectories"), layer=11, eval_fraction=0.05)
     for batch in data.batches("train", batch_size=64, buffer_samples=4096, shuffle=True):
@@ -30,15 +31,17 @@ from torch import Tensor
 from pipeline.common.shards import Manifest, ShardRecord, read_shard
 from pipeline.common.splits import unit_hash
 from pipeline.common.stream import stream_batches
+from pipeline.inputs.text_chunks import block_ids
 from pipeline.kv_sidecar.layout import TRAJECTORIES, trajectory_key
 
 Split = Literal["train", "heldout"]
 SIZE_KEYS = ("n_heads", "n_kv_heads", "head_dim", "window_size", "num_windows", "num_queries")
 
 
-def is_heldout(chunk_ids: Tensor, fraction: float) -> Tensor:
-    """(R,) bool: a chunk is held out when a stable hash of its id falls below `fraction`."""
-    draws = [unit_hash(f"chunk:{int(i)}") for i in chunk_ids.tolist()]
+def is_heldout(chunk_ids: Tensor, fraction: float, block_chunks: int) -> Tensor:
+    """(R,) bool: a chunk is held out when a stable hash of its block falls below `fraction`
+    (a share `fraction` of the blocks, which no document spans)."""
+    draws = [unit_hash(f"block:{int(b)}") for b in block_ids(chunk_ids, block_chunks).tolist()]
     return torch.tensor(draws, dtype=torch.float64) < fraction
 
 
@@ -71,6 +74,12 @@ class TrajectorySet:
         ]
         if missing:
             raise ValueError(f"{self.folder}/manifest.json: extra lacks {missing}")
+        if "block_chunks" not in extra:
+            raise ValueError(
+                f"{self.folder}/manifest.json has no block_chunks: it was written before "
+                "held-out chunks followed documents; re-run the corpus and trajectories stages"
+            )
+        self.block_chunks = int(extra["block_chunks"])
         if layer not in extra["layers"]:
             raise ValueError(
                 f"{self.folder}: layer {layer} is not stored (sidecar.layer); "
@@ -104,7 +113,7 @@ class TrajectorySet:
         heldout = total = 0
         for record in self.manifest.shards:
             ids = self._read(record, ["chunk_id"])["chunk_id"]
-            heldout += int(is_heldout(ids, self.eval_fraction).sum())
+            heldout += int(is_heldout(ids, self.eval_fraction, self.block_chunks).sum())
             total += ids.numel()
         return {"train": total - heldout, "heldout": heldout}
 
@@ -113,7 +122,9 @@ class TrajectorySet:
         names = [trajectory_key(self.layer, n) for n in ("keys", "values", "queries")]
         names.append(trajectory_key(self.layer, "force_queries"))
         shard = self._read(record, ["chunk_id", *names])
-        keep = is_heldout(shard["chunk_id"], self.eval_fraction) == (split == "heldout")
+        keep = is_heldout(shard["chunk_id"], self.eval_fraction, self.block_chunks) == (
+            split == "heldout"
+        )
         if not bool(keep.any()):
             return None
         keys, values, queries, force_q = (shard[n][keep].float() for n in names)

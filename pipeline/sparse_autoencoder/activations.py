@@ -156,6 +156,7 @@ def _describe(
             "positions": params.positions,
             "chunk_tokens": reader.chunk_tokens,
             "num_chunks": num_chunks,
+            "block_chunks": reader.block_chunks,
             "pad_token_id": reader.pad_token_id,
             "storage_dtype": params.storage_dtype,
             "corpus_manifest_sha256": sha256_file(Path(corpus) / MANIFEST),

@@ -6,9 +6,9 @@ Two sources share one interface, so the SAE never cares which it reads:
   (activation - train mean) per concept; item = (concept_id, -1); eval rows are
   the val and test splits; an exemplar is the concept's text (wordlist parquet).
 - `TokenSource`: the token-level `activations` dump (`pipeline/sparse_autoencoder/layout.py`), one
-  hidden state per token; item = (chunk_id, position); eval rows are the chunks a
-  stable hash of chunk_id puts in the held-out share; an exemplar is a text span
-  decoded from the corpus chunk, the activating token in [[brackets]].
+  hidden state per token; item = (chunk_id, position); eval rows are the chunks whose
+  corpus block (which no document spans) a stable hash puts in the held-out share; an
+  exemplar is a text span decoded from the corpus chunk, the activating token in [[brackets]].
 
 A row's vector and its item travel together through every shuffle (one
 permutation indexes both), so exemplars stay aligned with their text.
@@ -33,7 +33,7 @@ from pipeline.common.shards import Manifest, ShardRecord, layer_key, read_shard
 from pipeline.common.stream import stream_batches
 from pipeline.concepts.layout import KIND as DIRECTIONS
 from pipeline.concepts.layout import SPLIT_CODES
-from pipeline.inputs.text_chunks import CorpusChunks
+from pipeline.inputs.text_chunks import CorpusChunks, block_ids
 from pipeline.sparse_autoencoder.layout import ACTIVATIONS
 
 log = logging.getLogger(__name__)
@@ -57,13 +57,10 @@ def item_keys(items: Tensor) -> Tensor:
     return items[:, 0] * _KEY_SHIFT + (items[:, 1] + 1)
 
 
-def held_out(chunk_id: Tensor, fraction: float) -> Tensor:
-    """Stable eval membership of each chunk: depends on its id and `fraction` only.
-
-    Not `pipeline.common.splits.unit_hash`: that would hold out other chunks than the
-    existing activations dumps and SAE metrics were measured on.
-    """
-    hashed = (chunk_id.long() * _HASH_MULTIPLIER) % _HASH_RANGE
+def held_out(chunk_id: Tensor, fraction: float, block_chunks: int) -> Tensor:
+    """Stable eval membership of each chunk: a share `fraction` of the corpus blocks
+    (chunk_id // block_chunks), so no document has tokens in train and eval rows."""
+    hashed = (block_ids(chunk_id, block_chunks) * _HASH_MULTIPLIER) % _HASH_RANGE
     return hashed.double() / _HASH_RANGE < fraction
 
 
@@ -192,6 +189,12 @@ class TokenSource(ActivationSource):
     def __init__(self, folder: Path, layer: int, eval_fraction: float = 0.1, verify: bool = True):
         super().__init__(folder, layer, verify)
         self.eval_fraction = eval_fraction
+        if "block_chunks" not in self.manifest.extra:
+            raise ValueError(
+                f"{self.folder}/manifest.json has no block_chunks: it was written before "
+                "held-out chunks followed documents; re-run the corpus and activations stages"
+            )
+        self.block_chunks = int(self.manifest.extra["block_chunks"])
         self._corpus: CorpusChunks | None = None
         self._tokenizer = None
 
@@ -199,7 +202,11 @@ class TokenSource(ActivationSource):
         key = layer_key(self.layer)
         shard = read_shard(self.folder, record, ["chunk_id", "position", key], self.verify)
         items = torch.stack([shard["chunk_id"].long(), shard["position"].long()], dim=1)
-        return items, shard[key].float(), held_out(shard["chunk_id"], self.eval_fraction)
+        return (
+            items,
+            shard[key].float(),
+            held_out(shard["chunk_id"], self.eval_fraction, self.block_chunks),
+        )
 
     def attach_texts(self, corpus: Path, tokenizer) -> None:
         """The corpus chunks and the tokenizer that decodes them, for `describe`."""

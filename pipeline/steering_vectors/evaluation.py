@@ -3,10 +3,14 @@
 Every choice (best layer, coefficient, alpha) is made on val and reported on
 test. A gain comes with a 95% interval from a paired bootstrap over questions:
 the same resampled questions score both the unsteered and the steered model.
+The question control asks each test question after another question's context of
+the same task (a seeded derangement): a vector whose gain survives without its
+question learned a prior over the options, not to answer the question.
 
     sweep = sweep_coefficients(model, vector, val, params.coefficients)
     combined = weighted_average([deltas_a, deltas_b], alpha_weights(0.5, 2))
     gain = bootstrap_gain(unsteered_correct, steered_correct, samples=2000, seed=0)
+    swapped = test.with_contexts_of(derangement(len(test), seed=0))
 """
 
 from __future__ import annotations
@@ -30,12 +34,73 @@ def bootstrap_gain(base: Tensor, steered: Tensor, samples: int, seed: int = 0) -
         raise ValueError(
             f"need two equal, non-empty sets of answers: {base.shape} vs {steered.shape}"
         )
-    diff = steered.double() - base.double()  # (N,)
+    return bootstrap_mean(steered.double() - base.double(), samples, seed)
+
+
+def bootstrap_mean(diff: Tensor, samples: int, seed: int = 0) -> dict[str, float]:
+    """Mean of the per-question values `diff` (N,) and its 95% percentile interval over
+    `samples` resamples of the questions (seeded: equal seeds resample the same questions)."""
+    diff = diff.double()
     generator = torch.Generator().manual_seed(seed)
     index = torch.randint(0, len(diff), (samples, len(diff)), generator=generator)
     means = diff[index].mean(1)  # (samples,)
     low, high = torch.quantile(means, torch.tensor([0.025, 0.975], dtype=means.dtype)).tolist()
     return {"gain": diff.mean().item(), "gain_ci_low": low, "gain_ci_high": high}
+
+
+def derangement(count: int, seed: int) -> list[int]:
+    """A seeded permutation without a fixed point: one cycle through a shuffled order, so
+    question i gets the context of question `result[i]` != i."""
+    if count < 2:
+        raise ValueError(f"a derangement needs at least 2 questions, got {count}")
+    order = torch.randperm(count, generator=torch.Generator().manual_seed(seed)).tolist()
+    out = [0] * count
+    for k, i in enumerate(order):
+        out[i] = order[(k + 1) % count]
+    return out
+
+
+def question_control(
+    right: Tensor,
+    base: Tensor,
+    right_swapped: Tensor,
+    base_swapped: Tensor,
+    samples: int,
+    seed: int,
+) -> dict[str, float | bool]:
+    """The gain without the question (`no_question*`: steered vs unsteered, both with every
+    context swapped for another question's) and the gain with it minus the gain without
+    (`question_effect*`), each with its paired-bootstrap 95% interval. `prior_only`: the
+    gain without the question is not clearly below the gain with it (the difference's
+    interval reaches 0), so whatever the vector gains it gains from the options alone."""
+    without = bootstrap_gain(base_swapped, right_swapped, samples, seed)
+    with_minus_without = (right.double() - base.double()) - (
+        right_swapped.double() - base_swapped.double()
+    )
+    effect = bootstrap_mean(with_minus_without, samples, seed)
+    return (
+        {"no_question_test": accuracy(right_swapped)}
+        | {k.replace("gain", "no_question_gain"): v for k, v in without.items()}
+        | {k.replace("gain", "question_effect"): v for k, v in effect.items()}
+        | {"prior_only": effect["gain_ci_low"] <= 0.0}
+    )
+
+
+def routing_scores(
+    routes: Mapping[str, Sequence[str | None]], tasks: Sequence[str]
+) -> dict[str, dict[str, float | int | None]]:
+    """Per task: how many questions were routed to it, precision (the share of those that
+    belong to it; None when none was) and recall (the share of its questions routed to it)."""
+    out: dict[str, dict[str, float | int | None]] = {}
+    for task in tasks:
+        routed = sum(r == task for t in tasks for r in routes[t])
+        hits = sum(r == task for r in routes[task])
+        out[task] = {
+            "routed": routed,
+            "precision": hits / routed if routed else None,
+            "recall": hits / len(routes[task]) if routes[task] else None,
+        }
+    return out
 
 
 def random_like(deltas: Deltas, seed: int) -> dict[int, Tensor]:
@@ -180,18 +245,13 @@ def accuracy_table(summary: Mapping) -> str:
         "|---|---|---:|---|---:|---|",
     ]
     for task, m in summary["tasks"].items():
-        best, coef, caa = m["best_single"], m["best_coefficient"], m["mean_difference"]
-        rows = {
-            f"best single layer (L{best['layer']})": best,
-            "multi-layer": m["multi_layer"],
-            f"best coefficient ({coef['config']} x{coef['coefficient']:g})": coef,
-            f"mean difference (x{caa['coefficient']:g})": caa,
-        }
+        rows = _vector_rows(m)
         lines += [
             f"| {task} | {name} | {_pct(r['test'])} | {_gain(r)} | {_pct(r['random_test'])} "
             f"| {_gain(r, 'over_random')} |"
             for name, r in rows.items()
         ]
+    lines += _question_tables(summary)
     combined = summary.get("combined")
     if combined:
         average, routing = combined["average"], combined["routing"]
@@ -208,8 +268,101 @@ def accuracy_table(summary: Mapping) -> str:
             f"| {_pct(average['test'])} | {_gain(average)} |",
             f"| keyword routing ({_pct(routing['routed_right'])} routed to their task) "
             f"| {_pct(routing['val'])} | {_pct(routing['test'])} | {_gain(routing)} |",
+            "",
+            "Keyword routing on the mixed test set: whole words, any case; a question without "
+            "a keyword goes to the first task without keywords. Precision = share of the "
+            "questions routed to a task that belong to it; recall = share of a task's "
+            "questions routed to it.",
+            "",
+            "| task | keywords | routed to it | precision | recall |",
+            "|---|---|---:|---:|---:|",
         ]
+        for task, r in routing["by_task"].items():
+            words = ", ".join(routing["keywords"].get(task, [])) or "(none: the fallback)"
+            lines.append(
+                f"| {task} | {words} | {r['routed']} | {_maybe_pct(r['precision'])} "
+                f"| {_maybe_pct(r['recall'])} |"
+            )
     return "\n".join(lines) + "\n"
+
+
+def _vector_rows(m: Mapping) -> dict[str, Mapping]:
+    best, coef, caa = m["best_single"], m["best_coefficient"], m["mean_difference"]
+    return {
+        f"best single layer (L{best['layer']})": best,
+        "multi-layer": m["multi_layer"],
+        f"best coefficient ({coef['config']} x{coef['coefficient']:g})": coef,
+        f"mean difference (x{caa['coefficient']:g})": caa,
+    }
+
+
+def _question_tables(summary: Mapping) -> list[str]:
+    lines = [
+        "",
+        "Without the question: each test question asked after another test question's "
+        "context of the same task (a seeded derangement), so only its options are its own. "
+        "A gain that survives is a prior over the options (e.g. an ending prior), not "
+        "steering toward the answer. `prior only` marks rows whose gain without the question "
+        "is not clearly below the gain with it (the paired 95% interval of their difference "
+        "reaches 0); on a row without a gain it says only that the question adds nothing. "
+        "A task with one distinct context keeps it (nothing to swap): every row is marked.",
+        "",
+        "| task | distinct contexts | context changed | unsteered | unsteered without question |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for task, m in summary["tasks"].items():
+        nq = m["no_question"]
+        lines.append(
+            f"| {task} | {nq['distinct_contexts']} of {m['questions']['test']} "
+            f"| {_pct(nq['context_changed'])} | {_pct(m['unsteered']['test'])} "
+            f"| {_pct(nq['unsteered_test'])} |"
+        )
+    lines += [
+        "",
+        "| task | vector | gain with question [95% CI] | gain without question [95% CI] "
+        "| with - without [95% CI] | |",
+        "|---|---|---|---|---|---|",
+    ]
+    for task, m in summary["tasks"].items():
+        lines += [
+            f"| {task} | {name} | {_gain(r)} | {_gain(r, 'no_question_gain')} "
+            f"| {_gain(r, 'question_effect')} | {'prior only' if r['prior_only'] else ''} |"
+            for name, r in _vector_rows(m).items()
+        ]
+    return lines
+
+
+def summary_entries(summary: Mapping, branch: str = "steering") -> list[dict]:
+    """The `summary` block (one entry per task, the first three): the best vector's test
+    gain over unsteered, its gain over the random same-norm vector as the control, and its
+    gain without the question as the caveat; every number as the table shows it."""
+    entries = []
+    for task, m in list(summary["tasks"].items())[:3]:
+        coef = m["best_coefficient"]
+        caveat = "; prior only: not clearly below the gain with it" if coef["prior_only"] else ""
+        entries.append(
+            {
+                "branch": branch,
+                "metric": f"{task}: test accuracy gain of the best vector ({coef['config']} "
+                f"x{coef['coefficient']:g}) over unsteered",
+                "value": coef["gain"],
+                "interval": [coef["gain_ci_low"], coef["gain_ci_high"]],
+                "interval_kind": "paired bootstrap 95%",
+                "control": "gain over a random vector of the same norm at the same layers",
+                "control_value": coef["over_random"],
+                "control_interval": [coef["over_random_ci_low"], coef["over_random_ci_high"]],
+                "downstream": "gain without the question (contexts deranged within the task)"
+                + caveat,
+                "downstream_value": coef["no_question_gain"],
+                "teacher": summary["model"],
+                "n": m["questions"]["test"],
+            }
+        )
+    return entries
+
+
+def _maybe_pct(value: float | None) -> str:
+    return "-" if value is None else _pct(value)
 
 
 def _whole_words(keyword: str) -> re.Pattern[str]:

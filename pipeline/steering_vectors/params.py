@@ -69,8 +69,22 @@ class McDataParams:
             positive(f"mcdata.{key}", getattr(self, key))
 
 
+MATH_KEYWORDS = (
+    "calculate",
+    "solve",
+    "math",
+    "arithmetic",
+    "altogether",
+    "total",
+    "percent",
+    "remainder",
+)
+"""Whole words of word problems that everyday text (HellaSwag's contexts) rarely uses;
+no phrase like "how much", which routes "how much flour" in a recipe to math."""
+
+
 def _steering_default_keywords() -> dict[str, tuple[str, ...]]:
-    return {"math": ("calculate", "solve", "math", "how many", "how much")}
+    return {"math": MATH_KEYWORDS}
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,9 @@ vectors combined by a weighted average (alpha chosen on val) and by keyword
 routing (section 2.3), on the mixed test set. Writes `<out>/model.safetensors` +
 `<out>/config.json` (every trained vector and what was chosen), the metrics JSON
 (accuracies, gains with bootstrap 95% intervals over the unsteered model and over a
-random vector of the same norm, the mean-difference control) and the markdown table.
+random vector of the same norm, the mean-difference control, the gain without the
+question, keyword routing's precision and recall, and the `summary` block) and the
+markdown table.
 """  # noqa: E501
 
 from __future__ import annotations
@@ -37,9 +39,13 @@ from pipeline.steering_vectors.evaluation import (
     alpha_weights,
     best_of,
     bootstrap_gain,
+    derangement,
+    question_control,
     random_like,
     route,
     routed_correct,
+    routing_scores,
+    summary_entries,
     sweep_coefficients,
     weighted_average,
     with_controls,
@@ -101,6 +107,7 @@ def run(
     summary["combined"] = (
         combine(model, data, contexts, results, params) if len(tasks) > 1 else None
     )
+    summary["summary"] = summary_entries(summary)
     vectors = {f"{task}.{name}": v for task, r in results.items() for name, v in r.vectors.items()}
     save_vectors(Path(out), vectors, checkpoint_config(params, model, summary))
     write_json(Path(metrics), summary, sort_keys=False)
@@ -164,12 +171,19 @@ def steer_task(
     caa_sweep = {c: accuracy(ev(data["val"], times(c))) for c in params.coefficients}
     caa_coefficient = best_of(caa_sweep)
     caa_right = {s: ev(data[s], times(caa_coefficient)) for s in EVAL_SPLITS}
+    # The question control: every test question after another test question's context.
+    test = data["test"]
+    source = derangement(len(test), params.seed)
+    swapped = test.with_contexts_of(source)
+    unsteered_swapped = ev(swapped, {})
 
     def scored(deltas: Deltas, right: dict[str, Tensor]) -> dict[str, float]:
-        """Accuracies and gains over unsteered and over a random vector of the same norms."""
-        control = ev(data["test"], random_like(deltas, params.seed))
-        return with_controls(
-            right, unsteered["test"], control, params.bootstrap_samples, params.seed
+        """Accuracies and gains over unsteered, over a random vector of the same norms, and
+        without the question."""
+        control = ev(test, random_like(deltas, params.seed))
+        samples, seed = params.bootstrap_samples, params.seed
+        return with_controls(right, unsteered["test"], control, samples, seed) | question_control(
+            right["test"], unsteered["test"], ev(swapped, deltas), unsteered_swapped, samples, seed
         )
 
     def trained(name: str) -> Deltas:
@@ -178,6 +192,14 @@ def steer_task(
     metrics = {
         "questions": {s: len(data[s]) for s in SPLITS},
         "unsteered": {s: accuracy(unsteered[s]) for s in EVAL_SPLITS},
+        "no_question": {
+            "unsteered_test": accuracy(unsteered_swapped),
+            "distinct_contexts": len({tuple(c) for c in test.contexts}),
+            "context_changed": sum(
+                test.contexts[i] != test.contexts[j] for i, j in enumerate(source)
+            )
+            / len(test),
+        },
         "single_layer": {
             name.removeprefix("single_"): {s: accuracy(r[s]) for s in EVAL_SPLITS}
             for name, r in right.items()
@@ -259,6 +281,8 @@ def combine(
         | gain(average_test),
         "routing": {
             "routed_right": sum(hits) / len(hits),
+            "keywords": {t: list(k) for t, k in params.keywords.items()},
+            "by_task": routing_scores({t: routes[t]["test"] for t in tasks}, tasks),
             "val": accuracy(routed["val"]),
             "test": accuracy(routed["test"]),
         }

@@ -131,6 +131,13 @@ class Encoded:
             self.pad_id,
         )
 
+    def with_contexts_of(self, source: Sequence[int]) -> Encoded:
+        """The same endings and labels, question i asked after question `source[i]`'s
+        context: with `source` a derangement, no question keeps its own."""
+        if sorted(source) != list(range(len(self))):
+            raise ValueError(f"need a permutation of the {len(self)} questions, got {source}")
+        return Encoded([self.contexts[j] for j in source], self.endings, self.labels, self.pad_id)
+
     def batch(self, index: Sequence[int]) -> McBatch:
         contexts = [self.contexts[i] for i in index]
         endings = [end for i in index for end in self.endings[i]]

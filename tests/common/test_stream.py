@@ -67,7 +67,7 @@ def token_activations(folder: Path, rows: int, dim: int, shard_rows: int) -> Pat
             layer_key(LAYER): torch.randn(len(row), dim, generator=gen),
         }
         records.append(write_shard(folder / shard_name(index), tensors))
-    extra = {"layers": [LAYER], "model": "synthetic", "hidden_size": dim}
+    extra = {"layers": [LAYER], "model": "synthetic", "hidden_size": dim, "block_chunks": 1}
     Manifest(kind=ACTIVATIONS, params={}, shards=records, extra=extra).save(folder)
     return folder
 

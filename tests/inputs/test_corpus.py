@@ -195,7 +195,7 @@ def test_reader_spans_shards_and_refuses_a_tampered_one(tmp_path, params):
 
 def test_cut_chunks_reads_no_more_documents_than_needed(tokenizer):
     docs = builtin_documents(seed=0)
-    assert len(list(cut_chunks(docs, tokenizer, 21, 3))) == 3
+    assert len(list(cut_chunks(docs, tokenizer, 21, 3, block_chunks=2))) == 3
     assert next(docs)  # an endless source stays usable: nothing ran away
 
 

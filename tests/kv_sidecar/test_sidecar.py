@@ -147,6 +147,7 @@ def make_trajectories(
             "force_space": force_space,
             "rope": "after",
             "kv_head_of_query_head": mapping,
+            "block_chunks": 1,
         },
     ).save(folder)
     return folder
@@ -193,7 +194,7 @@ def test_samples_are_chunk_kv_head_pairs_with_their_gqa_queries(tmp_path, force_
     shard = load_file(str(folder / record.file))
     names = ("keys", "values", "queries", "force_queries")
     raw = {name: shard[trajectory_key(2, name)] for name in names}
-    heldout = is_heldout(torch.arange(8), 0.3)
+    heldout = is_heldout(torch.arange(8), 0.3, 1)
     train = data.shard_samples(record, "train")
     chunks = torch.arange(8)[~heldout]
     assert train.chunk_id.tolist() == chunks.repeat_interleave(2).tolist()
@@ -215,9 +216,10 @@ def test_samples_are_chunk_kv_head_pairs_with_their_gqa_queries(tmp_path, force_
 def test_heldout_split_is_stable_and_batches_cover_each_sample_once(trajectories):
     data = TrajectorySet(trajectories, layer=1, eval_fraction=0.25)
     ids = torch.arange(24)
-    assert torch.equal(is_heldout(ids[5:], 0.25), is_heldout(ids, 0.25)[5:])  # per chunk
+    assert torch.equal(is_heldout(ids[5:], 0.25, 1), is_heldout(ids, 0.25, 1)[5:])  # per chunk
     counts = data.chunk_counts()
-    assert counts == {"heldout": int(is_heldout(ids, 0.25).sum()), "train": 24 - counts["heldout"]}
+    heldout = int(is_heldout(ids, 0.25, 1).sum())
+    assert counts == {"heldout": heldout, "train": 24 - counts["heldout"]}
     assert 0 < counts["heldout"] < 24
     seen = {}
     for split in ("train", "heldout"):
@@ -384,7 +386,7 @@ def test_stage_writes_outputs_and_metrics_for_every_compressor(teacher_run, tmp_
     assert compressors[SIDECAR]["k_norm_ratio"] == pytest.approx(1.0, rel=1e-5)
     assert compressors[KEY_NORM_MIN]["k_norm_ratio"] < 1.0  # the lowest norm of each window
     assert compressors[ATTENTION_MASS]["k_norm_ratio"] != pytest.approx(1.0, abs=1e-6)
-    heldout = int(is_heldout(torch.arange(24), 0.25).sum())
+    heldout = int(is_heldout(torch.arange(24), 0.25, 1).sum())
     assert results["counts"] == {
         "layer": 1,
         "train_chunks": 24 - heldout,

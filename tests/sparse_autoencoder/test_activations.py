@@ -53,6 +53,7 @@ def make_corpus(
         "model": model or tiny_teacher("llama"),
         "revision": "main",
         "chunk_tokens": chunk_tokens,
+        "block_chunks": 1,
     }
     if pad_to is not None:
         for row, keep in enumerate(pad_to):
@@ -156,7 +157,7 @@ def test_max_chunks_and_token_source_reads_rows_with_items(tmp_path, tiny_llama)
     items, x, is_eval = (torch.cat(parts) for parts in zip(*source.shards("all"), strict=True))
     assert items[:, 0].unique().tolist() == [100, 103, 106, 109]
     assert torch.equal(x, stored(tmp_path / "acts")["layer_2"])
-    assert torch.equal(is_eval, held_out(items[:, 0], 0.5))
+    assert torch.equal(is_eval, held_out(items[:, 0], 0.5, 1))
     # All tokens of a chunk fall on the same side of the split.
     for chunk in items[:, 0].unique():
         assert is_eval[items[:, 0] == chunk].unique().numel() == 1
@@ -175,9 +176,9 @@ def test_max_chunks_and_token_source_reads_rows_with_items(tmp_path, tiny_llama)
 
 def test_held_out_share_is_stable_and_close_to_the_fraction():
     ids = torch.arange(20_000)
-    share = held_out(ids, 0.1).double().mean().item()
+    share = held_out(ids, 0.1, 1).double().mean().item()
     assert 0.09 < share < 0.11
-    assert torch.equal(held_out(ids[::7], 0.1), held_out(ids, 0.1)[::7])
+    assert torch.equal(held_out(ids[::7], 0.1, 1), held_out(ids, 0.1, 1)[::7])
 
 
 def test_bad_input_is_named_before_anything_is_written(tmp_path, tiny_llama):

@@ -221,13 +221,14 @@ def test_keyword_routing_matches_whole_words_case_insensitively():
     assert route("The aftermath of the storm", keywords, tasks) == "story"
     assert route("They resolve to leave", keywords, tasks) == "story"
     assert route("Estimate how manyfold", keywords, tasks) == "story"
-    # Whole words and phrases do, in any case and across spacing. "how much" is a default
-    # phrase, so "how much flour" still routes to math: a choice of keywords, not a match bug.
-    assert route("She asks how much flour to add", keywords, tasks) == "math"
+    # The defaults are whole words of word problems: a recipe's "how much" is no keyword.
+    assert route("She asks how much flour to add", keywords, tasks) == "story"
+    assert route("How many apples are left in total?", keywords, tasks) == "math"
+    # Whole words and phrases match in any case and across spacing.
     assert route("She asks how much flour", {"math": ("flour s",)}, tasks) == "story"
     assert route("A MATH problem", keywords, tasks) == "math"
     assert route("Solve: 3 + 4", keywords, tasks) == "math"
-    assert route("How  many apples?", keywords, tasks) == "math"
+    assert route("How  many apples?", {"math": ("how many",)}, tasks) == "math"
     assert route("is c++ fast", {"math": ("C++",)}, tasks) == "math"  # regex chars literal
     assert route("is c+ fast", {"math": ("C++",)}, tasks) == "story"
 
@@ -359,6 +360,20 @@ def test_stage_cli_writes_vectors_metrics_and_table(tmp_path, questions, tiny_qw
     assert final["gain"] == pytest.approx(final["test"] - cat["unsteered"]["test"])
     combined = summary["combined"]
     assert combined["routing"]["routed_right"] == 1.0
+    by_task = combined["routing"]["by_task"]
+    assert by_task["arithmetic"] == {"routed": 24, "precision": 1.0, "recall": 1.0}
+    assert by_task["category"] == {"routed": 24, "precision": 1.0, "recall": 1.0}
+    for name in ("best_single", "multi_layer", "best_coefficient", "mean_difference"):
+        row = cat[name]
+        assert row["no_question_gain_ci_low"] <= row["no_question_gain"]
+        assert row["question_effect"] == pytest.approx(row["gain"] - row["no_question_gain"])
+        assert row["prior_only"] == (row["question_effect_ci_low"] <= 0)
+    # The category task asks every question after one context: without the question is
+    # the same question, so every gain is an option prior and marked.
+    assert cat["no_question"]["distinct_contexts"] == 1 and cat["best_coefficient"]["prior_only"]
+    arith = summary["tasks"]["arithmetic"]["no_question"]
+    assert arith["distinct_contexts"] == 24 and arith["context_changed"] == 1.0
+    assert [e["metric"].split(":")[0] for e in summary["summary"]] == ["category", "arithmetic"]
     assert combined["questions"]["test"] == 48
     vectors, config = load_vectors(out)
     assert set(vectors) == {
@@ -373,6 +388,8 @@ def test_stage_cli_writes_vectors_metrics_and_table(tmp_path, questions, tiny_qw
     text = table.read_text()
     assert "| category | mean difference (x" in text and "gain over random" in text
     assert "| category | 24 |" in text and "keyword routing" in text and "weighted average" in text
+    assert "gain without question [95% CI]" in text and "| prior only |" in text
+    assert "| arithmetic | plus, minus | 24 | 100.0% | 100.0% |" in text
 
 
 def test_stage_refuses_bad_layers_and_unknown_keyword_tasks_before_writing(
