@@ -168,7 +168,9 @@ def teacher_run(tmp_path_factory) -> tuple[Path, Path]:
     24 chunks of 4 windows x 8 tokens + 4 future positions + 1, layers 1 and 2."""
     root = tmp_path_factory.mktemp("teacher_run")
     llama = tiny_teacher("llama")
-    corpus_params = CorpusParams(source="builtin", model=llama, chunk_tokens=37, max_chunks=24)
+    corpus_params = CorpusParams(
+        source="builtin", model=llama, chunk_tokens=37, max_chunks=24, block_chunks=1
+    )
     corpus_stage.run(corpus_params, root / "corpus")
     params = TrajectoriesParams(
         model=llama, layers=(1, 2), window_size=8, num_windows=4, num_queries=4,
