@@ -166,7 +166,18 @@ def _splice_section(metrics: dict[str, Any]) -> list[str]:
         else:
             label, what = LABELS.get(name, name), _what(name, baselines.get(name, {}))
         lines.append(_splice_row(label, what, scores))
-    lines.append(_splice_row("mean ablation", "the train mean activation", splice["mean_ablation"]))
+    ablation = splice["mean_ablation"]
+    lines.append(_splice_row("mean ablation", "the train mean activation", ablation))
+    interval = ablation["loss_increase_ci"]
+    if interval is not None and interval[0] <= 0:
+        raised = _with_interval(ablation["loss_increase"], interval, "+.4f")
+        lines += [
+            "",
+            f"Mean ablation raises the loss by {raised} "
+            "nats/token: its interval reaches 0, so the denominator of loss recovered is "
+            "indistinguishable from noise and the fractions above are not interpretable; "
+            "compare the loss increases instead.",
+        ]
     return lines
 
 

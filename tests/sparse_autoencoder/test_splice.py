@@ -221,3 +221,43 @@ def test_summary_of_a_hand_built_metrics_dict():
     # No token stream, no twin: the reconstruction R^2 against the best baseline's.
     (only,) = summary(_metrics(None), "synthetic")
     assert only["value"] == 0.8 and only["control_value"] == 0.5 and "PCA" in only["control"]
+
+
+def test_the_table_flags_a_mean_ablation_that_costs_nothing():
+    from pipeline.sparse_autoencoder.report import comparison_table
+
+    def scores(loss, increase, interval):
+        return {
+            "lm_loss": loss,
+            "loss_recovered": 0.5,
+            "loss_recovered_ci": [0.1, 0.9],
+            "loss_increase": increase,
+            "loss_increase_ci": interval,
+            "explained_variance": 0.5,
+        }
+
+    metrics = {
+        "eval_rows": 10,
+        "baseline_rows": 20,
+        "seed": 1,
+        "code_dims": 8,
+        "topk": 2,
+        "layer": 2,
+        "splice": {
+            "applies": True,
+            "chunks": 4,
+            "predicted_tokens": 40,
+            "hook": "model.layers.1",
+            "hook_check_rel_error": 0.0,
+            "bootstrap_samples": 100,
+            "clean_loss": 5.0,
+            "clean_explained_variance": 1.0,
+            "methods": {"sae": scores(5.1, 0.1, [0.05, 0.15])},
+            "mean_ablation": scores(5.2, 0.2, [0.1, 0.3]),
+        },
+    }
+    table = comparison_table(metrics, "t")
+    assert "| SAE (seed 1) | its top-2 code | 5.1000 | +0.500 [+0.100, +0.900] |" in table
+    assert "not interpretable" not in table
+    metrics["splice"]["mean_ablation"]["loss_increase_ci"] = [-0.01, 0.3]
+    assert "its interval reaches 0" in comparison_table(metrics, "t")
