@@ -2,6 +2,12 @@
 
 - `match_features`: one-to-one matching of two dictionaries' decoder columns by cosine
   (Hungarian assignment, `scipy.optimize.linear_sum_assignment`), seed 002 session 10.
+- `random_matching`: the chance level of that score, the same matching on pairs of random
+  dictionaries of the same shape (unit-norm Gaussian columns). Independent Monte Carlo
+  (300 / 30 / 4 draws): 0.3281 (sd 0.0028) at (D, F) = (64, 256), 0.1935 (sd 0.0007) at
+  (256, 1024), 0.1334 (sd 0.0003) at (640, 2560); the extreme-value bound sqrt(2 ln F / D)
+  on each column's best cosine (0.416, 0.233, 0.157) lies above it, the one-to-one
+  constraint costing the rest.
 - `linear_cka`: linear centered kernel alignment of two row-aligned activation
   matrices; invariant to rotation and isotropic scaling, 1 for identical spaces.
 - `orthogonal_procrustes`: the orthogonal map R minimizing ||X R - Y||_F after centering
@@ -54,6 +60,17 @@ def match_features(first: Tensor, second: Tensor) -> FeatureMatch:
     return FeatureMatch(
         torch.from_numpy(rows), torch.from_numpy(cols), torch.from_numpy(cos[rows, cols])
     )
+
+
+def random_matching(dim: int, features: int, draws: int, seed: int) -> list[float]:
+    """Mean matched cosine of `draws` pairs of random (dim, features) dictionaries, seeded."""
+    generator = torch.Generator().manual_seed(seed)
+    scores = []
+    for _ in range(draws):
+        first = torch.randn(dim, features, generator=generator, dtype=torch.float64)
+        second = torch.randn(dim, features, generator=generator, dtype=torch.float64)
+        scores.append(match_features(first, second).mean_cos)
+    return scores
 
 
 def linear_cka(x: Tensor, y: Tensor) -> float:

@@ -12,8 +12,14 @@ Definitions (N eval rows, D input dims, F features, z the codes):
 - decoder cosine mean / p95 / max over the F(F-1)/2 pairs of distinct decoder columns
   (signed: a feature and its opposite are not duplicates for ReLU codes)
 
-Baselines (`fit_baseline`) are scikit-learn factorizations with k components, fit on
-a bounded sample; `Reconstructor.reconstruct` maps eval rows to reconstructions.
+Baselines (`fit_baseline`) are scikit-learn factorizations fit on a bounded sample;
+`Reconstructor.reconstruct` maps eval rows to reconstructions. `pca` and `nmf` have k
+components (the SAE's L0). With k components FastICA spans exactly PCA's top-k subspace
+(it whitens with that PCA, then rotates), so its reconstruction would equal PCA's: `ica`
+instead fits a larger basis (`basis_components`, default the input width) and keeps, per
+row, the k sources of largest contribution |s_j| ||a_j|| (a_j its mixing column), which
+measures what ICA is for, a sparse code; `pca_top_l0` applies the same per-row rule to
+PCA's coefficients in a basis of the same size.
 
     recon, codes = ReconstructionStats(D), CodeStats(F)
     for x, x_hat, z in ...: recon.update(x, x_hat); codes.update(z)
@@ -134,6 +140,8 @@ class Reconstructor:
     components: int
     model: object
     nmf_split: bool = False
+    keep: int | None = None
+    """Per row, keep only this many codes (largest |code_j| * ||component_j||); None: all."""
 
     def reconstruct(self, x: Tensor) -> tuple[Tensor, Tensor]:
         data = x.detach().double().cpu().numpy()
@@ -144,35 +152,73 @@ class Reconstructor:
             x_hat = doubled[:, :dim] - doubled[:, dim:]
         else:
             codes = self.model.transform(data)
+            if self.keep is not None and self.keep < codes.shape[1]:
+                codes = top_contributions(codes, self._decoder(), self.keep)
             x_hat = self.model.inverse_transform(codes)
         active = (np.abs(codes) > 1e-12).sum(1)
         return torch.from_numpy(x_hat).to(x.dtype), torch.from_numpy(active)
 
+    def _decoder(self) -> np.ndarray:
+        """(components, D): what each code is multiplied by in the reconstruction."""
+        mixing = getattr(self.model, "mixing_", None)  # FastICA: x = s @ mixing_.T + mean_
+        return mixing.T if mixing is not None else self.model.components_
 
-def fit_baseline(kind: str, x: Tensor, components: int, seed: int) -> Reconstructor:
-    """PCA, NMF (on [relu(x), relu(-x)], so signed data fits) or FastICA with k components."""
+
+def top_contributions(codes: np.ndarray, decoder: np.ndarray, keep: int) -> np.ndarray:
+    """codes (N, K) with all but each row's `keep` largest |code_j| ||decoder_j|| set to 0."""
+    weight = np.abs(codes) * np.linalg.norm(decoder, axis=1)
+    drop = np.argpartition(-weight, keep, axis=1)[:, keep:]
+    kept = codes.copy()
+    np.put_along_axis(kept, drop, 0.0, axis=1)
+    return kept
+
+
+def fit_baseline(
+    kind: str, x: Tensor, components: int, seed: int, basis: int | None = None
+) -> Reconstructor:
+    """A baseline at L0 `components` (k): PCA or NMF (on [relu(x), relu(-x)], so signed
+    data fits) with k components; `pca_top_l0` or FastICA (`ica`) with `basis` components
+    (None: the input width), keeping the top k codes per row."""
     from sklearn.decomposition import NMF, PCA, FastICA
 
     data = x.detach().double().cpu().numpy()
     k = max(1, min(components, data.shape[0], data.shape[1]))
+    if kind in ("pca_top_l0", "ica"):
+        wide = min(basis or data.shape[1], data.shape[0], data.shape[1])
+        if wide <= k:
+            raise ValueError(
+                f"sae.basis_components={basis} gives {kind} a basis of {wide} components, "
+                f"not more than the SAE's L0 ({k}): the top-L0 rule would keep every code"
+            )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         if kind == "pca":
             model, split = PCA(n_components=k, random_state=seed).fit(data), False
+        elif kind == "pca_top_l0":
+            model = PCA(n_components=wide, random_state=seed).fit(data)
+            return _logged(kind, caught, Reconstructor(kind, wide, model, keep=k))
         elif kind == "nmf":
             # Multiplicative updates: matrix products only, fast at real sizes (50k x 4096).
             nmf = NMF(n_components=k, init="nndsvda", solver="mu", max_iter=300, random_state=seed)
             model, split = nmf.fit(_nonnegative_split(data)), True
         elif kind == "ica":
             ica = FastICA(
-                n_components=k, whiten="unit-variance", max_iter=400, tol=1e-3, random_state=seed
+                n_components=wide,
+                whiten="unit-variance",
+                max_iter=400,
+                tol=1e-3,
+                random_state=seed,
             )
-            model, split = ica.fit(data), False
+            return _logged(kind, caught, Reconstructor(kind, wide, ica.fit(data), keep=k))
         else:
-            raise ValueError(f"unknown baseline {kind!r}; known: pca, nmf, ica")
+            raise ValueError(f"unknown baseline {kind!r}; known: pca, pca_top_l0, nmf, ica")
+    return _logged(kind, caught, Reconstructor(kind, k, model, split))
+
+
+def _logged(kind: str, caught: list, fitted: Reconstructor) -> Reconstructor:
     for warning in caught:
         log.warning("baseline %s: %s", kind, warning.message)
-    return Reconstructor(kind, k, model, split)
+    return fitted
 
 
 def equal_l0_components(mean_active: float, dim: int) -> int:
@@ -241,6 +287,7 @@ def evaluate_baselines(
     return {
         b.name: {
             "components": b.components,
+            "kept_per_row": b.keep,
             "mean_active": active[b.name] / max(stats[b.name].rows, 1),
             "reconstruction_mse": stats[b.name].mse,
             "reconstruction_r2": stats[b.name].r2,

@@ -8,7 +8,7 @@ from typing import ClassVar, Literal
 from pipeline.common.params import DType, Sections, layer_list, positive
 
 SaeInput = Literal["directions", "activations"]
-Baseline = Literal["pca", "nmf", "ica"]
+Baseline = Literal["pca", "pca_top_l0", "nmf", "ica"]
 
 
 @dataclass(frozen=True)
@@ -100,13 +100,30 @@ class SaeParams:
     """Text-span exemplars: tokens of context shown before the activating token."""
     cross_seed: bool = True
     """Also train seed + 1 and match the two dictionaries one to one (Hungarian, decoder cosine)."""
-    baselines: tuple[Baseline, ...] = ("pca", "nmf", "ica")
-    """scikit-learn baselines at the SAE's L0; NMF factorizes [relu(x), relu(-x)]."""
+    baselines: tuple[Baseline, ...] = ("pca", "pca_top_l0", "nmf", "ica")
+    """scikit-learn baselines at the SAE's L0 (k): `pca` and `nmf` have k components (NMF
+    factorizes [relu(x), relu(-x)]); `pca_top_l0` and `ica` have `basis_components` and keep,
+    per row, the k codes of largest contribution |code_j| * ||component_j||."""
+    basis_components: int | None = None
+    """Components of the top-L0 baselines (`pca_top_l0`, `ica`); None: the input width (a
+    complete basis). Must exceed the SAE's L0, or every code would be kept."""
     baseline_rows: int = 20_000
     """Train rows (a seeded sample) the baselines and cross-model alignment are fit on."""
     compare_layer: int | None = None
     """Layer of the optional second dump (`--compare`) for CKA / Procrustes; None: its deepest."""
-    # Not a DVC dep: it does not change the result.
+    chance_draws: int = 5
+    """Cross-seed chance level: pairs of random unit-Gaussian dictionaries of the SAE's shape
+    matched the same way (mean and spread over this many draws)."""
+    same_seed_rerun: bool = True
+    """Cross-seed ceiling: train `seed` a second time and match it to the first."""
+    splice_chunks: int | None = None
+    """`activations` input: held-out chunks (the first this-many by chunk id) the spliced-in
+    LM-loss evaluation runs on; None: all of them."""
+    bootstrap_samples: int = 2000
+    """Resamples of the paired bootstrap over held-out chunks (95% intervals)."""
+    # Not DVC deps: they do not change the result.
+    splice_batch_size: int = 8
+    """Chunks per teacher forward in the spliced-in evaluation."""
     device: str = "auto"
 
     def __post_init__(self) -> None:
@@ -114,6 +131,11 @@ class SaeParams:
             positive(f"sae.{name}", getattr(self, name))
         for name in ("dead_window_rows", "log_every", "top_exemplars", "baseline_rows"):
             positive(f"sae.{name}", getattr(self, name))
+        for name in ("chance_draws", "bootstrap_samples", "splice_batch_size"):
+            positive(f"sae.{name}", getattr(self, name))
+        for name in ("basis_components", "splice_chunks"):
+            if getattr(self, name) is not None:
+                positive(f"sae.{name}", getattr(self, name))
         if self.topk is not None:
             positive("sae.topk", self.topk)
         if self.l1_strength < 0:

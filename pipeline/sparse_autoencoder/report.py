@@ -1,8 +1,10 @@
 """The SAE's markdown reports: exemplars of the most and least coherent features, and
-the SAE next to its baselines (seed 002's columns).
+the SAE next to its baselines (seed 002's columns, the spliced-in LM loss, cross-seed
+matching against chance and ceiling); and the metrics' `summary` block.
 
     markdown = exemplar_report(top, scores, usage, eval_rows, describe, count, title)
     table = comparison_table(metrics, heading)
+    metrics["summary"] = summary(metrics, teacher)
 """
 
 from __future__ import annotations
@@ -72,7 +74,8 @@ def _feature_block(exemplars, feature, scores, usage, eval_rows, describe) -> li
 
 
 def comparison_table(metrics: dict[str, Any], heading: str, other_model: str = "") -> str:
-    """Markdown: the SAE next to each baseline at equal L0, seed 002's columns."""
+    """Markdown: the SAE next to each baseline at equal L0 (seed 002's columns), the
+    spliced-in LM loss of each, and the cross-seed line with its chance and ceiling."""
     header = (
         "| method | components | active dims (L0) | MSE | R^2 | density | dead rate | Gini "
         "| cos mean | cos p95 | cos max |"
@@ -80,23 +83,20 @@ def comparison_table(metrics: dict[str, Any], heading: str, other_model: str = "
     lines = [
         f"# {heading}",
         "",
-        f"Measured on {metrics['eval_rows']} held-out rows; baselines are fit on "
-        f"{metrics['baseline_rows']} train rows with as many components as the SAE's L0.",
+        f"Measured on {metrics['eval_rows']} held-out rows, in the SAE's input space "
+        f"({_space(metrics)}); baselines are fit on {metrics['baseline_rows']} train rows "
+        "at the SAE's L0: " + _baseline_note(metrics),
         "",
         header,
         "|:---|" + "---:|" * 10,
         _row(f"SAE (seed {metrics['seed']})", metrics["code_dims"], metrics),
     ]
     for name, base in metrics.get("baselines", {}).items():
-        lines.append(_row(name.upper(), base["components"], base))
+        lines.append(_row(LABELS.get(name, name), base["components"], base))
+    lines += ["", *_splice_section(metrics)]
     cross = metrics.get("cross_seed")
     if cross:
-        lines += [
-            "",
-            f"Cross-seed (seeds {metrics['seed']} and {cross['twin_seed']}): mean matched "
-            f"decoder cosine {cross['mean_matched_cos']:.4f}, "
-            f"{cross['frac_above_0_9']:.2%} of features matched above 0.9.",
-        ]
+        lines += ["", _cross_seed_line(metrics, cross)]
     model = metrics.get("cross_model")
     if model:
         lines += [
@@ -106,6 +106,199 @@ def comparison_table(metrics: dict[str, Any], heading: str, other_model: str = "
             f"{model['procrustes_disparity']:.4f}.",
         ]
     return "\n".join(lines) + "\n"
+
+
+LABELS = {"pca": "PCA", "pca_top_l0": "PCA top-L0", "nmf": "NMF", "ica": "ICA top-L0"}
+
+
+def _space(metrics: dict[str, Any]) -> str:
+    return "each row layer-normed" if metrics.get("layer_norm") else "raw rows"
+
+
+def _baseline_note(metrics: dict[str, Any]) -> str:
+    notes = []
+    for name, base in metrics.get("baselines", {}).items():
+        notes.append(f"{LABELS.get(name, name)} {_what(name, base)}")
+    return "; ".join(notes) + "." if notes else "none."
+
+
+def _what(name: str, base: dict[str, Any]) -> str:
+    k, keep = base["components"], base.get("kept_per_row")
+    if name == "pca":
+        return f"projects onto the top {k} principal components"
+    if name == "nmf":
+        return f"has {k} components (on [relu(x), relu(-x)])"
+    kind = "FastICA sources" if name == "ica" else "PCA coefficients"
+    return f"keeps per row the {keep} largest of {k} {kind} (by magnitude x component norm)"
+
+
+def _splice_section(metrics: dict[str, Any]) -> list[str]:
+    splice = metrics.get("splice") or {}
+    if not splice.get("applies"):
+        reason = splice.get("reason", "not run")
+        return [f"Spliced-in LM-loss evaluation: does not apply ({reason})."]
+    chunks, layer = splice["chunks"], metrics["layer"]
+    lines = [
+        f"## Spliced in: teacher LM loss on {chunks} held-out chunks "
+        f"({splice['predicted_tokens']} predicted tokens)",
+        "",
+        f"hidden_states[{layer}] (the output of `{splice['hook']}`, the tensor the activations "
+        f"stage stored: hooked vs stored relative error {splice['hook_check_rel_error']:.1e}) "
+        "is replaced at every token by each method's reconstruction, mapped back to the "
+        "model's space. Loss recovered = (L_mean - L) / (L_mean - L_clean), L_mean with the "
+        "train mean activation spliced in (SAELens's ce_loss_score uses zero ablation "
+        "instead). Intervals: 95% paired percentile bootstrap over the chunks "
+        f"({splice['bootstrap_samples']} resamples). EV = 1 - SSE / total variance of the "
+        "replaced rows in the model's space.",
+        "",
+        "| method | spliced in | LM loss (nats/token) | loss recovered [95% CI] "
+        "| loss increase [95% CI] | EV (model space) |",
+        "|:---|:---|---:|---:|---:|---:|",
+        f"| clean | nothing | {splice['clean_loss']:.4f} | 1 | 0 | "
+        f"{_number(splice['clean_explained_variance'])} |",
+    ]
+    baselines = metrics.get("baselines", {})
+    for name, scores in splice["methods"].items():
+        if name == "sae":
+            label, what = f"SAE (seed {metrics['seed']})", f"its top-{metrics['topk']} code"
+            if metrics.get("topk") is None:
+                what = "its ReLU code"
+        else:
+            label, what = LABELS.get(name, name), _what(name, baselines.get(name, {}))
+        lines.append(_splice_row(label, what, scores))
+    ablation = splice["mean_ablation"]
+    lines.append(_splice_row("mean ablation", "the train mean activation", ablation))
+    interval = ablation["loss_increase_ci"]
+    if interval is not None and interval[0] <= 0:
+        raised = _with_interval(ablation["loss_increase"], interval, "+.4f")
+        lines += [
+            "",
+            f"Mean ablation raises the loss by {raised} "
+            "nats/token: its interval reaches 0, so the denominator of loss recovered is "
+            "indistinguishable from noise and the fractions above are not interpretable; "
+            "compare the loss increases instead.",
+        ]
+    return lines
+
+
+def _splice_row(label: str, what: str, scores: dict[str, Any]) -> str:
+    recovered = _with_interval(scores["loss_recovered"], scores["loss_recovered_ci"], "+.3f")
+    increase = _with_interval(scores["loss_increase"], scores["loss_increase_ci"], "+.4f")
+    return (
+        f"| {label} | {what} | {scores['lm_loss']:.4f} | {recovered} | {increase} "
+        f"| {_number(scores['explained_variance'])} |"
+    )
+
+
+def _with_interval(value: float, interval: list[float] | None, spec: str) -> str:
+    if interval is None:
+        return format(value, spec)
+    return f"{value:{spec}} [{interval[0]:{spec}}, {interval[1]:{spec}}]"
+
+
+def _cross_seed_line(metrics: dict[str, Any], cross: dict[str, Any]) -> str:
+    draws = cross["chance_draws"]
+    spread = f" ± {cross['chance_sd']:.4f} (sd)" if cross.get("chance_sd") is not None else ""
+    line = (
+        f"Cross-seed (seeds {metrics['seed']} and {cross['twin_seed']}): mean matched decoder "
+        f"cosine {cross['mean_matched_cos']:.4f}, {cross['frac_above_0_9']:.2%} of features "
+        f"matched above 0.9. Chance (the same Hungarian matching of two random unit-Gaussian "
+        f"dictionaries of the same shape, ({metrics['model_dims']}, {metrics['code_dims']}), "
+        f"{len(draws)} seeded draws): {cross['chance_mean_matched_cos']:.4f}{spread}."
+    )
+    if "same_seed_mean_matched_cos" in cross:
+        how = (
+            "bit-identical weights, so this ceiling is by construction"
+            if cross["same_seed_bit_identical"]
+            else "the weights differ: training is not bit-deterministic here"
+        )
+        line += (
+            f" Ceiling (seed {metrics['seed']} trained twice): "
+            f"{cross['same_seed_mean_matched_cos']:.4f} ({how})."
+        )
+    return line
+
+
+def summary(metrics: dict[str, Any], teacher: str) -> list[dict[str, Any]]:
+    """The issue-11 summary entries of this branch, from the numbers its table shows."""
+    entries = []
+    splice = metrics.get("splice") or {}
+    if splice.get("applies"):
+        sae = splice["methods"]["sae"]
+        others = {name: v for name, v in splice["methods"].items() if name != "sae"}
+        best = max(others, key=lambda name: others[name]["loss_recovered"], default=None)
+        entries.append(
+            _entry(
+                f"SAE fraction of LM loss recovered, layer {metrics['layer']} spliced in",
+                sae["loss_recovered"],
+                sae["loss_recovered_ci"],
+                "paired bootstrap 95% over held-out chunks",
+                f"best baseline at equal L0: {LABELS.get(best, best)}" if best else None,
+                others[best]["loss_recovered"] if best else None,
+                others[best]["loss_recovered_ci"] if best else None,
+                "SAE LM loss increase over clean (nats/token)",
+                sae["loss_increase"],
+                teacher,
+                splice["chunks"],
+            )
+        )
+    cross = metrics.get("cross_seed")
+    if cross:
+        draws = cross["chance_draws"]
+        entries.append(
+            _entry(
+                "SAE cross-seed mean matched decoder cosine",
+                cross["mean_matched_cos"],
+                None,
+                None,
+                "random dictionaries of the same shape (chance; interval: min, max of draws)",
+                cross["chance_mean_matched_cos"],
+                [min(draws), max(draws)],
+                None,
+                None,
+                teacher,
+                metrics["code_dims"],
+            )
+        )
+    if not entries:
+        r2 = {name: b["reconstruction_r2"] for name, b in metrics.get("baselines", {}).items()}
+        best = max(r2, key=r2.get, default=None)
+        entries.append(
+            _entry(
+                "SAE reconstruction R^2 (held-out rows)",
+                metrics["reconstruction_r2"],
+                None,
+                None,
+                f"best baseline at equal L0: {LABELS.get(best, best)}" if best else None,
+                r2[best] if best else None,
+                None,
+                None,
+                None,
+                teacher,
+                metrics["eval_rows"],
+            )
+        )
+    return entries
+
+
+def _entry(
+    metric, value, interval, kind, control, control_value, control_interval, downstream,
+    downstream_value, teacher, n,
+) -> dict[str, Any]:  # fmt: skip
+    return {
+        "branch": "sae",
+        "metric": metric,
+        "value": value,
+        "interval": interval,
+        "interval_kind": kind,
+        "control": control,
+        "control_value": control_value,
+        "control_interval": control_interval,
+        "downstream": downstream,
+        "downstream_value": downstream_value,
+        "teacher": teacher,
+        "n": n,
+    }
 
 
 def _row(name: str, components: int, values: dict[str, Any]) -> str:

@@ -8,7 +8,10 @@ matched one to one. Writes:
 
 - `<out>/model.safetensors` + `config.json`; the twin in `<out>/cross_seed/`
 - `--metrics` JSON: seed 002's table columns, the PCA/NMF/ICA baselines at equal L0,
-  cross-seed matching, and (with `--compare`) CKA / Procrustes against a second dump
+  the spliced-in evaluation (`splice.py`: the teacher's LM loss on the held-out chunks with
+  layer L replaced by each reconstruction, against clean and mean ablation), cross-seed
+  matching next to its chance level and its same-seed ceiling, (with `--compare`) CKA /
+  Procrustes against a second dump, and the `summary` block (`report.summary`)
 - `--table` markdown (SAE vs baselines), `--exemplars` markdown (top items of the most
   and least coherent features), `--curves` CSV (per-step training curves, DVC plots)
 
@@ -27,13 +30,20 @@ import time
 from pathlib import Path
 from typing import Annotated, Any
 
+import numpy as np
 import torch
 import typer
 
 from pipeline.common.io import write_csv, write_json, write_text
 from pipeline.common.params import Sections, load_params, to_dict
-from pipeline.inputs.text_chunks import load_tokenizer
-from pipeline.sparse_autoencoder.alignment import linear_cka, match_features, orthogonal_procrustes
+from pipeline.common.teacher import load_causal_lm
+from pipeline.inputs.text_chunks import CorpusChunks, load_tokenizer
+from pipeline.sparse_autoencoder.alignment import (
+    linear_cka,
+    match_features,
+    orthogonal_procrustes,
+    random_matching,
+)
 from pipeline.sparse_autoencoder.exemplars import coherence
 from pipeline.sparse_autoencoder.metrics import (
     decoder_cosine_stats,
@@ -50,7 +60,7 @@ from pipeline.sparse_autoencoder.model import (
     save_sae,
 )
 from pipeline.sparse_autoencoder.params import SaeParams
-from pipeline.sparse_autoencoder.report import comparison_table, exemplar_report
+from pipeline.sparse_autoencoder.report import comparison_table, exemplar_report, summary
 from pipeline.sparse_autoencoder.sources import (
     ActivationSource,
     DirectionsSource,
@@ -58,10 +68,27 @@ from pipeline.sparse_autoencoder.sources import (
     item_keys,
     open_source,
 )
+from pipeline.sparse_autoencoder.splice import (
+    chunk_losses,
+    constant,
+    hook_point,
+    identity,
+    loss_recovered,
+    model_space,
+    module_name,
+)
 
 log = logging.getLogger(__name__)
 PARAMS = Path("params.yaml")
 EVAL_BATCH = 1024
+HOOK_TOLERANCE = 0.05
+"""Largest relative gap between the hooked and the stored hidden state: bfloat16 storage
+and another device's kernels stay far below it; another layer's state does not."""
+NO_STREAM = "sae.input=directions: one vector per concept, no token stream to splice into"
+LAST_ONLY = (
+    "activations.positions={positions}: only each chunk's last token is stored, and it "
+    "predicts no token of its chunk"
+)
 
 
 def run(
@@ -94,16 +121,12 @@ def run(
 
     _, sample = data.sample("train", sae.baseline_rows, sae.seed)
     model, fit = _train(data, sae, features, sae.seed, sample)
-    result, evaluation = _measure(model, fit, data, sae, sample)
+    result, evaluation, fitted = _measure(model, fit, data, sae, sample)
+    result["splice"] = _splice(model, fitted, data, sae, corpus)
     twin = None
     if sae.cross_seed:
         twin, _ = _train(data, sae, features, sae.seed + 1, sample)
-        matched = match_features(model.W_dec, twin.W_dec)
-        result["cross_seed"] = {
-            "twin_seed": sae.seed + 1,
-            "mean_matched_cos": matched.mean_cos,
-            "frac_above_0_9": matched.fraction_above(0.9),
-        }
+        result["cross_seed"] = _cross_seed(model, twin, data, sae, features, sample)
     if cross_model is not None:
         result["cross_model"] = cross_model
     scores = _coherence(model, data, evaluation)
@@ -125,13 +148,14 @@ def run(
         Path(table), comparison_table(result, heading, other.model if other is not None else "")
     )
     write_text(Path(exemplars), report)
+    result["summary"] = summary(result, data.model)
     write_json(Path(metrics), result)
     headline = {k: v for k, v in result.items() if not isinstance(v, dict)}
     log.info("sae: %.1f s, %s", time.perf_counter() - started, headline)
     return result
 
 
-def _measure(model, fit, data, sae: SaeParams, sample: torch.Tensor) -> tuple[dict, Any]:
+def _measure(model, fit, data, sae: SaeParams, sample: torch.Tensor) -> tuple[dict, Any, list]:
     """Seed 002's table columns on the eval rows, and the baselines at the same L0."""
     evaluation = evaluate_sae(model, data, EVAL_BATCH, sae.top_exemplars, sae.buffer_rows)
     result: dict[str, Any] = {
@@ -139,6 +163,8 @@ def _measure(model, fit, data, sae: SaeParams, sample: torch.Tensor) -> tuple[di
         "seed": sae.seed,
         "model_dims": data.dim,
         "code_dims": model.features,
+        "topk": sae.topk,
+        "layer_norm": sae.layer_norm,
         "train_rows_per_epoch": fit.rows // sae.epochs,
         "eval_rows": evaluation.recon.rows,
         "baseline_rows": int(sample.shape[0]),
@@ -147,8 +173,106 @@ def _measure(model, fit, data, sae: SaeParams, sample: torch.Tensor) -> tuple[di
         "dead_feature_rate_train_window": fit.dead_window,
         **decoder_cosine_stats(model.W_dec),
     }
-    result["baselines"] = _baselines(sae, data, sample, result["mean_active"])
-    return result, evaluation
+    fitted, result["baselines"] = _baselines(sae, data, sample, result["mean_active"])
+    return result, evaluation, fitted
+
+
+def _cross_seed(model, twin, data, sae: SaeParams, features: int, sample: torch.Tensor) -> dict:
+    """The two seeds' matched decoder cosine, next to chance (random dictionaries of the same
+    shape) and, with `same_seed_rerun`, the ceiling (the same seed trained twice)."""
+    matched = match_features(model.W_dec, twin.W_dec)
+    chance = random_matching(data.dim, features, sae.chance_draws, sae.seed)
+    cross: dict[str, Any] = {
+        "twin_seed": sae.seed + 1,
+        "mean_matched_cos": matched.mean_cos,
+        "frac_above_0_9": matched.fraction_above(0.9),
+        "chance_mean_matched_cos": float(np.mean(chance)),
+        "chance_sd": float(np.std(chance, ddof=1)) if len(chance) > 1 else None,
+        "chance_draws": chance,
+    }
+    if sae.same_seed_rerun:
+        again, _ = _train(data, sae, features, sae.seed, sample)
+        first, second = model.state_dict(), again.state_dict()
+        cross["same_seed_mean_matched_cos"] = match_features(model.W_dec, again.W_dec).mean_cos
+        cross["same_seed_bit_identical"] = all(
+            torch.equal(first[name], second[name]) for name in first
+        )
+    return cross
+
+
+def _splice(model, fitted: list, data: ActivationSource, sae: SaeParams, corpus: Path | None):
+    """The spliced-in LM loss of the SAE and each baseline on the held-out chunks."""
+    if isinstance(data, DirectionsSource):
+        return {"applies": False, "reason": NO_STREAM}
+    positions = data.manifest.extra.get("positions")
+    if positions != "all":
+        return {"applies": False, "reason": LAST_ONLY.format(positions=positions)}
+    chunk_ids = torch.cat([items[:, 0] for items, _, _ in data.shards("eval")]).unique()
+    chunk_ids = chunk_ids[: sae.splice_chunks] if sae.splice_chunks else chunk_ids
+    reader = CorpusChunks(Path(corpus))
+    tokens = torch.stack(list(reader.tokens_of(chunk_ids).values()))  # ascending chunk id
+    pad = reader.pad_token_id
+    mask = tokens != pad if pad is not None else torch.ones_like(tokens, dtype=torch.bool)
+    dtype = data.manifest.params.get("compute_dtype", "float32")
+    revision = data.manifest.extra.get("revision")
+    lm, _ = load_causal_lm(data.model, revision, dtype, sae.device, "activations.model")
+    module = hook_point(lm, sae.layer)
+    batch = sae.splice_batch_size
+
+    def losses(replace, capture=False):
+        return chunk_losses(lm, tokens, mask, batch, module, replace, capture)
+
+    clean = losses(identity, capture=True)
+    check = _hook_check(clean.captured, data, chunk_ids[:batch], mask[:batch])
+    ablated = losses(constant(_train_mean(data)))
+    methods = {"sae": model_space(lambda p: model.decode(model.encode(p)), sae.layer_norm)}
+    for baseline in fitted:
+        methods[baseline.name] = model_space(
+            lambda p, b=baseline: b.reconstruct(p)[0].to(p.device), sae.layer_norm
+        )
+    samples, seed = sae.bootstrap_samples, sae.seed
+    scores = {
+        name: loss_recovered(clean, ablated, losses(replace), samples, seed)
+        for name, replace in methods.items()
+    }
+    return {
+        "applies": True,
+        "chunks": int(chunk_ids.numel()),
+        "predicted_tokens": int(clean.counts.sum()),
+        "teacher_dtype": dtype,
+        "bootstrap_samples": samples,
+        "hook": module_name(lm, module),
+        "hook_check_rel_error": check,
+        "clean_loss": clean.loss,
+        "clean_explained_variance": clean.recon.r2,
+        "mean_ablation": loss_recovered(clean, ablated, ablated, samples, seed),
+        "methods": scores,
+    }
+
+
+def _hook_check(captured, data: ActivationSource, chunk_ids, mask) -> float:
+    """||hooked - stored|| / ||stored|| over the first batch's rows: the hook must see exactly
+    the tensor the activations stage stored (up to its storage dtype)."""
+    chunk, position = mask.nonzero(as_tuple=True)
+    items = torch.stack([chunk_ids[chunk], position], dim=1)
+    stored = data.gather(item_keys(items))
+    error = ((captured - stored).norm() / stored.norm().clamp(min=1e-12)).item()
+    if error > HOOK_TOLERANCE:
+        raise RuntimeError(
+            f"the spliced-in evaluation hooks a tensor {error:.3g} (relative) away from the "
+            f"stored layer {data.layer} of {data.folder}: not the same hidden state"
+        )
+    return error
+
+
+def _train_mean(data: ActivationSource) -> torch.Tensor:
+    total, rows = torch.zeros(data.dim, dtype=torch.float64), 0
+    for _, x, _ in data.shards("train"):
+        total += x.double().sum(0)
+        rows += x.shape[0]
+    if rows == 0:
+        raise ValueError(f"{data.folder}: no train rows for the mean-ablation baseline")
+    return (total / rows).float()
 
 
 def _open_input(
@@ -185,15 +309,17 @@ def _train(
     return model, fit_sae(model, data, sae, seed)
 
 
-def _baselines(sae: SaeParams, data, sample: torch.Tensor, mean_active: float) -> dict:
+def _baselines(sae: SaeParams, data, sample: torch.Tensor, mean_active: float):
+    """(the fitted baselines, their metrics on the eval rows)."""
     if not sae.baselines:
-        return {}
+        return [], {}
     k = equal_l0_components(mean_active, data.dim)
     prepared = prepare_inputs(sample, sae.layer_norm)
-    fitted = [fit_baseline(kind, prepared, k, sae.seed) for kind in sae.baselines]
-    return evaluate_baselines(
-        fitted, lambda x: prepare_inputs(x, sae.layer_norm), data, EVAL_BATCH, sae.buffer_rows
-    )
+    fitted = [
+        fit_baseline(kind, prepared, k, sae.seed, sae.basis_components) for kind in sae.baselines
+    ]
+    prepare = lambda x: prepare_inputs(x, sae.layer_norm)  # noqa: E731
+    return fitted, evaluate_baselines(fitted, prepare, data, EVAL_BATCH, sae.buffer_rows)
 
 
 def _coherence(model: SparseAutoencoder, data: ActivationSource, evaluation) -> torch.Tensor:

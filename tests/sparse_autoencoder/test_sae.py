@@ -5,8 +5,10 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -15,11 +17,13 @@ import yaml
 from typer.testing import CliRunner
 
 from pipeline.common.shards import Manifest, shard_name
+from pipeline.common.teacher import load_causal_lm
 from pipeline.concepts.layout import KIND, write_shard_rows, write_side_files
 from pipeline.inputs.params import WordlistParams
+from pipeline.inputs.text_chunks import CorpusChunks
 from pipeline.inputs.words import concepts_table
 from pipeline.sparse_autoencoder import sae as sae_stage
-from pipeline.sparse_autoencoder.alignment import match_features
+from pipeline.sparse_autoencoder.alignment import match_features, random_matching
 from pipeline.sparse_autoencoder.exemplars import TopExemplars, coherence
 from pipeline.sparse_autoencoder.metrics import evaluate_sae
 from pipeline.sparse_autoencoder.model import (
@@ -312,6 +316,16 @@ def test_stage_on_directions_writes_models_metrics_tables_and_exemplars(tmp_path
     cross = metrics["cross_seed"]
     assert cross["twin_seed"] == 8 and -1 <= cross["mean_matched_cos"] <= 1
     assert "Cross-seed (seeds 7 and 8)" in out["sae.md"].read_text()
+    # Chance: random (16, 32) dictionaries; ceiling: seed 7 again, bit for bit on the CPU.
+    assert cross["chance_draws"] == random_matching(16, 32, 5, 7)
+    assert cross["chance_mean_matched_cos"] == pytest.approx(np.mean(cross["chance_draws"]))
+    assert cross["same_seed_bit_identical"] and cross["same_seed_mean_matched_cos"] == 1.0
+    assert "Ceiling (seed 7 trained twice): 1.0000 (bit-identical" in out["sae.md"].read_text()
+    assert metrics["splice"] == {"applies": False, "reason": sae_stage.NO_STREAM}
+    assert "Spliced-in LM-loss evaluation: does not apply" in out["sae.md"].read_text()
+    assert [e["metric"] for e in metrics["summary"]] == [
+        "SAE cross-seed mean matched decoder cosine"
+    ]
 
     model, config = load_sae(out["sae"])
     twin, twin_config = load_sae(out["sae"] / "cross_seed")
@@ -394,6 +408,34 @@ def test_stage_on_token_activations_reports_text_spans(tmp_path, tiny_llama_path
     assert result["model_dims"] == 64 and result["code_dims"] == 128
     report = out["exemplars.md"].read_text()
     assert report.count("[[") >= 3 and f"{tiny_llama_path} layer 2 (activations)" in report
+
+    # The spliced-in evaluation, on the held-out chunks of the dump.
+    splice = result["splice"]
+    held_chunks = torch.cat([items[:, 0] for items, _, _ in source.shards("eval")]).unique()
+    assert splice["applies"] and splice["chunks"] == held_chunks.numel()
+    # Stored in bfloat16 (the default storage_dtype): its rounding, 2^-9, and no more.
+    assert splice["hook"] == "model.layers.1" and splice["hook_check_rel_error"] < 4e-3
+    tokens = torch.stack(list(CorpusChunks(corpus).tokens_of(held_chunks).values()))
+    lm, _ = load_causal_lm(tiny_llama_path, None)
+    with torch.no_grad():
+        own = lm(input_ids=tokens, labels=tokens).loss.item()
+    assert splice["clean_loss"] == pytest.approx(own, rel=1e-6)
+    assert splice["predicted_tokens"] == tokens.numel() - tokens.shape[0]
+    assert set(splice["methods"]) == {"sae", "pca", "nmf", "ica"}
+    assert splice["mean_ablation"]["loss_recovered"] == 0.0
+    sae = splice["methods"]["sae"]
+    expected = (splice["mean_ablation"]["lm_loss"] - sae["lm_loss"]) / (
+        splice["mean_ablation"]["lm_loss"] - splice["clean_loss"]
+    )
+    assert sae["loss_recovered"] == pytest.approx(expected, rel=1e-9)
+    assert sae["loss_increase"] == pytest.approx(sae["lm_loss"] - splice["clean_loss"])
+    low, high = sae["loss_recovered_ci"]
+    assert low <= sae["loss_recovered"] <= high
+    table = out["sae.md"].read_text()
+    assert "## Spliced in: teacher LM loss on" in table and "| mean ablation |" in table
+    assert re.search(r"\| ICA top-L0 \| keeps per row the 4 largest of \d+ FastICA sources", table)
+    head = result["summary"][0]
+    assert head["value"] == sae["loss_recovered"] and head["n"] == splice["chunks"]
 
 
 def test_bad_input_is_named_before_anything_is_written(tmp_path, direction_set):
