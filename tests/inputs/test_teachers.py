@@ -123,6 +123,24 @@ def test_a_changed_package_is_refused_in_one_line_naming_both_hashes_and_the_fix
     assert not (tmp_path / "t" / "enc").exists(), "no unchecked copy is left behind"
 
 
+def test_the_stage_command_refuses_a_changed_package_in_one_error_line(
+    tmp_path, monkeypatch, capsys
+):
+    from pipeline.cli import run as cli
+
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    name = fake_package(tmp_path / "site", "fake_teacher_cli", b"not the pinned weights")
+    params = tmp_path / "params.yaml"
+    packaged = {"package": name, "sha256": MINILM_SHA256}
+    params.write_text(json.dumps({"teachers": {"packaged": {"enc": packaged}}}))
+    with pytest.raises(SystemExit) as exit_:
+        cli(["teachers", "--params", str(params), "--out", str(tmp_path / "t")])
+    assert exit_.value.code == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: teachers.packaged.enc: ")
+    assert f"expected {MINILM_SHA256}" in lines[0] and "--require-hashes" in lines[0]
+
+
 def test_a_missing_package_or_model_folder_is_refused_with_the_install_command(
     tmp_path, monkeypatch
 ):
