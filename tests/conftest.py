@@ -112,6 +112,8 @@ def make_direction_set(
             "hidden_size": dim,
             "embedding_dim": emb_dim,
             "model": "synthetic",
+            "pooling": "last",
+            "teacher_caveat": "",
             "revision": None,
         },
     ).save(folder)
@@ -121,3 +123,18 @@ def make_direction_set(
 @pytest.fixture
 def direction_set(tmp_path) -> Path:
     return make_direction_set(tmp_path / "directions")
+
+
+@pytest.fixture(scope="session")
+def minilm_path() -> Path:
+    """The model folder of the pinned all-MiniLM-L6-v2 wheel (profiles/tiny.yaml's
+    teachers.packaged), as installed; skips where the wheel is not installed."""
+    from pipeline.common.params import load_params
+    from pipeline.inputs.teachers import package_model_folder
+
+    profile = Path(__file__).resolve().parents[1] / "profiles" / "tiny.yaml"
+    packaged = load_params(profile).teachers.packaged["all-minilm-l6-v2"]
+    try:
+        return package_model_folder(packaged, "teachers.packaged.all-minilm-l6-v2")
+    except FileNotFoundError as err:
+        pytest.skip(f"the pinned MiniLM wheel is not installed (`make setup` installs it): {err}")

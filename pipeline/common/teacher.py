@@ -6,13 +6,20 @@ follow HF's `hidden_states` convention: 0 is the embedding output, L the output
 of layer L; `hidden_states[num_layers]` is after the final norm, so the norm is
 kept only when the deepest layer is the last one.
 
+Encoders (BERT-style, e.g. all-MiniLM-L6-v2) load the same way through `AutoModel`:
+their blocks sit at `encoder.layer`, `hidden_states[0]` is the embedding output (after
+the embedding LayerNorm) and `hidden_states[i]` the output of block i; they have no
+final norm to drop.
+
     teacher = load_teacher("Qwen/Qwen3-0.6B", "main", layers=(14,), dtype="bfloat16")
     acts = teacher.hidden_at(input_ids, attention_mask)  # {14: (B, T, D)}
+    teacher_caveat("data/teachers/tiny-qwen3")  # "random-weight teacher: ..." (else "")
 """
 
 from __future__ import annotations
 
 import inspect
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +30,7 @@ from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
     DynamicCache,
+    PreTrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
@@ -34,6 +42,37 @@ _LAYER_PATHS = ("layers", "encoder.layer", "h", "decoder.layers", "transformer.h
 _NORM_PATHS = ("norm", "ln_f", "final_layer_norm", "transformer.ln_f")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+RANDOM_WEIGHTS_KEY = "activation_distillation_random_weights"
+"""Key that `pipeline/inputs/tiny_models.py` sets to true in the config.json of every
+teacher it builds: the mark of a model whose weights were never trained."""
+RANDOM_WEIGHTS_CAVEAT = "random-weight teacher: these numbers test the code, not the method"
+
+
+def teacher_caveat(model: str | PreTrainedConfig) -> str:
+    """What a report's table title must say about its teacher: RANDOM_WEIGHTS_CAVEAT for
+    a random-weight teacher (a folder built by `pipeline/inputs/tiny_models.py`, whose
+    config.json holds RANDOM_WEIGHTS_KEY: true), "" for a pretrained one.
+
+    `model` is a `model` param (a local folder, whose config.json alone is read, or a hub
+    id, which is never looked up: hub models are taken as pretrained) or a loaded config
+    (`teacher.model.config`, `model.config`). A report module writes e.g.
+
+        caveat = teacher_caveat(params.steering.model)
+        title = f"Steering on {params.steering.model}" + (f" ({caveat})" if caveat else "")
+
+    A stage whose report is built from an upstream artifact rather than from a loaded
+    model should record the caveat in that artifact's manifest where the model was loaded
+    (as `directions` does), so the report does not read model folders it does not list
+    as deps.
+    """
+    if isinstance(model, PreTrainedConfig):
+        marked = getattr(model, RANDOM_WEIGHTS_KEY, False)
+    else:
+        config = Path(model) / "config.json"
+        marked = config.is_file() and json.loads(config.read_text()).get(RANDOM_WEIGHTS_KEY)
+    return RANDOM_WEIGHTS_CAVEAT if marked is True else ""
 
 
 class TeacherLoadError(RuntimeError):

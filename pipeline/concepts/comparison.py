@@ -1,8 +1,10 @@
 """The seed-000 FINAL COMPARISON table (markdown), its test cos_sim over seeds with 95%
-intervals, and the val-curve picture (PNG).
+intervals, the branch's `summary` block for the metrics JSON, and the val-curve picture.
 
 rows = [Row("linear_probe", "Linear Probe", metrics["linear_probe"], frozen=True), ...]
-text = comparison_table(rows, ks=(1, 10), split_by="text")
+teacher = TeacherFacts("data/teachers/all-minilm-l6-v2", layer=6, pooling="mean", caveat="")
+text = comparison_table(rows, ks=(1, 10), split_by="text", teacher=teacher)
+metrics["summary"] = summary(rows, split_by="text", teacher=teacher)
 plot_val_curves({"linear_probe": ([1, 2], [0.5, 0.9])}, Path("val_curves.png"))
 """
 
@@ -17,6 +19,30 @@ from pipeline.concepts.params import RunParams
 
 FOOTNOTE = "\\* needs the teacher's embedding table at inference"
 MISSING = "—"
+BRANCH = "concept directions"
+INTERVAL_KIND = "t-interval 95% over seeds"
+
+
+@dataclass(frozen=True)
+class TeacherFacts:
+    """What the table title says about the teacher (from the directions manifest)."""
+
+    model: str
+    layer: int
+    """The HF `hidden_states` index the directions were taken at (0 = embedding output)."""
+    pooling: str
+    caveat: str
+    """`pipeline.common.teacher.teacher_caveat` of the model, "" for a pretrained one."""
+
+
+def table_title(teacher: TeacherFacts, split_by: str) -> str:
+    """`# Concept directions: <model>, hidden_states[L], <pooling> pooling; concepts split
+    by <split_by>`, plus the random-weight caveat in parentheses where there is one."""
+    title = (
+        f"# Concept directions: {teacher.model}, hidden_states[{teacher.layer}], "
+        f"{teacher.pooling} pooling; concepts split by {split_by}"
+    )
+    return title + (f" ({teacher.caveat})" if teacher.caveat else "")
 
 
 @dataclass(frozen=True)
@@ -86,9 +112,12 @@ def _sort_key(row: Row) -> tuple[bool, float]:
     return (test is None, -(test or 0.0))
 
 
-def comparison_table(rows: Sequence[Row], ks: Sequence[int], split_by: str) -> str:
-    """Markdown table, best test cos_sim first; a footnote when any row is frozen; then the
-    test cos_sim over seeds, naming what the concept split was hashed by (`split_by`)."""
+def comparison_table(
+    rows: Sequence[Row], ks: Sequence[int], split_by: str, teacher: TeacherFacts
+) -> str:
+    """Title (`table_title`), then the markdown table, best test cos_sim first; a footnote
+    when any row is frozen; then the test cos_sim over seeds, naming what the concept split
+    was hashed by (`split_by`)."""
     header = [
         "Approach",
         "Trainable Params",
@@ -101,7 +130,8 @@ def comparison_table(rows: Sequence[Row], ks: Sequence[int], split_by: str) -> s
         "Test cos (seen tokens)",
         "Test cos (unseen tokens)",
     ]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines = [table_title(teacher, split_by), ""]
+    lines += ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(_row_cells(row, ks)) + " |" for row in sorted(rows, key=_sort_key)]
     if any(row.frozen for row in rows):
         lines += ["", FOOTNOTE]
@@ -152,6 +182,40 @@ def seed_table(rows: Sequence[Row], split_by: str) -> list[str]:
         cells = [row.label, seeds, _cell(m.get("test_cos"), ".4f"), span, mark]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
+
+
+def summary(rows: Sequence[Row], split_by: str, teacher: TeacherFacts) -> list[dict[str, Any]]:
+    """The branch's `summary` block (one dict): the distilled student with the best mean
+    val cos_sim, reported by its test cos_sim mean over seeds with its 95% t-interval,
+    next to the baseline (kNN, train mean) with the best val cos_sim and its test value
+    (deterministic: no interval). Both are picked on val, so the test numbers are not
+    selected on test; they are the table's own numbers."""
+    scored = [row for row in rows if row.metrics.get("val_cos") is not None]
+    trained = [row for row in scored if "num_seeds" in row.metrics]
+    baselines = [row for row in scored if "num_seeds" not in row.metrics]
+    if not trained:
+        return []
+    best = max(trained, key=lambda row: row.metrics["val_cos"])
+    control = max(baselines, key=lambda row: row.metrics["val_cos"]) if baselines else None
+    span = interval(best.metrics)
+    caveat = f"; {teacher.caveat}" if teacher.caveat else ""
+    return [
+        {
+            "branch": BRANCH,
+            "metric": f"test cos_sim of the best student on val ({best.label}), mean over "
+            f"seeds; concepts split by {split_by}{caveat}",
+            "value": best.metrics["test_cos"],
+            "interval": None if span is None else list(span),
+            "interval_kind": INTERVAL_KIND,
+            "control": None if control is None else f"best baseline on val ({control.label})",
+            "control_value": None if control is None else control.metrics["test_cos"],
+            "control_interval": None,
+            "downstream": None,
+            "downstream_value": None,
+            "teacher": teacher.model,
+            "n": best.metrics["num_seeds"],
+        }
+    ]
 
 
 def plot_val_curves(

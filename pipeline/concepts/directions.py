@@ -33,7 +33,7 @@ from pipeline.common.extraction import (
 )
 from pipeline.common.params import load_params
 from pipeline.common.shards import layer_key, read_shard, sha256_file
-from pipeline.common.teacher import DTYPES, Teacher, load_teacher
+from pipeline.common.teacher import DTYPES, Teacher, load_teacher, teacher_caveat
 from pipeline.concepts.concept_vectors import concept_activations, concept_token_table
 from pipeline.concepts.layout import KIND, SPLIT_CODES, write_side_files
 from pipeline.concepts.params import DirectionsParams
@@ -133,6 +133,7 @@ def _describe(
         "vocab_size": teacher.vocab_size,
         "embedding_dim": teacher.embedding_dim,
         "pooling": params.pooling,
+        "teacher_caveat": teacher_caveat(teacher.model.config),
         "storage_dtype": params.storage_dtype,
         "wordlist_sha256": sha256_file(wordlist),
     }

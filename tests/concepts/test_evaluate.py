@@ -138,7 +138,7 @@ def test_evaluate_end_to_end(setup, tmp_path):
     results = run(params, directions, distill, **paths)
 
     assert json.loads(paths["metrics"].read_text()) == results
-    assert set(results) == {"linear_probe", "tiny", "baseline_train_mean", "baseline_knn", "counts"}
+    assert set(results) == {*RUNS, "baseline_train_mean", "baseline_knn", "counts", "summary"}
     for name in RUNS:
         assert set(results[name]) == RUN_KEYS
     for name in ("baseline_train_mean", "baseline_knn"):
@@ -173,12 +173,24 @@ def test_evaluate_end_to_end(setup, tmp_path):
     assert results["baseline_knn"]["test_cos"] > 0.3
 
     lines = paths["table"].read_text().splitlines()
-    assert lines[2].startswith("| Linear Probe | 144 | ")
-    assert "*" in lines[2].split(" | ")[2]
+    title = "# Concept directions: synthetic, hidden_states[2], last pooling; concepts split by "
+    title += "text"
+    assert lines[0] == title
+    assert lines[4].startswith("| Linear Probe | 144 | ")
+    assert "*" in lines[4].split(" | ")[2]
     assert "\\* needs the teacher's embedding table at inference" in lines
     seed_rows = [line for line in lines if line.startswith("| Linear Probe | 1 |")]
     assert seed_rows == ["| Linear Probe | 1 | 1.0000 | — | — |"]
     assert paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # The summary block: the student best on val, its test number as the table shows it.
+    (block,) = results["summary"]
+    assert results["linear_probe"]["val_cos"] > results["tiny"]["val_cos"]
+    assert block["value"] == results["linear_probe"]["test_cos"]
+    assert block["control_value"] == results["baseline_knn"]["test_cos"]
+    assert block["control"] == "best baseline on val (Baseline: kNN k=3 (teacher embeddings))"
+    assert (block["teacher"], block["n"], block["interval"]) == ("synthetic", 1, None)
+    assert f"| Linear Probe | 1 | {block['value']:.4f} |" in paths["table"].read_text()
 
 
 def test_evaluate_empty_subset_is_null(direction_set, tmp_path):
@@ -224,7 +236,7 @@ def test_cli_evaluate(setup, tmp_path):
     assert result.exit_code == 0, result.output
     assert all(path.is_file() for path in paths.values())
     metrics = json.loads(paths["metrics"].read_text())
-    assert set(metrics) == {*RUNS, "baseline_train_mean", "baseline_knn", "counts"}
+    assert set(metrics) == {*RUNS, "baseline_train_mean", "baseline_knn", "counts", "summary"}
     assert "\n| Linear Probe | 144 | " in paths["table"].read_text()
 
 

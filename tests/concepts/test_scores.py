@@ -7,14 +7,17 @@ import math
 import pytest
 import torch
 
+from pipeline.common.teacher import RANDOM_WEIGHTS_CAVEAT
 from pipeline.concepts.comparison import (
     Row,
+    TeacherFacts,
     comparison_table,
     human_bytes,
     human_count,
     overlaps,
     plot_val_curves,
     run_label,
+    summary,
 )
 from pipeline.concepts.params import RunParams
 from pipeline.concepts.scores import (
@@ -170,6 +173,9 @@ def test_run_labels():
     assert run_label(RunParams("linear_probe")) == "Linear Probe"
 
 
+TEACHER = TeacherFacts("data/teachers/all-minilm-l6-v2", layer=6, pooling="mean", caveat="")
+
+
 def _metrics(test_cos: float | None, params: int | None = None, size: int | None = None) -> dict:
     return {
         "test_cos": test_cos,
@@ -192,7 +198,12 @@ def test_comparison_table_best_first_with_footnote():
         Row("f", "Frozen+MLP h=64", _metrics(0.9019, 132_000, 600_000_000), frozen=True),
         Row("p", "Linear Probe", _metrics(0.9062, 1_050_000, 600_000_000), frozen=True),
     ]
-    lines = comparison_table(rows, ks=(1, 10), split_by="text").splitlines()
+    lines = comparison_table(rows, ks=(1, 10), split_by="text", teacher=TEACHER).splitlines()
+    assert lines[0] == (
+        "# Concept directions: data/teachers/all-minilm-l6-v2, hidden_states[6], mean pooling; "
+        "concepts split by text"
+    )
+    lines = lines[2:]
     assert "Test top-10" in lines[0] and "Test cos (unseen tokens)" in lines[0]
     body = [line.split(" | ") for line in lines[2:6]]
     assert [cells[0].lstrip("| ") for cells in body] == [
@@ -244,7 +255,7 @@ def test_seed_table_marks_rows_whose_interval_overlaps_the_next():
         Row("k", "kNN", {"test_cos": 0.695}),  # deterministic point, inside C's interval
         Row("s", "Single", _seeded(0.60, None, n=1)),  # one seed: no interval
     ]
-    lines = comparison_table(rows, ks=(1,), split_by="stem").splitlines()
+    lines = comparison_table(rows, ks=(1,), split_by="stem", teacher=TEACHER).splitlines()
     assert lines[-9].endswith("concepts split by stem (wordlist.split_by):")
     table = lines[
         lines.index("| Approach | Seeds | Test cos_sim (mean) | 95% interval | Overlaps next |") :
@@ -265,3 +276,55 @@ def test_plot_val_curves_writes_png(tmp_path):
     curves = {"a": ([1, 2, 3], [0.1, 0.5, 0.6]), "b": ([1, 2], [0.2, 0.3])}
     plot_val_curves(curves, path, {"kNN": 0.4})
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_title_of_a_random_weight_teacher_says_so():
+    tiny = TeacherFacts("data/teachers/tiny-qwen3", 2, "last", RANDOM_WEIGHTS_CAVEAT)
+    rows = [Row("p", "Linear Probe", _metrics(0.5), frozen=True)]
+    title = comparison_table(rows, ks=(1,), split_by="stem", teacher=tiny).splitlines()[0]
+    assert title == (
+        "# Concept directions: data/teachers/tiny-qwen3, hidden_states[2], last pooling; "
+        "concepts split by stem (random-weight teacher: these numbers test the code, not "
+        "the method)"
+    )
+
+
+def _picked(val_cos: float, test_cos: float, ci: list[float] | None, n: int = 3) -> dict:
+    return {"val_cos": val_cos} | _seeded(test_cos, ci, n)
+
+
+def test_summary_picks_student_and_control_on_val_and_reports_their_test_numbers():
+    rows = [
+        # Best on test but not on val: a pick on test would be selection on the test set.
+        Row("a", "Frozen+MLP h=256", _picked(0.70, 0.80, [0.78, 0.82])),
+        Row("b", "Linear Probe", _picked(0.75, 0.72, [0.71, 0.73])),
+        Row("m", "Baseline: train mean", {"val_cos": 0.0, "test_cos": 0.0}),
+        Row("k", "Baseline: kNN k=10 (teacher embeddings)", {"val_cos": 0.6, "test_cos": 0.58}),
+    ]
+    (block,) = summary(rows, "stem", TEACHER)
+    assert block == {
+        "branch": "concept directions",
+        "metric": "test cos_sim of the best student on val (Linear Probe), mean over seeds; "
+        "concepts split by stem",
+        "value": 0.72,
+        "interval": [0.71, 0.73],
+        "interval_kind": "t-interval 95% over seeds",
+        "control": "best baseline on val (Baseline: kNN k=10 (teacher embeddings))",
+        "control_value": 0.58,
+        "control_interval": None,
+        "downstream": None,
+        "downstream_value": None,
+        "teacher": "data/teachers/all-minilm-l6-v2",
+        "n": 3,
+    }
+
+
+def test_summary_of_one_seed_has_no_interval_and_names_the_caveat():
+    tiny = TeacherFacts("data/teachers/tiny-qwen3", 2, "last", RANDOM_WEIGHTS_CAVEAT)
+    rows = [Row("p", "Linear Probe", _picked(0.5, 0.4, None, n=1))]
+    (block,) = summary(rows, "text", tiny)
+    assert block["interval"] is None and block["n"] == 1 and block["value"] == 0.4
+    assert block["metric"].endswith(f"concepts split by text; {RANDOM_WEIGHTS_CAVEAT}")
+    assert block["control"] is None and block["control_value"] is None
+    baseline_only = [Row("m", "Baseline: train mean", {"val_cos": 0.0, "test_cos": 0.0})]
+    assert summary(baseline_only, "text", tiny) == []

