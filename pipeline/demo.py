@@ -71,8 +71,8 @@ def offline_env() -> dict[str, str]:
     return env
 
 
-# The result tables of each branch, in the order the demo prints them.
-TABLES = ("comparison.md", "sidecar.md", "sae.md", "steering.md")
+# The result tables of each branch, in the order the demo prints them; the summary last.
+TABLES = ("comparison.md", "sidecar.md", "sae.md", "steering.md", "summary.md")
 
 
 def run_demo(workspace: Path) -> str:
