@@ -39,6 +39,7 @@ STAGES = {
     "sae": "pipeline.sparse_autoencoder.sae",
     "mcdata": "pipeline.steering_vectors.mcdata",
     "steering": "pipeline.steering_vectors.steering",
+    "summary": "pipeline.common.summary",
 }
 # Helper commands outside the DAG, likewise by module.
 HELPERS = {

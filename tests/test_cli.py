@@ -33,6 +33,7 @@ OPTIONS = {
     "steering": ["--mcdata", "--out", "--metrics", "--table", "--params"],
     "teachers": ["--out", "--params"],
     "params_check": ["--out", "--params"],
+    "summary": ["--out", "--table", "--metrics"],
     "demo": ["--workspace"],
 }
 # Required path options of each stage command, all pointing at files that do not exist.

@@ -1,0 +1,129 @@
+"""The summary page: the contract each branch's `summary` entries keep, the page, the JSON."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pipeline.common.summary import check_entry, read_entries, run, summary_numbers, summary_table
+
+
+def entry(**changes):
+    base = {
+        "branch": "sidecar",
+        "metric": "LM loss increase over dense",
+        "value": 0.25,
+        "interval": [0.1, 0.4],
+        "interval_kind": "paired bootstrap 95%",
+        "control": "window mean",
+        "control_value": 0.5,
+        "control_interval": [0.3, 0.7],
+        "downstream": None,
+        "downstream_value": None,
+        "teacher": "data/teachers/tiny-llama",
+        "n": 24,
+    }
+    return base | changes
+
+
+def write_metrics(path: Path, entries) -> Path:
+    path.write_text(json.dumps({"other": 1.0, "summary": entries}))
+    return path
+
+
+def test_page_and_numbers_from_two_files(tmp_path):
+    a = write_metrics(tmp_path / "a.json", [entry()])
+    b = write_metrics(
+        tmp_path / "b.json",
+        [
+            entry(
+                branch="SAE",
+                metric="fraction of loss recovered",
+                value=0.8,
+                interval=None,
+                interval_kind=None,
+                control="PCA",
+                control_value=0.3,
+                control_interval=None,
+                downstream="LM loss increase",
+                downstream_value=0.12,
+                caveat="random-weight tiny teacher",
+                n=7,
+            )
+        ],
+    )
+    stats = run([a, b], tmp_path / "summary.json", tmp_path / "summary.md")
+    assert stats == {"entries": 2, "branches": 2}
+    page = (tmp_path / "summary.md").read_text()
+    assert (
+        "| sidecar | LM loss increase over dense | 0.25 [0.1, 0.4] | window mean | 0.5 [0.3, 0.7] |"
+        in page
+    )
+    assert (
+        "| SAE | fraction of loss recovered | 0.8 | PCA | 0.3 | LM loss increase: 0.12 | none | 7 |"
+        in page
+    )
+    assert "data/teachers/tiny-llama (1) |" in page
+    assert page.rstrip().endswith("(1) random-weight tiny teacher")
+    numbers = json.loads((tmp_path / "summary.json").read_text())
+    assert numbers == {
+        "sidecar": {
+            "lm_loss_increase_over_dense": {
+                "value": 0.25,
+                "n": 24,
+                "low": 0.1,
+                "high": 0.4,
+                "control_low": 0.3,
+                "control_high": 0.7,
+                "control": 0.5,
+            }
+        },
+        "sae": {
+            "fraction_of_loss_recovered": {
+                "value": 0.8,
+                "n": 7,
+                "control": 0.3,
+                "downstream": 0.12,
+            }
+        },
+    }
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"value": float("nan")}, "value: expected a finite number"),
+        ({"value": None}, "missing ['value']"),
+        ({"interval": [0.4, 0.1]}, "interval: expected [low, high]"),
+        ({"interval_kind": None}, "interval_kind: an interval must say which kind"),
+        ({"n": 0}, "n: expected a positive integer"),
+        ({"control": ""}, "control: expected a non-empty string"),
+        ({"colour": "red"}, "unknown keys ['colour']"),
+    ],
+)
+def test_broken_entries_name_the_file_and_key(tmp_path, change, message):
+    path = write_metrics(tmp_path / "m.json", [entry(), entry(**change)])
+    with pytest.raises(ValueError, match="m.json: summary\\[1\\]") as err:
+        read_entries(path)
+    assert message in str(err.value)
+
+
+def test_a_metrics_file_without_summary_is_refused(tmp_path):
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps({"sidecar": {"output_cosine": 0.9}}))
+    with pytest.raises(ValueError, match="old.json: no `summary` list"):
+        read_entries(path)
+    with pytest.raises(FileNotFoundError, match="absent.json: no such metrics file"):
+        read_entries(tmp_path / "absent.json")
+
+
+def test_two_headlines_of_one_name_in_a_branch_are_refused():
+    with pytest.raises(ValueError, match="two 'lm_loss_increase_over_dense' headlines"):
+        summary_numbers([entry(), entry(value=0.3)])
+
+
+def test_check_entry_returns_a_valid_entry_unchanged():
+    assert check_entry(entry(), "x") == entry()
+    assert summary_table([entry()]).count("\n| sidecar |") == 1
