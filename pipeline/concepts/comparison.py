@@ -198,12 +198,11 @@ def summary(rows: Sequence[Row], split_by: str, teacher: TeacherFacts) -> list[d
     best = max(trained, key=lambda row: row.metrics["val_cos"])
     control = max(baselines, key=lambda row: row.metrics["val_cos"]) if baselines else None
     span = interval(best.metrics)
-    caveat = f"; {teacher.caveat}" if teacher.caveat else ""
     return [
         {
             "branch": BRANCH,
             "metric": f"test cos_sim of the best student on val ({best.label}), mean over "
-            f"seeds; concepts split by {split_by}{caveat}",
+            f"seeds; concepts split by {split_by}",
             "value": best.metrics["test_cos"],
             "interval": None if span is None else list(span),
             "interval_kind": INTERVAL_KIND,
@@ -214,6 +213,7 @@ def summary(rows: Sequence[Row], split_by: str, teacher: TeacherFacts) -> list[d
             "downstream_value": None,
             "teacher": teacher.model,
             "n": best.metrics["num_seeds"],
+            "caveat": teacher.caveat or None,
         }
     ]
 

@@ -93,6 +93,7 @@ def summary(metrics: dict[str, Any]) -> list[dict[str, Any]]:
             "downstream_value": metrics["dense"]["lm_loss"],
             "teacher": metrics["teacher"]["model"],
             "n": counts["lm_chunks"],
+            "caveat": metrics["teacher"].get("caveat") or None,
         }
     ]
 
@@ -103,7 +104,11 @@ def sidecar_table(metrics: dict[str, Any]) -> str:
     order = metrics.get("ranking") or ranking(compressors)
     mode = metrics.get("scale_normalize")
     teacher = metrics.get("teacher", {}).get("model", MISSING)
+    caveat = metrics.get("teacher", {}).get("caveat")
     lines = [
+        f"# KV sidecar vs training-free compressors: {teacher}"
+        + (f" ({caveat})" if caveat else ""),
+        "",
         f"Compressors of layer {counts.get('layer', MISSING)}'s K/V cache, teacher {teacher}, "
         f"on {counts.get('lm_chunks', MISSING)} held-out chunks "
         f"({counts.get('heldout_samples', MISSING)} samples = chunk x KV head): "

@@ -31,7 +31,7 @@ from pipeline.common.devices import resolve_device
 from pipeline.common.io import write_csv, write_json, write_text
 from pipeline.common.params import Sections, load_params, to_dict
 from pipeline.common.shards import MANIFEST, sha256_file
-from pipeline.common.teacher import load_causal_lm
+from pipeline.common.teacher import load_causal_lm, teacher_caveat
 from pipeline.inputs.text_chunks import CorpusChunks
 from pipeline.kv_sidecar.compressors import Compressor, compressor_set
 from pipeline.kv_sidecar.lm_loss import LMLosses, heldout_lm_losses, paired_increase
@@ -81,7 +81,8 @@ def run(
         "dense": {"lm_loss": float(lm.dense.mean())},
         "compressors": with_lm_losses(scores, lm, sp.seed),
         "counts": counts(data, window_size, chunks) | {"lm_chunks": len(lm.chunk_ids)},
-        "teacher": {key: data.manifest.extra.get(key) for key in ("model", "revision")},
+        "teacher": {key: data.manifest.extra.get(key) for key in ("model", "revision")}
+        | {"caveat": teacher_caveat(str(data.manifest.extra.get("model")))},
         "scale_normalize": sp.scale_normalize,
         "train": train_summary(model, result),
     }

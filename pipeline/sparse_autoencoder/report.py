@@ -219,8 +219,9 @@ def _cross_seed_line(metrics: dict[str, Any], cross: dict[str, Any]) -> str:
     return line
 
 
-def summary(metrics: dict[str, Any], teacher: str) -> list[dict[str, Any]]:
-    """The issue-11 summary entries of this branch, from the numbers its table shows."""
+def summary(metrics: dict[str, Any], teacher: str, caveat: str = "") -> list[dict[str, Any]]:
+    """The summary entries of this branch, from the numbers its table shows; `caveat` (e.g.
+    `teacher_caveat(model)`) goes into each entry."""
     entries = []
     splice = metrics.get("splice") or {}
     if splice.get("applies"):
@@ -240,6 +241,7 @@ def summary(metrics: dict[str, Any], teacher: str) -> list[dict[str, Any]]:
                 sae["loss_increase"],
                 teacher,
                 splice["chunks"],
+                caveat,
             )
         )
     cross = metrics.get("cross_seed")
@@ -258,6 +260,7 @@ def summary(metrics: dict[str, Any], teacher: str) -> list[dict[str, Any]]:
                 None,
                 teacher,
                 metrics["code_dims"],
+                caveat,
             )
         )
     if not entries:
@@ -276,6 +279,7 @@ def summary(metrics: dict[str, Any], teacher: str) -> list[dict[str, Any]]:
                 None,
                 teacher,
                 metrics["eval_rows"],
+                caveat,
             )
         )
     return entries
@@ -283,7 +287,7 @@ def summary(metrics: dict[str, Any], teacher: str) -> list[dict[str, Any]]:
 
 def _entry(
     metric, value, interval, kind, control, control_value, control_interval, downstream,
-    downstream_value, teacher, n,
+    downstream_value, teacher, n, caveat,
 ) -> dict[str, Any]:  # fmt: skip
     return {
         "branch": "sae",
@@ -298,6 +302,7 @@ def _entry(
         "downstream_value": downstream_value,
         "teacher": teacher,
         "n": n,
+        "caveat": caveat or None,
     }
 
 

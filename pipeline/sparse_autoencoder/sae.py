@@ -36,7 +36,7 @@ import typer
 
 from pipeline.common.io import write_csv, write_json, write_text
 from pipeline.common.params import Sections, load_params, to_dict
-from pipeline.common.teacher import load_causal_lm
+from pipeline.common.teacher import load_causal_lm, teacher_caveat
 from pipeline.inputs.text_chunks import CorpusChunks, load_tokenizer
 from pipeline.sparse_autoencoder.alignment import (
     linear_cka,
@@ -143,12 +143,14 @@ def run(
 
     _write_models(model, twin, sae, data, result, Path(out))
     write_csv(Path(curves), fit.curves, CURVE_FIELDS)
+    caveat = teacher_caveat(data.model)
     heading = f"SAE vs baselines: {data.model} layer {sae.layer} ({sae.input})"
+    heading += f" ({caveat})" if caveat else ""
     write_text(
         Path(table), comparison_table(result, heading, other.model if other is not None else "")
     )
     write_text(Path(exemplars), report)
-    result["summary"] = summary(result, data.model)
+    result["summary"] = summary(result, data.model, caveat)
     write_json(Path(metrics), result)
     headline = {k: v for k, v in result.items() if not isinstance(v, dict)}
     log.info("sae: %.1f s, %s", time.perf_counter() - started, headline)

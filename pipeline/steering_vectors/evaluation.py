@@ -216,8 +216,10 @@ def _gain(m: Mapping[str, float], key: str = "gain") -> str:
 
 def accuracy_table(summary: Mapping) -> str:
     """Markdown: per task on test (choices on val), then the combination on the mixed test set."""
+    caveat = summary.get("teacher_caveat")
     lines = [
-        "# Steering: multiple-choice accuracy on test (every choice made on val)",
+        "# Steering: multiple-choice accuracy on test (every choice made on val)"
+        + (f" ({caveat})" if caveat else ""),
         "",
         f"Model `{summary['model']}`; multi-layer set {summary['layers']}; single-layer "
         f"candidates {summary['single_layers']}. Gain = best coefficient vs unsteered, "
@@ -356,6 +358,7 @@ def summary_entries(summary: Mapping, branch: str = "steering") -> list[dict]:
                 "downstream_value": coef["no_question_gain"],
                 "teacher": summary["model"],
                 "n": m["questions"]["test"],
+                "caveat": summary.get("teacher_caveat") or None,
             }
         )
     return entries

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from pipeline.common.io import write_json, write_text
 from pipeline.common.params import load_params, to_dict
 from pipeline.common.splits import SPLITS
-from pipeline.common.teacher import decoder_blocks, load_causal_lm
+from pipeline.common.teacher import decoder_blocks, load_causal_lm, teacher_caveat
 from pipeline.steering_vectors.evaluation import (
     accuracy,
     accuracy_table,
@@ -99,6 +99,7 @@ def run(
     results = {task: steer_task(model, data[task], params, layers, singles, task) for task in tasks}
     summary: dict[str, Any] = {
         "model": params.model,
+        "teacher_caveat": teacher_caveat(model.config),
         "layers": list(layers),
         "single_layers": list(singles),
         "tasks": {task: result.metrics for task, result in results.items()},

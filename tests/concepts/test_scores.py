@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from pipeline.common.summary import check_entry
 from pipeline.common.teacher import RANDOM_WEIGHTS_CAVEAT
 from pipeline.concepts.comparison import (
     Row,
@@ -316,7 +317,9 @@ def test_summary_picks_student_and_control_on_val_and_reports_their_test_numbers
         "downstream_value": None,
         "teacher": "data/teachers/all-minilm-l6-v2",
         "n": 3,
+        "caveat": None,
     }
+    check_entry(block, "concepts")
 
 
 def test_summary_of_one_seed_has_no_interval_and_names_the_caveat():
@@ -324,7 +327,8 @@ def test_summary_of_one_seed_has_no_interval_and_names_the_caveat():
     rows = [Row("p", "Linear Probe", _picked(0.5, 0.4, None, n=1))]
     (block,) = summary(rows, "text", tiny)
     assert block["interval"] is None and block["n"] == 1 and block["value"] == 0.4
-    assert block["metric"].endswith(f"concepts split by text; {RANDOM_WEIGHTS_CAVEAT}")
+    assert block["metric"].endswith("concepts split by text")
+    assert block["caveat"] == RANDOM_WEIGHTS_CAVEAT
     assert block["control"] is None and block["control_value"] is None
     baseline_only = [Row("m", "Baseline: train mean", {"val_cos": 0.0, "test_cos": 0.0})]
     assert summary(baseline_only, "text", tiny) == []

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from pipeline.common.shards import Manifest, shard_name, write_shard
+from pipeline.common.summary import check_entry
 from pipeline.inputs import corpus as corpus_stage
 from pipeline.inputs.params import CorpusParams
 from pipeline.kv_sidecar import sidecar as stage
@@ -532,7 +533,9 @@ def test_summary_block_on_hand_built_metrics():
         "downstream_value": 3.0,
         "teacher": "TinyLlama/TinyLlama-1.1B-Chat-v1.0",
         "n": 40,
+        "caveat": None,
     }
+    check_entry(block, "sidecar")
 
 
 def test_table_ranks_by_lm_loss_increase_and_footnotes_ratios_by_construction():

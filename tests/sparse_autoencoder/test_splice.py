@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.common.teacher import load_causal_lm, load_teacher
+from pipeline.common.summary import check_entry
+from pipeline.common.teacher import RANDOM_WEIGHTS_CAVEAT, load_causal_lm, load_teacher
 from pipeline.sparse_autoencoder.alignment import match_features, random_matching
 from pipeline.sparse_autoencoder.model import prepare_inputs
 from pipeline.sparse_autoencoder.report import summary
@@ -217,7 +218,11 @@ def test_summary_of_a_hand_built_metrics_dict():
     assert second["control_interval"] == [0.32, 0.34] and second["n"] == 256
     keys = {"branch", "metric", "value", "interval", "interval_kind", "control"}
     keys |= {"control_value", "control_interval", "downstream", "downstream_value"}
-    assert all(set(e) == keys | {"teacher", "n"} for e in entries)
+    assert all(set(e) == keys | {"teacher", "n", "caveat"} for e in entries)
+    assert all(check_entry(e, "sae") for e in entries)
+    assert all(e["caveat"] is None for e in entries)
+    tiny = summary(_metrics({}, cross), "data/teachers/tiny-llama", RANDOM_WEIGHTS_CAVEAT)
+    assert all(e["caveat"] == RANDOM_WEIGHTS_CAVEAT for e in tiny)
     # No token stream, no twin: the reconstruction R^2 against the best baseline's.
     (only,) = summary(_metrics(None), "synthetic")
     assert only["value"] == 0.8 and only["control_value"] == 0.5 and "PCA" in only["control"]

@@ -9,6 +9,7 @@ import pytest
 import torch
 import yaml
 
+from pipeline.common.summary import check_entry
 from pipeline.common.teacher import load_causal_lm
 from pipeline.steering_vectors.evaluation import (
     derangement,
@@ -190,7 +191,9 @@ def test_summary_block_takes_the_best_vectors_numbers_as_the_table_shows_them():
         "downstream_value": 0.17,
         "teacher": "data/teachers/tiny-qwen3",
         "n": 160,
+        "caveat": None,
     }
+    assert all(check_entry(entry, "steering") for entry in entries)
     assert (
         entries[1]["downstream"] == "gain without the question (contexts deranged within the task)"
     )
