@@ -145,15 +145,16 @@ def summary_table(entries: Sequence[dict[str, Any]]) -> str:
         "downstream | interval | n | teacher |",
         "|---|---|---:|---|---:|---|---|---:|---|",
     ]
-    notes: list[str] = []
+    notes: list[str] = []  # one footnote per distinct caveat
     for entry in entries:
         downstream = MISSING
         if entry.get("downstream"):
             downstream = f"{entry['downstream']}: {fmt(entry.get('downstream_value'))}"
         teacher = entry["teacher"]
         if entry.get("caveat"):
-            notes.append(entry["caveat"])
-            teacher += f" ({len(notes)})"
+            if entry["caveat"] not in notes:
+                notes.append(entry["caveat"])
+            teacher += f" ({notes.index(entry['caveat']) + 1})"
         lines.append(
             f"| {entry['branch']} | {entry['metric']} "
             f"| {with_interval(entry['value'], entry.get('interval'))} "

@@ -33,7 +33,7 @@ def write_metrics(path: Path, entries) -> Path:
     return path
 
 
-def test_page_and_numbers_from_two_files(tmp_path):
+def test_page_and_numbers_from_three_files(tmp_path):
     a = write_metrics(tmp_path / "a.json", [entry()])
     b = write_metrics(
         tmp_path / "b.json",
@@ -54,8 +54,12 @@ def test_page_and_numbers_from_two_files(tmp_path):
             )
         ],
     )
-    stats = run([a, b], tmp_path / "summary.json", tmp_path / "summary.md")
-    assert stats == {"entries": 2, "branches": 2}
+    c = write_metrics(
+        tmp_path / "c.json",
+        [entry(branch="steering", caveat="random-weight tiny teacher", teacher="tiny-qwen3")],
+    )
+    stats = run([a, b, c], tmp_path / "summary.json", tmp_path / "summary.md")
+    assert stats == {"entries": 3, "branches": 3}
     page = (tmp_path / "summary.md").read_text()
     assert (
         "| sidecar | LM loss increase over dense | 0.25 [0.1, 0.4] | window mean | 0.5 [0.3, 0.7] |"
@@ -65,8 +69,8 @@ def test_page_and_numbers_from_two_files(tmp_path):
         "| SAE | fraction of loss recovered | 0.8 | PCA | 0.3 | LM loss increase: 0.12 | none | 7 |"
         in page
     )
-    assert "data/teachers/tiny-llama (1) |" in page
-    assert page.rstrip().endswith("(1) random-weight tiny teacher")
+    assert "data/teachers/tiny-llama (1) |" in page and "tiny-qwen3 (1) |" in page
+    assert page.rstrip().endswith("\n(1) random-weight tiny teacher")  # one note per caveat
     numbers = json.loads((tmp_path / "summary.json").read_text())
     assert numbers == {
         "sidecar": {
@@ -88,6 +92,7 @@ def test_page_and_numbers_from_two_files(tmp_path):
                 "downstream": 0.12,
             }
         },
+        "steering": numbers["sidecar"],
     }
 
 
