@@ -61,15 +61,19 @@ def project_files(root: Path = ROOT) -> list[Path]:
 def prepare_workspace(workspace: Path, profile: Path = PROFILE, root: Path = ROOT) -> Path:
     """Copy the project into `workspace` and install `profile` as its params.yaml."""
     workspace.mkdir(parents=True, exist_ok=True)
-    for rel in project_files(root):
+    files = project_files(root)
+    for rel in files:
         target = workspace / rel
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(root / rel, target)
     shutil.copy2(root / profile, workspace / "params.yaml")
     if not (workspace / ".git").exists():
         subprocess.run(["git", "init", "-q"], cwd=workspace, check=True)
-    copied = [str(rel) for rel in project_files(root)] + ["params.yaml"]
-    commit(workspace, copied, "the project, with the tiny profile as params.yaml")
+    commit(
+        workspace,
+        [*map(str, files), "params.yaml"],
+        "the project, with the tiny profile as params.yaml",
+    )
     return workspace
 
 
@@ -94,10 +98,14 @@ def _tracked(workspace: Path, path: str) -> bool:
 
 
 def reproduce(workspace: Path, env: dict[str, str]) -> None:
-    """`dvc repro`, then its results committed: the baseline of experiments. A queued
-    experiment starts from the last commit; without `dvc.lock` and `metrics/` in it, DVC
-    would find no hash for the outputs there ("No file hash info found") and re-run
-    every stage whose outputs are not in the cache (each with a `cache: false` metric)."""
+    """`dvc repro`, then its results committed: the baseline of experiments.
+
+    A queued experiment starts from the last commit. Without `dvc.lock` in it, DVC finds
+    no hash for any output there ("No file hash info found", one warning per output)
+    and can skip a stage only through its run cache; DVC keeps no run-cache entry for a
+    stage with a `cache: false` output that is neither a metric nor a plot (the tables
+    and val_curves.png of evaluate, sidecar, sae, steering and summary), so those
+    re-ran whatever the experiment changed."""
     subprocess.run(["dvc", "repro"], cwd=workspace, env=env, check=True)
     commit(workspace, RESULTS, "dvc repro results (the baseline of experiments)")
 

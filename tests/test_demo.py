@@ -52,22 +52,23 @@ def test_split_comparison_puts_old_and_new_side_by_side_best_text_split_first():
     ]
 
 
-def demo_like_workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The shrunk tiny profile of tests/test_dvc_pipeline.py in a fresh workspace made and
-    reproduced the way `make demo` makes its own (project committed, `dvc repro`, results
-    committed). Every such workspace of a session shares one DVC cache, so the second one
-    reproduces from the run cache where DVC keeps one."""
-    from tests.test_dvc_pipeline import small_profile
+# The session's demo-like workspace: built once, shared by the slow tests here and in
+# tests/test_readme.py (each leaves it with a clean git status).
+_WORKSPACE: list[Path] = []
 
-    tmp = tmp_path_factory.mktemp("demo")
-    workspace = prepare_workspace(tmp / "ws", small_profile(tmp / "tiny.yaml"))
-    cache = tmp_path_factory.getbasetemp() / "demo-dvc-cache"
-    env = offline_env()
-    subprocess.run(
-        ["dvc", "cache", "dir", "--local", str(cache)], cwd=workspace, env=env, check=True
-    )
-    reproduce(workspace, env)
-    return workspace
+
+def demo_like_workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The shrunk tiny profile of tests/test_dvc_pipeline.py in a workspace made and
+    reproduced the way `make demo` makes its own (project committed, `dvc repro`, results
+    committed); one per session."""
+    if not _WORKSPACE:
+        from tests.test_dvc_pipeline import small_profile
+
+        tmp = tmp_path_factory.mktemp("demo")
+        workspace = prepare_workspace(tmp / "ws", small_profile(tmp / "tiny.yaml"))
+        reproduce(workspace, offline_env())
+        _WORKSPACE.append(workspace)
+    return _WORKSPACE[0]
 
 
 def dvc(workspace: Path, *args: str) -> str:
@@ -98,11 +99,12 @@ def test_the_workspace_commits_its_results_and_a_second_run_commits_nothing(work
     assert {"dvc.lock", "metrics/distill.json", "metrics/summary.md", "data/.gitignore"} <= set(
         tracked
     )
+    # What a second `make demo` does: the project copied again, `dvc repro`; the copy
+    # commits only what changed in the project since (nothing, unless it was edited).
+    prepare_workspace(workspace, workspace.parent / "tiny.yaml")
     head = subprocess.run(
         ["git", "rev-parse", "HEAD"], cwd=workspace, capture_output=True, text=True
     ).stdout
-    # What a second `make demo` does: the project copied again, `dvc repro`.
-    prepare_workspace(workspace, workspace.parent / "tiny.yaml")
     reproduce(workspace, offline_env())
     assert git_status(workspace) == ""
     after = subprocess.run(
@@ -134,6 +136,6 @@ def test_a_queued_distill_experiment_reruns_only_distill_and_diffs_only_its_metr
     params = json.loads(dvc(workspace, "params", "diff", "HEAD", "h64-16", "--json"))
     assert params == {
         "params.yaml": {
-            "distill.runs.frozen_h64.hidden_dim": {"old": 64, "new": 16},
+            "distill.runs.frozen_h64.hidden_dim": {"old": 64, "new": 16, "diff": -48},
         }
     }
