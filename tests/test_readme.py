@@ -212,6 +212,35 @@ def test_every_make_target_of_the_readme_exists():
     assert "no-such-target" not in make_targets()
 
 
+def test_every_pip_extra_and_every_file_the_readme_reads_exists():
+    """`pip install -e '.[x]'`: extra x in pyproject.toml; `cat path`: an output of dvc.yaml."""
+    import tomllib
+
+    import yaml
+
+    commands = [argv for b in readme_blocks(README.read_text()) for argv in b.commands()]
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"
+    ]
+    named = {
+        extra
+        for argv in commands
+        if argv[:3] == ["pip", "install", "-e"]
+        for extra in re.fullmatch(r"\.\[([\w,]+)\]", argv[3]).group(1).split(",")
+    }
+    assert named and named <= set(extras)
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    outputs = {
+        next(iter(out)) if isinstance(out, dict) else out
+        for stage in stages.values()
+        for kind in ("outs", "metrics", "plots")
+        for out in (stage.get("do", stage).get(kind) or [])
+    }
+    read = {path for argv in commands if argv[0] == "cat" for path in argv[1:]}
+    assert read and read <= outputs
+    assert "metrics/nothing.md" not in outputs
+
+
 def run_line(workspace: Path, line: str) -> str:
     done = subprocess.run(
         ["bash", "-e", "-o", "pipefail", "-c", line],
