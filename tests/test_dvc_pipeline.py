@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from pipeline.demo import PROFILE, ROOT, offline_env, prepare_workspace
+from tests.tables import squeeze
 
 pytestmark = pytest.mark.slow
 
@@ -99,7 +100,7 @@ def test_repro_writes_metrics_table_and_plot_and_is_then_cached(repo):
     assert set(RUNS) <= set(metrics)
     assert metrics["linear_probe"]["test_cos"] > metrics["baseline_train_mean"]["test_cos"]
     assert (repo / "metrics" / "val_curves.png").read_bytes()[:4] == b"\x89PNG"
-    table = (repo / "metrics" / "comparison.md").read_text()
+    table = squeeze((repo / "metrics" / "comparison.md").read_text())
     assert "Linear Probe" in table and "Frozen+MLP h=64" in table
     assert "| Linear Probe | 2 | " in table and metrics["linear_probe"]["num_seeds"] == 2
     assert stages_run(dvc(repo, "repro")) == set(), "a second repro must be fully cached"

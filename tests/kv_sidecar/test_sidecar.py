@@ -44,6 +44,7 @@ from pipeline.kv_sidecar.set_transformer import (
 )
 from pipeline.kv_sidecar.trajectory_set import KVBatch, TrajectorySet, is_heldout
 from tests.conftest import build_params
+from tests.tables import squeeze
 from tests.tiny_teachers import tiny_teacher
 
 SIZES = dict(n_heads=4, n_kv_heads=2, head_dim=8, window_size=8, num_windows=4, num_queries=4)
@@ -539,7 +540,7 @@ def test_summary_block_on_hand_built_metrics():
 
 
 def test_table_ranks_by_lm_loss_increase_and_footnotes_ratios_by_construction():
-    text = sidecar_table(hand_metrics())
+    text = squeeze(sidecar_table(hand_metrics()))
     rows = [line for line in text.splitlines() if line.startswith("| ") and line[2].isdigit()]
     assert [row.split(" | ")[1] for row in rows] == [
         "lowest-key-norm token (Devoto et al. 2024)",
@@ -553,7 +554,7 @@ def test_table_ranks_by_lm_loss_increase_and_footnotes_ratios_by_construction():
     assert rows[0].endswith("| 0.9 | — | 1 |")  # a missing ratio renders as a dash
     assert "Dense LM loss at the future positions: 3 nats/token" in text
     assert "³ 1 by construction of sidecar.scale_normalize: per_sample" in text
-    plain = sidecar_table(hand_metrics("none"))
+    plain = squeeze(sidecar_table(hand_metrics("none")))
     assert "³" not in plain and "| 1 | 1 |" in plain
 
 

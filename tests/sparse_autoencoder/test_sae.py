@@ -38,6 +38,7 @@ from pipeline.sparse_autoencoder.params import SaeParams
 from pipeline.sparse_autoencoder.report import rank_features
 from pipeline.sparse_autoencoder.sources import DirectionsSource, item_keys, open_source
 from tests.conftest import build_params, make_direction_set
+from tests.tables import squeeze
 
 # The synthetic directions folders cache layer 2; distill must read a cached layer too.
 LAYER_2 = {
@@ -333,7 +334,7 @@ def test_stage_on_directions_writes_models_metrics_tables_and_exemplars(tmp_path
     assert match_features(model.W_dec, twin.W_dec).mean_cos == pytest.approx(
         cross["mean_matched_cos"]
     )
-    table = out["sae.md"].read_text()
+    table = squeeze(out["sae.md"].read_text())
     assert "| SAE (seed 7) | 32 |" in table and "| PCA |" in table and "| NMF |" in table
     report = out["exemplars.md"].read_text()
     assert "## Most coherent features" in report and "concept0" in report
@@ -431,7 +432,7 @@ def test_stage_on_token_activations_reports_text_spans(tmp_path, tiny_llama_path
     assert sae["loss_increase"] == pytest.approx(sae["lm_loss"] - splice["clean_loss"])
     low, high = sae["loss_recovered_ci"]
     assert low <= sae["loss_recovered"] <= high
-    table = out["sae.md"].read_text()
+    table = squeeze(out["sae.md"].read_text())
     assert "## Spliced in: teacher LM loss on" in table and "| mean ablation |" in table
     assert re.search(r"\| ICA top-L0 \| keeps per row the 4 largest of \d+ FastICA sources", table)
     head = result["summary"][0]

@@ -49,6 +49,7 @@ from pipeline.steering_vectors.vector import (
     steer,
     train_vector,
 )
+from tests.tables import squeeze
 
 CAPS = {"train": 256, "val": 160, "test": 160}
 
@@ -385,7 +386,7 @@ def test_stage_cli_writes_vectors_metrics_and_table(tmp_path, questions, tiny_qw
         assert row["over_random"] == pytest.approx(row["test"] - row["random_test"])
         assert row["over_random_ci_low"] <= row["over_random"] <= row["over_random_ci_high"]
     assert cat["mean_difference"]["coefficient"] in (0.5, 1.0, 2.0)
-    text = table.read_text()
+    text = squeeze(table.read_text())
     assert "| category | mean difference (x" in text and "gain over random" in text
     assert "| category | 24 |" in text and "keyword routing" in text and "weighted average" in text
     assert "gain without question [95% CI]" in text and "| prior only |" in text
