@@ -158,7 +158,7 @@ def _splice_section(metrics: dict[str, Any]) -> list[str]:
         "is replaced at every token by each method's reconstruction, mapped back to the "
         "model's space. Loss recovered = (L_mean - L) / (L_mean - L_clean), L_mean with the "
         "train mean activation spliced in (SAELens's ce_loss_score uses zero ablation "
-        "instead). Intervals: 95% paired percentile bootstrap over the chunks "
+        "instead). Intervals: 95% paired BCa bootstrap over the chunks "
         f"({splice['bootstrap_samples']} resamples). EV = 1 - SSE / total variance of the "
         "replaced rows in the model's space.",
         "",
@@ -248,7 +248,7 @@ def summary(metrics: dict[str, Any], teacher: str, caveat: str = "") -> list[dic
                 f"SAE fraction of LM loss recovered, layer {metrics['layer']} spliced in",
                 sae["loss_recovered"],
                 sae["loss_recovered_ci"],
-                "paired bootstrap 95% over held-out chunks",
+                "paired BCa bootstrap 95% over held-out chunks",
                 f"best baseline at equal L0: {LABELS.get(best, best)}" if best else None,
                 others[best]["loss_recovered"] if best else None,
                 others[best]["loss_recovered_ci"] if best else None,

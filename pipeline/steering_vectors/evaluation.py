@@ -18,9 +18,11 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
+from pipeline.common.bootstrap import paired_interval
 from pipeline.common.tables import markdown_table
 from pipeline.steering_vectors.vector import Deltas, Encoded, SteeringVector, correct
 
@@ -30,7 +32,7 @@ def accuracy(right: Tensor) -> float:
 
 
 def bootstrap_gain(base: Tensor, steered: Tensor, samples: int, seed: int = 0) -> dict[str, float]:
-    """Mean of `steered - base` (per-question 0/1) and its 95% percentile interval."""
+    """Mean of `steered - base` (per-question 0/1) and its paired 95% BCa interval."""
     if base.shape != steered.shape or base.numel() == 0:
         raise ValueError(
             f"need two equal, non-empty sets of answers: {base.shape} vs {steered.shape}"
@@ -39,14 +41,12 @@ def bootstrap_gain(base: Tensor, steered: Tensor, samples: int, seed: int = 0) -
 
 
 def bootstrap_mean(diff: Tensor, samples: int, seed: int = 0) -> dict[str, float]:
-    """Mean of the per-question values `diff` (N,) and its 95% percentile interval over
-    `samples` resamples of the questions (seeded: equal seeds resample the same questions)."""
-    diff = diff.double()
-    generator = torch.Generator().manual_seed(seed)
-    index = torch.randint(0, len(diff), (samples, len(diff)), generator=generator)
-    means = diff[index].mean(1)  # (samples,)
-    low, high = torch.quantile(means, torch.tensor([0.025, 0.975], dtype=means.dtype)).tolist()
-    return {"gain": diff.mean().item(), "gain_ci_low": low, "gain_ci_high": high}
+    """Mean of the per-question values `diff` (N,) and its 95% BCa interval over `samples`
+    resamples of the questions (`paired_interval`; seeded: equal seeds resample the same
+    questions)."""
+    values = diff.double().cpu().numpy()
+    low, high = paired_interval((values,), np.mean, samples, seed)
+    return {"gain": float(values.mean()), "gain_ci_low": low, "gain_ci_high": high}
 
 
 def derangement(count: int, seed: int) -> list[int]:
@@ -224,7 +224,7 @@ def accuracy_table(summary: Mapping) -> str:
         "",
         f"Model `{summary['model']}`; multi-layer set {summary['layers']}; single-layer "
         f"candidates {summary['single_layers']}. Gain = best coefficient vs unsteered, "
-        "paired bootstrap 95% interval over questions.",
+        "paired BCa bootstrap 95% interval over questions.",
         "",
     ]
     header = [
@@ -394,7 +394,7 @@ def summary_entries(summary: Mapping, branch: str = "steering") -> list[dict]:
                 f"x{coef['coefficient']:g}) over unsteered",
                 "value": coef["gain"],
                 "interval": [coef["gain_ci_low"], coef["gain_ci_high"]],
-                "interval_kind": "paired bootstrap 95%",
+                "interval_kind": "paired BCa bootstrap 95%",
                 "control": "gain over a random vector of the same norm at the same layers",
                 "control_value": coef["over_random"],
                 "control_interval": [coef["over_random_ci_low"], coef["over_random_ci_high"]],

@@ -523,9 +523,7 @@ def test_summary_block_on_hand_built_metrics():
         "metric": "sidecar LM loss increase over dense (nats/token, layer 11, 64x compression)",
         "value": 0.25,
         "interval": [0.125, 0.375],
-        "interval_kind": (
-            "paired bootstrap 95% (percentile, 10,000 resamples over held-out chunks)"
-        ),
+        "interval_kind": ("paired bootstrap 95% (BCa, 10,000 resamples over held-out chunks)"),
         # the best training-free baseline, even where it beats the sidecar
         "control": "best training-free baseline: lowest-key-norm token (Devoto et al. 2024)",
         "control_value": 0.125,
