@@ -24,7 +24,6 @@ matched one to one. Writes:
 from __future__ import annotations
 
 import json
-import logging
 import shutil
 import time
 from pathlib import Path
@@ -78,7 +77,6 @@ from pipeline.sparse_autoencoder.splice import (
     module_name,
 )
 
-log = logging.getLogger(__name__)
 PARAMS = Path("params.yaml")
 EVAL_BATCH = 1024
 HOOK_TOLERANCE = 0.05
@@ -104,7 +102,6 @@ def run(
     compare: Path | None = None,
 ) -> dict[str, Any]:
     """Train, measure and report; returns the metrics written to `metrics`."""
-    started = time.perf_counter()
     sae = params.sae
     data = _open_input(sae, Path(source), wordlist, corpus)
     features = data.dim * sae.code_dims_multiplier
@@ -152,8 +149,6 @@ def run(
     write_text(Path(exemplars), report)
     result["summary"] = summary(result, data.model, caveat)
     write_json(Path(metrics), result)
-    headline = {k: v for k, v in result.items() if not isinstance(v, dict)}
-    log.info("sae: %.1f s, %s", time.perf_counter() - started, headline)
     return result
 
 
@@ -393,6 +388,7 @@ def command(
     params: Annotated[Path, typer.Option(help="Params file; its `sae` section.")] = PARAMS,
 ) -> None:
     """Train the seed-002 SAE on cached activations; write metrics, tables and exemplars."""
+    started = time.perf_counter()
     result = run(
         load_params(params, sae=SaeParams),
         source,
@@ -406,4 +402,5 @@ def command(
         compare,
     )
     headline = ("reconstruction_r2", "activation_density", "dead_feature_rate", "gini")
-    typer.echo(f"sae: {json.dumps({k: result[k] for k in headline})} -> {metrics}")
+    took = f"{time.perf_counter() - started:.1f} s"
+    typer.echo(f"sae: {json.dumps({k: result[k] for k in headline})}, {took} -> {metrics}")

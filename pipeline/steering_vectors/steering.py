@@ -332,8 +332,11 @@ def command(
     summary = run(
         load_params(params, steering=SteeringParams).steering, mcdata, out, metrics, table
     )
-    typer.echo(accuracy_table(summary))
-    typer.echo(f"steering -> {out}, {metrics}, {table}")
+    gains = ", ".join(
+        f"{task} {100 * m['best_coefficient']['gain']:+.1f} pts"
+        for task, m in summary["tasks"].items()
+    )
+    typer.echo(f"steering: test gain of the best vector over unsteered: {gains} -> {metrics}")
 
 
 if __name__ == "__main__":

@@ -26,9 +26,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from pipeline.common.checkpoints import WEIGHTS, read_config, read_weights, save_checkpoint
+from pipeline.common.progress import progress
 from pipeline.common.teacher import decoder_blocks
 from pipeline.steering_vectors.params import SteeringParams
 from pipeline.steering_vectors.questions import NUM_ENDINGS, McQuestion
@@ -327,7 +327,7 @@ def train_vector(
     generator = torch.Generator().manual_seed(params.seed)
     steps = -(-len(train) // params.batch_size)
     losses: list[float] = []
-    with tqdm(total=params.epochs * steps, desc=desc, unit="step", leave=False) as bar:
+    with progress(total=params.epochs * steps, desc=desc, unit="step", leave=False) as bar:
         for _ in range(params.epochs):
             order = torch.randperm(len(train), generator=generator).tolist()
             total = 0.0
