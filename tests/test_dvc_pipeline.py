@@ -161,8 +161,8 @@ def test_branch_params_rerun_only_their_own_stage(repo):
         "steering.layers=[1,2]",
     )
     assert stages_run(out) == {"params_check", "sidecar", "sae", "steering"}
-    steering = json.loads((repo / "metrics" / "steering.json").read_text())
-    assert steering["layers"] == [1, 2]
+    steering = json.loads((repo / "data" / "steering" / "info.json").read_text())
+    assert steering["layers"] == [1, 2]  # the run's description: beside the vectors
     sae = json.loads((repo / "data" / "sae" / "config.json").read_text())
     assert sae["topk"] == 8 and sae["sae"]["topk"] == 8
 

@@ -35,6 +35,7 @@ import typer
 
 from pipeline.common.io import write_csv, write_json, write_text
 from pipeline.common.params import Sections, load_params, to_dict
+from pipeline.common.run_info import INFO, split_info
 from pipeline.common.teacher import load_causal_lm, teacher_caveat
 from pipeline.inputs.text_chunks import CorpusChunks, load_tokenizer
 from pipeline.sparse_autoencoder.alignment import (
@@ -78,6 +79,24 @@ from pipeline.sparse_autoencoder.splice import (
 )
 
 PARAMS = Path("params.yaml")
+INFO_KEYS = (
+    "layer",
+    "layer_norm",
+    "seed",
+    "topk",
+    "model_dims",
+    "code_dims",
+    "baselines.*.components",
+    "baselines.*.kept_per_row",
+    "splice.applies",
+    "splice.reason",
+    "splice.hook",
+    "splice.teacher_dtype",
+    "splice.bootstrap_samples",
+    "cross_seed.twin_seed",
+    "cross_model.other_layer",
+)
+"""What describes the run rather than measures it: `<out>/info.json`, not the metrics."""
 EVAL_BATCH = 1024
 HOOK_TOLERANCE = 0.05
 """Largest relative gap between the hooked and the stored hidden state: bfloat16 storage
@@ -148,7 +167,9 @@ def run(
     )
     write_text(Path(exemplars), report)
     result["summary"] = summary(result, data.model, caveat)
-    write_json(Path(metrics), result)
+    measured, info = split_info(result, INFO_KEYS)
+    write_json(Path(metrics), measured)
+    write_json(Path(out) / INFO, info)
     return result
 
 

@@ -13,6 +13,7 @@ import typer
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+from pipeline.common.run_info import split_info
 from pipeline.common.shards import Manifest, shard_name, write_shard
 from pipeline.common.summary import check_entry
 from pipeline.inputs import corpus as corpus_stage
@@ -361,9 +362,13 @@ def test_stage_writes_outputs_and_metrics_for_every_compressor(teacher_run, tmp_
         "config.json",
         "curves.csv",
         "eval_curves.csv",
+        "info.json",
         "model.safetensors",
     ]
-    assert json.loads(metrics.read_text()) == results
+    measured, info = json.loads(metrics.read_text()), json.loads((out / "info.json").read_text())
+    assert (measured, info) == split_info(results, ("teacher", "scale_normalize", "counts.layer"))
+    assert info["counts"] == {"layer": results["counts"]["layer"]} and "teacher" in info
+    assert "teacher" not in measured and "layer" not in measured["counts"]
     keys = {
         "jacobian_rel_error", "jacobian_norm_dense", "jacobian_norm_compressed",
         "jacobian_ratio", "k_norm_dense", "k_norm_compressed", "v_norm_dense",

@@ -353,6 +353,11 @@ def test_stage_cli_writes_vectors_metrics_and_table(tmp_path, questions, tiny_qw
     result = CliRunner().invoke(app, [str(a) for a in args])
     assert result.exit_code == 0, result.output
     summary = json.loads(metrics.read_text())
+    # The run's description is beside the vectors, not in the metrics; one output line.
+    info = json.loads((out / "info.json").read_text())
+    assert info["model"] == tiny_qwen3_path and "model" not in summary and "layers" not in summary
+    (line,) = result.stdout.splitlines()  # progress goes to stderr
+    assert line.startswith("steering: test gain of the best vector over unsteered: category")
     cat = summary["tasks"]["category"]
     assert set(cat["single_layer"]) == {"L3"} and cat["multi_layer"]["layers"] == [2, 3]
     assert set(cat["coefficient_sweep"]["val"]) == {"coef_0.5", "coef_1", "coef_2"}
