@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from pipeline.demo import PROFILE, ROOT, offline_env, prepare_workspace
+from tests.tables import squeeze
 
 pytestmark = pytest.mark.slow
 
@@ -99,7 +100,7 @@ def test_repro_writes_metrics_table_and_plot_and_is_then_cached(repo):
     assert set(RUNS) <= set(metrics)
     assert metrics["linear_probe"]["test_cos"] > metrics["baseline_train_mean"]["test_cos"]
     assert (repo / "metrics" / "val_curves.png").read_bytes()[:4] == b"\x89PNG"
-    table = (repo / "metrics" / "comparison.md").read_text()
+    table = squeeze((repo / "metrics" / "comparison.md").read_text())
     assert "Linear Probe" in table and "Frozen+MLP h=64" in table
     assert "| Linear Probe | 2 | " in table and metrics["linear_probe"]["num_seeds"] == 2
     assert stages_run(dvc(repo, "repro")) == set(), "a second repro must be fully cached"
@@ -160,8 +161,8 @@ def test_branch_params_rerun_only_their_own_stage(repo):
         "steering.layers=[1,2]",
     )
     assert stages_run(out) == {"params_check", "sidecar", "sae", "steering", "summary"}
-    steering = json.loads((repo / "metrics" / "steering.json").read_text())
-    assert steering["layers"] == [1, 2]
+    steering = json.loads((repo / "data" / "steering" / "info.json").read_text())
+    assert steering["layers"] == [1, 2]  # the run's description: beside the vectors
     sae = json.loads((repo / "data" / "sae" / "config.json").read_text())
     assert sae["topk"] == 8 and sae["sae"]["topk"] == 8
 

@@ -13,7 +13,6 @@ feeds `dvc plots`.
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -33,7 +32,6 @@ from pipeline.concepts.students import (
 )
 from pipeline.concepts.training import FitResult, fit
 
-log = logging.getLogger(__name__)
 CURVE_FIELDS = ("epoch", "train_loss", "train_cos", "val_cos")
 CURVES = "curves.csv"
 SEED_KEYS = ("best_val_cos", "best_epoch")
@@ -68,7 +66,6 @@ def run(params: Sections, run_name: str, directions: Path, out: Path) -> dict[st
     write_json(out / CONFIG, summary_config | {"seeds": list(train.seeds), "per_seed": per_seed})
     write_csv(out / CURVES, mean_curves(list(curves.values())), CURVE_FIELDS)
     summary = {"trainable_params": first["trainable_params"], "per_seed": per_seed}
-    log.info("distill %s: %s", run_name, summary)
     return summary
 
 

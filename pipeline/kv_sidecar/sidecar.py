@@ -30,6 +30,7 @@ from pipeline.common.checkpoints import save_checkpoint
 from pipeline.common.devices import resolve_device
 from pipeline.common.io import write_csv, write_json, write_text
 from pipeline.common.params import Sections, load_params, to_dict
+from pipeline.common.run_info import INFO, split_info
 from pipeline.common.shards import MANIFEST, sha256_file
 from pipeline.common.teacher import load_causal_lm, teacher_caveat
 from pipeline.inputs.text_chunks import CorpusChunks
@@ -93,7 +94,9 @@ def run(
     save_checkpoint(out, model.state_dict(), config)
     write_csv(out / CURVES, result.curves)
     write_csv(out / EVAL_CURVES, result.eval_curves)
-    write_json(Path(metrics), results)
+    measured, info = split_info(results, ("teacher", "scale_normalize", "counts.layer"))
+    write_json(Path(metrics), measured)
+    write_json(out / INFO, info)
     write_text(Path(table), sidecar_table(results))
     return results
 
