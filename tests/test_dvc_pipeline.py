@@ -33,6 +33,7 @@ ALL_STAGES = (
     {"params_check", "teachers", "wordlist", "directions", "evaluate"}
     | {f"distill@{n}" for n in RUNS}
     | BRANCH_STAGES
+    | {"summary", "report"}  # the pages over every branch
 )
 
 
