@@ -6,10 +6,11 @@ GFM-style tables), each picture embedded as a base64 `data:` URI, one inline sty
 no script and no external reference, so the page shows the same from disk, mailed, or
 on a machine without network. The order of the options is the order on the page.
 
-The header names what produced the page: the params file and every input by sha256, and
-nothing else (no date, no host), so the same inputs give the same bytes.
+The page names what produced it: every input by sha256, and one sha256 over them all,
+and nothing else (no date, no host, no params file: an edit of params.yaml that changes
+no result re-runs no stage but params_check), so the same inputs give the same bytes.
 
-    python -m pipeline.cli report --out metrics/report.html --params params.yaml \
+    python -m pipeline.cli report --out metrics/report.html \
         --table metrics/summary.md --table metrics/comparison.md ... \
         --image metrics/val_curves.png ...
 """
@@ -124,11 +125,7 @@ def image_figure(path: Path, data: bytes, ident: str) -> tuple[str, str]:
     return str(path), figure
 
 
-def page(
-    tables: Sequence[Path],
-    images: Sequence[Path],
-    params: Path | None = None,
-) -> tuple[str, dict[str, Any]]:
+def page(tables: Sequence[Path], images: Sequence[Path]) -> tuple[str, dict[str, Any]]:
     """The HTML page and its stats; reads every input, writes nothing."""
     if not tables and not images:
         raise ValueError("report: name at least one --table or --image")
@@ -145,10 +142,13 @@ def page(
         contents.append(f'<li><a href="#{ident}">{html.escape(title)}</a></li>')
         sections.append(section)
         sources.append((path, what, data))
-    produced = "Produced by <code>python -m pipeline.cli report</code>"
-    if params is not None:
-        digest = sha256(read_input(params, "params file"))
-        produced += f" from <code>{html.escape(str(params))}</code> (sha256 <code>{digest}</code>)"
+    # One digest for the whole set: each input's path and sha256, in page order.
+    digest = sha256("".join(f"{path}\t{sha256(data)}\n" for path, _, data in sources).encode())
+    produced = (
+        f"Produced by <code>python -m pipeline.cli report</code> from the {len(sources)} "
+        f'files listed with their sha256 under <a href="#sources">Sources</a> '
+        f"(together: sha256 <code>{digest}</code>)."
+    )
     rows = "\n".join(
         f"<tr><td><code>{html.escape(str(path))}</code></td><td>{what}</td>"
         f'<td style="text-align:right">{len(data)}</td><td><code>{sha256(data)}</code></td></tr>'
@@ -167,7 +167,7 @@ def page(
             "<body>",
             "<header>",
             f"<h1>{TITLE}</h1>",
-            f"<p>{produced}; each input is listed with its sha256 under Sources.</p>",
+            f"<p>{produced}</p>",
             "<nav><ol>",
             *contents,
             "</ol></nav>",
@@ -190,14 +190,9 @@ def page(
     return text, {"tables": len(tables), "images": len(images), "bytes": len(text.encode())}
 
 
-def run(
-    out: Path,
-    tables: Sequence[Path],
-    images: Sequence[Path] = (),
-    params: Path | None = None,
-) -> dict[str, Any]:
+def run(out: Path, tables: Sequence[Path], images: Sequence[Path] = ()) -> dict[str, Any]:
     """Write the page to `out`; return its stats (tables, images, bytes)."""
-    text, stats = page(tables, images, params)
+    text, stats = page(tables, images)
     write_text(Path(out), text)
     return stats
 
@@ -210,12 +205,9 @@ def command(
     image: Annotated[
         list[Path] | None, typer.Option(help="A PNG picture; repeat, in page order.")
     ] = None,
-    params: Annotated[
-        Path | None, typer.Option(help="The params file named (by sha256) in the header.")
-    ] = None,
 ) -> None:
     """Put every table and picture on one self-contained HTML page that opens offline."""
-    stats = run(out, table or [], image or [], params)
+    stats = run(out, table or [], image or [])
     typer.echo(
         f"report: {stats['tables']} tables and {stats['images']} pictures "
         f"({stats['bytes']} bytes) -> {out}"

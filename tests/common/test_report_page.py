@@ -53,11 +53,9 @@ def png(path: Path, size=(240, 120), color=BLUE) -> Path:
 def inputs(tmp_path):
     (tmp_path / "summary.md").write_text(SUMMARY)
     (tmp_path / "comparison.md").write_text(COMPARISON)
-    (tmp_path / "params.yaml").write_text("sae:\n  topk: 16\n")
     return {
         "tables": [tmp_path / "summary.md", tmp_path / "comparison.md"],
         "images": [png(tmp_path / "curves.png")],
-        "params": tmp_path / "params.yaml",
     }
 
 
@@ -113,16 +111,21 @@ def test_the_same_inputs_give_the_same_bytes_and_the_header_names_them(inputs, t
     run(tmp_path / "b.html", **inputs)
     first = (tmp_path / "a.html").read_bytes()
     assert first == (tmp_path / "b.html").read_bytes()
-    params_hash = hashlib.sha256(inputs["params"].read_bytes()).hexdigest()
-    assert f"(sha256 <code>{params_hash}</code>)" in first.decode()
-    for path in inputs["tables"] + inputs["images"]:
-        assert hashlib.sha256(path.read_bytes()).hexdigest() in first.decode()
-    # A changed input changes the page; so does a changed params file, through its hash.
-    inputs["params"].write_text("sae:\n  topk: 32\n")
+    hashes = [
+        hashlib.sha256(p.read_bytes()).hexdigest() for p in inputs["tables"] + inputs["images"]
+    ]
+    assert all(f"<code>{digest}</code>" in first.decode() for digest in hashes)
+    paths = inputs["tables"] + inputs["images"]
+    lines = "".join(f"{path}\t{digest}\n" for path, digest in zip(paths, hashes, strict=True))
+    together = hashlib.sha256(lines.encode()).hexdigest()
+    assert "from the 3 files listed" in first.decode()
+    assert f"(together: sha256 <code>{together}</code>)" in first.decode()
+    # A changed input (same length) changes the page, its row and the digest over all.
+    inputs["tables"][0].write_text(SUMMARY.replace("0.1234", "0.4321"))
     run(tmp_path / "c.html", **inputs)
-    changed = (tmp_path / "c.html").read_bytes()
-    assert changed != first and len(changed) == len(first)
-    assert params_hash not in changed.decode()
+    changed = (tmp_path / "c.html").read_text()
+    assert "0.4321" in changed and hashes[0] not in changed and together not in changed
+    assert hashes[1] in changed and hashes[2] in changed
 
 
 @pytest.mark.parametrize(
@@ -130,28 +133,20 @@ def test_the_same_inputs_give_the_same_bytes_and_the_header_names_them(inputs, t
     [
         ("tables", None, "missing.md: no such table; run the stage that writes it"),
         ("images", None, "missing.png: no such picture; run the stage that writes it"),
-        ("params", None, "missing.yaml: no such params file"),
         ("tables", b"| a |\n|---|\n| \xff |\n", "bad.md: not UTF-8 text (byte 14"),
         ("images", b"| a table |\n", "bad.png: not a PNG, JPEG, GIF picture"),
         ("images", "truncated", "bad.png: not a readable picture"),
     ],
 )
 def test_a_bad_input_is_one_error_line_naming_it(inputs, tmp_path, capsys, where, content, message):
-    name = ("missing" if content is None else "bad") + {
-        "tables": ".md",
-        "images": ".png",
-        "params": ".yaml",
-    }[where]
+    name = ("missing" if content is None else "bad") + {"tables": ".md", "images": ".png"}[where]
     path = tmp_path / name
     if content == "truncated":
         path.write_bytes(inputs["images"][0].read_bytes()[:60])
     elif content is not None:
         path.write_bytes(content)
-    if where == "params":
-        inputs["params"] = path
-    else:
-        inputs[where].append(path)
-    argv = ["report", "--out", str(tmp_path / "report.html"), "--params", str(inputs["params"])]
+    inputs[where].append(path)
+    argv = ["report", "--out", str(tmp_path / "report.html")]
     argv += [arg for t in inputs["tables"] for arg in ("--table", str(t))]
     argv += [arg for i in inputs["images"] for arg in ("--image", str(i))]
     with pytest.raises(SystemExit) as exit_info:
