@@ -40,6 +40,7 @@ STAGES = {
     "mcdata": "pipeline.steering_vectors.mcdata",
     "steering": "pipeline.steering_vectors.steering",
     "summary": "pipeline.common.summary",
+    "report": "pipeline.common.report_page",
 }
 # Helper commands outside the DAG, likewise by module.
 HELPERS = {

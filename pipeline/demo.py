@@ -227,3 +227,4 @@ def command(
 ) -> None:
     """Run the whole DAG offline on the tiny profile through `dvc repro`; print the tables."""
     typer.echo(run_demo(workspace))
+    typer.echo(f"\nThe report page (one file, opens offline): {workspace / 'metrics/report.html'}")

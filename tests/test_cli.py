@@ -34,6 +34,7 @@ OPTIONS = {
     "teachers": ["--out", "--params"],
     "params_check": ["--out", "--params"],
     "summary": ["--out", "--table", "--metrics"],
+    "report": ["--out", "--table", "--image"],
     "demo": ["--workspace"],
 }
 # Required path options of each stage command, all pointing at files that do not exist.

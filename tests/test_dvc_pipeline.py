@@ -29,11 +29,14 @@ RUNS = {
 }
 
 
+# The pages over every branch: they re-run whenever a branch's results change.
+PAGES = {"summary", "report"}
 BRANCH_STAGES = {"corpus", "trajectories", "sidecar", "activations", "sae", "mcdata", "steering"}
 ALL_STAGES = (
-    {"params_check", "teachers", "wordlist", "directions", "evaluate", "summary"}
+    {"params_check", "teachers", "wordlist", "directions", "evaluate"}
     | {f"distill@{n}" for n in RUNS}
     | BRANCH_STAGES
+    | PAGES
 )
 
 
@@ -119,7 +122,7 @@ def test_fresh_clone_trains_from_the_remote_without_re_extracting(repo, tmp_path
         "--allow-missing",
     )
     distill = {f"distill@{name}" for name in RUNS}
-    assert stages_run(out) == {"params_check"} | distill | {"evaluate", "summary"}
+    assert stages_run(out) == {"params_check"} | distill | {"evaluate"} | PAGES
     assert not (clone / "data" / ".scratch").exists()
     metrics = json.loads((clone / "metrics" / "distill.json").read_text())
     seeds = metrics["frozen_h64"]["seeds"]
@@ -129,7 +132,7 @@ def test_fresh_clone_trains_from_the_remote_without_re_extracting(repo, tmp_path
 def test_one_param_experiment_reruns_only_its_branch(repo):
     workspace = repo
     experiment = dvc(workspace, "exp", "run", "-S", "distill.runs.frozen_h64.hidden_dim=16")
-    assert stages_run(experiment) == {"params_check", "distill@frozen_h64", "evaluate", "summary"}
+    assert stages_run(experiment) == {"params_check", "distill@frozen_h64", "evaluate"} | PAGES
 
     lock = yaml.safe_load((workspace / "dvc.lock").read_text())
     assert lock["stages"]["distill@frozen_h64"]["params"]["params.yaml"][
@@ -160,7 +163,7 @@ def test_branch_params_rerun_only_their_own_stage(repo):
         "-S",
         "steering.layers=[1,2]",
     )
-    assert stages_run(out) == {"params_check", "sidecar", "sae", "steering", "summary"}
+    assert stages_run(out) == {"params_check", "sidecar", "sae", "steering"} | PAGES
     steering = json.loads((repo / "data" / "steering" / "info.json").read_text())
     assert steering["layers"] == [1, 2]  # the run's description: beside the vectors
     sae = json.loads((repo / "data" / "sae" / "config.json").read_text())

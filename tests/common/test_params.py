@@ -175,7 +175,8 @@ def test_every_stage_that_reads_params_waits_for_the_params_check():
     assert "params.yaml" in check["deps"] and "params" not in check
     (marker,) = check["outs"]
     readers = {name for name, stage in stages.items() if "params" in stage.get("do", stage)}
-    assert readers >= set(stages) - {"params_check", "summary"}  # summary reads metrics only
+    # summary and report read metrics and tables only
+    assert readers >= set(stages) - {"params_check", "summary", "report"}
     for name in readers:
         assert marker in stages[name].get("do", stages[name])["deps"], name
 
