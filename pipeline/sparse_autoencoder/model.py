@@ -132,9 +132,6 @@ class FitResult:
     """Share of features that fired on none of the last `dead_window_rows` training rows."""
 
 
-CURVE_FIELDS = ("step", "epoch", "rows", "loss", "mse", "l1", "r2", "l0", "dead_window")
-
-
 def fit_sae(
     model: SparseAutoencoder,
     source: ActivationSource,
