@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 DPI = 110
+REFERENCE_STYLES = ("--", ":", "-.")
+"""One line style per reference of a panel, so two of them stay apart."""
 Series = tuple[Sequence[float], Sequence[float]]  # (x, y), equal lengths
 
 
@@ -78,13 +80,16 @@ def line_panels(path: Path, title: str, panels: Sequence[Panel], columns: int = 
     plt = _pyplot()
     cols = min(columns, len(panels))
     rows = math.ceil(len(panels) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(5.5 * cols, 3.8 * rows), squeeze=False)
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(5.5 * cols, 3.8 * rows), squeeze=False, layout="constrained"
+    )
     for ax, panel in zip(axes.flat, panels, strict=False):
         for label, (x, y) in panel.series.items():
             ax.plot(x, y, marker="." if len(x) <= 60 else None, label=label)
-        for label, value in panel.references.items():
+        for i, (label, value) in enumerate(panel.references.items()):
             if math.isfinite(value):
-                ax.axhline(value, linestyle="--", linewidth=1, color="gray", label=label)
+                style = REFERENCE_STYLES[i % len(REFERENCE_STYLES)]
+                ax.axhline(value, linestyle=style, linewidth=1.2, color="gray", label=label)
         if panel.log_y:
             ax.set_yscale("log")
         if panel.integer_x:

@@ -362,7 +362,8 @@ def density_picture(usage: torch.Tensor, rows: int, path: Path) -> Path:
     density = usage.double() / rows
     values = [math.log10(d) if d > 0 else floor for d in density.tolist()]
     dead = int((density == 0).sum())
-    title = f"feature density, {rows} eval rows ({dead} of {len(values)} never fired: x={floor:g})"
+    title = f"feature density on {rows} eval rows"
+    title += f" ({dead} of {len(values)} never fired: at {floor:.2f})"
     return histogram(path, title, "log10 feature density", values)
 
 
