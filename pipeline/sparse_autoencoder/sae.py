@@ -17,7 +17,8 @@ matched one to one. Writes:
 - `--live`: dvclive folder (`pipeline.common.live`) of the seed-`sae.seed` training, a
   row every `sae.log_every` steps: loss, mse, l1, r2, l0, dead_window (means over the
   steps since the previous row; dead_window: the share of features that fired on none
-  of the last `sae.dead_window_rows` rows), epoch and rows
+  of the last `sae.dead_window_rows` rows); the curve's epoch and rows counters stay out
+  of it (dvclive's step is the x axis, and counters are no metrics)
 - `--plot-training` PNG (reconstruction and dead-feature rate over steps) and
   `--plot-density` PNG (histogram of log10 feature density on the eval rows; features
   that never fired there sit in the leftmost bin, one decade below 1 / eval rows)
@@ -136,7 +137,7 @@ def run(
 
     _, sample = data.sample("train", sae.baseline_rows, sae.seed)
     with open_live(Path(live)) as board:
-        model, fit = _train(data, sae, features, sae.seed, sample, partial(log_row, board))
+        model, fit = _train(data, sae, features, sae.seed, sample, partial(_log, board))
     result, evaluation, fitted = _measure(model, fit, data, sae, sample)
     result["splice"] = _splice(model, fitted, data, sae, corpus)
     twin = None
@@ -331,6 +332,13 @@ def _train(
     model = SparseAutoencoder(data.dim, features, sae.topk, sae.layer_norm, seed=seed)
     model.init_decoder_bias(sample)
     return model, fit_sae(model, data, sae, seed, on_log)
+
+
+COUNTERS = ("epoch", "rows")
+
+
+def _log(board, row: dict[str, float]) -> None:
+    log_row(board, {key: value for key, value in row.items() if key not in COUNTERS})
 
 
 def training_picture(fit: FitResult, path: Path, sae: SaeParams) -> Path:

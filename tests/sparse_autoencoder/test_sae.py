@@ -341,7 +341,7 @@ def test_stage_on_directions_writes_models_metrics_tables_and_exemplars(tmp_path
     report = out["exemplars.md"].read_text()
     assert "## Most coherent features" in report and "concept0" in report
     # dvclive: one TSV per curve column, a row every sae.log_every steps and at the end.
-    names = ("epoch", "rows", "loss", "mse", "l1", "r2", "l0", "dead_window")
+    names = ("loss", "mse", "l1", "r2", "l0", "dead_window")
     live = out["live"]
     tsvs = sorted(p.name for p in (live / "plots" / "metrics").iterdir())
     assert tsvs == sorted(f"{name}.tsv" for name in names)
