@@ -172,6 +172,8 @@ def fit_sae(
         raise ValueError(f"{source.folder}: no train rows to fit the SAE on")
     if pending:
         curves.append(_curve_row(pending, step, params.epochs, rows, last_fired, params))
+        if on_log is not None:
+            on_log(curves[-1])
     return FitResult(step, rows, curves, dead_in_window(last_fired, rows, params))
 
 

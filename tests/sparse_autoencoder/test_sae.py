@@ -131,7 +131,10 @@ def test_sae_recovers_a_planted_sparse_dictionary(tmp_path):
     )
     model = SparseAutoencoder(32, 96, topk=3, layer_norm=False, seed=0)
     model.init_decoder_bias(source.sample("train", 2000)[1])
-    result = fit_sae(model, source, params, seed=0)
+    logged = []
+    result = fit_sae(model, source, params, seed=0, on_log=logged.append)
+    # Every row reaches the logger, the last (partial: 348 steps, a row per 20) too.
+    assert logged == result.curves and logged[-1]["step"] == result.steps == 348
 
     matched = match_features(dictionary.T, model.W_dec)  # each atom gets its own feature
     assert matched.mean_cos >= 0.9, f"mean matched cosine {matched.mean_cos:.3f}"
