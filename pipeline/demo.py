@@ -1,14 +1,18 @@
 """The tiny profile, end to end through real DVC, without touching tracked files.
 
 The project's files are copied into a workspace (default `build/demo`, git-ignored)
-with `profiles/tiny.yaml` as its `params.yaml`; `dvc repro` runs there, so the
-DVC cache makes a second `make demo` nearly instant and the user's own
-`params.yaml`, `dvc.lock` and `metrics/` stay as they are.
+with `profiles/tiny.yaml` as its `params.yaml`. The workspace is a git repository of its
+own, used the way a DVC user uses theirs: the copied project is committed, `dvc repro`
+runs, and its results (`dvc.lock`, `metrics/`, the `.gitignore` files DVC writes) are
+committed too. So `dvc metrics diff`, `dvc params diff`, `dvc exp show --only-changed`
+and queued experiments (`dvc exp run --queue`, which start from the last commit) work as
+DVC's docs describe, a queued experiment re-runs only the stages its params change, and
+the user's own `params.yaml`, `dvc.lock` and `metrics/` stay as they are. A second
+`make demo` finds every stage cached and commits nothing: git stays clean.
 
 The concept branch is then run a second time with its concepts split by stem instead of
-by text, the way a DVC user compares two settings: the workspace's results are committed
-(in the workspace's own git) as the baseline, `dvc exp run --temp -n split-by-stem -S
-wordlist.split_by=stem evaluate` runs the experiment outside the workspace (whose
+by text, the way a DVC user compares two settings: `dvc exp run --temp -n split-by-stem
+-S wordlist.split_by=stem evaluate` runs the experiment outside the workspace (whose
 params.yaml, dvc.lock and metrics keep agreeing: `dvc status` stays clean), and the demo
 prints the experiment's table and `dvc metrics diff HEAD split-by-stem` as test cos_sim
 side by side. An experiment already made from the same baseline is reused.
@@ -57,16 +61,53 @@ def project_files(root: Path = ROOT) -> list[Path]:
 def prepare_workspace(workspace: Path, profile: Path = PROFILE, root: Path = ROOT) -> Path:
     """Copy the project into `workspace` and install `profile` as its params.yaml."""
     workspace.mkdir(parents=True, exist_ok=True)
-    for rel in project_files(root):
+    files = project_files(root)
+    for rel in files:
         target = workspace / rel
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(root / rel, target)
     shutil.copy2(root / profile, workspace / "params.yaml")
     if not (workspace / ".git").exists():
         subprocess.run(["git", "init", "-q"], cwd=workspace, check=True)
-        subprocess.run([*GIT, "add", "-A"], cwd=workspace, check=True)
-        subprocess.run([*GIT, "commit", "-q", "-m", "tiny profile"], cwd=workspace, check=True)
+    commit(
+        workspace,
+        [*map(str, files), "params.yaml"],
+        "the project, with the tiny profile as params.yaml",
+    )
     return workspace
+
+
+# What `dvc repro` writes that DVC's docs keep in git: the lock file, the metrics and
+# tables (`cache: false`), and the .gitignore files that DVC writes next to its outputs.
+RESULTS = ("dvc.lock", "metrics", "data")
+
+
+def commit(workspace: Path, paths: list[str] | tuple[str, ...], message: str) -> bool:
+    """Commit the changes under `paths` (ignored files excluded) in `workspace`'s own git;
+    nothing changed there: no commit. Whether it committed."""
+    paths = [path for path in paths if (workspace / path).exists() or _tracked(workspace, path)]
+    if not paths or not _git(workspace, "status", "--porcelain", "--", *paths):
+        return False
+    _git(workspace, "add", "-A", "--", *paths)
+    _git(workspace, "commit", "-q", "-m", message)
+    return True
+
+
+def _tracked(workspace: Path, path: str) -> bool:
+    return bool(_git(workspace, "ls-files", "--", path))
+
+
+def reproduce(workspace: Path, env: dict[str, str]) -> None:
+    """`dvc repro`, then its results committed: the baseline of experiments.
+
+    A queued experiment starts from the last commit. Without `dvc.lock` in it, DVC finds
+    no hash for any output there ("No file hash info found", one warning per output)
+    and can skip a stage only through its run cache; DVC keeps no run-cache entry for a
+    stage with a `cache: false` output that is neither a metric nor a plot (the tables
+    and val_curves.png of evaluate, sidecar, sae, steering and summary), so those
+    re-ran whatever the experiment changed."""
+    subprocess.run(["dvc", "repro"], cwd=workspace, env=env, check=True)
+    commit(workspace, RESULTS, "dvc repro results (the baseline of experiments)")
 
 
 def offline_env() -> dict[str, str]:
@@ -92,7 +133,7 @@ CONCEPT_METRICS = "metrics/distill.json"
 def run_demo(workspace: Path) -> str:
     prepare_workspace(workspace)
     env = offline_env()
-    subprocess.run(["dvc", "repro"], cwd=workspace, env=env, check=True)
+    reproduce(workspace, env)
     metrics = workspace / "metrics"
     tables = [
         f"## metrics/{name}\n\n{(metrics / name).read_text().strip()}"
@@ -121,9 +162,6 @@ def stem_split_tables(workspace: Path, env: dict[str, str]) -> list[str]:
 def stem_experiment(workspace: Path, env: dict[str, str]) -> str:
     """The commit of experiment EXPERIMENT from the workspace's committed results; run
     (outside the workspace, `--temp`) only when this baseline has none yet."""
-    if _git(workspace, "status", "--porcelain"):
-        _git(workspace, "add", "-A")
-        _git(workspace, "commit", "-q", "-m", "dvc repro results (the baseline of experiments)")
     found = experiment_commit(_dvc(workspace, env, "exp", "list"), EXPERIMENT)
     if found is None:
         # No -f: on `dvc exp run` it also forces every stage to re-run.

@@ -253,8 +253,7 @@ def test_under_dvc_outputs_kept_in_git_are_named_too(capsys, tmp_path, offline, 
     )
     monkeypatch.setenv("DVC_STAGE", "distill@linear_probe")
     (line,) = failure(capsys, *argv)
-    live = "metrics/live/distill/linear_probe"
     assert line.endswith(
-        f"`dvc checkout distill@linear_probe` restores them, `git checkout -- {live}/plots "
-        f"{live}/seeds {live}/metrics.json` the ones kept in git)"
+        "`dvc checkout distill@linear_probe` restores them, `git checkout -- "
+        "metrics/live/distill/linear_probe/metrics.json` the ones kept in git)"
     )

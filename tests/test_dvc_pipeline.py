@@ -20,6 +20,7 @@ import yaml
 from pipeline.common.live import read_metric
 from pipeline.demo import PROFILE, ROOT, offline_env, prepare_workspace
 from tests.picture_checks import assert_picture
+from tests.tables import squeeze
 
 pytestmark = pytest.mark.slow
 
@@ -32,7 +33,7 @@ RUNS = {
 
 BRANCH_STAGES = {"corpus", "trajectories", "sidecar", "activations", "sae", "mcdata", "steering"}
 ALL_STAGES = (
-    {"params_check", "teachers", "wordlist", "directions", "evaluate"}
+    {"params_check", "teachers", "wordlist", "directions", "evaluate", "summary"}
     | {f"distill@{n}" for n in RUNS}
     | BRANCH_STAGES
 )
@@ -101,7 +102,7 @@ def test_repro_writes_metrics_table_and_plot_and_is_then_cached(repo):
     assert set(RUNS) <= set(metrics)
     assert metrics["linear_probe"]["test_cos"] > metrics["baseline_train_mean"]["test_cos"]
     assert_picture(repo / "metrics" / "plots" / "distill_val_curves.png")
-    table = (repo / "metrics" / "comparison.md").read_text()
+    table = squeeze((repo / "metrics" / "comparison.md").read_text())
     assert "Linear Probe" in table and "Frozen+MLP h=64" in table
     assert "| Linear Probe | 2 | " in table and metrics["linear_probe"]["num_seeds"] == 2
     assert stages_run(dvc(repo, "repro")) == set(), "a second repro must be fully cached"
@@ -120,7 +121,7 @@ def test_fresh_clone_trains_from_the_remote_without_re_extracting(repo, tmp_path
         "--allow-missing",
     )
     distill = {f"distill@{name}" for name in RUNS}
-    assert stages_run(out) == {"params_check"} | distill | {"evaluate"}
+    assert stages_run(out) == {"params_check"} | distill | {"evaluate", "summary"}
     assert not (clone / "data" / ".scratch").exists()
     metrics = json.loads((clone / "metrics" / "distill.json").read_text())
     seeds = metrics["frozen_h64"]["seeds"]
@@ -130,7 +131,7 @@ def test_fresh_clone_trains_from_the_remote_without_re_extracting(repo, tmp_path
 def test_one_param_experiment_reruns_only_its_branch(repo):
     workspace = repo
     experiment = dvc(workspace, "exp", "run", "-S", "distill.runs.frozen_h64.hidden_dim=16")
-    assert stages_run(experiment) == {"params_check", "distill@frozen_h64", "evaluate"}
+    assert stages_run(experiment) == {"params_check", "distill@frozen_h64", "evaluate", "summary"}
 
     lock = yaml.safe_load((workspace / "dvc.lock").read_text())
     assert lock["stages"]["distill@frozen_h64"]["params"]["params.yaml"][
@@ -161,9 +162,9 @@ def test_branch_params_rerun_only_their_own_stage(repo):
         "-S",
         "steering.layers=[1,2]",
     )
-    assert stages_run(out) == {"params_check", "sidecar", "sae", "steering"}
-    steering = json.loads((repo / "metrics" / "steering.json").read_text())
-    assert steering["layers"] == [1, 2]
+    assert stages_run(out) == {"params_check", "sidecar", "sae", "steering", "summary"}
+    steering = json.loads((repo / "data" / "steering" / "info.json").read_text())
+    assert steering["layers"] == [1, 2]  # the run's description: beside the vectors
     sae = json.loads((repo / "data" / "sae" / "config.json").read_text())
     assert sae["topk"] == 8 and sae["sae"]["topk"] == 8
 

@@ -38,11 +38,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 from pipeline.common.code_deps import code_fingerprint
 from pipeline.common.distributed import World, process_group
 from pipeline.common.params import to_dict
+from pipeline.common.progress import progress
 from pipeline.common.scratch import Scratch
 from pipeline.common.shards import Manifest, ShardRecord, sha256_file
 
@@ -225,7 +225,7 @@ class ShardedExtraction:
         """Compute the shards in `owned` no previous run finished; return how many one had."""
         reused = 0
         rows = plan.shard_rows
-        with tqdm(
+        with progress(
             total=sum(len(rows[index]) for index in owned) * plan.units_per_row,
             unit=plan.unit,
             desc=self.name,

@@ -34,6 +34,7 @@ from typing import Annotated, Any
 import typer
 
 from pipeline.common.io import write_json, write_text
+from pipeline.common.tables import markdown_table
 
 KEY = "summary"
 TEXT_FIELDS = ("branch", "metric", "teacher", "control")
@@ -141,10 +142,19 @@ def summary_table(entries: Sequence[dict[str, Any]]) -> str:
         "Values are on held-out data; intervals as the `interval` column says. A headline "
         "that its control matches is not a finding.",
         "",
-        "| branch | metric | value [interval] | control | control [interval] | "
-        "downstream | interval | n | teacher |",
-        "|---|---|---:|---|---:|---|---|---:|---|",
     ]
+    header = [
+        "branch",
+        "metric",
+        "value [interval]",
+        "control",
+        "control [interval]",
+        "downstream",
+        "interval",
+        "n",
+        "teacher",
+    ]
+    rows = []
     notes: list[str] = []  # one footnote per distinct caveat
     for entry in entries:
         downstream = MISSING
@@ -155,14 +165,20 @@ def summary_table(entries: Sequence[dict[str, Any]]) -> str:
             if entry["caveat"] not in notes:
                 notes.append(entry["caveat"])
             teacher += f" ({notes.index(entry['caveat']) + 1})"
-        lines.append(
-            f"| {entry['branch']} | {entry['metric']} "
-            f"| {with_interval(entry['value'], entry.get('interval'))} "
-            f"| {entry['control']} "
-            f"| {with_interval(entry.get('control_value'), entry.get('control_interval'))} "
-            f"| {downstream} | {entry.get('interval_kind') or 'none'} | {entry['n']} "
-            f"| {teacher} |"
+        rows.append(
+            [
+                entry["branch"],
+                entry["metric"],
+                with_interval(entry["value"], entry.get("interval")),
+                entry["control"],
+                with_interval(entry.get("control_value"), entry.get("control_interval")),
+                downstream,
+                entry.get("interval_kind") or "none",
+                str(entry["n"]),
+                teacher,
+            ]
         )
+    lines += markdown_table(header, rows, align="llrlrllrl")
     if notes:
         lines.append("")
         lines += [f"({i}) {note}" for i, note in enumerate(notes, start=1)]

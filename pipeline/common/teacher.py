@@ -23,7 +23,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import huggingface_hub
 import torch
+from huggingface_hub.errors import HfHubHTTPError
 from torch import nn
 from transformers import (
     AutoModel,
@@ -40,6 +42,9 @@ from pipeline.common.devices import resolve_device
 # Where the transformer blocks and the final norm live, across HF families.
 _LAYER_PATHS = ("layers", "encoder.layer", "h", "decoder.layers", "transformer.h")
 _NORM_PATHS = ("norm", "ln_f", "final_layer_norm", "transformer.ln_f")
+
+HUB_PROBE_TIMEOUT_S = 10.0
+"""Seconds the one probe of the hub may take before a missing model counts as unreachable."""
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -126,7 +131,7 @@ class Teacher:
         """K/V of a token prefix (batch of one), to be shared by every prompt starting with it."""
         ids = torch.tensor([prefix], device=self.device)
         out = self.model(input_ids=ids, use_cache=True)
-        kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+        kv = [(layer.keys, layer.values) for layer in out.cache.layers]
         return PrefixCache(len(prefix), kv)
 
     @torch.inference_mode()
@@ -144,11 +149,10 @@ class Teacher:
         offset = 0
         if prefix is not None:
             batch = input_ids.shape[0]
-            kwargs["past_key_values"] = DynamicCache(
-                ddp_cache_data=[
-                    (k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)) for k, v in prefix.kv
-                ]
-            )
+            cache = DynamicCache(config=self.model.config)
+            for index, (k, v) in enumerate(prefix.kv):
+                cache.update(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1), index)
+            kwargs["cache"] = cache
             kwargs["use_cache"] = True
             offset = prefix.length
             ones = attention_mask.new_ones(batch, prefix.length)
@@ -259,6 +263,38 @@ def missing_model_folder(model_id: str, model_key: str) -> FileNotFoundError | N
     return None
 
 
+def pretrained(loader, model_id: str, revision: str | None, **kwargs):
+    """`loader.from_pretrained(model_id, revision=revision, **kwargs)` (loader: `AutoModel`,
+    `AutoTokenizer` ...), the local copy first.
+
+    A hub id is looked up in the local Hugging Face cache before the network
+    (`local_files_only=True`); if it is not there, HF_HUB_OFFLINE fails at once and
+    otherwise one probe of the hub (no retries) fails at once when the hub is unreachable,
+    instead of the hub client's retries of every file. Raises OSError saying which.
+    """
+    if looks_like_path(model_id) or Path(model_id).exists():
+        return loader.from_pretrained(model_id, revision=revision, **kwargs)
+    try:
+        return loader.from_pretrained(model_id, revision=revision, local_files_only=True, **kwargs)
+    except OSError as err:
+        miss = err
+    if huggingface_hub.is_offline_mode():
+        raise OSError(
+            f"{model_id} (revision {revision}) is not in the local Hugging Face cache "
+            f"({huggingface_hub.constants.HF_HUB_CACHE}) and HF_HUB_OFFLINE is set."
+        ) from miss
+    try:
+        huggingface_hub.model_info(model_id, revision=revision, timeout=HUB_PROBE_TIMEOUT_S)
+    except HfHubHTTPError:
+        pass  # the hub answered (e.g. gated, or no such repo): from_pretrained says what
+    except Exception as err:  # the hub client's transport errors (DNS, connect, timeout)
+        raise OSError(
+            f"{model_id} is not in the local Hugging Face cache and the hub "
+            f"({huggingface_hub.constants.ENDPOINT}) is unreachable: {type(err).__name__}: {err}."
+        ) from err
+    return loader.from_pretrained(model_id, revision=revision, **kwargs)
+
+
 def _load(
     model_id: str,
     revision: str | None,
@@ -268,8 +304,8 @@ def _load(
 ):
     auto = AutoModelForCausalLM if causal else AutoModel
     try:
-        tokenizer = AutoTokenizer.from_pretrained(model_id, revision=revision)
-        model = auto.from_pretrained(model_id, revision=revision, dtype=dtype)
+        tokenizer = pretrained(AutoTokenizer, model_id, revision)
+        model = pretrained(auto, model_id, revision, dtype=dtype)
     except (OSError, ValueError) as err:
         missing = missing_model_folder(model_id, model_key)
         if missing is not None:
@@ -280,7 +316,7 @@ def _load(
             "If the hub is unreachable (offline), point the stage's `model` param "
             "(directions.model, trajectories.model, ...) at a local copy "
             "(a folder with config.json, weights and tokenizer files, e.g. made by "
-            "`huggingface-cli download Qwen/Qwen3-0.6B --local-dir models/qwen3-0.6b`), "
+            "`hf download Qwen/Qwen3-0.6B --local-dir models/qwen3-0.6b`), "
             "or run `make demo` for the offline tiny profile."
         ) from err
     return model, tokenizer

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from pipeline.common.tables import markdown_table
 from pipeline.concepts.params import RunParams
 
 FOOTNOTE = "\\* needs the teacher's embedding table at inference"
@@ -129,8 +130,7 @@ def comparison_table(
         "Test cos (unseen tokens)",
     ]
     lines = [table_title(teacher, split_by), ""]
-    lines += ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(_row_cells(row, ks)) + " |" for row in sorted(rows, key=_sort_key)]
+    lines += markdown_table(header, [_row_cells(row, ks) for row in sorted(rows, key=_sort_key)])
     if any(row.frozen for row in rows):
         lines += ["", FOOTNOTE]
     lines += ["", *seed_table(sorted(rows, key=_sort_key), split_by)]
@@ -164,9 +164,8 @@ def seed_table(rows: Sequence[Row], split_by: str) -> list[str]:
         f"Test cos_sim over seeds (95% t-interval; baselines are deterministic); "
         f"concepts split by {split_by} (wordlist.split_by):",
         "",
-        "| " + " | ".join(header) + " |",
-        "|" + "|".join("---" for _ in header) + "|",
     ]
+    body = []
     for i, row in enumerate(rows):
         m = row.metrics
         own = interval(m)
@@ -177,9 +176,8 @@ def seed_table(rows: Sequence[Row], split_by: str) -> list[str]:
             seeds = str(m["num_seeds"])
             span = MISSING if own is None else f"[{own[0]:.4f}, {own[1]:.4f}]"
         mark = MISSING if after is None else ("yes" if after else "no")
-        cells = [row.label, seeds, _cell(m.get("test_cos"), ".4f"), span, mark]
-        lines.append("| " + " | ".join(cells) + " |")
-    return lines
+        body.append([row.label, seeds, _cell(m.get("test_cos"), ".4f"), span, mark])
+    return lines + markdown_table(header, body)
 
 
 def summary(rows: Sequence[Row], split_by: str, teacher: TeacherFacts) -> list[dict[str, Any]]:

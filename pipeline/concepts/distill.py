@@ -14,7 +14,6 @@ into `<live>/` itself, which the top-level plots of dvc.yaml overlay across runs
 from __future__ import annotations
 
 import json
-import logging
 import shutil
 from functools import partial
 from pathlib import Path
@@ -37,7 +36,6 @@ from pipeline.concepts.students import (
 )
 from pipeline.concepts.training import FitResult, fit
 
-log = logging.getLogger(__name__)
 CURVE_FIELDS = ("epoch", "train_loss", "train_cos", "val_cos")
 SEEDS = "seeds"
 """`<live>/seeds/<seed>/`: each seed's own dvclive folder."""
@@ -77,7 +75,6 @@ def run(params: Sections, run_name: str, directions: Path, out: Path, live: Path
         for row in mean_curves(list(curves.values())):
             log_row(run_live, row, step="epoch")
     summary = {"trainable_params": first["trainable_params"], "per_seed": per_seed}
-    log.info("distill %s: %s", run_name, summary)
     return summary
 
 

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from pipeline.common.devices import resolve_device
+from pipeline.common.progress import progress
 from pipeline.concepts.layout import Batch, DirectionSet
 from pipeline.concepts.losses import cosine_loss, cosine_similarity_rows
 from pipeline.concepts.params import TrainParams
@@ -108,7 +108,7 @@ def fit(
     optimizer = make_optimizer(model, train)
     curves: list[dict[str, float]] = []
     best_state, best_epoch, best_cos = None, 0, -float("inf")
-    bar = tqdm(range(1, train.epochs + 1), desc="distill", unit="epoch")
+    bar = progress(range(1, train.epochs + 1), desc="distill", unit="epoch")
     for epoch in bar:
         batches = directions.batches(
             "train", train.batch_size, train.buffer_rows, shuffle=True, seed=seed + epoch

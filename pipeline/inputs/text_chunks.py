@@ -43,7 +43,7 @@ import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from pipeline.common.shards import Manifest, read_shard
-from pipeline.common.teacher import TeacherLoadError, missing_model_folder
+from pipeline.common.teacher import TeacherLoadError, missing_model_folder, pretrained
 from pipeline.inputs.params import CorpusParams
 
 BUILTIN_WORDS = 5_000
@@ -129,7 +129,7 @@ def load_tokenizer(
     """The tokenizer of `model_id` (hub id or local folder), without the model; `model_key`
     is the params key it came from, named when its folder is missing."""
     try:
-        return AutoTokenizer.from_pretrained(model_id, revision=revision)
+        return pretrained(AutoTokenizer, model_id, revision)
     except (OSError, ValueError) as err:
         missing = missing_model_folder(model_id, model_key)
         if missing is not None:
@@ -137,7 +137,7 @@ def load_tokenizer(
         raise TeacherLoadError(
             f"cannot load the tokenizer of {model_id!r} (revision {revision!r}): {err} "
             "If the hub is unreachable (offline), set corpus.model and trajectories.model to a "
-            "local copy (e.g. `huggingface-cli download TinyLlama/TinyLlama-1.1B-Chat-v1.0 "
+            "local copy (e.g. `hf download TinyLlama/TinyLlama-1.1B-Chat-v1.0 "
             "--local-dir models/tinyllama`), or run `make demo` for the offline tiny profile."
         ) from err
 

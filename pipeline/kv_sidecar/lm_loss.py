@@ -32,18 +32,18 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy import stats
 from torch import Tensor, nn
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from pipeline.common.bootstrap import paired_interval
 from pipeline.kv_sidecar.compressors import Compressor
 from pipeline.kv_sidecar.forces import chunk_losses, future_logits
 
 SPLICE = "kv_sidecar_splice"
 BOOTSTRAP_RESAMPLES = 10_000
-INTERVAL_KIND = "paired bootstrap 95% (percentile, 10,000 resamples over held-out chunks)"
+INTERVAL_KIND = "paired bootstrap 95% (BCa, 10,000 resamples over held-out chunks)"
 
 
 @dataclass
@@ -193,20 +193,10 @@ def paired_increase(
     compressed: Tensor, dense: Tensor, seed: int
 ) -> tuple[float, list[float] | None]:
     """Mean over chunks of compressed - dense loss and its paired bootstrap 95% interval
-    (percentile; the chunks are resampled, each keeping its own pair). None with < 2 chunks."""
+    (BCa, `paired_interval`; the chunks are resampled, each keeping its own pair). None
+    with < 2 chunks."""
     diffs = (compressed - dense).double().numpy()
     mean = float(diffs.mean())
     if diffs.size < 2:
         return mean, None
-    if np.ptp(diffs) == 0.0:  # every chunk the same difference: every resample gives it
-        return mean, [mean, mean]
-    result = stats.bootstrap(
-        (diffs,),
-        np.mean,
-        confidence_level=0.95,
-        n_resamples=BOOTSTRAP_RESAMPLES,
-        method="percentile",
-        rng=np.random.default_rng(seed),
-    )
-    interval = result.confidence_interval
-    return mean, [float(interval.low), float(interval.high)]
+    return mean, list(paired_interval((diffs,), np.mean, BOOTSTRAP_RESAMPLES, seed))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from pipeline.common.tables import markdown_table
 from pipeline.kv_sidecar.compressors import BASELINES, LABELS, SIDECAR
 from pipeline.kv_sidecar.lm_loss import INTERVAL_KIND
 from pipeline.kv_sidecar.losses import TERMS
@@ -120,21 +121,37 @@ def sidecar_table(metrics: dict[str, Any]) -> str:
         f"{fmt(metrics.get('dense', {}).get('lm_loss'))} nats/token. Ranked by the increase "
         "over dense (lowest first).",
         "",
-        "| rank | compressor | LM loss | increase over dense [95% CI] ¹ | rel. Jacobian error ² "
-        "| Jacobian ratio | output cosine | K norm ratio | V norm ratio |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    header = [
+        "rank",
+        "compressor",
+        "LM loss",
+        "increase over dense [95% CI] ¹",
+        "rel. Jacobian error ²",
+        "Jacobian ratio",
+        "output cosine",
+        "K norm ratio",
+        "V norm ratio",
+    ]
+    ranked = []
     for rank, name in enumerate(order, 1):
         c = compressors[name]
         mark = " ³" if name == SIDECAR and mode in BY_CONSTRUCTION else ""
-        lines.append(
-            f"| {rank} | {label(name)} | {fmt(c.get('lm_loss'))} | "
-            f"{fmt_signed(c.get('lm_loss_increase'))} "
-            f"{fmt_interval(c.get('lm_loss_increase_interval'))} "
-            f"| {fmt(c.get('jacobian_rel_error'))} | {fmt(c.get('jacobian_ratio'))} | "
-            f"{fmt(c.get('output_cosine'))} | {fmt(c.get('k_norm_ratio'))}{mark} | "
-            f"{fmt(c.get('v_norm_ratio'))}{mark} |"
+        increase = c.get("lm_loss_increase")
+        ranked.append(
+            [
+                str(rank),
+                label(name),
+                fmt(c.get("lm_loss")),
+                f"{fmt_signed(increase)} {fmt_interval(c.get('lm_loss_increase_interval'))}",
+                fmt(c.get("jacobian_rel_error")),
+                fmt(c.get("jacobian_ratio")),
+                fmt(c.get("output_cosine")),
+                f"{fmt(c.get('k_norm_ratio'))}{mark}",
+                f"{fmt(c.get('v_norm_ratio'))}{mark}",
+            ]
         )
+    lines += markdown_table(header, ranked, align="rlrrrrrrr")
     lines += [
         "",
         "¹ Mean over held-out chunks of (compressed − dense) next-token cross-entropy at the "
@@ -151,16 +168,13 @@ def sidecar_table(metrics: dict[str, Any]) -> str:
         )
     elif mode is not None:
         lines.append(f"sidecar.scale_normalize: {mode}: no compressor is rescaled.")
-    lines += [
-        "",
-        "| metric | dense | " + " | ".join(label(name) for name in order) + " |",
-        "|---|---:|" + "---:|" * len(order),
-    ]
     reference = compressors[order[0]] if order else {}
+    body = []
     for text, dense_key, key in ROWS:
         dense = fmt(reference.get(dense_key)) if dense_key else ""
         if key == "lm_loss":
             dense = fmt(metrics.get("dense", {}).get("lm_loss"))
-        values = " | ".join(fmt(compressors[name].get(key)) for name in order)
-        lines.append(f"| {text} | {dense} | {values} |")
+        body.append([text, dense, *(fmt(compressors[name].get(key)) for name in order)])
+    header = ["metric", "dense", *(label(name) for name in order)]
+    lines += ["", *markdown_table(header, body, align="lr" + "r" * len(order))]
     return "\n".join(lines) + "\n"

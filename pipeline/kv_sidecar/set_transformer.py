@@ -28,10 +28,10 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from pipeline.common.checkpoints import load_weights, read_config
 from pipeline.common.params import build
+from pipeline.common.progress import progress
 from pipeline.kv_sidecar.compressors import SIDECAR, Compressor, sidecar_compressor
 from pipeline.kv_sidecar.losses import (
     TERMS,
@@ -331,7 +331,7 @@ def fit(
     curves, eval_curves = [], []
     start = time.perf_counter()
     stream = endless(data, params)
-    bar = tqdm(range(1, params.max_steps + 1), desc="sidecar", unit="step")
+    bar = progress(range(1, params.max_steps + 1), desc="sidecar", unit="step")
     for step in bar:
         row = train_step(model, optimizer, schedule, next(stream).to(device), params, window_size)
         curves.append({"step": step} | row)

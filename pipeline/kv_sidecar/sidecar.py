@@ -36,6 +36,7 @@ from pipeline.common.io import write_json, write_text
 from pipeline.common.live import log_row, open_live
 from pipeline.common.params import Sections, load_params, to_dict
 from pipeline.common.pictures import Panel, bar_chart, line_panels
+from pipeline.common.run_info import INFO, split_info
 from pipeline.common.shards import MANIFEST, sha256_file
 from pipeline.common.teacher import load_causal_lm, teacher_caveat
 from pipeline.inputs.text_chunks import CorpusChunks
@@ -108,7 +109,9 @@ def run(
     out = Path(out)
     config = checkpoint_config(data, window_size, model, result, params)
     save_checkpoint(out, model.state_dict(), config)
-    write_json(Path(metrics), results)
+    measured, info = split_info(results, ("teacher", "scale_normalize", "counts.layer"))
+    write_json(Path(metrics), measured)
+    write_json(out / INFO, info)
     write_text(Path(table), sidecar_table(results))
     training_picture(result, Path(plot_training))
     lm_loss_picture(results, Path(plot_lm_loss))

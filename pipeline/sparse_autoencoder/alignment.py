@@ -12,7 +12,8 @@
   matrices; invariant to rotation and isotropic scaling, 1 for identical spaces.
 - `orthogonal_procrustes`: the orthogonal map R minimizing ||X R - Y||_F after centering
   and scaling both to unit Frobenius norm, and the disparity left, 1 - (sum of singular
-  values)^2, in [0, 1] (0: Y is a rotation of X), as `scipy.spatial.procrustes` defines it.
+  values)^2, in [0, 1] (0: Y is a rotation of X), as `scipy.spatial.procrustes` defines it
+  (the map from `scipy.linalg.orthogonal_procrustes`).
 
     matched = match_features(sae_a.W_dec, sae_b.W_dec)    # columns are features
     linear_cka(x_qwen, x_llama), orthogonal_procrustes(x_qwen, x_llama).disparity
@@ -22,7 +23,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+from scipy import linalg
 from torch import Tensor
 
 MATCH_THRESHOLD = 0.9
@@ -89,15 +92,22 @@ class Procrustes:
 
 
 def orthogonal_procrustes(x: Tensor, y: Tensor) -> Procrustes:
-    """Best orthogonal map of centered, unit-Frobenius x (N, D1) onto y (N, D2).
+    """Best orthogonal map of centered, unit-Frobenius x (N, D1) onto y (N, D2), by
+    `scipy.linalg.orthogonal_procrustes`.
 
-    With D1 != D2 the map is a partial isometry (the orthogonal map into the common span).
+    With D1 != D2 the narrower side is zero-padded to the wider width (scipy wants equal
+    shapes) and the map is cut back to (D1, D2): a partial isometry into the common span.
     """
     xc, yc = _centered(x, y)
-    xn, yn = xc / xc.norm(), yc / yc.norm()
-    u, s, vh = torch.linalg.svd(xn.T @ yn, full_matrices=False)  # (D1, r), (r,), (r, D2)
-    disparity = max(0.0, 1.0 - s.sum().item() ** 2)
-    return Procrustes(u @ vh, disparity)
+    xn, yn = (xc / xc.norm()).numpy(), (yc / yc.norm()).numpy()
+    width = max(xn.shape[1], yn.shape[1])
+    rotation, scale = linalg.orthogonal_procrustes(_pad(xn, width), _pad(yn, width))
+    disparity = max(0.0, 1.0 - float(scale) ** 2)  # scale: the sum of singular values
+    return Procrustes(torch.from_numpy(rotation[: xn.shape[1], : yn.shape[1]]), disparity)
+
+
+def _pad(a: np.ndarray, width: int) -> np.ndarray:
+    return np.pad(a, ((0, 0), (0, width - a.shape[1])))
 
 
 def _centered(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:

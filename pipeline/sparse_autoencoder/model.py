@@ -24,10 +24,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from pipeline.common.checkpoints import load_weights, read_config, save_checkpoint
 from pipeline.common.devices import resolve_device
+from pipeline.common.progress import progress
 from pipeline.sparse_autoencoder.params import SaeParams
 from pipeline.sparse_autoencoder.sources import ActivationSource
 
@@ -147,7 +147,7 @@ def fit_sae(
     curves: list[dict[str, float]] = []
     pending: list[dict[str, Tensor]] = []
     step = rows = 0
-    bar = tqdm(range(1, params.epochs + 1), desc=f"sae seed {seed}", unit="epoch")
+    bar = progress(range(1, params.epochs + 1), desc=f"sae seed {seed}", unit="epoch")
     for epoch in bar:
         batches = source.batches(
             "train",

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from pipeline.common.tables import markdown_table
 from pipeline.sparse_autoencoder.exemplars import TopExemplars
 
 NONE = "–"
@@ -65,21 +66,35 @@ def _feature_block(exemplars, feature, scores, usage, eval_rows, describe) -> li
     lines = [
         f"### Feature {feature}: coherence {scores[feature].item():.3f}, fires {fires:.2%}",
         "",
-        "| rank | activation | item |",
-        "|---:|---:|:---|",
     ]
-    for rank, (value, text) in enumerate(zip(exemplars.values[feature][valid], texts, strict=True)):
-        lines.append(f"| {rank + 1} | {value.item():.4f} | {_cell(text)} |")
-    return lines + [""]
+    rows = [
+        [str(rank + 1), f"{value.item():.4f}", _cell(text)]
+        for rank, (value, text) in enumerate(
+            zip(exemplars.values[feature][valid], texts, strict=True)
+        )
+    ]
+    return lines + markdown_table(["rank", "activation", "item"], rows, align="rrl") + [""]
 
 
 def comparison_table(metrics: dict[str, Any], heading: str, other_model: str = "") -> str:
     """Markdown: the SAE next to each baseline at equal L0 (seed 002's columns), the
     spliced-in LM loss of each, and the cross-seed line with its chance and ceiling."""
-    header = (
-        "| method | components | active dims (L0) | MSE | R^2 | density | dead rate | Gini "
-        "| cos mean | cos p95 | cos max |"
-    )
+    header = [
+        "method",
+        "components",
+        "active dims (L0)",
+        "MSE",
+        "R^2",
+        "density",
+        "dead rate",
+        "Gini",
+        "cos mean",
+        "cos p95",
+        "cos max",
+    ]
+    rows = [_row(f"SAE (seed {metrics['seed']})", metrics["code_dims"], metrics)]
+    for name, base in metrics.get("baselines", {}).items():
+        rows.append(_row(LABELS.get(name, name), base["components"], base))
     lines = [
         f"# {heading}",
         "",
@@ -87,12 +102,8 @@ def comparison_table(metrics: dict[str, Any], heading: str, other_model: str = "
         f"({_space(metrics)}); baselines are fit on {metrics['baseline_rows']} train rows "
         "at the SAE's L0: " + _baseline_note(metrics),
         "",
-        header,
-        "|:---|" + "---:|" * 10,
-        _row(f"SAE (seed {metrics['seed']})", metrics["code_dims"], metrics),
+        *markdown_table(header, rows, align="l" + "r" * 10),
     ]
-    for name, base in metrics.get("baselines", {}).items():
-        lines.append(_row(LABELS.get(name, name), base["components"], base))
     lines += ["", *_splice_section(metrics)]
     cross = metrics.get("cross_seed")
     if cross:
@@ -147,16 +158,21 @@ def _splice_section(metrics: dict[str, Any]) -> list[str]:
         "is replaced at every token by each method's reconstruction, mapped back to the "
         "model's space. Loss recovered = (L_mean - L) / (L_mean - L_clean), L_mean with the "
         "train mean activation spliced in (SAELens's ce_loss_score uses zero ablation "
-        "instead). Intervals: 95% paired percentile bootstrap over the chunks "
+        "instead). Intervals: 95% paired BCa bootstrap over the chunks "
         f"({splice['bootstrap_samples']} resamples). EV = 1 - SSE / total variance of the "
         "replaced rows in the model's space.",
         "",
-        "| method | spliced in | LM loss (nats/token) | loss recovered [95% CI] "
-        "| loss increase [95% CI] | EV (model space) |",
-        "|:---|:---|---:|---:|---:|---:|",
-        f"| clean | nothing | {splice['clean_loss']:.4f} | 1 | 0 | "
-        f"{_number(splice['clean_explained_variance'])} |",
     ]
+    header = [
+        "method",
+        "spliced in",
+        "LM loss (nats/token)",
+        "loss recovered [95% CI]",
+        "loss increase [95% CI]",
+        "EV (model space)",
+    ]
+    clean = ["clean", "nothing", f"{splice['clean_loss']:.4f}", "1", "0"]
+    rows = [[*clean, _number(splice["clean_explained_variance"])]]
     baselines = metrics.get("baselines", {})
     for name, scores in splice["methods"].items():
         if name == "sae":
@@ -165,9 +181,10 @@ def _splice_section(metrics: dict[str, Any]) -> list[str]:
                 what = "its ReLU code"
         else:
             label, what = LABELS.get(name, name), _what(name, baselines.get(name, {}))
-        lines.append(_splice_row(label, what, scores))
+        rows.append(_splice_row(label, what, scores))
     ablation = splice["mean_ablation"]
-    lines.append(_splice_row("mean ablation", "the train mean activation", ablation))
+    rows.append(_splice_row("mean ablation", "the train mean activation", ablation))
+    lines += markdown_table(header, rows, align="llrrrr")
     interval = ablation["loss_increase_ci"]
     if interval is not None and interval[0] <= 0:
         raised = _with_interval(ablation["loss_increase"], interval, "+.4f")
@@ -181,13 +198,11 @@ def _splice_section(metrics: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _splice_row(label: str, what: str, scores: dict[str, Any]) -> str:
+def _splice_row(label: str, what: str, scores: dict[str, Any]) -> list[str]:
     recovered = _with_interval(scores["loss_recovered"], scores["loss_recovered_ci"], "+.3f")
     increase = _with_interval(scores["loss_increase"], scores["loss_increase_ci"], "+.4f")
-    return (
-        f"| {label} | {what} | {scores['lm_loss']:.4f} | {recovered} | {increase} "
-        f"| {_number(scores['explained_variance'])} |"
-    )
+    lm_loss, explained = f"{scores['lm_loss']:.4f}", _number(scores["explained_variance"])
+    return [label, what, lm_loss, recovered, increase, explained]
 
 
 def _with_interval(value: float, interval: list[float] | None, spec: str) -> str:
@@ -233,7 +248,7 @@ def summary(metrics: dict[str, Any], teacher: str, caveat: str = "") -> list[dic
                 f"SAE fraction of LM loss recovered, layer {metrics['layer']} spliced in",
                 sae["loss_recovered"],
                 sae["loss_recovered_ci"],
-                "paired bootstrap 95% over held-out chunks",
+                "paired BCa bootstrap 95% over held-out chunks",
                 f"best baseline at equal L0: {LABELS.get(best, best)}" if best else None,
                 others[best]["loss_recovered"] if best else None,
                 others[best]["loss_recovered_ci"] if best else None,
@@ -306,7 +321,7 @@ def _entry(
     }
 
 
-def _row(name: str, components: int, values: dict[str, Any]) -> str:
+def _row(name: str, components: int, values: dict[str, Any]) -> list[str]:
     keys = (
         "mean_active",
         "reconstruction_mse",
@@ -318,8 +333,7 @@ def _row(name: str, components: int, values: dict[str, Any]) -> str:
         "cos_p95",
         "cos_max",
     )
-    cells = [_number(values.get(key)) for key in keys]
-    return f"| {name} | {components} | " + " | ".join(cells) + " |"
+    return [name, str(components), *(_number(values.get(key)) for key in keys)]
 
 
 def _number(value: Any) -> str:

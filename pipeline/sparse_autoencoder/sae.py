@@ -34,7 +34,6 @@ matched one to one. Writes:
 from __future__ import annotations
 
 import json
-import logging
 import math
 import shutil
 import time
@@ -50,6 +49,7 @@ from pipeline.common.io import write_json, write_text
 from pipeline.common.live import log_row, open_live
 from pipeline.common.params import Sections, load_params, to_dict
 from pipeline.common.pictures import Panel, histogram, line_panels
+from pipeline.common.run_info import INFO, split_info
 from pipeline.common.teacher import load_causal_lm, teacher_caveat
 from pipeline.inputs.text_chunks import CorpusChunks, load_tokenizer
 from pipeline.sparse_autoencoder.alignment import (
@@ -92,8 +92,25 @@ from pipeline.sparse_autoencoder.splice import (
     module_name,
 )
 
-log = logging.getLogger(__name__)
 PARAMS = Path("params.yaml")
+INFO_KEYS = (
+    "layer",
+    "layer_norm",
+    "seed",
+    "topk",
+    "model_dims",
+    "code_dims",
+    "baselines.*.components",
+    "baselines.*.kept_per_row",
+    "splice.applies",
+    "splice.reason",
+    "splice.hook",
+    "splice.teacher_dtype",
+    "splice.bootstrap_samples",
+    "cross_seed.twin_seed",
+    "cross_model.other_layer",
+)
+"""What describes the run rather than measures it: `<out>/info.json`, not the metrics."""
 EVAL_BATCH = 1024
 HOOK_TOLERANCE = 0.05
 """Largest relative gap between the hooked and the stored hidden state: bfloat16 storage
@@ -120,7 +137,6 @@ def run(
     compare: Path | None = None,
 ) -> dict[str, Any]:
     """Train, measure and report; returns the metrics written to `metrics`."""
-    started = time.perf_counter()
     sae = params.sae
     data = _open_input(sae, Path(source), wordlist, corpus)
     features = data.dim * sae.code_dims_multiplier
@@ -169,9 +185,9 @@ def run(
     )
     write_text(Path(exemplars), report)
     result["summary"] = summary(result, data.model, caveat)
-    write_json(Path(metrics), result)
-    headline = {k: v for k, v in result.items() if not isinstance(v, dict)}
-    log.info("sae: %.1f s, %s", time.perf_counter() - started, headline)
+    measured, info = split_info(result, INFO_KEYS)
+    write_json(Path(metrics), measured)
+    write_json(Path(out) / INFO, info)
     return result
 
 
@@ -461,6 +477,7 @@ def command(
     params: Annotated[Path, typer.Option(help="Params file; its `sae` section.")] = PARAMS,
 ) -> None:
     """Train the seed-002 SAE on cached activations; write metrics, tables and exemplars."""
+    started = time.perf_counter()
     result = run(
         load_params(params, sae=SaeParams),
         source,
@@ -476,4 +493,5 @@ def command(
         compare,
     )
     headline = ("reconstruction_r2", "activation_density", "dead_feature_rate", "gini")
-    typer.echo(f"sae: {json.dumps({k: result[k] for k in headline})} -> {metrics}")
+    took = f"{time.perf_counter() - started:.1f} s"
+    typer.echo(f"sae: {json.dumps({k: result[k] for k in headline})}, {took} -> {metrics}")

@@ -19,8 +19,9 @@ token of the chunks: positions 0..T-2 predicting 1..T-1, non-padding both sides)
 - loss increase = L_method - L_clean
 - explained variance in the model's space = 1 - sum ||x - x_hat||^2 / sum ||x - mean||^2
   over the replaced rows, around their own mean (sparsify's 1 - FVU)
-- 95% intervals: percentile bootstrap over chunks, paired (each resample takes the same
-  chunks for every method), `scipy.stats.bootstrap(paired=True)`
+- 95% intervals: BCa bootstrap over chunks, paired (each resample takes the same
+  chunks for every method), `scipy.stats.bootstrap(paired=True)` via
+  `pipeline.common.bootstrap` (percentile where BCa is undefined)
 
     module = hook_point(model, layer)
     clean = chunk_losses(model, tokens, mask, 8)
@@ -39,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pipeline.common.bootstrap import paired_interval
 from pipeline.common.teacher import decoder_blocks
 from pipeline.sparse_autoencoder.metrics import ReconstructionStats
 from pipeline.sparse_autoencoder.model import LN_EPS, prepare_inputs
@@ -195,21 +197,7 @@ def loss_recovered(
 
 
 def _interval(data: tuple[np.ndarray, ...], statistic, samples: int, seed: int):
-    """Percentile paired bootstrap over chunks; None with fewer than 2 chunks."""
-    from scipy.stats import bootstrap
-
+    """Paired BCa bootstrap over chunks (`paired_interval`); None with fewer than 2 chunks."""
     if data[0].shape[0] < 2:
         return None
-    with np.errstate(divide="ignore", invalid="ignore"):
-        result = bootstrap(
-            data,
-            statistic,
-            paired=True,
-            vectorized=True,
-            n_resamples=samples,
-            confidence_level=CONFIDENCE,
-            method="percentile",
-            rng=np.random.default_rng(seed),
-        )
-    low, high = result.confidence_interval
-    return [float(low), float(high)]
+    return list(paired_interval(data, statistic, samples, seed, confidence=CONFIDENCE))

@@ -18,9 +18,12 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
+from pipeline.common.bootstrap import paired_interval
+from pipeline.common.tables import markdown_table
 from pipeline.steering_vectors.vector import Deltas, Encoded, SteeringVector, correct
 
 
@@ -29,7 +32,7 @@ def accuracy(right: Tensor) -> float:
 
 
 def bootstrap_gain(base: Tensor, steered: Tensor, samples: int, seed: int = 0) -> dict[str, float]:
-    """Mean of `steered - base` (per-question 0/1) and its 95% percentile interval."""
+    """Mean of `steered - base` (per-question 0/1) and its paired 95% BCa interval."""
     if base.shape != steered.shape or base.numel() == 0:
         raise ValueError(
             f"need two equal, non-empty sets of answers: {base.shape} vs {steered.shape}"
@@ -38,14 +41,12 @@ def bootstrap_gain(base: Tensor, steered: Tensor, samples: int, seed: int = 0) -
 
 
 def bootstrap_mean(diff: Tensor, samples: int, seed: int = 0) -> dict[str, float]:
-    """Mean of the per-question values `diff` (N,) and its 95% percentile interval over
-    `samples` resamples of the questions (seeded: equal seeds resample the same questions)."""
-    diff = diff.double()
-    generator = torch.Generator().manual_seed(seed)
-    index = torch.randint(0, len(diff), (samples, len(diff)), generator=generator)
-    means = diff[index].mean(1)  # (samples,)
-    low, high = torch.quantile(means, torch.tensor([0.025, 0.975], dtype=means.dtype)).tolist()
-    return {"gain": diff.mean().item(), "gain_ci_low": low, "gain_ci_high": high}
+    """Mean of the per-question values `diff` (N,) and its 95% BCa interval over `samples`
+    resamples of the questions (`paired_interval`; seeded: equal seeds resample the same
+    questions)."""
+    values = diff.double().cpu().numpy()
+    low, high = paired_interval((values,), np.mean, samples, seed)
+    return {"gain": float(values.mean()), "gain_ci_low": low, "gain_ci_high": high}
 
 
 def derangement(count: int, seed: int) -> list[int]:
@@ -223,36 +224,54 @@ def accuracy_table(summary: Mapping) -> str:
         "",
         f"Model `{summary['model']}`; multi-layer set {summary['layers']}; single-layer "
         f"candidates {summary['single_layers']}. Gain = best coefficient vs unsteered, "
-        "paired bootstrap 95% interval over questions.",
+        "paired BCa bootstrap 95% interval over questions.",
         "",
-        "| task | n test | unsteered | best single layer | multi-layer | best coefficient "
-        "| gain [95% CI] |",
-        "|---|---:|---:|---:|---:|---:|---|",
     ]
+    header = [
+        "task",
+        "n test",
+        "unsteered",
+        "best single layer",
+        "multi-layer",
+        "best coefficient",
+        "gain [95% CI]",
+    ]
+    rows = []
     for task, m in summary["tasks"].items():
         best, coef = m["best_single"], m["best_coefficient"]
-        lines.append(
-            f"| {task} | {m['questions']['test']} | {_pct(m['unsteered']['test'])} "
-            f"| {_pct(best['test'])} (L{best['layer']}) | {_pct(m['multi_layer']['test'])} "
-            f"| {_pct(coef['test'])} ({coef['config']} x{coef['coefficient']:g}) | {_gain(coef)} |"
+        rows.append(
+            [
+                task,
+                str(m["questions"]["test"]),
+                _pct(m["unsteered"]["test"]),
+                f"{_pct(best['test'])} (L{best['layer']})",
+                _pct(m["multi_layer"]["test"]),
+                f"{_pct(coef['test'])} ({coef['config']} x{coef['coefficient']:g})",
+                _gain(coef),
+            ]
         )
+    lines += markdown_table(header, rows, align="lrrrrrl")
     lines += [
         "",
         "Controls on test: each vector against a random vector (seeded) of the same norm at "
         "the same layers, and the training-free mean-difference vector (contrastive "
         "activation addition, from train; coefficient chosen on val) at the multi-layer set.",
         "",
-        "| task | vector | test | gain over unsteered [95% CI] | random, same norm "
-        "| gain over random [95% CI] |",
-        "|---|---|---:|---|---:|---|",
     ]
-    for task, m in summary["tasks"].items():
-        rows = _vector_rows(m)
-        lines += [
-            f"| {task} | {name} | {_pct(r['test'])} | {_gain(r)} | {_pct(r['random_test'])} "
-            f"| {_gain(r, 'over_random')} |"
-            for name, r in rows.items()
-        ]
+    header = [
+        "task",
+        "vector",
+        "test",
+        "gain over unsteered [95% CI]",
+        "random, same norm",
+        "gain over random [95% CI]",
+    ]
+    rows = [
+        [task, name, _pct(r["test"]), _gain(r), _pct(r["random_test"]), _gain(r, "over_random")]
+        for task, m in summary["tasks"].items()
+        for name, r in _vector_rows(m).items()
+    ]
+    lines += markdown_table(header, rows, align="llrlrl")
     lines += _question_tables(summary)
     combined = summary.get("combined")
     if combined:
@@ -262,29 +281,38 @@ def accuracy_table(summary: Mapping) -> str:
             f"Combination of {', '.join(combined['tasks'])} on the mixed test set "
             f"({combined['questions']['test']} questions):",
             "",
-            "| method | val | test | gain [95% CI] |",
-            "|---|---:|---:|---|",
-            f"| unsteered | {_pct(combined['unsteered']['val'])} "
-            f"| {_pct(combined['unsteered']['test'])} | |",
-            f"| weighted average (alpha={average['alpha']:g}) | {_pct(average['val'])} "
-            f"| {_pct(average['test'])} | {_gain(average)} |",
-            f"| keyword routing ({_pct(routing['routed_right'])} routed to their task) "
-            f"| {_pct(routing['val'])} | {_pct(routing['test'])} | {_gain(routing)} |",
+            *markdown_table(
+                ["method", "val", "test", "gain [95% CI]"],
+                [
+                    ["unsteered", *(_pct(combined["unsteered"][s]) for s in ("val", "test")), ""],
+                    [
+                        f"weighted average (alpha={average['alpha']:g})",
+                        *(_pct(average[s]) for s in ("val", "test")),
+                        _gain(average),
+                    ],
+                    [
+                        f"keyword routing ({_pct(routing['routed_right'])} routed to their task)",
+                        *(_pct(routing[s]) for s in ("val", "test")),
+                        _gain(routing),
+                    ],
+                ],
+                align="lrrl",
+            ),
             "",
             "Keyword routing on the mixed test set: whole words, any case; a question without "
             "a keyword goes to the first task without keywords. Precision = share of the "
             "questions routed to a task that belong to it; recall = share of a task's "
             "questions routed to it.",
             "",
-            "| task | keywords | routed to it | precision | recall |",
-            "|---|---|---:|---:|---:|",
         ]
+        rows = []
         for task, r in routing["by_task"].items():
             words = ", ".join(routing["keywords"].get(task, [])) or "(none: the fallback)"
-            lines.append(
-                f"| {task} | {words} | {r['routed']} | {_maybe_pct(r['precision'])} "
-                f"| {_maybe_pct(r['recall'])} |"
+            rows.append(
+                [task, words, str(r["routed"]), _maybe_pct(r["precision"]), _maybe_pct(r["recall"])]
             )
+        header = ["task", "keywords", "routed to it", "precision", "recall"]
+        lines += markdown_table(header, rows, align="llrrr")
     return "\n".join(lines) + "\n"
 
 
@@ -309,29 +337,46 @@ def _question_tables(summary: Mapping) -> list[str]:
         "reaches 0); on a row without a gain it says only that the question adds nothing. "
         "A task with one distinct context keeps it (nothing to swap): every row is marked.",
         "",
-        "| task | distinct contexts | context changed | unsteered | unsteered without question |",
-        "|---|---:|---:|---:|---:|",
     ]
-    for task, m in summary["tasks"].items():
-        nq = m["no_question"]
-        lines.append(
-            f"| {task} | {nq['distinct_contexts']} of {m['questions']['test']} "
-            f"| {_pct(nq['context_changed'])} | {_pct(m['unsteered']['test'])} "
-            f"| {_pct(nq['unsteered_test'])} |"
-        )
-    lines += [
-        "",
-        "| task | vector | gain with question [95% CI] | gain without question [95% CI] "
-        "| with - without [95% CI] | |",
-        "|---|---|---|---|---|---|",
+    header = [
+        "task",
+        "distinct contexts",
+        "context changed",
+        "unsteered",
+        "unsteered without question",
     ]
-    for task, m in summary["tasks"].items():
-        lines += [
-            f"| {task} | {name} | {_gain(r)} | {_gain(r, 'no_question_gain')} "
-            f"| {_gain(r, 'question_effect')} | {'prior only' if r['prior_only'] else ''} |"
-            for name, r in _vector_rows(m).items()
+    rows = [
+        [
+            task,
+            f"{m['no_question']['distinct_contexts']} of {m['questions']['test']}",
+            _pct(m["no_question"]["context_changed"]),
+            _pct(m["unsteered"]["test"]),
+            _pct(m["no_question"]["unsteered_test"]),
         ]
-    return lines
+        for task, m in summary["tasks"].items()
+    ]
+    lines += [*markdown_table(header, rows, align="lrrrr"), ""]
+    header = [
+        "task",
+        "vector",
+        "gain with question [95% CI]",
+        "gain without question [95% CI]",
+        "with - without [95% CI]",
+        "",
+    ]
+    rows = [
+        [
+            task,
+            name,
+            _gain(r),
+            _gain(r, "no_question_gain"),
+            _gain(r, "question_effect"),
+            "prior only" if r["prior_only"] else "",
+        ]
+        for task, m in summary["tasks"].items()
+        for name, r in _vector_rows(m).items()
+    ]
+    return lines + markdown_table(header, rows, align="llllll")
 
 
 def summary_entries(summary: Mapping, branch: str = "steering") -> list[dict]:
@@ -349,7 +394,7 @@ def summary_entries(summary: Mapping, branch: str = "steering") -> list[dict]:
                 f"x{coef['coefficient']:g}) over unsteered",
                 "value": coef["gain"],
                 "interval": [coef["gain_ci_low"], coef["gain_ci_high"]],
-                "interval_kind": "paired bootstrap 95%",
+                "interval_kind": "paired BCa bootstrap 95%",
                 "control": "gain over a random vector of the same norm at the same layers",
                 "control_value": coef["over_random"],
                 "control_interval": [coef["over_random_ci_low"], coef["over_random_ci_high"]],

@@ -38,6 +38,7 @@ from pipeline.common.io import write_json, write_text
 from pipeline.common.live import log_row, open_live
 from pipeline.common.params import load_params, to_dict
 from pipeline.common.pictures import Panel, line_panels
+from pipeline.common.run_info import INFO, split_info
 from pipeline.common.splits import SPLITS
 from pipeline.common.teacher import decoder_blocks, load_causal_lm, teacher_caveat
 from pipeline.steering_vectors.evaluation import (
@@ -131,7 +132,9 @@ def run(
     summary["summary"] = summary_entries(summary)
     vectors = {f"{task}.{name}": v for task, r in results.items() for name, v in r.vectors.items()}
     save_vectors(Path(out), vectors, checkpoint_config(params, model, summary))
-    write_json(Path(metrics), summary, sort_keys=False)
+    measured, info = split_info(summary, ("model", "teacher_caveat", "layers", "single_layers"))
+    write_json(Path(metrics), measured, sort_keys=False)
+    write_json(Path(out) / INFO, info, sort_keys=False)
     write_text(Path(table), accuracy_table(summary))
     panels = [panel for result in results.values() for panel in result.panels]
     line_panels(Path(plot), f"steering: {params.model}", panels)
@@ -402,8 +405,11 @@ def command(
         table,
         plot,
     )
-    typer.echo(accuracy_table(summary))
-    typer.echo(f"steering -> {out}, {metrics}, {table}")
+    gains = ", ".join(
+        f"{task} {100 * m['best_coefficient']['gain']:+.1f} pts"
+        for task, m in summary["tasks"].items()
+    )
+    typer.echo(f"steering: test gain of the best vector over unsteered: {gains} -> {metrics}")
 
 
 if __name__ == "__main__":

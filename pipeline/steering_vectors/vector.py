@@ -26,9 +26,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from pipeline.common.checkpoints import WEIGHTS, read_config, read_weights, save_checkpoint
+from pipeline.common.progress import progress
 from pipeline.common.teacher import decoder_blocks
 from pipeline.steering_vectors.params import SteeringParams
 from pipeline.steering_vectors.questions import NUM_ENDINGS, McQuestion
@@ -184,7 +184,7 @@ def ending_scores(model: nn.Module, batch: McBatch) -> Tensor:
     rows = torch.arange(len(batch.context_ids), device=batch.context_ids.device)
     lengths = batch.context_mask.sum(1)  # (B,)
     first = base(input_ids=batch.context_ids, attention_mask=batch.context_mask, use_cache=True)
-    cache = first.past_key_values
+    cache = first.cache
     cache.batch_repeat_interleave(NUM_ENDINGS)
     last = first.last_hidden_state[rows, lengths - 1].repeat_interleave(NUM_ENDINGS, 0)  # (4B, D)
     steps = torch.arange(batch.ending_ids.shape[1], device=lengths.device)
@@ -194,7 +194,7 @@ def ending_scores(model: nn.Module, batch: McBatch) -> Tensor:
             [batch.context_mask.repeat_interleave(NUM_ENDINGS, 0), batch.ending_mask], 1
         ),
         position_ids=lengths.repeat_interleave(NUM_ENDINGS)[:, None] + steps,  # (4B, Te)
-        past_key_values=cache,
+        cache=cache,
         use_cache=True,
     ).last_hidden_state  # (4B, Te, D)
     # The state predicting ending token k: the context's last for k = 0, else ending token k-1.
@@ -329,7 +329,7 @@ def train_vector(
     generator = torch.Generator().manual_seed(params.seed)
     steps = -(-len(train) // params.batch_size)
     losses: list[float] = []
-    with tqdm(total=params.epochs * steps, desc=desc, unit="step", leave=False) as bar:
+    with progress(total=params.epochs * steps, desc=desc, unit="step", leave=False) as bar:
         for epoch in range(1, params.epochs + 1):
             order = torch.randperm(len(train), generator=generator).tolist()
             total = 0.0

@@ -26,6 +26,7 @@ from pipeline.concepts.students import (
 )
 from tests.conftest import build_params, make_direction_set
 from tests.picture_checks import assert_picture
+from tests.tables import squeeze
 
 LAYER = 2
 RUNS = {
@@ -174,7 +175,7 @@ def test_evaluate_end_to_end(setup, tmp_path):
     # The targets are a smooth function of the teacher's embeddings, so kNN there helps.
     assert results["baseline_knn"]["test_cos"] > 0.3
 
-    lines = paths["table"].read_text().splitlines()
+    lines = squeeze(paths["table"].read_text()).splitlines()
     title = "# Concept directions: synthetic, hidden_states[2], last pooling; concepts split by "
     title += "text"
     assert lines[0] == title
@@ -192,7 +193,7 @@ def test_evaluate_end_to_end(setup, tmp_path):
     assert block["control_value"] == results["baseline_knn"]["test_cos"]
     assert block["control"] == "best baseline on val (Baseline: kNN k=3 (teacher embeddings))"
     assert (block["teacher"], block["n"], block["interval"]) == ("synthetic", 1, None)
-    assert f"| Linear Probe | 1 | {block['value']:.4f} |" in paths["table"].read_text()
+    assert f"| Linear Probe | 1 | {block['value']:.4f} |" in squeeze(paths["table"].read_text())
 
 
 def test_evaluate_empty_subset_is_null(direction_set, tmp_path):
@@ -239,7 +240,7 @@ def test_cli_evaluate(setup, tmp_path):
     assert all(paths[name].is_file() for name in ("metrics", "table", "plot"))
     metrics = json.loads(paths["metrics"].read_text())
     assert set(metrics) == {*RUNS, "baseline_train_mean", "baseline_knn", "counts", "summary"}
-    assert "\n| Linear Probe | 144 | " in paths["table"].read_text()
+    assert "\n| Linear Probe | 144 | " in squeeze(paths["table"].read_text())
 
 
 def test_rows_are_the_mean_over_seeds_with_a_t_interval(tmp_path):
@@ -262,7 +263,7 @@ def test_rows_are_the_mean_over_seeds_with_a_t_interval(tmp_path):
     probe = results["linear_probe"]
     low, high = probe["test_cos_ci95_low"], probe["test_cos_ci95_high"]
     assert low == pytest.approx(1.0, abs=1e-5) and high == pytest.approx(low, abs=1e-9)
-    text = paths["table"].read_text()
+    text = squeeze(paths["table"].read_text())
     assert "concepts split by text (wordlist.split_by):" in text
     assert "| Linear Probe | 2 | 1.0000 | [1.0000, 1.0000] | no |" in text
 

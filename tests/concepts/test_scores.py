@@ -33,6 +33,7 @@ from pipeline.concepts.scores import (
     top_k_hit_rates,
     train_mean_predict,
 )
+from tests.tables import squeeze
 
 
 def test_row_and_mean_cosine_hand_case():
@@ -198,7 +199,8 @@ def test_comparison_table_best_first_with_footnote():
         Row("f", "Frozen+MLP h=64", _metrics(0.9019, 132_000, 600_000_000), frozen=True),
         Row("p", "Linear Probe", _metrics(0.9062, 1_050_000, 600_000_000), frozen=True),
     ]
-    lines = comparison_table(rows, ks=(1, 10), split_by="text", teacher=TEACHER).splitlines()
+    lines = squeeze(comparison_table(rows, ks=(1, 10), split_by="text", teacher=TEACHER))
+    lines = lines.splitlines()
     assert lines[0] == (
         "# Concept directions: data/teachers/all-minilm-l6-v2, hidden_states[6], mean pooling; "
         "concepts split by text"
@@ -255,7 +257,8 @@ def test_seed_table_marks_rows_whose_interval_overlaps_the_next():
         Row("k", "kNN", {"test_cos": 0.695}),  # deterministic point, inside C's interval
         Row("s", "Single", _seeded(0.60, None, n=1)),  # one seed: no interval
     ]
-    lines = comparison_table(rows, ks=(1,), split_by="stem", teacher=TEACHER).splitlines()
+    lines = squeeze(comparison_table(rows, ks=(1,), split_by="stem", teacher=TEACHER))
+    lines = lines.splitlines()
     assert lines[-9].endswith("concepts split by stem (wordlist.split_by):")
     table = lines[
         lines.index("| Approach | Seeds | Test cos_sim (mean) | 95% interval | Overlaps next |") :

@@ -161,9 +161,10 @@ def test_paired_interval_on_a_known_sample():
     assert low == pytest.approx(0.2 - half, abs=0.006) and high == pytest.approx(
         0.2 + half, abs=0.006
     )
-    # Pairing: a shift shared by both sides changes nothing.
+    # Pairing: a shift shared by both sides changes nothing (but the rounding of the
+    # differences, which can move an end by one step of the discrete means, 0.1 / 20).
     shift = torch.linspace(0, 5, 40, dtype=torch.float64)
     assert paired_increase(dense + diffs + shift, dense + shift, seed=0)[1] == pytest.approx(
-        [low, high]
+        [low, high], abs=0.0051
     )
     assert paired_increase(diffs[:1], dense[:1], seed=0) == (pytest.approx(0.1), None)

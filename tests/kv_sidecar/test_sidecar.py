@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from pipeline.common.live import read_metric
+from pipeline.common.run_info import split_info
 from pipeline.common.shards import Manifest, shard_name, write_shard
 from pipeline.common.summary import check_entry
 from pipeline.inputs import corpus as corpus_stage
@@ -46,6 +47,7 @@ from pipeline.kv_sidecar.set_transformer import (
 from pipeline.kv_sidecar.trajectory_set import KVBatch, TrajectorySet, is_heldout
 from tests.conftest import build_params
 from tests.picture_checks import assert_picture
+from tests.tables import squeeze
 from tests.tiny_teachers import tiny_teacher
 
 SIZES = dict(n_heads=4, n_kv_heads=2, head_dim=8, window_size=8, num_windows=4, num_queries=4)
@@ -368,8 +370,15 @@ def test_stage_writes_outputs_and_metrics_for_every_compressor(teacher_run, tmp_
     params = build_params(sidecar=TINY)
     results = stage.run(params, folder, corpus, **paths)
 
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
-    assert json.loads(metrics.read_text()) == results
+    assert sorted(p.name for p in out.iterdir()) == [
+        "config.json",
+        "info.json",
+        "model.safetensors",
+    ]
+    measured, info = json.loads(metrics.read_text()), json.loads((out / "info.json").read_text())
+    assert (measured, info) == split_info(results, ("teacher", "scale_normalize", "counts.layer"))
+    assert info["counts"] == {"layer": results["counts"]["layer"]} and "teacher" in info
+    assert "teacher" not in measured and "layer" not in measured["counts"]
     keys = {
         "jacobian_rel_error", "jacobian_norm_dense", "jacobian_norm_compressed",
         "jacobian_ratio", "k_norm_dense", "k_norm_compressed", "v_norm_dense",
@@ -550,9 +559,7 @@ def test_summary_block_on_hand_built_metrics():
         "metric": "sidecar LM loss increase over dense (nats/token, layer 11, 64x compression)",
         "value": 0.25,
         "interval": [0.125, 0.375],
-        "interval_kind": (
-            "paired bootstrap 95% (percentile, 10,000 resamples over held-out chunks)"
-        ),
+        "interval_kind": ("paired bootstrap 95% (BCa, 10,000 resamples over held-out chunks)"),
         # the best training-free baseline, even where it beats the sidecar
         "control": "best training-free baseline: lowest-key-norm token (Devoto et al. 2024)",
         "control_value": 0.125,
@@ -567,7 +574,7 @@ def test_summary_block_on_hand_built_metrics():
 
 
 def test_table_ranks_by_lm_loss_increase_and_footnotes_ratios_by_construction():
-    text = sidecar_table(hand_metrics())
+    text = squeeze(sidecar_table(hand_metrics()))
     rows = [line for line in text.splitlines() if line.startswith("| ") and line[2].isdigit()]
     assert [row.split(" | ")[1] for row in rows] == [
         "lowest-key-norm token (Devoto et al. 2024)",
@@ -581,7 +588,7 @@ def test_table_ranks_by_lm_loss_increase_and_footnotes_ratios_by_construction():
     assert rows[0].endswith("| 0.9 | — | 1 |")  # a missing ratio renders as a dash
     assert "Dense LM loss at the future positions: 3 nats/token" in text
     assert "³ 1 by construction of sidecar.scale_normalize: per_sample" in text
-    plain = sidecar_table(hand_metrics("none"))
+    plain = squeeze(sidecar_table(hand_metrics("none")))
     assert "³" not in plain and "| 1 | 1 |" in plain
 
 

@@ -16,6 +16,7 @@ import yaml
 from typer.testing import CliRunner
 
 from pipeline.common.live import read_metric
+from pipeline.common.run_info import split_info
 from pipeline.common.shards import Manifest, shard_name
 from pipeline.common.teacher import load_causal_lm
 from pipeline.concepts.layout import KIND, write_shard_rows, write_side_files
@@ -39,6 +40,7 @@ from pipeline.sparse_autoencoder.report import rank_features
 from pipeline.sparse_autoencoder.sources import DirectionsSource, item_keys, open_source
 from tests.conftest import build_params, make_direction_set
 from tests.picture_checks import assert_picture
+from tests.tables import squeeze
 
 # The synthetic directions folders cache layer 2; distill must read a cached layer too.
 LAYER_2 = {
@@ -292,7 +294,11 @@ def test_stage_on_directions_writes_models_metrics_tables_and_exemplars(tmp_path
     result, out = run_stage(tmp_path, params, folder, wordlist=wordlist)
 
     metrics = json.loads(out["sae.json"].read_text())
-    assert metrics == json.loads(json.dumps(result))  # floats round-trip exactly
+    info = json.loads((out["sae"] / "info.json").read_text())
+    # Metrics and info split the returned dict; floats round-trip exactly.
+    assert [metrics, info] == json.loads(json.dumps(split_info(result, sae_stage.INFO_KEYS)))
+    assert "layer" not in metrics and "seed" not in metrics and "model_dims" not in metrics
+    assert (info["layer"], info["seed"], info["layer_norm"]) == (2, 7, result["layer_norm"])
     seed_columns = (
         "reconstruction_mse",
         "reconstruction_r2",
@@ -306,7 +312,7 @@ def test_stage_on_directions_writes_models_metrics_tables_and_exemplars(tmp_path
     )
     for key in seed_columns:
         assert isinstance(metrics[key], float) and math.isfinite(metrics[key]), key
-    assert metrics["model_dims"] == 16 and metrics["code_dims"] == 32
+    assert info["model_dims"] == 16 and info["code_dims"] == 32
     assert metrics["mean_active"] <= 4 and metrics["activation_density"] == pytest.approx(
         metrics["mean_active"] / 32
     )
@@ -314,20 +320,18 @@ def test_stage_on_directions_writes_models_metrics_tables_and_exemplars(tmp_path
     assert metrics["eval_rows"] == eval_rows
     assert set(metrics["baselines"]) == {"pca", "nmf", "ica"}
     pca = metrics["baselines"]["pca"]
-    assert (
-        pca["components"] == round(metrics["mean_active"])
-        and pca["mean_active"] == pca["components"]
-    )
+    components = info["baselines"]["pca"]["components"]
+    assert components == round(metrics["mean_active"]) and pca["mean_active"] == components
     assert 0 < pca["reconstruction_r2"] <= 1
     cross = metrics["cross_seed"]
-    assert cross["twin_seed"] == 8 and -1 <= cross["mean_matched_cos"] <= 1
+    assert info["cross_seed"]["twin_seed"] == 8 and -1 <= cross["mean_matched_cos"] <= 1
     assert "Cross-seed (seeds 7 and 8)" in out["sae.md"].read_text()
     # Chance: random (16, 32) dictionaries; ceiling: seed 7 again, bit for bit on the CPU.
     assert cross["chance_draws"] == random_matching(16, 32, 5, 7)
     assert cross["chance_mean_matched_cos"] == pytest.approx(np.mean(cross["chance_draws"]))
     assert cross["same_seed_bit_identical"] and cross["same_seed_mean_matched_cos"] == 1.0
     assert "Ceiling (seed 7 trained twice): 1.0000 (bit-identical" in out["sae.md"].read_text()
-    assert metrics["splice"] == {"applies": False, "reason": sae_stage.NO_STREAM}
+    assert info["splice"] == {"applies": False, "reason": sae_stage.NO_STREAM}
     assert "Spliced-in LM-loss evaluation: does not apply" in out["sae.md"].read_text()
     assert [e["metric"] for e in metrics["summary"]] == [
         "SAE cross-seed mean matched decoder cosine"
@@ -339,7 +343,7 @@ def test_stage_on_directions_writes_models_metrics_tables_and_exemplars(tmp_path
     assert match_features(model.W_dec, twin.W_dec).mean_cos == pytest.approx(
         cross["mean_matched_cos"]
     )
-    table = out["sae.md"].read_text()
+    table = squeeze(out["sae.md"].read_text())
     assert "| SAE (seed 7) | 32 |" in table and "| PCA |" in table and "| NMF |" in table
     report = out["exemplars.md"].read_text()
     assert "## Most coherent features" in report and "concept0" in report
@@ -436,7 +440,7 @@ def test_stage_on_token_activations_reports_text_spans(tmp_path, tiny_llama_path
     assert sae["loss_increase"] == pytest.approx(sae["lm_loss"] - splice["clean_loss"])
     low, high = sae["loss_recovered_ci"]
     assert low <= sae["loss_recovered"] <= high
-    table = out["sae.md"].read_text()
+    table = squeeze(out["sae.md"].read_text())
     assert "## Spliced in: teacher LM loss on" in table and "| mean ablation |" in table
     assert re.search(r"\| ICA top-L0 \| keeps per row the 4 largest of \d+ FastICA sources", table)
     head = result["summary"][0]

@@ -173,6 +173,31 @@ def test_linear_cka_identical_rotated_scaled_and_unrelated():
     assert linear_cka(x, x[:, :3]) == pytest.approx(expected)
 
 
+def _svd_procrustes(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """The closed form the module computed by hand before it called scipy: U V^T and
+    1 - (sum of singular values)^2 of the centered, unit-Frobenius cross product."""
+    xc, yc = x - x.mean(0), y - y.mean(0)
+    u, s, vh = torch.linalg.svd((xc / xc.norm()).T @ (yc / yc.norm()), full_matrices=False)
+    return u @ vh, 1.0 - s.sum().item() ** 2
+
+
+@pytest.mark.parametrize("extra", [0, 2, -2])  # same width, a wider and a narrower y
+def test_procrustes_matches_the_closed_form_on_a_planted_rotation(extra):
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(120, 6, generator=gen, dtype=torch.float64)
+    y = x @ random_rotation(6, seed=8) + 0.3 * torch.randn(120, 6, generator=gen)
+    if extra > 0:
+        y = torch.cat([y, torch.randn(120, extra, generator=gen, dtype=torch.float64)], 1)
+    elif extra < 0:
+        y = y[:, :extra]
+    rotation, disparity = _svd_procrustes(x, y)
+    fit = orthogonal_procrustes(x, y)
+    assert fit.rotation.shape == rotation.shape
+    assert torch.allclose(fit.rotation, rotation, atol=1e-10)
+    assert fit.disparity == pytest.approx(disparity, abs=1e-12)
+    assert fit.disparity > 0.01  # the noise leaves a residual: not a trivial fit
+
+
 def test_procrustes_recovers_a_known_rotation():
     gen = torch.Generator().manual_seed(4)
     x = torch.randn(200, 6, generator=gen, dtype=torch.float64)

@@ -21,6 +21,7 @@ from pipeline.sparse_autoencoder.splice import (
     loss_recovered,
     model_space,
 )
+from tests.tables import squeeze
 
 
 @pytest.fixture(scope="module")
@@ -261,7 +262,7 @@ def test_the_table_flags_a_mean_ablation_that_costs_nothing():
             "mean_ablation": scores(5.2, 0.2, [0.1, 0.3]),
         },
     }
-    table = comparison_table(metrics, "t")
+    table = squeeze(comparison_table(metrics, "t"))
     assert "| SAE (seed 1) | its top-2 code | 5.1000 | +0.500 [+0.100, +0.900] |" in table
     assert "not interpretable" not in table
     metrics["splice"]["mean_ablation"]["loss_increase_ci"] = [-0.01, 0.3]

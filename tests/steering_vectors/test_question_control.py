@@ -182,7 +182,7 @@ def test_summary_block_takes_the_best_vectors_numbers_as_the_table_shows_them():
         "over unsteered",
         "value": 0.169,
         "interval": [pytest.approx(0.069), pytest.approx(0.269)],
-        "interval_kind": "paired bootstrap 95%",
+        "interval_kind": "paired BCa bootstrap 95%",
         "control": "gain over a random vector of the same norm at the same layers",
         "control_value": 0.25,
         "control_interval": [0.2, 0.3],

@@ -52,6 +52,7 @@ from pipeline.steering_vectors.vector import (
     train_vector,
 )
 from tests.picture_checks import assert_picture
+from tests.tables import squeeze
 
 CAPS = {"train": 256, "val": 160, "test": 160}
 
@@ -374,6 +375,11 @@ def test_stage_cli_writes_vectors_metrics_and_table(tmp_path, questions, tiny_qw
     pixels = assert_picture(tmp_path / "plots" / "steering.png", 800, 500)
     assert pixels.shape[0] > pixels.shape[1] / 2  # two tasks: two rows of panels
     summary = json.loads(metrics.read_text())
+    # The run's description is beside the vectors, not in the metrics; one output line.
+    info = json.loads((out / "info.json").read_text())
+    assert info["model"] == tiny_qwen3_path and "model" not in summary and "layers" not in summary
+    (line,) = result.stdout.splitlines()  # progress goes to stderr
+    assert line.startswith("steering: test gain of the best vector over unsteered: category")
     cat = summary["tasks"]["category"]
     assert set(cat["single_layer"]) == {"L3"} and cat["multi_layer"]["layers"] == [2, 3]
     assert set(cat["coefficient_sweep"]["val"]) == {"coef_0.5", "coef_1", "coef_2"}
@@ -407,7 +413,7 @@ def test_stage_cli_writes_vectors_metrics_and_table(tmp_path, questions, tiny_qw
         assert row["over_random"] == pytest.approx(row["test"] - row["random_test"])
         assert row["over_random_ci_low"] <= row["over_random"] <= row["over_random_ci_high"]
     assert cat["mean_difference"]["coefficient"] in (0.5, 1.0, 2.0)
-    text = table.read_text()
+    text = squeeze(table.read_text())
     assert "| category | mean difference (x" in text and "gain over random" in text
     assert "| category | 24 |" in text and "keyword routing" in text and "weighted average" in text
     assert "gain without question [95% CI]" in text and "| prior only |" in text
