@@ -19,18 +19,23 @@ TINY = Path(__file__).resolve().parents[1] / "profiles" / "tiny.yaml"
 OPTIONS = {
     "wordlist": ["--out", "--params"],
     "directions": ["--wordlist", "--out", "--params"],
-    "distill": ["--run", "--directions", "--out", "--params"],
-    "evaluate": ["--directions", "--distill", "--metrics", "--table", "--plot", "--params"],
+    "distill": ["--run", "--directions", "--out", "--live", "--params"],
+    "evaluate": [
+        *("--directions", "--distill", "--live", "--metrics", "--table", "--plot", "--params"),
+    ],
     "corpus": ["--out", "--metrics", "--params"],
     "trajectories": ["--corpus", "--out", "--params"],
-    "sidecar": ["--trajectories", "--corpus", "--out", "--metrics", "--table", "--params"],
+    "sidecar": [
+        *("--trajectories", "--corpus", "--out", "--live", "--metrics", "--table"),
+        *("--plot-training", "--plot-lm-loss", "--params"),
+    ],
     "activations": ["--corpus", "--out", "--params"],
     "sae": [
         *("--source", "--wordlist", "--corpus", "--compare", "--out", "--metrics"),
-        *("--table", "--exemplars", "--curves", "--params"),
+        *("--table", "--exemplars", "--live", "--plot-training", "--plot-density", "--params"),
     ],
     "mcdata": ["--out", "--wordlist", "--params"],
-    "steering": ["--mcdata", "--out", "--metrics", "--table", "--params"],
+    "steering": ["--mcdata", "--out", "--live", "--metrics", "--table", "--plot", "--params"],
     "teachers": ["--out", "--params"],
     "params_check": ["--out", "--params"],
     "summary": ["--out", "--table", "--metrics"],
@@ -41,9 +46,13 @@ OPTIONS = {
 STAGE_ARGS = {
     "wordlist": ["--out", "out"],
     "directions": ["--wordlist", "concepts.parquet", "--out", "out"],
-    "distill": ["--run", "linear_probe", "--directions", "directions", "--out", "out"],
+    "distill": [
+        *("--run", "linear_probe", "--directions", "directions", "--out", "out"),
+        *("--live", "out/live"),
+    ],
     "evaluate": [
-        *("--directions", "directions", "--distill", "distill", "--metrics", "out/m.json"),
+        *("--directions", "directions", "--distill", "distill", "--live", "live"),
+        *("--metrics", "out/m.json"),
         *("--table", "out/t.md", "--plot", "out/p.png"),
     ],
 }
@@ -241,8 +250,11 @@ def test_under_dvc_outputs_kept_in_git_are_named_too(capsys, tmp_path, offline, 
     assert line.startswith(expected)
     assert line.endswith(
         "`dvc checkout evaluate` restores them, `git checkout -- metrics/comparison.md "
-        "metrics/val_curves.png metrics/distill.json` the ones kept in git)"
+        "metrics/plots/distill_val_curves.png metrics/distill.json` the ones kept in git)"
     )
     monkeypatch.setenv("DVC_STAGE", "distill@linear_probe")
     (line,) = failure(capsys, *argv)
-    assert line.endswith("`dvc checkout distill@linear_probe` restores them)")
+    assert line.endswith(
+        "`dvc checkout distill@linear_probe` restores them, `git checkout -- "
+        "metrics/live/distill/linear_probe/metrics.json` the ones kept in git)"
+    )

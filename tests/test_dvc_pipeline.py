@@ -17,7 +17,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pipeline.common.live import read_metric
 from pipeline.demo import PROFILE, ROOT, offline_env, prepare_workspace
+from tests.picture_checks import assert_picture
 from tests.tables import squeeze
 
 pytestmark = pytest.mark.slow
@@ -102,7 +104,7 @@ def test_repro_writes_metrics_table_and_plot_and_is_then_cached(repo):
     metrics = json.loads((repo / "metrics" / "distill.json").read_text())
     assert set(RUNS) <= set(metrics)
     assert metrics["linear_probe"]["test_cos"] > metrics["baseline_train_mean"]["test_cos"]
-    assert (repo / "metrics" / "val_curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert_picture(repo / "metrics" / "plots" / "distill_val_curves.png")
     table = squeeze((repo / "metrics" / "comparison.md").read_text())
     assert "Linear Probe" in table and "Frozen+MLP h=64" in table
     assert "| Linear Probe | 2 | " in table and metrics["linear_probe"]["num_seeds"] == 2
@@ -271,3 +273,39 @@ def test_an_edit_that_changes_no_param_reruns_the_check_alone(repo):
     finally:
         path.write_text(original)
     assert stages_run(dvc(repo, "repro")) == set(), "the run cache restores the check"
+
+
+PICTURES = ("distill_val_curves", "sidecar_training", "sidecar_lm_loss", "sae_training")
+PICTURES += ("sae_feature_density", "steering_accuracy")
+
+
+def test_dvclive_folders_pictures_and_plots_of_every_branch(repo):
+    live = repo / "metrics" / "live"
+    for run in RUNS:  # 3 epochs, seeds 0 and 1, and their mean
+        for folder in (
+            live / "distill" / run,
+            *(live / "distill" / run / "seeds" / s for s in "01"),
+        ):
+            for name in ("train_loss", "train_cos", "val_cos"):
+                assert read_metric(folder, name)[0] == [1, 2, 3], (folder, name)
+            assert json.loads((folder / "metrics.json").read_text())["step"] == 3
+    assert read_metric(live / "sidecar", "train/loss")[0] == list(range(1, 21))
+    assert read_metric(live / "sidecar", "heldout/jacobian_ratio")[0] == [10, 20]
+    sae = json.loads((repo / "metrics" / "sae.json").read_text())
+    assert read_metric(live / "sae", "dead_window")[0][-1] == sae["steps"]
+    assert json.loads((live / "steering" / "metrics.json").read_text())["step"] >= 1
+    for name in PICTURES:
+        assert_picture(repo / "metrics" / "plots" / f"{name}.png")
+    # `dvc plots show`: every chart renders; the only files it misses are the distill
+    # overlay's runs that this shrunk profile does not train.
+    shown = json.loads(dvc(repo, "plots", "show", "--json"))
+    missing = {error["source"] for error in shown.get("errors", [])}
+    trained = {f"metrics/live/distill/{run}/plots/metrics/val_cos.tsv" for run in RUNS}
+    assert all(path.startswith("metrics/live/distill/") for path in missing), missing
+    assert not missing & trained
+    assert len(shown["data"]) >= 6 and all(shown["data"].values())
+    # `dvc metrics show` (and so `dvc exp show`) reads each dvclive folder's step.
+    metrics = json.loads(dvc(repo, "metrics", "show", "--json"))
+    files = next(iter(metrics.values()))["data"]
+    for folder in ("sidecar", "sae", "steering", *(f"distill/{run}" for run in RUNS)):
+        assert files[f"metrics/live/{folder}/metrics.json"]["data"]["step"] >= 1

@@ -1,21 +1,19 @@
-"""Atomic writes of small stage outputs: text, JSON, CSV.
+"""Atomic writes of small stage outputs: text and JSON.
 
 Each file is written under a temporary name beside its target and renamed into place
 once complete (as shards are), so a killed stage leaves the previous file or the new
 one, never half of one. Parent folders are created.
 
     write_json(Path("metrics/sae.json"), result)
-    write_csv(out / "curves.csv", curves, fields=("epoch", "train_loss", "val_cos"))
     with atomic_path(out / "model.safetensors") as tmp:
         save_file(tensors, str(tmp))
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -52,17 +50,3 @@ def json_text(data: Any, sort_keys: bool = True) -> str:
 
 def write_json(path: Path, data: Any, sort_keys: bool = True) -> None:
     write_text(path, json_text(data, sort_keys))
-
-
-def write_csv(
-    path: Path, rows: Sequence[Mapping[str, Any]], fields: Sequence[str] | None = None
-) -> None:
-    """One header line (`fields`, else the first row's keys), then one line per row."""
-    if fields is None:
-        if not rows:
-            raise ValueError(f"{path}: no rows and no field names: nothing to write a header from")
-        fields = list(rows[0])
-    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(fields))
-        writer.writeheader()
-        writer.writerows(rows)

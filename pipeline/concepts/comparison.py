@@ -1,18 +1,16 @@
 """The seed-000 FINAL COMPARISON table (markdown), its test cos_sim over seeds with 95%
-intervals, the branch's `summary` block for the metrics JSON, and the val-curve picture.
+intervals, the branch's `summary` block for the metrics JSON.
 
 rows = [Row("linear_probe", "Linear Probe", metrics["linear_probe"], frozen=True), ...]
 teacher = TeacherFacts("data/teachers/all-minilm-l6-v2", layer=6, pooling="mean", caveat="")
 text = comparison_table(rows, ks=(1, 10), split_by="text", teacher=teacher)
 metrics["summary"] = summary(rows, split_by="text", teacher=teacher)
-plot_val_curves({"linear_probe": ([1, 2], [0.5, 0.9])}, Path("val_curves.png"))
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from pipeline.common.tables import markdown_table
@@ -214,31 +212,3 @@ def summary(rows: Sequence[Row], split_by: str, teacher: TeacherFacts) -> list[d
             "caveat": teacher.caveat or None,
         }
     ]
-
-
-def plot_val_curves(
-    curves: dict[str, tuple[Sequence[int], Sequence[float]]],
-    path: Path,
-    baselines: dict[str, float] | None = None,
-) -> None:
-    """All runs' val cos_sim per epoch on one axes; baselines as dashed lines. Writes a PNG."""
-    import matplotlib
-
-    # Agg: no display needed, and the PNG works offline (DVC's HTML plots need a CDN).
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for name, (epochs, values) in sorted(curves.items()):
-        ax.plot(epochs, values, marker=".", label=name)
-    for name, value in sorted((baselines or {}).items()):
-        ax.axhline(value, linestyle="--", linewidth=1, color="gray", label=name)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("val cos_sim")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)

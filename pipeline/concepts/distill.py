@@ -1,18 +1,21 @@
-"""Stage `distill@<run>`: reads a directions folder, trains one row of the comparison table once per seed, writes seeds/<seed>/{model.safetensors,config.json,curves.csv}, config.json, curves.csv.
+"""Stage `distill@<run>`: reads a directions folder, trains one row of the comparison table once per seed, writes seeds/<seed>/{model.safetensors,config.json}, config.json and the run's dvclive folder.
 
-Command: python -m pipeline.cli distill --params params.yaml --run frozen_h256 --directions data/directions --out data/distill/frozen_h256
+Command: python -m pipeline.cli distill --params params.yaml --run frozen_h256 --directions data/directions --out data/distill/frozen_h256 --live metrics/live/distill/frozen_h256
 
 Reads `distill.train` and `distill.runs.<run>` from params; the cached layer is
 `distill.train.layer`; each seed of `distill.train.seeds` trains one student into
-`seeds/<seed>/` (checkpoint, its config with best epoch, its curves). The run
-folder's `config.json` carries the params, sizes, `seeds` and each seed's best
-epoch; its `curves.csv` (epoch,train_loss,train_cos,val_cos, mean over seeds)
-feeds `dvc plots`.
+`seeds/<seed>/` (checkpoint, its config with best epoch). The run folder's
+`config.json` carries the params, sizes, `seeds` and each seed's best epoch. dvclive
+(`pipeline.common.live`) logs train_loss, train_cos and val_cos per epoch (step =
+epoch): each seed as it trains into `<live>/seeds/<seed>/`, then their mean over seeds
+into `<live>/` itself, which the top-level plots of dvc.yaml overlay across runs.
 """  # noqa: E501
 
 from __future__ import annotations
 
 import json
+import shutil
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -20,7 +23,8 @@ import torch
 import typer
 
 from pipeline.common.checkpoints import CONFIG, save_checkpoint
-from pipeline.common.io import write_csv, write_json
+from pipeline.common.io import write_json
+from pipeline.common.live import log_row, open_live
 from pipeline.common.params import Sections, load_params, to_dict
 from pipeline.concepts.layout import DirectionSet
 from pipeline.concepts.params import DistillParams, RunParams
@@ -33,18 +37,21 @@ from pipeline.concepts.students import (
 from pipeline.concepts.training import FitResult, fit
 
 CURVE_FIELDS = ("epoch", "train_loss", "train_cos", "val_cos")
-CURVES = "curves.csv"
+SEEDS = "seeds"
+"""`<live>/seeds/<seed>/`: each seed's own dvclive folder."""
 SEED_KEYS = ("best_val_cos", "best_epoch")
 """What differs between the seeds of one run; the rest of a seed's config is shared."""
 PARAMS = Path("params.yaml")
 
 
-def run(params: Sections, run_name: str, directions: Path, out: Path) -> dict[str, Any]:
-    """Train run `run_name` once per seed on `directions` into `out`; returns the summary."""
+def run(params: Sections, run_name: str, directions: Path, out: Path, live: Path) -> dict[str, Any]:
+    """Train run `run_name` once per seed on `directions` into `out`, logging into the
+    dvclive folder `live`; returns the summary."""
     spec = run_spec(params, run_name)
     train = params.distill.train
     dataset = DirectionSet(Path(directions), train.layer)
-    out = Path(out)
+    out, live = Path(out), Path(live)
+    shutil.rmtree(live / SEEDS, ignore_errors=True)  # no stale seed from an earlier run
     configs, curves = {}, {}
     for seed in train.seeds:
         torch.manual_seed(seed)  # model init is part of what the seed fixes
@@ -55,16 +62,18 @@ def run(params: Sections, run_name: str, directions: Path, out: Path) -> dict[st
             dataset.embedding_token_ids,
             dataset.embedding_rows,
         )
-        result = fit(model, dataset, train, seed)
+        with open_live(live / SEEDS / str(seed)) as seed_live:
+            result = fit(model, dataset, train, seed, partial(log_row, seed_live, step="epoch"))
         config = checkpoint_config(run_name, spec, dataset, model, result, params) | {"seed": seed}
         save_checkpoint(seed_folder(out, seed), model.state_dict(), config)
-        write_csv(seed_folder(out, seed) / CURVES, result.curves, CURVE_FIELDS)
         configs[seed], curves[seed] = config, result.curves
     first = configs[train.seeds[0]]
     per_seed = {str(seed): {key: c[key] for key in SEED_KEYS} for seed, c in configs.items()}
     summary_config = {key: v for key, v in first.items() if key not in (*SEED_KEYS, "seed")}
     write_json(out / CONFIG, summary_config | {"seeds": list(train.seeds), "per_seed": per_seed})
-    write_csv(out / CURVES, mean_curves(list(curves.values())), CURVE_FIELDS)
+    with open_live(live) as run_live:
+        for row in mean_curves(list(curves.values())):
+            log_row(run_live, row, step="epoch")
     summary = {"trainable_params": first["trainable_params"], "per_seed": per_seed}
     return summary
 
@@ -122,9 +131,12 @@ def checkpoint_config(
 def command(
     run: Annotated[str, typer.Option("--run", help="Key of distill.runs to train.")],
     directions: Annotated[Path, typer.Option(help="Folder written by the directions stage.")],
-    out: Annotated[Path, typer.Option(help="For model.safetensors, config.json, curves.csv.")],
+    out: Annotated[Path, typer.Option(help="For seeds/<seed>/ checkpoints and config.json.")],
+    live: Annotated[
+        Path, typer.Option(help="dvclive folder: mean curves over seeds, seeds/<seed>/ each.")
+    ],
     params: Annotated[Path, typer.Option(help="Params file; its `distill` section.")] = PARAMS,
 ) -> None:
     """Train a distill.runs entry once per seed on cached directions, best epoch on val."""
-    summary = _run_stage(load_params(params, distill=DistillParams), run, directions, out)
+    summary = _run_stage(load_params(params, distill=DistillParams), run, directions, out, live)
     typer.echo(f"distill {run}: {json.dumps(summary)} -> {out}")

@@ -1,10 +1,12 @@
-"""Stage `evaluate`: reads data/directions and every data/distill/<run>; writes metrics JSON, the markdown table, the val-curves PNG.
+"""Stage `evaluate`: reads data/directions, every data/distill/<run> and its dvclive curves; writes metrics JSON, the markdown table, the val-curves PNG.
 
-Command: python -m pipeline.cli evaluate --params params.yaml --directions data/directions --distill data/distill --metrics metrics/distill.json --table metrics/comparison.md --plot metrics/val_curves.png
+Command: python -m pipeline.cli evaluate --params params.yaml --directions data/directions --distill data/distill --live metrics/live/distill --metrics metrics/distill.json --table metrics/comparison.md --plot metrics/plots/distill_val_curves.png
 
 Reads the `distill` and `evaluate` sections of params.yaml, the directions folder
-(layer `distill.train.layer`) and `<distill>/<run>/{config.json,curves.csv,
-seeds/<seed>/}` for every key of `distill.runs`. The metrics JSON holds one dict per
+(layer `distill.train.layer`), `<distill>/<run>/{config.json,seeds/<seed>/}` and the
+dvclive curves `<live>/<run>/` (val_cos per epoch, mean over seeds) for every key of
+`distill.runs`. The PNG overlays every run's val cos_sim per epoch, the kNN baseline
+as a dashed line. The metrics JSON holds one dict per
 run (the mean over its seeds of cos, gap, top-k, seen/unseen-token subsets, null
 where a subset is empty; `num_seeds`; `test_cos_ci95_low` / `_high`, the 95% t-interval
 of test cos over seeds, null with one seed; `seeds`, each seed's own scores and best epoch),
@@ -16,7 +18,7 @@ weights (the directions manifest's `teacher_caveat`).
 
 from __future__ import annotations
 
-import csv
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -26,13 +28,14 @@ from torch import Tensor, nn
 
 from pipeline.common.checkpoints import CONFIG, read_config
 from pipeline.common.io import write_json, write_text
+from pipeline.common.live import read_metric
 from pipeline.common.params import Sections, load_params
+from pipeline.common.pictures import Panel, line_panels
 from pipeline.common.splits import SPLITS
 from pipeline.concepts.comparison import (
     Row,
     TeacherFacts,
     comparison_table,
-    plot_val_curves,
     run_label,
     summary,
 )
@@ -49,7 +52,8 @@ from pipeline.concepts.scores import (
 )
 from pipeline.concepts.students import FROZEN_APPROACHES, load_student, seed_folder
 
-CURVES = "curves.csv"
+VAL_CURVE = "val_cos"
+"""The dvclive metric of each run's folder that the PNG plots."""
 PARAMS = Path("params.yaml")
 BATCH = 1024
 """Concepts per forward pass; memory only, results do not depend on it."""
@@ -60,7 +64,13 @@ Splits = dict[str, tuple[Tensor, Tensor]]  # split -> (concept_ids (N,), directi
 
 
 def run(
-    params: Sections, directions: Path, distill: Path, metrics: Path, table: Path, plot: Path
+    params: Sections,
+    directions: Path,
+    distill: Path,
+    live: Path,
+    metrics: Path,
+    table: Path,
+    plot: Path,
 ) -> dict[str, Any]:
     """Evaluate all runs and baselines; write metrics JSON, table and plot; return the metrics."""
     folders = _run_folders(distill, list(params.distill.runs))
@@ -96,7 +106,7 @@ def run(
         )
         frozen = config["approach"] in FROZEN_APPROACHES
         rows.append(Row(name, run_label(params.distill.runs[name]), results[name], frozen))
-        curves[name] = read_curves(folder / CURVES)
+        curves[name] = read_metric(Path(live) / name, VAL_CURVE)
     for name, (label, preds, frozen) in _baselines(data, splits, params.evaluate.knn_k).items():
         results[name] = _score(preds, splits, seen, ks)
         rows.append(Row(name, label, results[name], frozen))
@@ -161,17 +171,21 @@ def _knn(data: DirectionSet, splits: Splits, k: int) -> dict[str, Tensor]:
     }
 
 
-def read_curves(path: Path) -> tuple[list[int], list[float]]:
-    """(epochs, val_cos) from a run's curves.csv (header epoch,train_loss,train_cos,val_cos)."""
-    if not path.is_file():
-        raise FileNotFoundError(f"training curves not found: {path}; run `dvc repro` to train")
-    with path.open(newline="") as handle:
-        reader = csv.DictReader(handle)
-        missing = {"epoch", "val_cos"} - set(reader.fieldnames or [])
-        if missing:
-            raise ValueError(f"{path}: lacks columns {sorted(missing)}; has {reader.fieldnames}")
-        records = list(reader)
-    return [int(r["epoch"]) for r in records], [float(r["val_cos"]) for r in records]
+def plot_val_curves(
+    curves: dict[str, tuple[Sequence[int], Sequence[float]]],
+    path: Path,
+    baselines: dict[str, float] | None = None,
+) -> Path:
+    """All runs' val cos_sim per epoch on one axes; baselines as dashed lines. Writes a PNG."""
+    panel = Panel(
+        "val cos_sim per epoch (mean over seeds)",
+        "epoch",
+        "val cos_sim",
+        dict(sorted(curves.items())),
+        baselines or {},
+        integer_x=True,
+    )
+    return line_panels(path, "distill: every run", [panel], columns=1)
 
 
 def _unique_labels(rows: list[Row]) -> list[Row]:
@@ -188,6 +202,7 @@ def _unique_labels(rows: list[Row]) -> list[Row]:
 def command(
     directions: Annotated[Path, typer.Option(help="Folder written by the directions stage.")],
     distill: Annotated[Path, typer.Option(help="Folder holding one <run>/ per distill run.")],
+    live: Annotated[Path, typer.Option(help="Folder holding each run's dvclive <run>/.")],
     metrics: Annotated[Path, typer.Option(help="Metrics JSON to write (for `dvc metrics diff`).")],
     table: Annotated[Path, typer.Option(help="Markdown comparison table to write.")],
     plot: Annotated[Path, typer.Option(help="PNG of every run's val cos_sim per epoch.")],
@@ -198,6 +213,7 @@ def command(
         load_params(params, distill=DistillParams, evaluate=EvaluateParams),
         directions,
         distill,
+        live,
         metrics,
         table,
         plot,

@@ -11,7 +11,7 @@ epoch and keeps the best-on-val weights (seed 000 reports the best checkpoint).
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -94,9 +94,16 @@ def make_optimizer(model: nn.Module, train: TrainParams) -> torch.optim.AdamW:
     )
 
 
-def fit(model: nn.Module, directions: DirectionSet, train: TrainParams, seed: int) -> FitResult:
+def fit(
+    model: nn.Module,
+    directions: DirectionSet,
+    train: TrainParams,
+    seed: int,
+    on_epoch: Callable[[dict[str, float]], None] | None = None,
+) -> FitResult:
     """Train for `train.epochs`, shuffling epoch e with seed `seed + e`; the model ends
-    holding the best-on-val weights."""
+    holding the best-on-val weights. `on_epoch` gets each row of the curves as it comes
+    (the stage's dvclive logger)."""
     model.to(resolve_device(train.device))
     optimizer = make_optimizer(model, train)
     curves: list[dict[str, float]] = []
@@ -110,6 +117,8 @@ def fit(model: nn.Module, directions: DirectionSet, train: TrainParams, seed: in
         val_cos = evaluate_cos(model, directions, "val", train.batch_size)
         row = dict(epoch=epoch, train_loss=train_loss, train_cos=train_cos, val_cos=val_cos)
         curves.append(row)
+        if on_epoch is not None:
+            on_epoch(row)
         if val_cos > best_cos:
             best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
             best_epoch, best_cos = epoch, val_cos

@@ -156,7 +156,7 @@ class SidecarParams:
     eval_fraction: float = 0.05
     """Share of chunks held out (by a stable hash of chunk_id) for evaluation."""
     eval_every: int = 250
-    """Steps between held-out evaluations on the curves (eval_curves.csv)."""
+    """Steps between held-out evaluations on the curves (dvclive `heldout/` metrics)."""
     eval_batches: int = 8
     """Held-out batches per curve point; the final metrics use every held-out chunk."""
     # Not DVC deps: they do not change the result beyond float rounding.

@@ -321,8 +321,11 @@ def fit(
     params: SidecarParams,
     window_size: int,
     device: torch.device,
+    on_log: Callable[[str, dict[str, float]], None] | None = None,
 ) -> FitResult:
-    """Train for params.max_steps; curves every step, held-out curves every eval_every."""
+    """Train for params.max_steps; curves every step, held-out curves every eval_every.
+    `on_log(kind, row)` gets each row as it comes, kind "train" or "heldout" (the stage's
+    dvclive logger)."""
     model.to(device)
     optimizer, schedule = make_optimizer(model, params)
     curves, eval_curves = [], []
@@ -332,12 +335,16 @@ def fit(
     for step in bar:
         row = train_step(model, optimizer, schedule, next(stream).to(device), params, window_size)
         curves.append({"step": step} | row)
+        if on_log is not None:
+            on_log("train", curves[-1])
         if step % params.eval_every == 0 or step == params.max_steps:
             heldout = data.batches("heldout", params.batch_size, params.batch_size, shuffle=False)
             first = (b for _, b in zip(range(params.eval_batches), heldout, strict=False))
             sidecar = {SIDECAR: sidecar_compressor(model, params.scale_normalize)}
             scores = evaluate(sidecar, first, params, window_size)[SIDECAR]
             eval_curves.append({"step": step} | {k: scores[k] for k in EVAL_CURVE_KEYS})
+            if on_log is not None:
+                on_log("heldout", eval_curves[-1])
         bar.set_postfix(loss=f"{row['loss']:.4g}", jac_ratio=f"{row['jacobian_ratio']:.3g}")
     return FitResult(curves, eval_curves, time.perf_counter() - start)
 

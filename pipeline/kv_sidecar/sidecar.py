@@ -1,6 +1,6 @@
-"""Stage `sidecar`: reads one layer of data/trajectories, trains the seed-003 KV sidecar, writes model.safetensors, config.json, curves.csv, eval_curves.csv, the metrics JSON and the compressor table.
+"""Stage `sidecar`: reads one layer of data/trajectories, trains the seed-003 KV sidecar, writes model.safetensors, config.json, its dvclive folder, the metrics JSON, the compressor table and two PNGs.
 
-Command: python -m pipeline.cli sidecar --params params.yaml --trajectories data/trajectories --corpus data/corpus --out data/sidecar --metrics metrics/sidecar.json --table metrics/sidecar.md
+Command: python -m pipeline.cli sidecar --params params.yaml --trajectories data/trajectories --corpus data/corpus --out data/sidecar --live metrics/live/sidecar --metrics metrics/sidecar.json --table metrics/sidecar.md --plot-training metrics/plots/sidecar_training.png --plot-lm-loss metrics/plots/sidecar_lm_loss.png
 
 Reads the `sidecar` section of params.yaml (layer `sidecar.layer` of the trajectories).
 Samples are (chunk, KV head) pairs; chunks held out by the TrajectorySet split
@@ -11,8 +11,12 @@ trajectories' teacher (its manifest's `model` and `revision`) re-reads the chunk
 tokens from the corpus with that layer's window K/V replaced by the super-tokens,
 and its LM loss at the future positions is compared with the dense one, chunk by chunk.
 The metrics JSON holds `dense`, `compressors` (name -> numbers), `ranking` (by LM loss
-increase), `counts`, `train` and the `summary` block. `curves.csv` has one row per
-step, `eval_curves.csv` one per `sidecar.eval_every` steps (dvc plots).
+increase), `counts`, `train` and the `summary` block. dvclive (`pipeline.common.live`)
+logs `train/<column>` every step (lr, loss, each term, the batch's Jacobian / K / V norm
+ratios) and `heldout/<column>` every `sidecar.eval_every` steps (held-out loss and
+diagnostics on `sidecar.eval_batches` batches). The PNGs: the Jacobian ratio and the
+loss over steps (train and held out), and each compressor's held-out LM loss increase
+over dense with its paired bootstrap 95% interval (computed once, after training).
 """  # noqa: E501
 
 from __future__ import annotations
@@ -28,8 +32,10 @@ from torch import Tensor
 
 from pipeline.common.checkpoints import save_checkpoint
 from pipeline.common.devices import resolve_device
-from pipeline.common.io import write_csv, write_json, write_text
+from pipeline.common.io import write_json, write_text
+from pipeline.common.live import log_row, open_live
 from pipeline.common.params import Sections, load_params, to_dict
+from pipeline.common.pictures import Panel, bar_chart, line_panels
 from pipeline.common.run_info import INFO, split_info
 from pipeline.common.shards import MANIFEST, sha256_file
 from pipeline.common.teacher import load_causal_lm, teacher_caveat
@@ -37,7 +43,7 @@ from pipeline.inputs.text_chunks import CorpusChunks
 from pipeline.kv_sidecar.compressors import Compressor, compressor_set
 from pipeline.kv_sidecar.lm_loss import LMLosses, heldout_lm_losses, paired_increase
 from pipeline.kv_sidecar.params import SidecarParams
-from pipeline.kv_sidecar.report import ranking, sidecar_table, summary
+from pipeline.kv_sidecar.report import label, ranking, sidecar_table, summary
 from pipeline.kv_sidecar.set_transformer import (
     FitResult,
     build_sidecar,
@@ -49,11 +55,18 @@ from pipeline.kv_sidecar.trajectory_set import TrajectorySet
 
 log = logging.getLogger(__name__)
 PARAMS = Path("params.yaml")
-CURVES, EVAL_CURVES = "curves.csv", "eval_curves.csv"
 
 
 def run(
-    params: Sections, trajectories: Path, corpus: Path, out: Path, metrics: Path, table: Path
+    params: Sections,
+    trajectories: Path,
+    corpus: Path,
+    out: Path,
+    live: Path,
+    metrics: Path,
+    table: Path,
+    plot_training: Path,
+    plot_lm_loss: Path,
 ) -> dict[str, Any]:
     """Train on `trajectories`, evaluate on its held-out chunks; write outputs; return metrics."""
     sp = params.sidecar
@@ -73,7 +86,11 @@ def run(
     model = build_sidecar(sp, data.head_dim)
     log.info("sidecar: %d trainable parameters, %s chunks", count_parameters(model), chunks)
     device = resolve_device(sp.device)
-    result = fit(model, data, sp, window_size, device)
+    with open_live(Path(live)) as board:
+        result = fit(
+            model, data, sp, window_size, device,
+            lambda kind, row: log_row(board, row, prefix=f"{kind}/"),
+        )  # fmt: skip
     compressors = compressor_set(model.eval(), sp)
     lm = teacher_losses(data, tokens, window_size, compressors, sp, device)
     heldout = data.batches("heldout", sp.batch_size, sp.batch_size, shuffle=False)
@@ -92,13 +109,56 @@ def run(
     out = Path(out)
     config = checkpoint_config(data, window_size, model, result, params)
     save_checkpoint(out, model.state_dict(), config)
-    write_csv(out / CURVES, result.curves)
-    write_csv(out / EVAL_CURVES, result.eval_curves)
     measured, info = split_info(results, ("teacher", "scale_normalize", "counts.layer"))
     write_json(Path(metrics), measured)
     write_json(out / INFO, info)
     write_text(Path(table), sidecar_table(results))
+    training_picture(result, Path(plot_training))
+    lm_loss_picture(results, Path(plot_lm_loss))
     return results
+
+
+def _column(rows: list[dict[str, float]], key: str) -> tuple[list[float], list[float]]:
+    return [row["step"] for row in rows], [row[key] for row in rows]
+
+
+def training_picture(result: FitResult, path: Path) -> Path:
+    """Jacobian ratio and loss per step: the train batch's and the held-out batches'."""
+    panels = [
+        Panel(
+            "Jacobian ratio (compressed / dense)",
+            "step",
+            "ratio",
+            {
+                "train batch": _column(result.curves, "jacobian_ratio"),
+                "held out": _column(result.eval_curves, "jacobian_ratio"),
+            },
+            {"dense (1)": 1.0},
+        ),
+        Panel(
+            "loss (weighted total)",
+            "step",
+            "loss",
+            {
+                "train batch": _column(result.curves, "loss"),
+                "held out": _column(result.eval_curves, "loss_total"),
+            },
+        ),
+    ]
+    return line_panels(path, "sidecar training", panels)
+
+
+def lm_loss_picture(results: dict[str, Any], path: Path) -> Path:
+    """Each compressor's held-out LM loss increase over dense, best first, with intervals."""
+    bars = {
+        label(name): (
+            results["compressors"][name]["lm_loss_increase"],
+            results["compressors"][name]["lm_loss_increase_interval"],
+        )
+        for name in results["ranking"]
+    }
+    title = "held-out LM loss increase over dense (paired bootstrap 95%)"
+    return bar_chart(path, title, "nats/token", bars)
 
 
 def heldout_tokens(data: TrajectorySet, corpus: CorpusChunks, batch_size: int) -> dict[int, Tensor]:
@@ -241,16 +301,21 @@ def checkpoint_config(
 def command(
     trajectories: Annotated[Path, typer.Option(help="Folder written by the trajectories stage.")],
     corpus: Annotated[Path, typer.Option(help="The corpus folder the trajectories came from.")],
-    out: Annotated[
-        Path, typer.Option(help="For model.safetensors, config.json, curves.csv, eval_curves.csv.")
-    ],
+    out: Annotated[Path, typer.Option(help="For model.safetensors and config.json.")],
+    live: Annotated[Path, typer.Option(help="dvclive folder: train/ and heldout/ per step.")],
     metrics: Annotated[Path, typer.Option(help="Metrics JSON: every compressor, held out.")],
     table: Annotated[Path, typer.Option(help="Markdown table: compressors by LM loss increase.")],
+    plot_training: Annotated[Path, typer.Option(help="PNG: Jacobian ratio and loss per step.")],
+    plot_lm_loss: Annotated[
+        Path, typer.Option(help="PNG: each compressor's LM loss increase with its interval.")
+    ],
     params: Annotated[Path, typer.Option(help="Params file; its `sidecar` section.")] = PARAMS,
 ) -> None:
     """Train the seed-003 KV sidecar on cached trajectories; rank it against the baselines."""
     sections = load_params(params, sidecar=SidecarParams)
-    results = run(sections, trajectories, corpus, out, metrics, table)
+    results = run(
+        sections, trajectories, corpus, out, live, metrics, table, plot_training, plot_lm_loss
+    )
     headline = {
         name: {k: results["compressors"][name][k] for k in ("lm_loss_increase", "output_cosine")}
         for name in results["ranking"]

@@ -132,9 +132,6 @@ class FitResult:
     """Share of features that fired on none of the last `dead_window_rows` training rows."""
 
 
-CURVE_FIELDS = ("step", "epoch", "rows", "loss", "mse", "l1", "r2", "l0", "dead_window")
-
-
 def fit_sae(
     model: SparseAutoencoder,
     source: ActivationSource,
@@ -175,6 +172,8 @@ def fit_sae(
         raise ValueError(f"{source.folder}: no train rows to fit the SAE on")
     if pending:
         curves.append(_curve_row(pending, step, params.epochs, rows, last_fired, params))
+        if on_log is not None:
+            on_log(curves[-1])
     return FitResult(step, rows, curves, dead_in_window(last_fired, rows, params))
 
 

@@ -13,19 +13,31 @@ matched one to one. Writes:
   matching next to its chance level and its same-seed ceiling, (with `--compare`) CKA /
   Procrustes against a second dump, and the `summary` block (`report.summary`)
 - `--table` markdown (SAE vs baselines), `--exemplars` markdown (top items of the most
-  and least coherent features), `--curves` CSV (per-step training curves, DVC plots)
+  and least coherent features)
+- `--live`: dvclive folder (`pipeline.common.live`) of the seed-`sae.seed` training, a
+  row every `sae.log_every` steps: loss, mse, l1, r2, l0, dead_window (means over the
+  steps since the previous row; dead_window: the share of features that fired on none
+  of the last `sae.dead_window_rows` rows); the curve's epoch and rows counters stay out
+  of it (dvclive's step is the x axis, and counters are no metrics)
+- `--plot-training` PNG (reconstruction and dead-feature rate over steps) and
+  `--plot-density` PNG (histogram of log10 feature density on the eval rows; features
+  that never fired there sit in the leftmost bin, one decade below 1 / eval rows)
 
     python -m pipeline.cli sae --params params.yaml --source data/activations \
         --wordlist data/wordlist/concepts.parquet --corpus data/corpus --out data/sae \
         --metrics metrics/sae.json --table metrics/sae.md \
-        --exemplars metrics/sae_exemplars.md --curves metrics/sae_curves.csv
+        --exemplars metrics/sae_exemplars.md --live metrics/live/sae \
+        --plot-training metrics/plots/sae_training.png \
+        --plot-density metrics/plots/sae_feature_density.png
 """
 
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import time
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -33,8 +45,10 @@ import numpy as np
 import torch
 import typer
 
-from pipeline.common.io import write_csv, write_json, write_text
+from pipeline.common.io import write_json, write_text
+from pipeline.common.live import log_row, open_live
 from pipeline.common.params import Sections, load_params, to_dict
+from pipeline.common.pictures import Panel, histogram, line_panels
 from pipeline.common.run_info import INFO, split_info
 from pipeline.common.teacher import load_causal_lm, teacher_caveat
 from pipeline.inputs.text_chunks import CorpusChunks, load_tokenizer
@@ -53,7 +67,7 @@ from pipeline.sparse_autoencoder.metrics import (
     fit_baseline,
 )
 from pipeline.sparse_autoencoder.model import (
-    CURVE_FIELDS,
+    FitResult,
     SparseAutoencoder,
     fit_sae,
     prepare_inputs,
@@ -115,7 +129,9 @@ def run(
     metrics: Path,
     table: Path,
     exemplars: Path,
-    curves: Path,
+    live: Path,
+    plot_training: Path,
+    plot_density: Path,
     wordlist: Path | None = None,
     corpus: Path | None = None,
     compare: Path | None = None,
@@ -136,7 +152,8 @@ def run(
         cross_model = cross_model_alignment(data, other, sae.baseline_rows, sae.seed)
 
     _, sample = data.sample("train", sae.baseline_rows, sae.seed)
-    model, fit = _train(data, sae, features, sae.seed, sample)
+    with open_live(Path(live)) as board:
+        model, fit = _train(data, sae, features, sae.seed, sample, partial(_log, board))
     result, evaluation, fitted = _measure(model, fit, data, sae, sample)
     result["splice"] = _splice(model, fitted, data, sae, corpus)
     twin = None
@@ -158,7 +175,8 @@ def run(
     )
 
     _write_models(model, twin, sae, data, result, Path(out))
-    write_csv(Path(curves), fit.curves, CURVE_FIELDS)
+    training_picture(fit, Path(plot_training), sae)
+    density_picture(evaluation.codes.usage, evaluation.recon.rows, Path(plot_density))
     caveat = teacher_caveat(data.model)
     heading = f"SAE vs baselines: {data.model} layer {sae.layer} ({sae.input})"
     heading += f" ({caveat})" if caveat else ""
@@ -320,11 +338,57 @@ def _open_compare(sae: SaeParams, compare: Path) -> ActivationSource:
 
 
 def _train(
-    data: ActivationSource, sae: SaeParams, features: int, seed: int, sample: torch.Tensor
+    data: ActivationSource,
+    sae: SaeParams,
+    features: int,
+    seed: int,
+    sample: torch.Tensor,
+    on_log=None,
 ) -> tuple[SparseAutoencoder, Any]:
     model = SparseAutoencoder(data.dim, features, sae.topk, sae.layer_norm, seed=seed)
     model.init_decoder_bias(sample)
-    return model, fit_sae(model, data, sae, seed)
+    return model, fit_sae(model, data, sae, seed, on_log)
+
+
+COUNTERS = ("epoch", "rows")
+
+
+def _log(board, row: dict[str, float]) -> None:
+    log_row(board, {key: value for key, value in row.items() if key not in COUNTERS})
+
+
+def training_picture(fit: FitResult, path: Path, sae: SaeParams) -> Path:
+    """Reconstruction (MSE, R²) and the dead-in-window feature rate over steps."""
+
+    def column(key: str) -> tuple[list[float], list[float]]:
+        return [row["step"] for row in fit.curves], [row[key] for row in fit.curves]
+
+    panels = [
+        Panel("reconstruction MSE (train batches)", "step", "MSE", {"mse": column("mse")}),
+        Panel("reconstruction R² (train batches)", "step", "R²", {"r2": column("r2")}),
+        Panel(
+            f"dead features (none fired in the last {sae.dead_window_rows} rows)",
+            "step",
+            "share of features",
+            {"dead_window": column("dead_window")},
+        ),
+        Panel("L0 (active features per row)", "step", "L0", {"l0": column("l0")}),
+    ]
+    return line_panels(path, f"SAE training (seed {sae.seed})", panels)
+
+
+def density_picture(usage: torch.Tensor, rows: int, path: Path) -> Path:
+    """log10 of each feature's firing rate on `rows` eval rows; never-fired features one
+    decade below the rarest possible rate (1 / rows), so they show as their own bar."""
+    if rows <= 0:
+        raise ValueError(f"{path}: no eval rows to measure feature density on")
+    floor = math.log10(1.0 / rows) - 1.0
+    density = usage.double() / rows
+    values = [math.log10(d) if d > 0 else floor for d in density.tolist()]
+    dead = int((density == 0).sum())
+    title = f"feature density on {rows} eval rows"
+    title += f" ({dead} of {len(values)} never fired: at {floor:.2f})"
+    return histogram(path, title, "log10 feature density", values)
 
 
 def _baselines(sae: SaeParams, data, sample: torch.Tensor, mean_active: float):
@@ -400,7 +464,11 @@ def command(
     metrics: Annotated[Path, typer.Option(help="Metrics JSON to write.")],
     table: Annotated[Path, typer.Option(help="Markdown table: SAE vs baselines.")],
     exemplars: Annotated[Path, typer.Option(help="Markdown exemplar report.")],
-    curves: Annotated[Path, typer.Option(help="Per-step training curves CSV.")],
+    live: Annotated[Path, typer.Option(help="dvclive folder of the training curves.")],
+    plot_training: Annotated[
+        Path, typer.Option(help="PNG: reconstruction and dead-feature rate over steps.")
+    ],
+    plot_density: Annotated[Path, typer.Option(help="PNG: feature-density histogram.")],
     wordlist: Annotated[Path | None, typer.Option(help="Concept table (directions input).")] = None,
     corpus: Annotated[Path | None, typer.Option(help="Corpus folder (activations input).")] = None,
     compare: Annotated[
@@ -417,7 +485,9 @@ def command(
         metrics,
         table,
         exemplars,
-        curves,
+        live,
+        plot_training,
+        plot_density,
         wordlist,
         corpus,
         compare,

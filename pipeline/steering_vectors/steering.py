@@ -1,6 +1,6 @@
 """Stage `steering`: learned steering vectors (seed 004) on a frozen causal LM, per task.
 
-Command: python -m pipeline.cli steering --params params.yaml --mcdata data/mcdata --out data/steering --metrics metrics/steering.json --table metrics/steering.md
+Command: python -m pipeline.cli steering --params params.yaml --mcdata data/mcdata --out data/steering --live metrics/live/steering --metrics metrics/steering.json --table metrics/steering.md --plot metrics/plots/steering_accuracy.png
 
 Reads the `steering` section of params.yaml and `<mcdata>/questions.jsonl`. For
 each task: the unsteered accuracy; one vector trained at each layer of
@@ -13,7 +13,11 @@ routing (section 2.3), on the mixed test set. Writes `<out>/model.safetensors` +
 (accuracies, gains with bootstrap 95% intervals over the unsteered model and over a
 random vector of the same norm, the mean-difference control, the gain without the
 question, keyword routing's precision and recall, and the `summary` block) and the
-markdown table.
+markdown table. dvclive (`pipeline.common.live`) logs each vector's training:
+`<task>/<vector>/train_loss` per epoch (step = epoch) and `<task>/<vector>/val_acc` at
+the last epoch. The PNG, one row per task: val accuracy against the coefficient (the
+chosen vector and the mean-difference control) and accuracy per layer of the
+single-layer vectors, each next to the unsteered model as a dashed line.
 """  # noqa: E501
 
 from __future__ import annotations
@@ -27,10 +31,13 @@ from typing import Annotated, Any
 
 import torch
 import typer
+from dvclive import Live
 from torch import Tensor, nn
 
 from pipeline.common.io import write_json, write_text
+from pipeline.common.live import log_row, open_live
 from pipeline.common.params import load_params, to_dict
+from pipeline.common.pictures import Panel, line_panels
 from pipeline.common.run_info import INFO, split_info
 from pipeline.common.splits import SPLITS
 from pipeline.common.teacher import decoder_blocks, load_causal_lm, teacher_caveat
@@ -79,12 +86,21 @@ class TaskResult:
     """The chosen vector at its chosen coefficient, per layer."""
     unsteered: dict[str, Tensor]
     """Per-question correctness of the unsteered model (N,), val and test."""
+    panels: list[Panel]
+    """The task's row of the PNG."""
 
 
 def run(
-    params: SteeringParams, mcdata: Path, out: Path, metrics: Path, table: Path
+    params: SteeringParams,
+    mcdata: Path,
+    out: Path,
+    live: Path,
+    metrics: Path,
+    table: Path,
+    plot: Path,
 ) -> dict[str, Any]:
-    """Train, sweep and combine; write the vectors, metrics JSON and table; return the metrics."""
+    """Train, sweep and combine; write the vectors, dvclive curves, metrics JSON, table and
+    PNG; return the metrics."""
     questions = read_questions(Path(mcdata))
     tasks = check_tasks(questions, params, mcdata)
     if params.num_threads:
@@ -97,7 +113,11 @@ def run(
         (t, s): [q for q in questions if (q.task, q.split) == (t, s)] for t in tasks for s in SPLITS
     }
     data = {t: {s: encode(groups[t, s], tokenizer) for s in SPLITS} for t in tasks}
-    results = {task: steer_task(model, data[task], params, layers, singles, task) for task in tasks}
+    with open_live(Path(live)) as board:
+        results = {
+            task: steer_task(model, data[task], params, layers, singles, task, board)
+            for task in tasks
+        }
     summary: dict[str, Any] = {
         "model": params.model,
         "teacher_caveat": teacher_caveat(model.config),
@@ -116,6 +136,8 @@ def run(
     write_json(Path(metrics), measured, sort_keys=False)
     write_json(Path(out) / INFO, info, sort_keys=False)
     write_text(Path(table), accuracy_table(summary))
+    panels = [panel for result in results.values() for panel in result.panels]
+    line_panels(Path(plot), f"steering: {params.model}", panels)
     return summary
 
 
@@ -139,8 +161,10 @@ def steer_task(
     layers: tuple[int, ...],
     singles: tuple[int, ...],
     task: str,
+    board: Live,
 ) -> TaskResult:
-    """Unsteered, single-layer at each candidate, multi-layer, then the coefficient sweep."""
+    """Unsteered, single-layer at each candidate, multi-layer, then the coefficient sweep;
+    `board` (dvclive) gets each vector's training curve."""
     ev = partial(correct, model, position=params.position, batch_size=params.eval_batch_size)
     unsteered = {s: ev(data[s], {}) for s in EVAL_SPLITS}
     dim = model.get_input_embeddings().weight.shape[1]
@@ -148,7 +172,10 @@ def steer_task(
     vectors["multi"] = SteeringVector(layers, dim)
     right: dict[str, dict[str, Tensor]] = {}
     for name, vector in vectors.items():
-        fit = train_vector(model, vector, data["train"], data["val"], params, f"{task} {name}")
+        logged = partial(log_row, board, step="epoch", prefix=f"{task}/{name}/")
+        fit = train_vector(
+            model, vector, data["train"], data["val"], params, f"{task} {name}", logged
+        )
         right[name] = {"val": fit.val_correct, "test": ev(data["test"], vector.deltas())}
     val_acc = {name: accuracy(r["val"]) for name, r in right.items()}
     best_single = max((n for n in vectors if n != "multi"), key=lambda n: val_acc[n])
@@ -229,7 +256,42 @@ def steer_task(
         }
         | scored(times(caa_coefficient), caa_right),
     }
-    return TaskResult(metrics, vectors, final, unsteered)
+    panels = task_panels(task, metrics, sweep, caa_sweep, singles, chosen)
+    return TaskResult(metrics, vectors, final, unsteered, panels)
+
+
+def task_panels(
+    task: str,
+    metrics: dict[str, Any],
+    sweep: dict[float, float],
+    caa_sweep: dict[float, float],
+    singles: tuple[int, ...],
+    chosen: str,
+) -> list[Panel]:
+    """Val accuracy against the coefficient, and accuracy per single layer, each with the
+    unsteered model's as a dashed line."""
+    unsteered = metrics["unsteered"]
+    by_layer = [metrics["single_layer"][f"L{layer}"] for layer in singles]
+    return [
+        Panel(
+            f"{task}: val accuracy vs coefficient",
+            "coefficient",
+            "val accuracy",
+            {
+                f"trained ({chosen})": (list(sweep), list(sweep.values())),
+                "mean difference": (list(caa_sweep), list(caa_sweep.values())),
+            },
+            {"unsteered (val)": unsteered["val"]},
+        ),
+        Panel(
+            f"{task}: single-layer vectors (coefficient 1)",
+            "layer",
+            "accuracy",
+            {split: (list(singles), [acc[split] for acc in by_layer]) for split in EVAL_SPLITS},
+            {f"unsteered ({split})": unsteered[split] for split in EVAL_SPLITS},
+            integer_x=True,
+        ),
+    ]
 
 
 def combine(
@@ -327,13 +389,21 @@ def checkpoint_config(
 def command(
     mcdata: Annotated[Path, typer.Option(help="Folder written by the mcdata stage.")],
     out: Annotated[Path, typer.Option(help="Folder for model.safetensors and config.json.")],
+    live: Annotated[Path, typer.Option(help="dvclive folder: each vector's training curve.")],
     metrics: Annotated[Path, typer.Option(help="Metrics JSON to write.")],
     table: Annotated[Path, typer.Option(help="Markdown accuracy table to write.")],
+    plot: Annotated[Path, typer.Option(help="PNG: accuracy vs coefficient and per layer.")],
     params: Annotated[Path, typer.Option(help="Params file; its `steering` section.")] = PARAMS,
 ) -> None:
     """Train steering vectors (single layer, multi-layer), sweep coefficients, combine tasks."""
     summary = run(
-        load_params(params, steering=SteeringParams).steering, mcdata, out, metrics, table
+        load_params(params, steering=SteeringParams).steering,
+        mcdata,
+        out,
+        live,
+        metrics,
+        table,
+        plot,
     )
     gains = ", ".join(
         f"{task} {100 * m['best_coefficient']['gain']:+.1f} pts"

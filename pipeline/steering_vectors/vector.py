@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -319,8 +319,10 @@ def train_vector(
     val: Encoded,
     params: SteeringParams,
     desc: str = "steer",
+    on_epoch: Callable[[dict[str, float]], None] | None = None,
 ) -> VectorFit:
-    """Adam on v and the scales for `params.epochs`; then score val once."""
+    """Adam on v and the scales for `params.epochs`; then score val once. `on_epoch` gets
+    {epoch, train_loss} after each epoch, then {epoch, val_acc} (the stage's dvclive logger)."""
     device = model_device(model)
     vector.to(device)
     optimizer = torch.optim.Adam(vector.parameters(), lr=params.lr)
@@ -328,7 +330,7 @@ def train_vector(
     steps = -(-len(train) // params.batch_size)
     losses: list[float] = []
     with progress(total=params.epochs * steps, desc=desc, unit="step", leave=False) as bar:
-        for _ in range(params.epochs):
+        for epoch in range(1, params.epochs + 1):
             order = torch.randperm(len(train), generator=generator).tolist()
             total = 0.0
             for start in range(0, len(train), params.batch_size):
@@ -339,8 +341,12 @@ def train_vector(
                     loss=f"{total / (start // params.batch_size + 1):.4f}", refresh=False
                 )
             losses.append(total / steps)
+            if on_epoch is not None:
+                on_epoch({"epoch": epoch, "train_loss": losses[-1]})
     right = correct(model, val, vector.deltas(), params.position, params.eval_batch_size)
     fit = VectorFit(right, losses)
+    if on_epoch is not None:
+        on_epoch({"epoch": params.epochs, "val_acc": fit.val_acc})
     log.info("%s: train loss %s, val acc %.4f", desc, [round(x, 4) for x in losses], fit.val_acc)
     return fit
 

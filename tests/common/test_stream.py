@@ -285,7 +285,7 @@ if name == "distill":
         "train": {"layer": 2, "epochs": 1, "buffer_rows": buffer_rows},
         "runs": {"lp": {"approach": "linear_probe"}}}})
     before = start()
-    distill.run(params, "lp", folder, out)
+    distill.run(params, "lp", folder, out, out.parent / (out.name + "_live"))
 else:
     data = READERS[name].open(folder)
     before = start()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 
 import pytest
@@ -11,6 +10,7 @@ import yaml
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+from pipeline.common.live import read_metric
 from pipeline.concepts import distill
 from pipeline.concepts.layout import DirectionSet
 from pipeline.concepts.params import RunParams, TrainParams
@@ -75,19 +75,29 @@ def test_train_epoch_reports_mean_loss_and_cos(direction_set):
 
 
 def test_stage_writes_checkpoint_config_and_curves(direction_set, tmp_path):
-    out = tmp_path / "frozen"
-    summary = distill.run(params(), "frozen", direction_set, out)
+    out, live = tmp_path / "frozen", tmp_path / "live" / "frozen"
+    summary = distill.run(params(), "frozen", direction_set, out, live)
 
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "curves.csv", "seeds"]
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "seeds"]
     seed_dir = out / "seeds" / "0"
     written = sorted(p.name for p in seed_dir.iterdir())
-    assert written == ["config.json", "curves.csv", "model.safetensors"]
-    with open(seed_dir / "curves.csv", newline="") as handle:
-        rows = list(csv.reader(handle))
-    assert rows[0] == ["epoch", "train_loss", "train_cos", "val_cos"]
-    assert len(rows) - 1 == FAST["epochs"]
+    assert written == ["config.json", "model.safetensors"]
+    # dvclive: the seed's folder, and the run's mean over seeds beside it.
+    assert sorted(p.name for p in live.iterdir()) == ["metrics.json", "plots", "seeds"]
+    seed_live = live / "seeds" / "0"
+    tsvs = sorted(str(p.relative_to(seed_live)) for p in seed_live.rglob("*.tsv"))
+    assert tsvs == [f"plots/metrics/{name}.tsv" for name in ("train_cos", "train_loss", "val_cos")]
+    lines = (seed_live / "plots/metrics/val_cos.tsv").read_text().splitlines()
+    assert lines[0] == "step\tval_cos" and len(lines) - 1 == FAST["epochs"]
+    steps, val = read_metric(seed_live, "val_cos")
+    assert steps == [1, 2, 3]
     # One seed: the run's mean curves are that seed's curves.
-    assert (out / "curves.csv").read_text() == (seed_dir / "curves.csv").read_text()
+    for name in ("train_loss", "train_cos", "val_cos"):
+        assert read_metric(live, name) == read_metric(seed_live, name)
+    last = json.loads((live / "metrics.json").read_text())
+    assert last == {"step": 3, "val_cos": val[-1]} | {
+        name: read_metric(live, name)[1][-1] for name in ("train_loss", "train_cos")
+    }
     config = json.loads((seed_dir / "config.json").read_text())
     assert config["run"] == "frozen" and config["approach"] == "frozen_mlp"
     assert config["seed"] == 0
@@ -95,8 +105,8 @@ def test_stage_writes_checkpoint_config_and_curves(direction_set, tmp_path):
     assert config["inference_bytes"] == (config["trainable_params"] + 50 * 8) * 4
     assert config["train"]["epochs"] == FAST["epochs"] and config["layer"] == 2
     best = summary["per_seed"]["0"]
-    assert best["best_val_cos"] == max(float(r[3]) for r in rows[1:]) == config["best_val_cos"]
-    assert rows[best["best_epoch"]][3] == repr(best["best_val_cos"])
+    assert best["best_val_cos"] == max(val) == config["best_val_cos"]
+    assert val[best["best_epoch"] - 1] == best["best_val_cos"]
     run_config = json.loads((out / "config.json").read_text())
     assert run_config["seeds"] == [0] and run_config["per_seed"] == summary["per_seed"]
     assert run_config["trainable_params"] == config["trainable_params"]
@@ -106,29 +116,27 @@ def test_stage_writes_checkpoint_config_and_curves(direction_set, tmp_path):
 
 
 def test_each_seed_trains_its_own_student_and_curves_are_their_mean(direction_set, tmp_path):
-    out = tmp_path / "tiny"
-    summary = distill.run(params(seeds=[5, 6]), "tiny", direction_set, out)
+    out, live = tmp_path / "tiny", tmp_path / "live"
+    (live / "seeds" / "9").mkdir(parents=True)  # a stale seed of an earlier run
+    summary = distill.run(params(seeds=[5, 6]), "tiny", direction_set, out, live)
     assert sorted(summary["per_seed"]) == ["5", "6"]
-    curves = {}
-    for seed in ("5", "6"):
-        with open(out / "seeds" / seed / "curves.csv", newline="") as handle:
-            curves[seed] = list(csv.DictReader(handle))
-    with open(out / "curves.csv", newline="") as handle:
-        mean = list(csv.DictReader(handle))
-    for epoch, row in enumerate(mean):
-        expected = (float(curves["5"][epoch]["val_cos"]) + float(curves["6"][epoch]["val_cos"])) / 2
-        assert float(row["val_cos"]) == pytest.approx(expected)
+    assert sorted(p.name for p in (live / "seeds").iterdir()) == ["5", "6"]
+    curves = {seed: read_metric(live / "seeds" / seed, "val_cos")[1] for seed in ("5", "6")}
+    steps, mean = read_metric(live, "val_cos")
+    assert steps == [1, 2, 3]
+    for epoch, value in enumerate(mean):
+        assert value == pytest.approx((curves["5"][epoch] + curves["6"][epoch]) / 2)
     assert curves["5"] != curves["6"]
 
 
 def test_same_seed_same_weights(direction_set, tmp_path):
     for name in ("a", "b"):
-        distill.run(params(seeds=[5]), "tiny", direction_set, tmp_path / name)
+        distill.run(params(seeds=[5]), "tiny", direction_set, tmp_path / name, tmp_path / "live")
     first, second = (load_file(str(tmp_path / n / "seeds/5/model.safetensors")) for n in "ab")
     assert first.keys() == second.keys()
     assert all(torch.equal(first[k], second[k]) for k in first)
     # Seed 5 trained beside seed 6 is the same student as seed 5 alone.
-    distill.run(params(seeds=[6, 5]), "tiny", direction_set, tmp_path / "c")
+    distill.run(params(seeds=[6, 5]), "tiny", direction_set, tmp_path / "c", tmp_path / "live")
     again = load_file(str(tmp_path / "c/seeds/5/model.safetensors"))
     assert all(torch.equal(first[k], again[k]) for k in first)
     third = load_file(str(tmp_path / "c/seeds/6/model.safetensors"))
@@ -143,8 +151,8 @@ def test_seeds_must_be_given_and_distinct(seeds, match):
 
 def test_unknown_run_is_named_and_writes_nothing(direction_set, tmp_path):
     with pytest.raises(ValueError, match=r"'nope'.*\['frozen', 'probe', 'tiny'\]"):
-        distill.run(params(), "nope", direction_set, tmp_path / "out")
-    assert not (tmp_path / "out").exists()
+        distill.run(params(), "nope", direction_set, tmp_path / "out", tmp_path / "live")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "live").exists()
 
 
 def test_missing_layer_fails_before_writing(direction_set, tmp_path):
@@ -152,8 +160,8 @@ def test_missing_layer_fails_before_writing(direction_set, tmp_path):
         directions={"layers": [3]}, distill={"train": {**FAST, "layer": 3}, "runs": RUNS}
     )
     with pytest.raises(ValueError, match="layer 3 is not cached"):
-        distill.run(bad, "probe", direction_set, tmp_path / "out")
-    assert not (tmp_path / "out").exists()
+        distill.run(bad, "probe", direction_set, tmp_path / "out", tmp_path / "live")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "live").exists()
 
 
 def test_command_line(direction_set, tmp_path):
@@ -180,10 +188,13 @@ def test_command_line(direction_set, tmp_path):
         str(direction_set),
         "--out",
         str(out),
+        "--live",
+        str(tmp_path / "live"),
     ]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
-    assert (out / "seeds/0/model.safetensors").is_file() and (out / "curves.csv").is_file()
+    assert (out / "seeds/0/model.safetensors").is_file()
+    assert read_metric(tmp_path / "live", "val_cos")[0] == [1]
     config = json.loads((out / "config.json").read_text())
     assert config["run"] == "probe" and config["train"]["epochs"] == 1
     assert config["per_seed"]["0"]["best_epoch"] == 1

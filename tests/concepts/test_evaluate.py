@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 from pipeline.cli import app
 from pipeline.common.checkpoints import save_checkpoint
 from pipeline.common.io import write_json
+from pipeline.common.live import log_row, open_live
 from pipeline.concepts.evaluate import run
 from pipeline.concepts.layout import DirectionSet
 from pipeline.concepts.params import RunParams
@@ -24,6 +25,7 @@ from pipeline.concepts.students import (
     seed_folder,
 )
 from tests.conftest import build_params, make_direction_set
+from tests.picture_checks import assert_picture
 from tests.tables import squeeze
 
 LAYER = 2
@@ -83,9 +85,9 @@ def write_run(
     returns the first seed's model."""
     models = [write_seed(distill, name, data, exact, seed) for seed in seeds]
     write_json(distill / name / "config.json", {"run": name, "seeds": list(seeds)})
-    (distill / name / "curves.csv").write_text(
-        "epoch,train_loss,train_cos,val_cos\n1,0.9,0.1,0.2\n2,0.5,0.5,0.5\n"
-    )
+    with open_live(distill.parent / "live" / name) as live:
+        log_row(live, {"epoch": 1, "train_loss": 0.9, "val_cos": 0.2}, step="epoch")
+        log_row(live, {"epoch": 2, "train_loss": 0.5, "val_cos": 0.5}, step="epoch")
     return models[0]
 
 
@@ -119,7 +121,7 @@ def write_seed(distill: Path, name: str, data: DirectionSet, exact: bool, seed: 
 def stage_paths(tmp_path: Path) -> dict[str, Path]:
     out = tmp_path / "metrics"
     names = {"metrics": "distill.json", "table": "comparison.md", "plot": "curves.png"}
-    return {key: out / name for key, name in names.items()}
+    return {"live": tmp_path / "live"} | {key: out / name for key, name in names.items()}
 
 
 @pytest.fixture
@@ -182,7 +184,7 @@ def test_evaluate_end_to_end(setup, tmp_path):
     assert "\\* needs the teacher's embedding table at inference" in lines
     seed_rows = [line for line in lines if line.startswith("| Linear Probe | 1 |")]
     assert seed_rows == ["| Linear Probe | 1 | 1.0000 | — | — |"]
-    assert paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert_picture(paths["plot"])
 
     # The summary block: the student best on val, its test number as the table shows it.
     (block,) = results["summary"]
@@ -235,7 +237,7 @@ def test_cli_evaluate(setup, tmp_path):
         args += [f"--{name}", str(path)]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
-    assert all(path.is_file() for path in paths.values())
+    assert all(paths[name].is_file() for name in ("metrics", "table", "plot"))
     metrics = json.loads(paths["metrics"].read_text())
     assert set(metrics) == {*RUNS, "baseline_train_mean", "baseline_knn", "counts", "summary"}
     assert "\n| Linear Probe | 144 | " in squeeze(paths["table"].read_text())
@@ -264,3 +266,22 @@ def test_rows_are_the_mean_over_seeds_with_a_t_interval(tmp_path):
     text = squeeze(paths["table"].read_text())
     assert "concepts split by text (wordlist.split_by):" in text
     assert "| Linear Probe | 2 | 1.0000 | [1.0000, 1.0000] | no |" in text
+
+
+def test_the_picture_overlays_every_run_and_an_empty_curve_is_named(setup, tmp_path):
+    params, directions, distill, _, _ = setup
+    paths = stage_paths(tmp_path)
+    run(params, directions, distill, **paths)
+    pixels = assert_picture(paths["plot"])
+    # Two runs and the kNN line: more than one colour beyond black, white and grey.
+    colours = {tuple(p) for p in pixels.reshape(-1, 3).astype(int).tolist()}
+    assert len([c for c in colours if max(c) - min(c) > 60]) > 2
+
+    # A run whose dvclive curve holds no epoch: one clear error naming the run's file.
+    tsv = paths["live"] / "tiny" / "plots" / "metrics" / "val_cos.tsv"
+    tsv.write_text("step\tval_cos\n")
+    with pytest.raises(ValueError, match=r"curves.png: no data to plot .*'tiny' is empty"):
+        run(params, directions, distill, **paths)
+    tsv.unlink()
+    with pytest.raises(FileNotFoundError, match=r"dvclive metric 'val_cos' not found: .*tiny"):
+        run(params, directions, distill, **paths)

@@ -16,7 +16,6 @@ from pipeline.concepts.comparison import (
     human_bytes,
     human_count,
     overlaps,
-    plot_val_curves,
     run_label,
     summary,
 )
@@ -273,13 +272,6 @@ def test_seed_table_marks_rows_whose_interval_overlaps_the_next():
     ]
     assert overlaps((0.1, 0.2), (0.2, 0.3)) and not overlaps((0.1, 0.2), (0.21, 0.3))
     assert overlaps(None, (0.1, 0.2)) is None
-
-
-def test_plot_val_curves_writes_png(tmp_path):
-    path = tmp_path / "sub" / "curves.png"
-    curves = {"a": ([1, 2, 3], [0.1, 0.5, 0.6]), "b": ([1, 2], [0.2, 0.3])}
-    plot_val_curves(curves, path, {"kNN": 0.4})
-    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_the_title_of_a_random_weight_teacher_says_so():

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 from pathlib import Path
@@ -13,6 +12,7 @@ import typer
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+from pipeline.common.live import read_metric
 from pipeline.common.run_info import split_info
 from pipeline.common.shards import Manifest, shard_name, write_shard
 from pipeline.common.summary import check_entry
@@ -34,6 +34,7 @@ from pipeline.kv_sidecar.losses import TERMS, total_loss
 from pipeline.kv_sidecar.params import SidecarParams, TrajectoriesParams
 from pipeline.kv_sidecar.report import ranking, sidecar_table, summary
 from pipeline.kv_sidecar.set_transformer import (
+    EVAL_CURVE_KEYS,
     build_sidecar,
     count_parameters,
     evaluate,
@@ -45,6 +46,7 @@ from pipeline.kv_sidecar.set_transformer import (
 )
 from pipeline.kv_sidecar.trajectory_set import KVBatch, TrajectorySet, is_heldout
 from tests.conftest import build_params
+from tests.picture_checks import assert_picture
 from tests.tables import squeeze
 from tests.tiny_teachers import tiny_teacher
 
@@ -184,11 +186,21 @@ def teacher_run(tmp_path_factory) -> tuple[Path, Path]:
     return root / "trajectories", root / "corpus"
 
 
+def stage_paths(tmp_path: Path, name: str = "out") -> dict[str, Path]:
+    """The stage's output paths by keyword, all under `tmp_path`."""
+    return {
+        "out": tmp_path / name,
+        "live": tmp_path / "live" / name,
+        "metrics": tmp_path / f"{name}.json",
+        "table": tmp_path / f"{name}.md",
+        "plot_training": tmp_path / "plots" / f"{name}_training.png",
+        "plot_lm_loss": tmp_path / "plots" / f"{name}_lm_loss.png",
+    }
+
+
 def run_stage(params, teacher_run, tmp_path, name="out"):
     folder, corpus = teacher_run
-    return stage.run(
-        params, folder, corpus, tmp_path / name, tmp_path / f"{name}.json", tmp_path / "t.md"
-    )
+    return stage.run(params, folder, corpus, **stage_paths(tmp_path, name))
 
 
 @pytest.mark.parametrize("force_space", ["kv", "hidden"])
@@ -253,11 +265,10 @@ def test_reader_errors_name_the_problem(trajectories, tmp_path):
             build_params(sidecar={**TINY, "window_size": 64}),
             trajectories,
             tmp_path / "no-corpus",
-            tmp_path / "out",
-            tmp_path / "m.json",
-            tmp_path / "m.md",
+            **stage_paths(tmp_path),
         )
-    assert not (tmp_path / "out").exists() and not (tmp_path / "m.json").exists()
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.json").exists()
+    assert not (tmp_path / "live").exists() and not (tmp_path / "plots").exists()
 
 
 def test_seed_architecture_parameter_count():
@@ -354,14 +365,13 @@ COMPRESSORS = (SIDECAR, *BASELINES)
 
 def test_stage_writes_outputs_and_metrics_for_every_compressor(teacher_run, tmp_path):
     folder, corpus = teacher_run
-    out, metrics, table = tmp_path / "sidecar", tmp_path / "m" / "sidecar.json", tmp_path / "t.md"
+    paths = stage_paths(tmp_path, "sidecar")
+    out, live, metrics, table = (paths[k] for k in ("out", "live", "metrics", "table"))
     params = build_params(sidecar=TINY)
-    results = stage.run(params, folder, corpus, out, metrics, table)
+    results = stage.run(params, folder, corpus, **paths)
 
     assert sorted(p.name for p in out.iterdir()) == [
         "config.json",
-        "curves.csv",
-        "eval_curves.csv",
         "info.json",
         "model.safetensors",
     ]
@@ -412,13 +422,21 @@ def test_stage_writes_outputs_and_metrics_for_every_compressor(teacher_run, tmp_
     )
     assert results["summary"] == summary(results)
     assert results["teacher"]["model"] == tiny_teacher("llama")
-    with open(out / "curves.csv", newline="") as handle:
-        curves = list(csv.DictReader(handle))
-    assert [int(r["step"]) for r in curves] == list(range(1, 13))
-    assert {"lr", "loss", "jacobian_ratio", *TERMS} <= set(curves[0])
-    assert float(curves[-1]["loss"]) == results["train"]["final_loss"]
-    with open(out / "eval_curves.csv", newline="") as handle:
-        assert [int(r["step"]) for r in csv.DictReader(handle)] == [5, 10, 12]
+    # dvclive: train/<column> every step, heldout/<column> every eval_every and at the end.
+    tsvs = {str(p.relative_to(live / "plots/metrics"))[:-4] for p in live.rglob("*.tsv")}
+    assert {"train/lr", "train/loss", "train/jacobian_ratio"} <= tsvs
+    assert {f"train/{name}" for name in TERMS} <= tsvs
+    assert {f"heldout/{key}" for key in EVAL_CURVE_KEYS} <= tsvs
+    steps, losses = read_metric(live, "train/loss")
+    assert steps == list(range(1, 13)) and losses[-1] == results["train"]["final_loss"]
+    assert losses[0] == results["train"]["first_loss"]
+    assert (live / "plots/metrics/train/loss.tsv").read_text().splitlines()[0] == "step\tloss"
+    assert read_metric(live, "heldout/jacobian_ratio")[0] == [5, 10, 12]
+    last = json.loads((live / "metrics.json").read_text())
+    assert last["step"] == 12 and last["train"]["loss"] == losses[-1]
+    assert set(last["heldout"]) == set(EVAL_CURVE_KEYS)
+    for name in ("plot_training", "plot_lm_loss"):
+        assert_picture(paths[name])
     text = table.read_text()
     assert f"on {heldout} held-out chunks ({2 * heldout} samples" in text
     assert text == sidecar_table(results)
@@ -440,8 +458,7 @@ def test_stage_refuses_a_corpus_the_trajectories_did_not_come_from(teacher_run, 
         other,
     )  # fmt: skip
     with pytest.raises(ValueError, match="is not the corpus .* computed from"):
-        stage.run(build_params(sidecar=TINY), folder, other, tmp_path / "o", tmp_path / "m.json",
-                  tmp_path / "m.md")  # fmt: skip
+        stage.run(build_params(sidecar=TINY), folder, other, **stage_paths(tmp_path))
 
 
 def test_same_seed_same_weights(teacher_run, tmp_path):
@@ -476,7 +493,8 @@ def test_command(teacher_run, tmp_path):
         [
             "--params", str(params), "--trajectories", str(folder), "--corpus", str(corpus),
             "--out", str(out), "--metrics", str(tmp_path / "m.json"),
-            "--table", str(tmp_path / "m.md"),
+            "--table", str(tmp_path / "m.md"), "--live", str(tmp_path / "live"),
+            "--plot-training", str(tmp_path / "a.png"), "--plot-lm-loss", str(tmp_path / "b.png"),
         ],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
@@ -517,6 +535,19 @@ def hand_metrics(mode: str = "per_sample") -> dict:
     }
     metrics["ranking"] = ranking(metrics["compressors"])
     return metrics
+
+
+def test_the_lm_loss_picture_draws_every_compressor_and_needs_one(tmp_path):
+    results = {
+        "ranking": ["window_mean", "sidecar"],
+        "compressors": {
+            "window_mean": {"lm_loss_increase": 0.1, "lm_loss_increase_interval": [0.05, 0.2]},
+            "sidecar": {"lm_loss_increase": 0.3, "lm_loss_increase_interval": [float("nan")] * 2},
+        },
+    }
+    assert_picture(stage.lm_loss_picture(results, tmp_path / "x.png"))
+    with pytest.raises(ValueError, match=r"y.png: no data to plot .*no bars"):
+        stage.lm_loss_picture({"ranking": [], "compressors": {}}, tmp_path / "y.png")
 
 
 def test_summary_block_on_hand_built_metrics():

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import re
@@ -16,6 +15,7 @@ import typer
 import yaml
 from typer.testing import CliRunner
 
+from pipeline.common.live import read_metric
 from pipeline.common.run_info import split_info
 from pipeline.common.shards import Manifest, shard_name
 from pipeline.common.teacher import load_causal_lm
@@ -39,6 +39,7 @@ from pipeline.sparse_autoencoder.params import SaeParams
 from pipeline.sparse_autoencoder.report import rank_features
 from pipeline.sparse_autoencoder.sources import DirectionsSource, item_keys, open_source
 from tests.conftest import build_params, make_direction_set
+from tests.picture_checks import assert_picture
 from tests.tables import squeeze
 
 # The synthetic directions folders cache layer 2; distill must read a cached layer too.
@@ -132,7 +133,10 @@ def test_sae_recovers_a_planted_sparse_dictionary(tmp_path):
     )
     model = SparseAutoencoder(32, 96, topk=3, layer_norm=False, seed=0)
     model.init_decoder_bias(source.sample("train", 2000)[1])
-    result = fit_sae(model, source, params, seed=0)
+    logged = []
+    result = fit_sae(model, source, params, seed=0, on_log=logged.append)
+    # Every row reaches the logger, the last (partial: 348 steps, a row per 20) too.
+    assert logged == result.curves and logged[-1]["step"] == result.steps == 348
 
     matched = match_features(dictionary.T, model.W_dec)  # each atom gets its own feature
     assert matched.mean_cos >= 0.9, f"mean matched cosine {matched.mean_cos:.3f}"
@@ -266,7 +270,7 @@ def test_exemplars_stay_aligned_when_the_loader_shuffles(tmp_path):
 def run_stage(tmp_path: Path, params, source: Path, **paths):
     out = {
         name: tmp_path / "outputs" / name
-        for name in ("sae", "sae.json", "sae.md", "exemplars.md", "curves.csv")
+        for name in ("sae", "sae.json", "sae.md", "exemplars.md", "live", "train.png", "dens.png")
     }
     result = sae_stage.run(
         params,
@@ -275,7 +279,9 @@ def run_stage(tmp_path: Path, params, source: Path, **paths):
         out["sae.json"],
         out["sae.md"],
         out["exemplars.md"],
-        out["curves.csv"],
+        out["live"],
+        out["train.png"],
+        out["dens.png"],
         **paths,
     )
     return result, out
@@ -341,20 +347,19 @@ def test_stage_on_directions_writes_models_metrics_tables_and_exemplars(tmp_path
     assert "| SAE (seed 7) | 32 |" in table and "| PCA |" in table and "| NMF |" in table
     report = out["exemplars.md"].read_text()
     assert "## Most coherent features" in report and "concept0" in report
-    with open(out["curves.csv"], newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    assert list(rows[0]) == [
-        "step",
-        "epoch",
-        "rows",
-        "loss",
-        "mse",
-        "l1",
-        "r2",
-        "l0",
-        "dead_window",
-    ]
-    assert int(rows[-1]["step"]) == metrics["steps"]
+    # dvclive: one TSV per curve column, a row every sae.log_every steps and at the end.
+    names = ("loss", "mse", "l1", "r2", "l0", "dead_window")
+    live = out["live"]
+    tsvs = sorted(p.name for p in (live / "plots" / "metrics").iterdir())
+    assert tsvs == sorted(f"{name}.tsv" for name in names)
+    steps, r2 = read_metric(live, "r2")
+    assert steps[-1] == metrics["steps"] and steps == sorted(set(steps))
+    last = json.loads((live / "metrics.json").read_text())
+    assert last["step"] == metrics["steps"] and last["r2"] == r2[-1]
+    assert (live / "plots/metrics/mse.tsv").read_text().splitlines()[0] == "step\tmse"
+    assert read_metric(live, "dead_window")[1][-1] == metrics["dead_feature_rate_train_window"]
+    for name in ("train.png", "dens.png"):
+        assert_picture(out[name])
 
 
 def _splits(folder: Path):
@@ -496,7 +501,18 @@ def test_command_line(tmp_path, direction_set):
     ]
     args += ["--out", str(outputs / "sae"), "--metrics", str(outputs / "sae.json")]
     args += ["--table", str(outputs / "sae.md"), "--exemplars", str(outputs / "ex.md")]
-    args += ["--curves", str(outputs / "curves.csv")]
+    args += ["--live", str(outputs / "live"), "--plot-training", str(outputs / "t.png")]
+    args += ["--plot-density", str(outputs / "d.png")]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert json.loads((outputs / "sae.json").read_text())["baselines"].keys() == {"pca"}
+
+
+def test_the_density_picture_puts_dead_features_in_their_own_bin(tmp_path):
+    usage = torch.tensor([0.0, 0.0, 1.0, 10.0, 100.0])
+    assert_picture(sae_stage.density_picture(usage, 100, tmp_path / "d.png"))
+    with pytest.raises(ValueError, match="no eval rows"):
+        sae_stage.density_picture(usage, 0, tmp_path / "e.png")
+    with pytest.raises(ValueError, match="no data to plot"):
+        sae_stage.density_picture(torch.zeros(0), 10, tmp_path / "f.png")
+    assert not (tmp_path / "e.png").exists() and not (tmp_path / "f.png").exists()

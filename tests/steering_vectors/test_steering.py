@@ -7,6 +7,7 @@ whole DAG in tests/test_dvc_pipeline.py.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import replace
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import typer
 import yaml
 from typer.testing import CliRunner
 
+from pipeline.common.live import read_metric
 from pipeline.common.params import to_dict
 from pipeline.common.teacher import decoder_blocks, load_causal_lm
 from pipeline.inputs.params import WordlistParams
@@ -49,6 +51,7 @@ from pipeline.steering_vectors.vector import (
     steer,
     train_vector,
 )
+from tests.picture_checks import assert_picture
 from tests.tables import squeeze
 
 CAPS = {"train": 256, "val": 160, "test": 160}
@@ -171,7 +174,11 @@ def test_training_beats_the_unsteered_model_on_held_out_questions(tiny_lm, quest
         name: accuracy(correct(model, data, {})) for name, data in (("val", val), ("test", test))
     }
     vector = SteeringVector((0, 2, 3), 64)
-    fit = train_vector(model, vector, train, val, params)
+    logged = []
+    fit = train_vector(model, vector, train, val, params, on_epoch=logged.append)
+    assert logged == [{"epoch": e, "train_loss": fit.train_loss[e - 1]} for e in (1, 2, 3)] + [
+        {"epoch": 3, "val_acc": fit.val_acc}
+    ]
     steered = accuracy(correct(model, test, vector.deltas()))
     assert fit.val_acc >= unsteered["val"] + 0.1, (fit.val_acc, unsteered)
     assert steered >= unsteered["test"] + 0.1, (steered, unsteered)
@@ -349,9 +356,24 @@ def test_stage_cli_writes_vectors_metrics_and_table(tmp_path, questions, tiny_qw
         metrics,
         "--table",
         table,
+        "--live",
+        tmp_path / "live",
+        "--plot",
+        tmp_path / "plots" / "steering.png",
     ]
     result = CliRunner().invoke(app, [str(a) for a in args])
     assert result.exit_code == 0, result.output
+    # dvclive: each vector's train loss per epoch and its val accuracy at the last epoch.
+    live, epochs = tmp_path / "live", stage_params(tiny_qwen3_path).epochs
+    for task in ("category", "arithmetic"):
+        for vector in ("single_L3", "multi"):
+            steps, losses = read_metric(live, f"{task}/{vector}/train_loss")
+            assert steps == list(range(1, epochs + 1)) and all(map(math.isfinite, losses))
+            assert read_metric(live, f"{task}/{vector}/val_acc")[0] == [epochs]
+    last = json.loads((live / "metrics.json").read_text())
+    assert last["step"] == epochs and set(last) == {"step", "category", "arithmetic"}
+    pixels = assert_picture(tmp_path / "plots" / "steering.png", 800, 500)
+    assert pixels.shape[0] > pixels.shape[1] / 2  # two tasks: two rows of panels
     summary = json.loads(metrics.read_text())
     # The run's description is beside the vectors, not in the metrics; one output line.
     info = json.loads((out / "info.json").read_text())
@@ -402,7 +424,8 @@ def test_stage_refuses_bad_layers_and_unknown_keyword_tasks_before_writing(
     tmp_path, questions, tiny_qwen3_path
 ):
     mcdata = small_mcdata(tmp_path / "mcdata", questions, count=4)
-    paths = (mcdata, tmp_path / "out", tmp_path / "m.json", tmp_path / "t.md")
+    paths = (mcdata, tmp_path / "out", tmp_path / "live", tmp_path / "m.json", tmp_path / "t.md")
+    paths += (tmp_path / "p.png",)
     with pytest.raises(ValueError, match=r"steering.layers holds \[7\].*4 decoder layers"):
         steering.run(stage_params(tiny_qwen3_path, layers=(1, 7)), *paths)
     with pytest.raises(ValueError, match=r"steering.keywords names \['math'\]"):
