@@ -104,7 +104,7 @@ def reproduce(workspace: Path, env: dict[str, str]) -> None:
     no hash for any output there ("No file hash info found", one warning per output)
     and can skip a stage only through its run cache; DVC keeps no run-cache entry for a
     stage with a `cache: false` output that is neither a metric nor a plot (the tables
-    and val_curves.png of evaluate, sidecar, sae, steering and summary), so those
+    and the PNGs of evaluate, sidecar, sae, steering and summary), so those
     re-ran whatever the experiment changed."""
     subprocess.run(["dvc", "repro"], cwd=workspace, env=env, check=True)
     commit(workspace, RESULTS, "dvc repro results (the baseline of experiments)")

@@ -12,7 +12,7 @@ no result re-runs no stage but params_check), so the same inputs give the same b
 
     python -m pipeline.cli report --out metrics/report.html \
         --table metrics/summary.md --table metrics/comparison.md ... \
-        --image metrics/val_curves.png ...
+        --image metrics/plots/distill_val_curves.png ...
 """
 
 from __future__ import annotations
