@@ -26,8 +26,9 @@ $(VENV)/.installed: pyproject.toml requirements-teachers.txt
 demo: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pipeline.cli demo --workspace build/demo
 
+# One pytest worker per core; each test file stays on one worker (its fixtures with it).
 test: setup
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n auto --dist loadfile
 
 test-fast: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow"
