@@ -34,7 +34,7 @@ from typing import Annotated, Any
 import typer
 
 from pipeline.common.io import write_json, write_text
-from pipeline.common.tables import markdown_table
+from pipeline.common.tables import MISSING, fmt, markdown_table
 
 KEY = "summary"
 TEXT_FIELDS = ("branch", "metric", "teacher", "control")
@@ -51,7 +51,6 @@ FIELDS = (
     "n",
 )
 REQUIRED = (*TEXT_FIELDS, *NUMBER_FIELDS, "n")
-MISSING = "—"
 
 
 def _is_number(value: Any) -> bool:
@@ -118,14 +117,6 @@ def read_entries(path: Path) -> list[dict[str, Any]]:
 def slug(text: str) -> str:
     """A JSON key for a label: lowercase words joined by underscores."""
     return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_") or "value"
-
-
-def fmt(value: float | None) -> str:
-    if value is None:
-        return MISSING
-    if value == 0 or 1e-3 <= abs(value) < 1e4:
-        return f"{value:.4g}"
-    return f"{value:.3e}"
 
 
 def with_interval(value: float | None, interval: Sequence[float] | None) -> str:

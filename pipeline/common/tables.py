@@ -11,10 +11,23 @@ text may start with one).
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 from tabulate import tabulate
 
 _ALIGN = {"l": "left", "r": "right"}
+MISSING = "—"
+"""The cell of a value that was not measured."""
+
+
+def fmt(value: Any) -> str:
+    """A number as the report tables print it: 4 significant digits, scientific outside
+    [1e-3, 1e4); MISSING for None."""
+    if value is None:
+        return MISSING
+    if value == 0 or 1e-3 <= abs(value) < 1e4:
+        return f"{value:.4g}"
+    return f"{value:.3e}"
 
 
 def markdown_table(

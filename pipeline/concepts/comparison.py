@@ -13,11 +13,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.common.tables import markdown_table
+from pipeline.common.tables import MISSING, markdown_table
 from pipeline.concepts.params import RunParams
 
 FOOTNOTE = "\\* needs the teacher's embedding table at inference"
-MISSING = "—"
 BRANCH = "concept directions"
 INTERVAL_KIND = "t-interval 95% over seeds"
 

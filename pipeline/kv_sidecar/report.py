@@ -8,12 +8,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipeline.common.tables import markdown_table
+from pipeline.common.tables import MISSING, fmt, markdown_table
 from pipeline.kv_sidecar.compressors import BASELINES, LABELS, SIDECAR
 from pipeline.kv_sidecar.lm_loss import INTERVAL_KIND
 from pipeline.kv_sidecar.losses import TERMS
 
-MISSING = "—"
 BRANCH = "kv_sidecar"
 # (label, key of the dense reference or None, key of the compressed value)
 ROWS = (
@@ -39,14 +38,6 @@ BY_CONSTRUCTION = {
     "(seed 003 fix 4: one scalar per sample for K, one for V), so the mean norms match",
     "per_window": "each super-token is rescaled to its own window's mean dense norm",
 }
-
-
-def fmt(value: Any) -> str:
-    if value is None:
-        return MISSING
-    if value == 0 or 1e-3 <= abs(value) < 1e4:
-        return f"{value:.4g}"
-    return f"{value:.3e}"
 
 
 def fmt_signed(value: Any) -> str:
