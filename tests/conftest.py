@@ -55,6 +55,14 @@ def build_params(**sections) -> Sections:
     return sections_from_dict(sections)
 
 
+def concept_texts(offsets: torch.Tensor, flat: torch.Tensor) -> list[str]:
+    """A synthetic concept's text spells its token ids ("t3t17"), one word per concept."""
+    return [
+        "".join(f"t{t}" for t in flat[offsets[i] : offsets[i + 1]].tolist())
+        for i in range(offsets.numel() - 1)
+    ]
+
+
 def make_direction_set(
     folder: Path,
     num_concepts: int = 240,
@@ -100,6 +108,7 @@ def make_direction_set(
         embedding_rows=table[used],
         offsets=offsets,
         flat_tokens=flat,
+        texts=concept_texts(offsets, flat),
     )
     Manifest(
         kind=KIND,

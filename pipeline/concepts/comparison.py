@@ -15,8 +15,11 @@ from typing import Any
 
 from pipeline.common.tables import MISSING, markdown_table
 from pipeline.concepts.params import RunParams
+from pipeline.concepts.scores import t_interval
 
 FOOTNOTE = "\\* needs the teacher's embedding table at inference"
+CHAR_BASELINE = "baseline_char_ngrams"
+"""The bag-of-characters ridge baseline: the character student's linear control."""
 BRANCH = "concept directions"
 INTERVAL_KIND = "t-interval 95% over seeds"
 
@@ -51,6 +54,8 @@ class Row:
     label: str
     metrics: dict[str, Any]
     frozen: bool = False
+    approach: str | None = None
+    """The run's `distill.runs` approach; None for a baseline."""
 
 
 def run_label(run: RunParams) -> str:
@@ -59,6 +64,10 @@ def run_label(run: RunParams) -> str:
         return f"Trainable e={run.embed_dim},h={run.hidden_dim}"
     if run.approach == "frozen_mlp":
         return f"Frozen+MLP h={run.hidden_dim}"
+    if run.approach == "distilled":
+        return f"Distilled e={run.embed_dim},h={run.hidden_dim}"
+    if run.approach == "char_cnn":
+        return f"Char CNN e={run.embed_dim},c={run.channels},k={run.kernel_size},h={run.hidden_dim}"
     return "Linear Probe"
 
 
@@ -132,8 +141,22 @@ def comparison_table(
     lines += markdown_table(header, [_row_cells(row, ks) for row in sorted(rows, key=_sort_key)])
     if any(row.frozen for row in rows):
         lines += ["", FOOTNOTE]
+    lines += _table_notes(rows)
     lines += ["", *seed_table(sorted(rows, key=_sort_key), split_by)]
     return "\n".join(lines) + "\n"
+
+
+def _table_notes(rows: Sequence[Row]) -> list[str]:
+    """What a distilled row's first stage kept of the teacher table."""
+    distilled = [row for row in rows if row.metrics.get("table_cos") is not None]
+    if not distilled:
+        return []
+    parts = ", ".join(f"{row.label}: {row.metrics['table_cos']:.4f}" for row in distilled)
+    return [
+        "",
+        "Distilled rows: table reconstruction, mean row cos_sim of tiny table x projection "
+        f"(the rank-e truncated SVD, the least-squares optimum) vs the teacher rows: {parts}",
+    ]
 
 
 def interval(metrics: dict[str, Any]) -> tuple[float, float] | None:
@@ -180,11 +203,12 @@ def seed_table(rows: Sequence[Row], split_by: str) -> list[str]:
 
 
 def summary(rows: Sequence[Row], split_by: str, teacher: TeacherFacts) -> list[dict[str, Any]]:
-    """The branch's `summary` block (one dict): the distilled student with the best mean
-    val cos_sim, reported by its test cos_sim mean over seeds with its 95% t-interval,
-    next to the baseline (kNN, train mean) with the best val cos_sim and its test value
-    (deterministic: no interval). Both are picked on val, so the test numbers are not
-    selected on test; they are the table's own numbers."""
+    """The branch's `summary` block: the distilled student with the best mean val
+    cos_sim, reported by its test cos_sim mean over seeds with its 95% t-interval, next to
+    the baseline (kNN, train mean, char n-grams) with the best val cos_sim and its test
+    value (deterministic: no interval); then `char_entry` and `distilled_entry` where
+    those students are in the table. Students are picked on val, so the test numbers are
+    not selected on test; they are the table's own numbers."""
     scored = [row for row in rows if row.metrics.get("val_cos") is not None]
     trained = [row for row in scored if "num_seeds" in row.metrics]
     baselines = [row for row in scored if "num_seeds" not in row.metrics]
@@ -193,21 +217,116 @@ def summary(rows: Sequence[Row], split_by: str, teacher: TeacherFacts) -> list[d
     best = max(trained, key=lambda row: row.metrics["val_cos"])
     control = max(baselines, key=lambda row: row.metrics["val_cos"]) if baselines else None
     span = interval(best.metrics)
-    return [
-        {
-            "branch": BRANCH,
-            "metric": f"test cos_sim of the best student on val ({best.label}), mean over "
+    entries = [
+        _entry(
+            teacher,
+            best,
+            f"test cos_sim of the best student on val ({best.label}), mean over "
             f"seeds; concepts split by {split_by}",
-            "value": best.metrics["test_cos"],
-            "interval": None if span is None else list(span),
-            "interval_kind": INTERVAL_KIND,
-            "control": None if control is None else f"best baseline on val ({control.label})",
-            "control_value": None if control is None else control.metrics["test_cos"],
-            "control_interval": None,
-            "downstream": None,
-            "downstream_value": None,
-            "teacher": teacher.model,
-            "n": best.metrics["num_seeds"],
-            "caveat": teacher.caveat or None,
-        }
+            best.metrics["test_cos"],
+            None if span is None else list(span),
+            control=None if control is None else f"best baseline on val ({control.label})",
+            control_value=None if control is None else control.metrics["test_cos"],
+        )
     ]
+    extra = (char_entry(scored, split_by, teacher), distilled_entry(scored, split_by, teacher))
+    return entries + [entry for entry in extra if entry is not None]
+
+
+def _best_on_val(rows: Sequence[Row], approach: str) -> Row | None:
+    runs = [row for row in rows if row.approach == approach and "num_seeds" in row.metrics]
+    return max(runs, key=lambda row: row.metrics["val_cos"]) if runs else None
+
+
+def _seed_interval(metrics: dict[str, Any], key: str) -> list[float] | None:
+    """The 95% t-interval over seeds of one per-seed score (None below two seeds)."""
+    values = [seed[key] for seed in metrics.get("seeds", {}).values()]
+    if any(value is None for value in values):
+        return None
+    span = t_interval(values)
+    return None if span is None else list(span)
+
+
+def char_entry(rows: Sequence[Row], split_by: str, teacher: TeacherFacts) -> dict | None:
+    """Generalisation to words whose tokens no train concept has: the best character
+    student on val, its test cos_sim on the unseen-token test concepts (mean over seeds,
+    t-interval), next to the bag-of-characters ridge baseline (the same input, linear) on
+    the same concepts; downstream, the best trainable-embedding student's (seed 000's
+    failure there). None without such a student, baseline or unseen-token concept."""
+    best = _best_on_val(rows, "char_cnn")
+    control = next((row for row in rows if row.name == CHAR_BASELINE), None)
+    if best is None or control is None or best.metrics.get("test_unseen_cos") is None:
+        return None
+    trainable = _best_on_val(rows, "trainable")
+    return _entry(
+        teacher,
+        best,
+        f"test cos_sim on unseen-token concepts (no token of theirs in any train concept) "
+        f"of the best char student on val ({best.label}), mean over seeds; concepts split "
+        f"by {split_by}",
+        best.metrics["test_unseen_cos"],
+        _seed_interval(best.metrics, "test_unseen_cos"),
+        control=f"{control.label}, same concepts",
+        control_value=control.metrics.get("test_unseen_cos"),
+        downstream=None
+        if trainable is None
+        else f"best trainable-embedding student on val ({trainable.label}), same concepts",
+        downstream_value=None if trainable is None else trainable.metrics["test_unseen_cos"],
+    )
+
+
+def distilled_entry(rows: Sequence[Row], split_by: str, teacher: TeacherFacts) -> dict | None:
+    """Accuracy against size: the best distilled student on val, its test cos_sim (mean
+    over seeds, t-interval) next to the best frozen_mlp on val (the full teacher table);
+    downstream, the distilled student's inference size in bytes, both sizes in words."""
+    best = _best_on_val(rows, "distilled")
+    control = _best_on_val(rows, "frozen_mlp")
+    if best is None:
+        return None
+    size = best.metrics.get("inference_bytes")
+    own = MISSING if size is None else human_bytes(size)
+    span = None if control is None else interval(control.metrics)
+    other = None if control is None else control.metrics.get("inference_bytes")
+    return _entry(
+        teacher,
+        best,
+        f"test cos_sim of the best distilled-embedding student on val ({best.label}), mean "
+        f"over seeds; concepts split by {split_by}",
+        best.metrics["test_cos"],
+        None if interval(best.metrics) is None else list(interval(best.metrics)),
+        control=None if control is None else f"best Frozen+MLP on val ({control.label})",
+        control_value=None if control is None else control.metrics["test_cos"],
+        control_interval=None if span is None else list(span),
+        downstream=f"inference size in bytes: {own}"
+        + ("" if other is None else f" vs {human_bytes(other)} for {control.label}"),
+        downstream_value=size,
+    )
+
+
+def _entry(
+    teacher: TeacherFacts,
+    row: Row,
+    metric: str,
+    value: float,
+    span: list[float] | None,
+    control: str | None,
+    control_value: float | None,
+    control_interval: list[float] | None = None,
+    downstream: str | None = None,
+    downstream_value: float | None = None,
+) -> dict[str, Any]:
+    return {
+        "branch": BRANCH,
+        "metric": metric,
+        "value": value,
+        "interval": span,
+        "interval_kind": INTERVAL_KIND,
+        "control": control,
+        "control_value": control_value,
+        "control_interval": control_interval,
+        "downstream": downstream,
+        "downstream_value": downstream_value,
+        "teacher": teacher.model,
+        "n": row.metrics["num_seeds"],
+        "caveat": teacher.caveat or None,
+    }

@@ -3,8 +3,9 @@
 Reads the concept table of `wordlist`; runs the teacher over each prompt template,
 pools the hidden state at each requested layer and writes:
 shards (concept_id, split, layer_<L>), the train-split mean per layer, the
-teacher's input-embedding rows for the tokens concepts use, and each concept's
-token ids (layout: `pipeline/concepts/layout.py`), plus `manifest.json`.
+teacher's input-embedding rows for the tokens concepts use, each concept's
+token ids and its text as UTF-8 bytes (for the character-level student; layout:
+`pipeline/concepts/layout.py`), plus `manifest.json`.
 A killed run resumes from its finished shards; under torchrun each rank computes
 its own shards and rank 0 writes the manifest (`pipeline/common/extraction.py`).
 
@@ -114,7 +115,8 @@ def _describe(
     shards: CompletedShards,
 ) -> ManifestAdditions:
     """The side files (train means, embedding rows, token table) and the model's facts."""
-    offsets, flat = concept_token_table(teacher.tokenizer, concepts.column("text").to_pylist())
+    texts = concepts.column("text").to_pylist()
+    offsets, flat = concept_token_table(teacher.tokenizer, texts)
     used = torch.unique(flat)
     files = write_side_files(
         shards.folder,
@@ -123,6 +125,7 @@ def _describe(
         embedding_rows=teacher.embedding_rows(used),
         offsets=offsets,
         flat_tokens=flat,
+        texts=texts,
     )
     extra = {
         "model": params.model,

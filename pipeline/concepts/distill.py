@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import fields
 from functools import partial
 from pathlib import Path
 from typing import Annotated, Any
@@ -28,7 +29,9 @@ from pipeline.common.live import log_row, open_live
 from pipeline.common.params import Sections, load_params, to_dict
 from pipeline.concepts.layout import DirectionSet
 from pipeline.concepts.params import DistillParams, RunParams
+from pipeline.concepts.scores import mean_cosine
 from pipeline.concepts.students import (
+    DistilledEmbeddingModel,
     build_model,
     count_trainable,
     inference_bytes,
@@ -112,20 +115,29 @@ def checkpoint_config(
     return {
         "run": run_name,
         "approach": spec.approach,
-        "embed_dim": spec.embed_dim,
-        "hidden_dim": spec.hidden_dim,
+        **{f.name: getattr(spec, f.name) for f in fields(RunParams) if f.name != "approach"},
         "vocab_size": dataset.vocab_size,
         "output_dim": dataset.dim,
         "embedding_dim": embedding_dim,
         "layer": dataset.layer,
         "trainable_params": trainable,
         "inference_bytes": inference_bytes(
-            spec.approach, trainable, dataset.vocab_size, embedding_dim
+            spec.approach, trainable, dataset.vocab_size, embedding_dim, spec.embed_dim
         ),
+        "table_cos": table_cos(model, dataset),
         "best_epoch": result.best_epoch,
         "best_val_cos": result.best_val_cos,
         "train": to_dict(params.distill.train),
     }
+
+
+def table_cos(model: torch.nn.Module, dataset: DirectionSet) -> float | None:
+    """A distilled student's stage one: mean row cosine of its reconstructed table against
+    the teacher's rows (1 = the rank-e table is exact); None for other students."""
+    if not isinstance(model, DistilledEmbeddingModel):
+        return None
+    with torch.no_grad():
+        return mean_cosine(model.reconstructed_rows().cpu(), dataset.embedding_rows)
 
 
 def command(

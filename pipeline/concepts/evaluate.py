@@ -10,7 +10,9 @@ as a dashed line. The metrics JSON holds one dict per
 run (the mean over its seeds of cos, gap, top-k, seen/unseen-token subsets, null
 where a subset is empty; `num_seeds`; `test_cos_ci95_low` / `_high`, the 95% t-interval
 of test cos over seeds, null with one seed; `seeds`, each seed's own scores and best epoch),
-`baseline_train_mean`, `baseline_knn` (deterministic: no seeds), `counts`, and
+`table_cos` for a distilled run (its table reconstruction), `baseline_train_mean`,
+`baseline_knn`, `baseline_char_ngrams` (the bag-of-characters ridge baseline, the char
+student's control; all deterministic: no seeds), `counts`, and
 `summary` (the branch's headline next to its control: `comparison.summary`). The table's
 title names the teacher, its layer and the split, and says when the teacher has random
 weights (the directions manifest's `teacher_caveat`).
@@ -33,6 +35,7 @@ from pipeline.common.params import Sections, load_params
 from pipeline.common.pictures import Panel, line_panels
 from pipeline.common.splits import SPLITS
 from pipeline.concepts.comparison import (
+    CHAR_BASELINE,
     Row,
     TeacherFacts,
     comparison_table,
@@ -42,6 +45,7 @@ from pipeline.concepts.comparison import (
 from pipeline.concepts.layout import DirectionSet
 from pipeline.concepts.params import DistillParams, EvaluateParams
 from pipeline.concepts.scores import (
+    char_ngram_ridge_predict,
     concept_embeddings,
     knn_predict,
     mean_over_seeds,
@@ -50,7 +54,12 @@ from pipeline.concepts.scores import (
     token_coverage,
     train_mean_predict,
 )
-from pipeline.concepts.students import FROZEN_APPROACHES, load_student, seed_folder
+from pipeline.concepts.students import (
+    FROZEN_APPROACHES,
+    forward_concepts,
+    load_student,
+    seed_folder,
+)
 
 VAL_CURVE = "val_cos"
 """The dvclive metric of each run's folder that the PNG plots."""
@@ -94,9 +103,12 @@ def run(
             [{k: v for k, v in m.items() if k != "best_epoch"} for m in per_seed.values()]
         )
         interval = t_interval([m["test_cos"] for m in per_seed.values()])
+        stage_one = config.get("table_cos")
+        distilled = {} if stage_one is None else {"table_cos": stage_one}
         results[name] = (
             scores
             | {key: config.get(key) for key in CHECKPOINT_KEYS}
+            | distilled
             | {
                 "num_seeds": len(per_seed),
                 "test_cos_ci95_low": None if interval is None else interval[0],
@@ -105,9 +117,10 @@ def run(
             }
         )
         frozen = config["approach"] in FROZEN_APPROACHES
-        rows.append(Row(name, run_label(params.distill.runs[name]), results[name], frozen))
+        run_params = params.distill.runs[name]
+        rows.append(Row(name, run_label(run_params), results[name], frozen, run_params.approach))
         curves[name] = read_metric(Path(live) / name, VAL_CURVE)
-    for name, (label, preds, frozen) in _baselines(data, splits, params.evaluate.knn_k).items():
+    for name, (label, preds, frozen) in _baselines(data, splits, params.evaluate).items():
         results[name] = _score(preds, splits, seen, ks)
         rows.append(Row(name, label, results[name], frozen))
     results["counts"] = {split: int(ids.numel()) for split, (ids, _) in splits.items()}
@@ -145,18 +158,29 @@ def predict(model: nn.Module, data: DirectionSet, concept_ids: Tensor) -> Tensor
     """Student predictions (N, D) float32 for the given concepts, in batches."""
     out = [torch.zeros(0, data.dim)]
     for start in range(0, concept_ids.numel(), BATCH):
-        tokens, mask = data.concept_tokens(concept_ids[start : start + BATCH])
-        out.append(model(tokens, mask).float())
+        out.append(forward_concepts(model, data, concept_ids[start : start + BATCH]).float())
     return torch.cat(out)
 
 
-def _baselines(data: DirectionSet, splits: Splits, k: int) -> dict[str, tuple[str, dict, bool]]:
+def _baselines(
+    data: DirectionSet, splits: Splits, params: EvaluateParams
+) -> dict[str, tuple[str, dict, bool]]:
     """name -> (table label, predictions per split, needs the teacher's table)."""
-    train_dirs = splits["train"][1]
+    train_dirs, k = splits["train"][1], params.knn_k
     mean = {split: train_mean_predict(train_dirs, len(ids)) for split, (ids, _) in splits.items()}
+    texts = {split: data.concept_texts(ids) for split, (ids, _) in splits.items()}
+    chars, alpha = char_ngram_ridge_predict(
+        texts, train_dirs, splits["val"][1], params.char_ngrams, params.ridge_alphas
+    )
+    low, high = params.char_ngrams
     return {
         "baseline_train_mean": ("Baseline: train mean", mean, False),
         "baseline_knn": (f"Baseline: kNN k={k} (teacher embeddings)", _knn(data, splits, k), True),
+        CHAR_BASELINE: (
+            f"Baseline: char {low}-{high}-gram counts + ridge (alpha={alpha:g})",
+            chars,
+            False,
+        ),
     }
 
 
@@ -192,7 +216,7 @@ def _unique_labels(rows: list[Row]) -> list[Row]:
     """Two runs with the same config would share a label; the run name tells them apart."""
     labels = [row.label for row in rows]
     return [
-        Row(r.name, f"{r.label} ({r.name})", r.metrics, r.frozen)
+        Row(r.name, f"{r.label} ({r.name})", r.metrics, r.frozen, r.approach)
         if labels.count(r.label) > 1
         else r
         for r in rows

@@ -8,6 +8,9 @@ Layout of a directions folder (all tensors safetensors, listed in manifest.json)
                               the teacher's input-embedding rows for the tokens concepts use
     tokens.safetensors        offsets int64 (N+1,), token_ids int64 (T,)
                               concept i's token ids are token_ids[offsets[i]:offsets[i+1]]
+    text.safetensors          offsets int64 (N+1,), bytes uint8 (C,)
+                              concept i's text, UTF-8: bytes[offsets[i]:offsets[i+1]]
+                              (what the character-level student reads: no tokenizer)
 
 direction = activation - train mean. Training streams shards through the bounded
 shuffle buffer of `pipeline/common/stream.py`, so a dump larger than memory still trains.
@@ -31,10 +34,23 @@ SPLIT_CODES = {name: code for code, name in enumerate(SPLITS)}
 
 @dataclass(frozen=True)
 class Batch:
+    """Rows of one split; a student reads its inputs (token ids or bytes) through
+    `pipeline.concepts.students.forward_concepts`."""
+
     concept_id: torch.Tensor  # (B,) int64
     target: torch.Tensor  # (B, D) float32 direction
-    tokens: torch.Tensor  # (B, T) int64 teacher token ids, 0 where padded
-    mask: torch.Tensor  # (B, T) bool, True on real tokens
+
+
+def padded_rows(offsets: torch.Tensor, flat: torch.Tensor, ids: torch.Tensor):
+    """Rows `ids` of a CSR table, right-padded with 0 -> values (B, W) int64, mask (B, W)."""
+    starts, ends = offsets[ids], offsets[ids + 1]
+    lengths = ends - starts
+    width = int(lengths.max()) if lengths.numel() else 0
+    positions = torch.arange(width)
+    mask = positions[None, :] < lengths[:, None]
+    index = (starts[:, None] + positions[None, :]).clamp(max=max(flat.numel() - 1, 0))
+    values = torch.where(mask, flat[index].long(), torch.zeros_like(index))
+    return values, mask
 
 
 class DirectionSet:
@@ -58,6 +74,19 @@ class DirectionSet:
         self.embedding_token_ids, self.embedding_rows = emb["token_ids"], emb["rows"]
         tok = read_shard(self.folder, files["tokens"], verify=verify)
         self.offsets, self.flat_tokens = tok["offsets"], tok["token_ids"]
+        if "text" not in files:
+            raise ValueError(
+                f"{self.folder}: the manifest lists no text file (concept texts as UTF-8 "
+                "bytes); it was written before the character-level student: re-run the "
+                "directions stage"
+            )
+        text = read_shard(self.folder, files["text"], verify=verify)
+        self.text_offsets, self.flat_bytes = text["offsets"], text["bytes"]
+        if self.text_offsets.numel() != self.offsets.numel():
+            raise ValueError(
+                f"{self.folder}: text file holds {self.text_offsets.numel() - 1} concepts, "
+                f"the token file {self.offsets.numel() - 1}"
+            )
 
     @property
     def num_concepts(self) -> int:
@@ -73,16 +102,18 @@ class DirectionSet:
 
     def concept_tokens(self, concept_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Right-padded token ids (B, T) and mask (B, T) for the given concepts."""
-        starts, ends = self.offsets[concept_ids], self.offsets[concept_ids + 1]
-        lengths = ends - starts
-        width = int(lengths.max()) if lengths.numel() else 0
-        positions = torch.arange(width)
-        mask = positions[None, :] < lengths[:, None]
-        index = (starts[:, None] + positions[None, :]).clamp(
-            max=max(self.flat_tokens.numel() - 1, 0)
-        )
-        tokens = torch.where(mask, self.flat_tokens[index], torch.zeros_like(index))
-        return tokens, mask
+        return padded_rows(self.offsets, self.flat_tokens, concept_ids)
+
+    def concept_bytes(self, concept_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Right-padded UTF-8 bytes (B, C) int64 in 0..255 and mask (B, C) of the concepts'
+        texts; padded positions hold 0 and mask False."""
+        return padded_rows(self.text_offsets, self.flat_bytes, concept_ids)
+
+    def concept_texts(self, concept_ids: torch.Tensor) -> list[str]:
+        """The concepts' texts, decoded from the stored UTF-8 bytes."""
+        starts, ends = self.text_offsets[concept_ids], self.text_offsets[concept_ids + 1]
+        raw = self.flat_bytes.numpy().tobytes()
+        return [raw[s:e].decode() for s, e in zip(starts.tolist(), ends.tolist(), strict=True)]
 
     def split_shards(self, split: str) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """(concept_id (R,), direction (R, D) float32) per shard, rows of `split` only."""
@@ -108,8 +139,7 @@ class DirectionSet:
 
         bounds = [record.rows for record in shards]
         for rows in stream_batches(load, bounds, batch_size, buffer_rows, shuffle, seed):
-            ids = rows["concept_id"]
-            yield Batch(ids, rows["target"], *self.concept_tokens(ids))
+            yield Batch(rows["concept_id"], rows["target"])
 
     def _split_rows(self, record, split: str) -> tuple[torch.Tensor, torch.Tensor]:
         names = ["concept_id", "split", layer_key(self.layer)]
@@ -136,8 +166,10 @@ def write_side_files(
     embedding_rows: torch.Tensor,
     offsets: torch.Tensor,
     flat_tokens: torch.Tensor,
+    texts: list[str],
 ):
-    """The mean, embedding-table and token files; returns their manifest records."""
+    """The mean, embedding-table, token and text files; returns their manifest records.
+    `texts[i]` is concept i's text (the same order as `offsets`)."""
     from pipeline.common.shards import write_shard
 
     folder = Path(folder)
@@ -154,4 +186,14 @@ def write_side_files(
             {"offsets": offsets.long(), "token_ids": flat_tokens.long()},
             rowwise=False,
         ),
+        "text": write_shard(folder / "text.safetensors", text_table(texts), rowwise=False),
     }
+
+
+def text_table(texts: list[str]) -> dict[str, torch.Tensor]:
+    """CSR of the texts' UTF-8 bytes: offsets int64 (N+1,), bytes uint8 (C,)."""
+    encoded = [text.encode() for text in texts]
+    lengths = torch.tensor([len(b) for b in encoded], dtype=torch.long)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+    flat = torch.tensor(list(b"".join(encoded)), dtype=torch.uint8)
+    return {"offsets": offsets, "bytes": flat}

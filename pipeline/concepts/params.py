@@ -8,7 +8,7 @@ from typing import ClassVar, Literal
 
 from pipeline.common.params import DType, Sections, layer_list, positive
 
-Approach = Literal["trainable", "frozen_mlp", "linear_probe"]
+Approach = Literal["trainable", "frozen_mlp", "linear_probe", "char_cnn", "distilled"]
 SLOT = "concept"
 SPECIAL_TOKENS = 2
 """Tokens a tokenizer may add around a prompt: BOS (Llama), [CLS] + [SEP] (BERT), or
@@ -100,19 +100,34 @@ class TrainParams:
 
 @dataclass(frozen=True)
 class RunParams:
-    """One row of the seed-000 comparison table."""
+    """One row of the seed-000 comparison table (and the issue-13 students)."""
 
     approach: Approach
     embed_dim: int | None = None
-    """Trainable embedding width (`trainable` only)."""
+    """Width of the student's own table: token embedding (`trainable`), the rank of the
+    distilled teacher table (`distilled`), byte embedding (`char_cnn`)."""
     hidden_dim: int | None = None
-    """MLP hidden width (`trainable`, `frozen_mlp`)."""
+    """MLP hidden width (`trainable`, `frozen_mlp`, `distilled`, `char_cnn`)."""
+    channels: int | None = None
+    """Output channels of each of the two byte convolutions (`char_cnn` only)."""
+    kernel_size: int | None = None
+    """Bytes each convolution sees (`char_cnn` only)."""
+
+    NEEDS: ClassVar = {
+        "trainable": ("embed_dim", "hidden_dim"),
+        "frozen_mlp": ("hidden_dim",),
+        "linear_probe": (),
+        "distilled": ("embed_dim", "hidden_dim"),
+        "char_cnn": ("embed_dim", "channels", "kernel_size", "hidden_dim"),
+    }
+    """The size params each approach needs; it takes no other."""
 
     def __post_init__(self) -> None:
-        needs = {"trainable": ("embed_dim", "hidden_dim"), "frozen_mlp": ("hidden_dim",)}
-        for name in ("embed_dim", "hidden_dim"):
+        if self.approach not in self.NEEDS:
+            raise ValueError(f"approach must be one of {list(self.NEEDS)}, got {self.approach!r}")
+        for name in ("embed_dim", "hidden_dim", "channels", "kernel_size"):
             value = getattr(self, name)
-            if name in needs.get(self.approach, ()):
+            if name in self.NEEDS[self.approach]:
                 if value is None or value <= 0:
                     raise ValueError(
                         f"approach {self.approach} needs a positive {name}, got {value}"
@@ -145,11 +160,26 @@ class EvaluateParams:
     knn_k: int = 10
     """Neighbours averaged by the nearest-neighbour baseline."""
     retrieval_k: tuple[int, ...] = (1, 10)
+    char_ngrams: tuple[int, ...] = (1, 4)
+    """(min, max) n-gram length of the bag-of-characters baseline (the char student's
+    linear control): counts of character n-grams -> direction by ridge regression."""
+    ridge_alphas: tuple[float, ...] = (0.1, 1.0, 10.0, 100.0)
+    """Ridge penalties the bag-of-characters baseline tries; the best on val is kept."""
 
     def __post_init__(self) -> None:
         positive("evaluate.knn_k", self.knn_k)
         for k in self.retrieval_k:
             positive("evaluate.retrieval_k", k)
+        if len(self.char_ngrams) != 2 or not 1 <= self.char_ngrams[0] <= self.char_ngrams[1]:
+            raise ValueError(
+                f"evaluate.char_ngrams must be [min, max] with 1 <= min <= max, "
+                f"got {list(self.char_ngrams)}"
+            )
+        if not self.ridge_alphas:
+            raise ValueError("evaluate.ridge_alphas is empty: give at least one alpha")
+        for alpha in self.ridge_alphas:
+            if alpha <= 0:
+                raise ValueError(f"evaluate.ridge_alphas must be > 0, got {alpha}")
 
 
 def template_parts(template: str) -> tuple[str, int]:

@@ -209,3 +209,37 @@ def mean_over_seeds(per_seed: Sequence[dict]) -> dict:
         else sum(m[key] for m in per_seed) / len(per_seed)
         for key in keys
     }
+
+
+def char_ngram_ridge_predict(
+    texts: dict[str, list[str]],
+    train_directions: Tensor,
+    val_directions: Tensor,
+    ngrams: tuple[int, int],
+    alphas: Sequence[float],
+) -> tuple[dict[str, Tensor], float]:
+    """Baseline: a linear model of the same input as the character student. Counts of
+    character n-grams (scikit-learn's `char_wb`: n-grams inside words padded by a space)
+    fitted on the train texts, then ridge regression to the direction, the alpha of
+    `alphas` with the best val mean cosine. Deterministic (no seeds).
+
+    `texts` maps split -> texts, with "train" and "val" aligned to the directions;
+    returns (predictions per split (N, D) float64, the chosen alpha).
+    """
+    from sklearn.feature_extraction.text import CountVectorizer
+    from sklearn.linear_model import Ridge
+
+    vectorizer = CountVectorizer(analyzer="char_wb", ngram_range=ngrams, lowercase=False)
+    train = vectorizer.fit_transform(texts["train"])
+    counts = {split: vectorizer.transform(part) for split, part in texts.items()}
+    target = train_directions.double().numpy()
+    best = None
+    for alpha in alphas:
+        model = Ridge(alpha=alpha).fit(train, target)
+        val = mean_cosine(torch.from_numpy(model.predict(counts["val"])), val_directions)
+        score = -math.inf if val is None else val
+        if best is None or score > best[0]:
+            best = (score, alpha, model)
+    _, alpha, model = best
+    preds = {split: torch.from_numpy(model.predict(x)).double() for split, x in counts.items()}
+    return preds, alpha

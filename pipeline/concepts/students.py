@@ -1,22 +1,29 @@
-"""The seed-000 students: token ids -> a direction vector in the teacher's residual space.
-
-Every model mean-pools over a concept's real tokens, then maps the pooled vector
-to the teacher's width D:
+"""The students: a concept's token ids or UTF-8 bytes -> a direction vector in the
+teacher's residual space.
 
     trainable     own Embedding(V, e) -> mean -> Linear(e, h) -> GELU -> Linear(h, D)
     frozen_mlp    teacher rows (E)    -> mean -> Linear(E, h) -> GELU -> Linear(h, D)
     linear_probe  teacher rows (E)    -> mean -> Linear(E, D)
+    distilled     tiny table (e) -> projection (e, E) -> mean -> MLP(E, h, D); table and
+                  projection are the rank-e truncated SVD of the teacher rows, frozen
+    char_cnn      UTF-8 bytes -> Embedding(256, e) -> 2 x Conv1d(k, c) + GELU
+                  -> [max; mean] over bytes -> MLP(2c, h, D); no tokenizer, no teacher table
 
-The frozen teacher rows are a non-persistent buffer: they are not trained and not
-saved in a checkpoint (they live in the directions folder), so `load_student`
-rebuilds a model from `config.json` plus the directions' embedding table.
+Each student declares what it reads (`reads`: "tokens" or "bytes");
+`forward_concepts(model, data, concept_ids)` is the one forward every caller uses
+(training, evaluation). The frozen teacher rows are a non-persistent buffer: not
+trained, not saved (they live in the directions folder), so `load_student` rebuilds a
+model from `config.json` plus the directions folder. The distilled table and
+projection are fitted (not trained by gradient) and saved with the head: a deployment
+carries them instead of the teacher's table.
 
     model = build_model(RunParams("frozen_mlp", hidden_dim=256), V, D, ids, rows)
-    pred = model(tokens, mask)  # (B, D)
+    pred = forward_concepts(model, directions, concept_ids)  # (B, D)
 """
 
 from __future__ import annotations
 
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +35,24 @@ from pipeline.concepts.layout import DirectionSet
 from pipeline.concepts.params import RunParams
 
 FROZEN_APPROACHES = ("frozen_mlp", "linear_probe")
-APPROACHES = ("trainable", *FROZEN_APPROACHES)
+APPROACHES = tuple(RunParams.NEEDS)
+BYTE_VALUES = 256
+TOKENS, BYTES = "tokens", "bytes"
+"""What a student reads (its `reads`): teacher token ids, or the text's UTF-8 bytes."""
+
+
+def forward_concepts(model: nn.Module, data: DirectionSet, concept_ids: Tensor) -> Tensor:
+    """The student's predictions (B, D) for the concepts, from the inputs it reads (with
+    grad; scoring callers wrap it in torch.no_grad / inference_mode)."""
+    reads = getattr(model, "reads", None)
+    if reads == BYTES:
+        values, mask = data.concept_bytes(concept_ids)
+    elif reads == TOKENS:
+        values, mask = data.concept_tokens(concept_ids)
+    else:
+        raise ValueError(f"{type(model).__name__} reads {reads!r}; known: {[TOKENS, BYTES]}")
+    device = next(model.parameters()).device
+    return model(values.to(device), mask.to(device))
 
 
 def mean_pool(embedded: Tensor, mask: Tensor) -> Tensor:
@@ -42,8 +66,35 @@ def mlp(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, out_dim))
 
 
+def check_table_ids(token_ids: Tensor, rows: Tensor) -> None:
+    if token_ids.dim() != 1 or rows.dim() != 2 or rows.shape[0] != token_ids.numel():
+        raise ValueError(
+            f"embedding table needs token_ids (V,) and rows (V, E), got "
+            f"{tuple(token_ids.shape)} and {tuple(rows.shape)}"
+        )
+    if token_ids.numel() > 1 and not bool((token_ids[1:] > token_ids[:-1]).all()):
+        raise ValueError("embedding token_ids must be sorted and unique for searchsorted")
+
+
+def table_index(token_ids: Tensor, tokens: Tensor, mask: Tensor) -> Tensor:
+    """Row of each token id (B, T) in a table of the sorted `token_ids` (V,), by binary
+    search; padded positions may hold any id. A real token absent from it is an error."""
+    index = torch.searchsorted(token_ids, tokens).clamp(max=token_ids.numel() - 1)
+    missing = mask & (token_ids[index] != tokens)  # (B, T)
+    if bool(missing.any()):
+        absent = torch.unique(tokens[missing])[:10].tolist()
+        raise ValueError(
+            f"token ids {absent} are not in the frozen embedding table "
+            f"({token_ids.numel()} rows): was the directions folder built for this "
+            "vocabulary?"
+        )
+    return index
+
+
 class TrainableEmbeddingMLP(nn.Module):
     """A tiny embedding of the teacher's whole vocabulary, trained from scratch."""
+
+    reads = TOKENS
 
     def __init__(self, vocab_size: int, embed_dim: int, hidden_dim: int, output_dim: int):
         super().__init__()
@@ -61,15 +112,11 @@ class FrozenEmbeddingModel(nn.Module):
     token id is looked up with a binary search rather than indexed directly.
     """
 
+    reads = TOKENS
+
     def __init__(self, token_ids: Tensor, rows: Tensor, head: nn.Module):
         super().__init__()
-        if token_ids.dim() != 1 or rows.dim() != 2 or rows.shape[0] != token_ids.numel():
-            raise ValueError(
-                f"embedding table needs token_ids (V,) and rows (V, E), got "
-                f"{tuple(token_ids.shape)} and {tuple(rows.shape)}"
-            )
-        if token_ids.numel() > 1 and not bool((token_ids[1:] > token_ids[:-1]).all()):
-            raise ValueError("embedding token_ids must be sorted and unique for searchsorted")
+        check_table_ids(token_ids, rows)
         # persistent=False: neither trained nor written to model.safetensors.
         self.register_buffer("token_ids", token_ids.long().clone(), persistent=False)  # (V,)
         self.register_buffer("rows", rows.float().clone(), persistent=False)  # (V, E)
@@ -77,19 +124,78 @@ class FrozenEmbeddingModel(nn.Module):
 
     def lookup(self, tokens: Tensor, mask: Tensor) -> Tensor:
         """Teacher rows (B, T, E) for token ids (B, T); padded positions may hold any id."""
-        index = torch.searchsorted(self.token_ids, tokens).clamp(max=self.token_ids.numel() - 1)
-        missing = mask & (self.token_ids[index] != tokens)  # (B, T)
-        if bool(missing.any()):
-            absent = torch.unique(tokens[missing])[:10].tolist()
-            raise ValueError(
-                f"token ids {absent} are not in the frozen embedding table "
-                f"({self.token_ids.numel()} rows): was the directions folder built for this "
-                "vocabulary?"
-            )
-        return self.rows[index]
+        return self.rows[table_index(self.token_ids, tokens, mask)]
 
     def forward(self, tokens: Tensor, mask: Tensor) -> Tensor:
         return self.head(mean_pool(self.lookup(tokens, mask), mask))  # (B, D)
+
+
+def distill_table(rows: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+    """Stage one of `distilled`: the tiny table (V, e) and projection (e, E) whose product
+    is nearest the teacher rows (V, E) in least squares, i.e. the rank-e truncated SVD
+    (Eckart-Young): table = U_e S_e, projection = V_e^T. Exact and deterministic (no
+    training); computed in float64."""
+    if rank > min(rows.shape):
+        raise ValueError(
+            f"distilled embed_dim={rank} exceeds the rank the teacher table can have: "
+            f"{tuple(rows.shape)} rows (used tokens x width)"
+        )
+    u, s, vh = torch.linalg.svd(rows.double(), full_matrices=False)
+    return (u[:, :rank] * s[:rank]).float(), vh[:rank].float()
+
+
+class DistilledEmbeddingModel(nn.Module):
+    """A rank-e factorisation of the teacher rows (frozen, saved), then a trainable `head`:
+    tiny table -> projection -> mean over tokens -> head."""
+
+    reads = TOKENS
+
+    def __init__(self, token_ids: Tensor, table: Tensor, projection: Tensor, head: nn.Module):
+        super().__init__()
+        check_table_ids(token_ids, table)
+        self.register_buffer("token_ids", token_ids.long().clone(), persistent=False)  # (V,)
+        self.register_buffer("table", table.float().clone())  # (V, e)
+        self.register_buffer("projection", projection.float().clone())  # (e, E)
+        self.head = head
+
+    def reconstructed_rows(self) -> Tensor:
+        return self.table @ self.projection  # (V, E)
+
+    def forward(self, tokens: Tensor, mask: Tensor) -> Tensor:
+        small = self.table[table_index(self.token_ids, tokens, mask)]  # (B, T, e)
+        # The projection is linear, so it commutes with the mean: project once per concept.
+        return self.head(mean_pool(small, mask) @ self.projection)  # (B, D)
+
+
+class CharCNN(nn.Module):
+    """UTF-8 bytes -> direction: byte embedding, two same-length convolutions, max and mean
+    over the real bytes, MLP. Padded bytes are zeroed after every layer, so a concept's
+    output does not depend on how wide its batch is."""
+
+    reads = BYTES
+
+    def __init__(
+        self, embed_dim: int, channels: int, kernel_size: int, hidden_dim: int, output_dim: int
+    ):
+        super().__init__()
+        self.embedding = nn.Embedding(BYTE_VALUES, embed_dim)
+        self.convs = nn.ModuleList(
+            [
+                nn.Conv1d(embed_dim, channels, kernel_size, padding="same"),
+                nn.Conv1d(channels, channels, kernel_size, padding="same"),
+            ]
+        )
+        self.head = mlp(2 * channels, hidden_dim, output_dim)
+
+    def forward(self, data: Tensor, mask: Tensor) -> Tensor:
+        keep = mask.unsqueeze(1).to(self.embedding.weight.dtype)  # (B, 1, C)
+        x = self.embedding(data).transpose(1, 2) * keep  # (B, e, C)
+        for conv in self.convs:
+            x = nn.functional.gelu(conv(x)) * keep  # (B, c, C)
+        peak = x.masked_fill(~mask.unsqueeze(1), -torch.inf).amax(-1)  # (B, c)
+        peak = torch.where(mask.any(1, keepdim=True), peak, torch.zeros_like(peak))
+        mean = x.sum(-1) / keep.sum(-1).clamp_min(1.0)  # (B, c)
+        return self.head(torch.cat([peak, mean], 1))  # (B, D)
 
 
 def build_model(
@@ -99,10 +205,17 @@ def build_model(
     embedding_token_ids: Tensor,
     embedding_rows: Tensor,
 ) -> nn.Module:
-    """The student of one comparison row; the table is ignored by `trainable`."""
+    """The student of one comparison row; the table is ignored by `trainable` and
+    `char_cnn`, factorised by `distilled`."""
     if run.approach == "trainable":
         return TrainableEmbeddingMLP(vocab_size, run.embed_dim, run.hidden_dim, output_dim)
+    if run.approach == "char_cnn":
+        return CharCNN(run.embed_dim, run.channels, run.kernel_size, run.hidden_dim, output_dim)
     embedding_dim = embedding_rows.shape[1]
+    if run.approach == "distilled":
+        table, projection = distill_table(embedding_rows, run.embed_dim)
+        head = mlp(embedding_dim, run.hidden_dim, output_dim)
+        return DistilledEmbeddingModel(embedding_token_ids, table, projection, head)
     if run.approach == "frozen_mlp":
         head = mlp(embedding_dim, run.hidden_dim, output_dim)
     elif run.approach == "linear_probe":
@@ -121,15 +234,25 @@ def inference_bytes(
     trainable_params: int,
     vocab_size: int,
     embedding_dim: int,
+    embed_dim: int | None = None,
     bytes_per_value: int = 4,
 ) -> int:
-    """Memory to run the student; frozen approaches also carry the teacher's FULL table.
+    """Memory to run the student; frozen approaches also carry the teacher's FULL table,
+    `distilled` a tiny table of the FULL vocabulary (vocab_size x e) and its projection
+    (e x E); `trainable_params` is the rest (the head; all of a standalone student).
 
     Seed 000's "600MB*": Qwen3-0.6B's 151,936 x 1024 float32 table, which a deployment
     needs because an unseen concept may use any token.
     """
-    frozen = vocab_size * embedding_dim if approach in FROZEN_APPROACHES else 0
-    return (trainable_params + frozen) * bytes_per_value
+    if approach in FROZEN_APPROACHES:
+        table = vocab_size * embedding_dim
+    elif approach == "distilled":
+        if embed_dim is None:
+            raise ValueError("inference_bytes of a distilled student needs its embed_dim")
+        table = vocab_size * embed_dim + embed_dim * embedding_dim
+    else:
+        table = 0
+    return (trainable_params + table) * bytes_per_value
 
 
 SEEDS_DIR = "seeds"
@@ -146,7 +269,7 @@ def load_student(folder: Path, directions: DirectionSet) -> tuple[nn.Module, dic
         )
     _check_matches(config, directions, folder / CONFIG)
     try:
-        run = RunParams(config["approach"], config.get("embed_dim"), config.get("hidden_dim"))
+        run = RunParams(**{f.name: config.get(f.name) for f in fields(RunParams)})
     except ValueError as err:
         raise ValueError(f"{folder / CONFIG}: {err}") from err
     model = build_model(
@@ -168,13 +291,14 @@ _REQUIRED = ("approach", "vocab_size", "output_dim", "embedding_dim", "layer")
 
 
 def _check_matches(config: dict[str, Any], directions: DirectionSet, path: Path) -> None:
-    """A checkpoint only makes sense with the table and layer it was trained on."""
-    found = {
-        "layer": directions.layer,
-        "output_dim": directions.dim,
-        "vocab_size": directions.vocab_size,
-        "embedding_dim": directions.embedding_rows.shape[1],
-    }
+    """A checkpoint only makes sense with the layer it was trained on, and (a student of
+    token ids) the vocabulary and table; a character student reads no table."""
+    found = {"layer": directions.layer, "output_dim": directions.dim}
+    if config["approach"] != "char_cnn":
+        found |= {
+            "vocab_size": directions.vocab_size,
+            "embedding_dim": directions.embedding_rows.shape[1],
+        }
     for key, value in found.items():
         if config[key] != value:
             raise ValueError(

@@ -22,6 +22,7 @@ from pipeline.common.progress import progress
 from pipeline.concepts.layout import Batch, DirectionSet
 from pipeline.concepts.losses import cosine_loss, cosine_similarity_rows
 from pipeline.concepts.params import TrainParams
+from pipeline.concepts.students import forward_concepts
 
 log = logging.getLogger(__name__)
 
@@ -42,14 +43,17 @@ def _model_device(model: nn.Module) -> torch.device:
 
 
 def train_epoch(
-    model: nn.Module, optimizer: torch.optim.Optimizer, batches: Iterable[Batch]
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    directions: DirectionSet,
+    batches: Iterable[Batch],
 ) -> tuple[float, float]:
     """One pass; returns the row-weighted mean loss and mean cosine of the pass."""
     model.train()
     device = _model_device(model)
     loss_sum, cos_sum, rows = 0.0, 0.0, 0
     for batch in batches:
-        pred = model(batch.tokens.to(device), batch.mask.to(device))  # (B, D)
+        pred = forward_concepts(model, directions, batch.concept_id)  # (B, D)
         loss = cosine_loss(pred, batch.target.to(device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -72,7 +76,7 @@ def evaluate_cos(model: nn.Module, directions: DirectionSet, split: str, batch_s
     total, rows = 0.0, 0
     # buffer_rows=batch_size: without shuffling a larger buffer buys nothing.
     for batch in directions.batches(split, batch_size, batch_size, shuffle=False):
-        pred = model(batch.tokens.to(device), batch.mask.to(device))  # (B, D)
+        pred = forward_concepts(model, directions, batch.concept_id)  # (B, D)
         total += cosine_similarity_rows(pred, batch.target.to(device)).sum().item()
         rows += batch.target.shape[0]
     if rows == 0:
@@ -113,7 +117,7 @@ def fit(
         batches = directions.batches(
             "train", train.batch_size, train.buffer_rows, shuffle=True, seed=seed + epoch
         )
-        train_loss, train_cos = train_epoch(model, optimizer, batches)
+        train_loss, train_cos = train_epoch(model, optimizer, directions, batches)
         val_cos = evaluate_cos(model, directions, "val", train.batch_size)
         row = dict(epoch=epoch, train_loss=train_loss, train_cos=train_cos, val_cos=val_cos)
         curves.append(row)

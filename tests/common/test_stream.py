@@ -47,6 +47,7 @@ def big_direction_set(folder: Path, rows: int, dim: int, shard_rows: int, layer:
         embedding_rows=torch.randn(vocab, 4, generator=gen),
         offsets=torch.arange(rows + 1),
         flat_tokens=torch.arange(rows) % vocab,
+        texts=[f"w{i}" for i in range(rows)],
     )
     extra = {"layers": [layer], "vocab_size": vocab, "hidden_size": dim, "embedding_dim": 4}
     Manifest(kind=KIND, params={}, shards=records, files=files, extra=extra).save(folder)

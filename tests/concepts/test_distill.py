@@ -69,7 +69,7 @@ def test_train_epoch_reports_mean_loss_and_cos(direction_set):
     model = probe(directions)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # lr 0: the model is unchanged
     batches = list(directions.batches("train", 32, 64, shuffle=True, seed=3))
-    loss, cos = train_epoch(model, optimizer, batches)
+    loss, cos = train_epoch(model, optimizer, directions, batches)
     assert loss == pytest.approx(1 - cos)
     assert cos == pytest.approx(evaluate_cos(model, directions, "train", 50), abs=1e-5)
 

@@ -34,6 +34,7 @@ RUNS = {
     "tiny": {"approach": "trainable", "embed_dim": 4, "hidden_dim": 8},
 }
 # What every row has, trained or baseline.
+BASELINES = ("baseline_train_mean", "baseline_knn", "baseline_char_ngrams")
 BASELINE_KEYS = {
     "train_cos",
     "val_cos",
@@ -141,10 +142,10 @@ def test_evaluate_end_to_end(setup, tmp_path):
     results = run(params, directions, distill, **paths)
 
     assert json.loads(paths["metrics"].read_text()) == results
-    assert set(results) == {*RUNS, "baseline_train_mean", "baseline_knn", "counts", "summary"}
+    assert set(results) == {*RUNS, *BASELINES, "counts", "summary"}
     for name in RUNS:
         assert set(results[name]) == RUN_KEYS
-    for name in ("baseline_train_mean", "baseline_knn"):
+    for name in BASELINES:
         assert set(results[name]) == BASELINE_KEYS
     counts = results["counts"]
     assert counts["train"] + counts["val"] + counts["test"] == data.num_concepts
@@ -239,7 +240,7 @@ def test_cli_evaluate(setup, tmp_path):
     assert result.exit_code == 0, result.output
     assert all(paths[name].is_file() for name in ("metrics", "table", "plot"))
     metrics = json.loads(paths["metrics"].read_text())
-    assert set(metrics) == {*RUNS, "baseline_train_mean", "baseline_knn", "counts", "summary"}
+    assert set(metrics) == {*RUNS, *BASELINES, "counts", "summary"}
     assert "\n| Linear Probe | 144 | " in squeeze(paths["table"].read_text())
 
 

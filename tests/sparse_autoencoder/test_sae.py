@@ -68,6 +68,7 @@ def write_directions(
         embedding_rows=torch.zeros(2, 2),
         offsets=torch.arange(n + 1),
         flat_tokens=torch.ones(n, dtype=torch.long),
+        texts=[f"w{i}" for i in range(n)],
     )
     extra = {"layers": [layer], "vocab_size": 2, "hidden_size": x.shape[1], "model": "synthetic"}
     Manifest(kind=KIND, params={}, shards=records, files=files, extra=extra).save(folder)
