@@ -40,6 +40,16 @@ SEED_RUNS = {
     "trainable_e32_h256": RunParams("trainable", embed_dim=32, hidden_dim=256),
     "trainable_e32_h128": RunParams("trainable", embed_dim=32, hidden_dim=128),
 }
+ISSUE_13_RUNS = {
+    "char_cnn_small": RunParams(
+        "char_cnn", embed_dim=16, channels=64, kernel_size=3, hidden_dim=256
+    ),
+    "char_cnn_large": RunParams(
+        "char_cnn", embed_dim=32, channels=128, kernel_size=3, hidden_dim=256
+    ),
+    "distilled_e32_h256": RunParams("distilled", embed_dim=32, hidden_dim=256),
+    "distilled_e64_h256": RunParams("distilled", embed_dim=64, hidden_dim=256),
+}
 # Knobs that cannot change a stage's result, so dvc.yaml leaves them out of its params.
 NOT_DEPS = {"directions": {"batch_size", "device", "padding_side"}, "distill.train": {"device"}}
 
@@ -110,9 +120,11 @@ def test_real_params_are_the_seed_000_experiment():
         device="cpu",
     )
     assert isinstance(params.distill.train.lr, float)
-    assert list(params.distill.runs) == list(SEED_RUNS)
-    assert params.distill.runs == SEED_RUNS
-    assert params.evaluate == EvaluateParams(knn_k=10, retrieval_k=(1, 10))
+    assert list(params.distill.runs) == [*SEED_RUNS, *ISSUE_13_RUNS]
+    assert params.distill.runs == SEED_RUNS | ISSUE_13_RUNS
+    assert params.evaluate == EvaluateParams(
+        knn_k=10, retrieval_k=(1, 10), char_ngrams=(1, 4), ridge_alphas=(0.1, 1.0, 10.0, 100.0)
+    )
 
 
 def test_tiny_profile_is_the_same_experiment_smaller():
@@ -212,7 +224,7 @@ def test_unknown_key_inside_a_run_names_the_run(tmp_path):
     run = {"approach": "linear_probe", "dropout": 0.1}
     message = rejection(tmp_path, "distill.runs.x", run)
     assert "unknown key 'distill.runs.x.dropout'" in message
-    assert "approach, embed_dim, hidden_dim" in message
+    assert "approach, channels, embed_dim, hidden_dim, kernel_size" in message
 
 
 def test_splits_must_sum_to_one_and_show_the_sum(tmp_path):
@@ -278,7 +290,11 @@ def test_integer_lr_is_read_as_float(tmp_path):
         ("wordlist.source", "web", "['nltk', 'wordfreq']"),
         ("directions.compute_dtype", "fp16", "['float32', 'bfloat16', 'float16']"),
         ("directions.padding_side", "top", "['left', 'right']"),
-        ("distill.runs.frozen_h64.approach", "mlp", "['trainable', 'frozen_mlp', 'linear_probe']"),
+        (
+            "distill.runs.frozen_h64.approach",
+            "mlp",
+            "['trainable', 'frozen_mlp', 'linear_probe', 'char_cnn', 'distilled']",
+        ),
     ],
 )
 def test_literal_choice_error_lists_the_choices(tmp_path, dotted, value, choices):
