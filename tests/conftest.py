@@ -72,11 +72,13 @@ def make_direction_set(
     layer: int = 2,
     shard_rows: int = 64,
     seed: int = 0,
+    texts: list[str] | None = None,
 ) -> Path:
     """A directions folder whose targets are a known linear map of mean token embeddings.
 
     Concept i uses 1-3 tokens; direction = W @ mean(embedding rows) (+ a constant
     activation offset that the train mean removes), so a linear probe can fit it.
+    Its text is `texts[i]`, by default one that spells its token ids (`concept_texts`).
     """
     gen = torch.Generator().manual_seed(seed)
     folder.mkdir(parents=True, exist_ok=True)
@@ -108,7 +110,7 @@ def make_direction_set(
         embedding_rows=table[used],
         offsets=offsets,
         flat_tokens=flat,
-        texts=concept_texts(offsets, flat),
+        texts=concept_texts(offsets, flat) if texts is None else texts,
     )
     Manifest(
         kind=KIND,

@@ -5,7 +5,9 @@ Command: python -m pipeline.cli distill --params params.yaml --run frozen_h256 -
 Reads `distill.train` and `distill.runs.<run>` from params; the cached layer is
 `distill.train.layer`; each seed of `distill.train.seeds` trains one student into
 `seeds/<seed>/` (checkpoint, its config with best epoch). The run folder's
-`config.json` carries the params, sizes, `seeds` and each seed's best epoch. dvclive
+`config.json` carries the params, sizes, `seeds` and each seed's best epoch (a
+`distilled` run also `table_cos`: its stage one, the mean row cos_sim of the rank-e
+table x projection against the teacher rows). dvclive
 (`pipeline.common.live`) logs train_loss, train_cos and val_cos per epoch (step =
 epoch): each seed as it trains into `<live>/seeds/<seed>/`, then their mean over seeds
 into `<live>/` itself, which the top-level plots of dvc.yaml overlay across runs.
