@@ -163,7 +163,7 @@ class EvaluateParams:
     char_ngrams: tuple[int, ...] = (1, 4)
     """(min, max) n-gram length of the bag-of-characters baseline (the char student's
     linear control): counts of character n-grams -> direction by ridge regression."""
-    ridge_alphas: tuple[float, ...] = (0.1, 1.0, 10.0, 100.0)
+    ridge_alphas: tuple[float, ...] = (1.0, 10.0, 100.0, 1000.0)
     """Ridge penalties the bag-of-characters baseline tries; the best on val is kept."""
 
     def __post_init__(self) -> None:
