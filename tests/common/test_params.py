@@ -41,9 +41,7 @@ SEED_RUNS = {
     "trainable_e32_h128": RunParams("trainable", embed_dim=32, hidden_dim=128),
 }
 ISSUE_13_RUNS = {
-    "char_cnn_c128": RunParams(
-        "char_cnn", embed_dim=32, channels=128, kernel_size=3, hidden_dim=256
-    ),
+    "char_cnn_c64": RunParams("char_cnn", embed_dim=16, channels=64, kernel_size=3, hidden_dim=256),
     "distilled_e64_h256": RunParams("distilled", embed_dim=64, hidden_dim=256),
 }
 # Knobs that cannot change a stage's result, so dvc.yaml leaves them out of its params.

@@ -198,7 +198,7 @@ def test_char_student_parameter_count():
     model = build_model(CHAR, 50, 16, torch.tensor([1]), torch.zeros(1, 8))
     assert count_trainable(model) == char_params_count(CHAR, 16) == 1024 + 78 + 114 + 104 + 144
     small = RunParams("char_cnn", embed_dim=16, channels=64, kernel_size=3, hidden_dim=256)
-    assert char_params_count(small, 384) == 151_296  # 151K: the demo teacher (D=384)
+    assert char_params_count(small, 384) == 151_296  # char_cnn_c64 on the demo teacher (D=384)
 
 
 @pytest.mark.parametrize("run", [CHAR, DISTILLED], ids=["char_cnn", "distilled"])
