@@ -17,7 +17,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 SCANNED = ("pipeline", "tests", "bench")
-BRANCHES = ("concepts", "kv_sidecar", "sparse_autoencoder", "steering_vectors")
+BRANCHES = ("concepts", "kv_sidecar", "sparse_autoencoder", "steering_vectors", "guided_lm")
 SHARED = ("common", "inputs")
 LAYOUT = "layout"
 
