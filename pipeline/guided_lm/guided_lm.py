@@ -31,7 +31,6 @@ import typer
 from pipeline.common.io import write_json, write_text
 from pipeline.common.params import Sections, load_params
 from pipeline.common.shards import Manifest
-from pipeline.concepts.params import DistillParams
 from pipeline.guided_lm.data import (
     ChunkSplit,
     ConceptTargets,
@@ -207,7 +206,7 @@ def command(
     params: Annotated[Path, typer.Option(help="Params file; its `guided_lm` section.")] = PARAMS,
 ) -> None:
     """Train the direction-supervised tiny LM grid; held-out LM loss against lambda = 0."""
-    sections = load_params(params, guided_lm=GuidedLmParams, distill=DistillParams)
+    sections = load_params(params, guided_lm=GuidedLmParams)  # + distill (its READS)
     started = time.perf_counter()
     results = run(sections, corpus, directions, wordlist, metrics, table, plot, curve)
     headline = [
