@@ -73,6 +73,7 @@ def aggregate(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
         }
         for score in SCORES:
             row[score] = _mean([c[score] for c in group])
+            row[f"{score}_interval"] = _interval([c[score] for c in group])
         rows.append(row)
     return rows
 
@@ -177,11 +178,11 @@ def summary(metrics: dict[str, Any]) -> list[dict[str, Any]]:
                 "branch": BRANCH,
                 "metric": f"aux map cos on held-out train-concept occurrences, lambda={fmt(lam)}",
                 "value": largest["aux_cos_train"],
-                "interval": None,
-                "interval_kind": None,
+                "interval": largest["aux_cos_train_interval"],
+                "interval_kind": INTERVAL_KIND,
                 "control": "least-squares probe on the lambda = 0 model's hidden states",
                 "control_value": control["probe_cos_train"],
-                "control_interval": None,
+                "control_interval": control["probe_cos_train_interval"],
                 "downstream": None,
                 "downstream_value": None,
                 "teacher": teacher,

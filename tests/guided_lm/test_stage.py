@@ -62,6 +62,7 @@ def test_rows_hold_the_mean_the_t_interval_and_the_paired_difference():
     assert (largest["value"], largest["control_value"]) == pytest.approx((3.0, 3.1))
     assert smallest["downstream_value"] == pytest.approx(-0.5) and smallest["n"] == 3
     assert (cos["value"], cos["control_value"]) == pytest.approx((0.5, 0.4))
+    assert cos["interval"] == pytest.approx([0.5, 0.5])  # the same 0.5 for every seed
 
 
 @pytest.fixture(scope="module")
