@@ -160,7 +160,7 @@ def run(
                         lm, aux, split, targets, fit_on, heldout, gp.layer, gp.eval_batch_size
                     ),
                 }
-                log.info("guided_lm cell %s", cell)
+                log.debug("guided_lm cell %s", cell)
                 cells.append(cell)
     directions_extra = Manifest.load(Path(directions)).extra
     caveats = [directions_extra.get("teacher_caveat") or ""]
