@@ -221,5 +221,10 @@ def plot(path: Path, metrics: dict[str, Any]) -> None:
             for side, label in ((0, "low"), (1, "high")):
                 y = [r["heldout_loss_interval"][side] for r in mine]
                 series[f"lambda={fmt(lam)} 95% {label}"] = (x, y)
+    teacher, caveat = metrics["teacher"], metrics["caveat"]
+    heading = (
+        f"Direction-supervised tiny LM (directions: {teacher['model']} layer {teacher['layer']})"
+        + (f"\n{caveat}" if caveat else "")
+    )
     panel = Panel("held-out LM loss vs train tokens", "train tokens", "nats/token", series)
-    line_panels(path, title(metrics).removeprefix("# "), [panel], columns=1)
+    line_panels(path, heading, [panel], columns=1)
