@@ -39,6 +39,7 @@ STAGES = {
     "sae": "pipeline.sparse_autoencoder.sae",
     "mcdata": "pipeline.steering_vectors.mcdata",
     "steering": "pipeline.steering_vectors.steering",
+    "guided_lm": "pipeline.guided_lm.guided_lm",
     "summary": "pipeline.common.summary",
     "report": "pipeline.common.report_page",
 }

@@ -122,7 +122,14 @@ def offline_env() -> dict[str, str]:
 
 
 # The result tables of each branch, in the order the demo prints them; the summary last.
-TABLES = ("comparison.md", "sidecar.md", "sae.md", "steering.md", "summary.md")
+TABLES = (
+    "comparison.md",
+    "sidecar.md",
+    "sae.md",
+    "steering.md",
+    "guided_lm.md",
+    "summary.md",
+)
 # The concept branch's second split, as a DVC experiment (see the module docstring).
 EXPERIMENT = "split-by-stem"
 EXPERIMENT_PARAM = "wordlist.split_by=stem"

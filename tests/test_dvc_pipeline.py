@@ -33,7 +33,10 @@ RUNS = {
 
 # The pages over every branch: they re-run whenever a branch's results change.
 PAGES = {"summary", "report"}
-BRANCH_STAGES = {"corpus", "trajectories", "sidecar", "activations", "sae", "mcdata", "steering"}
+BRANCH_STAGES = {
+    *("corpus", "trajectories", "sidecar", "activations", "sae", "mcdata", "steering"),
+    "guided_lm",
+}
 ALL_STAGES = (
     {"params_check", "teachers", "wordlist", "directions", "evaluate"}
     | {f"distill@{n}" for n in RUNS}
@@ -56,6 +59,7 @@ def small_profile(path: Path) -> Path:
     params["sae"].update(epochs=2, baselines=["pca"])
     params["mcdata"].update(max_train=64, max_val=32, max_test=32)
     params["steering"].update(bootstrap_samples=100)
+    params["guided_lm"].update(steps=5, seeds=[0, 1])
     path.write_text(yaml.safe_dump(params, sort_keys=False))
     return path
 

@@ -8,9 +8,12 @@ import re
 import yaml
 
 from pipeline.demo import PROFILE, ROOT
+from pipeline.guided_lm.report import column
 
 SPEC = yaml.safe_load((ROOT / "dvc.yaml").read_text())
 RUNS = yaml.safe_load((ROOT / "params.yaml").read_text())["distill"]["runs"]
+TABLE_CURVES = {"metrics/plots/guided_lm_data_efficiency.tsv"}
+"""Charted files a stage writes itself (a table of points, not a dvclive curve)."""
 
 
 def declared(section: str) -> dict[str, str]:
@@ -42,7 +45,8 @@ def test_every_charted_file_lies_in_a_declared_dvclive_output_of_its_stage():
         for path in files:
             owners = [out for out in outs if path == out or path.startswith(out + "/")]
             assert owners, f"{title!r}: {path} is in no stage's outs"
-            assert re.fullmatch(r"metrics/live/[^ ]+/plots(/metrics)?(/.+\.tsv)?", path), path
+            live = r"metrics/live/[^ ]+/plots(/metrics)?(/.+\.tsv)?"
+            assert re.fullmatch(live, path) or path in TABLE_CURVES, path
 
 
 def test_each_dvclive_folder_has_its_metrics_file_for_exp_show():
@@ -62,6 +66,15 @@ def test_the_distill_overlay_names_each_run_of_both_profiles():
         assert sorted(files) == sorted(expected), profile
 
 
+def test_the_guided_lm_curve_names_each_lambda_of_both_profiles():
+    (title,) = [t for t in charted() if t.startswith("guided LM")]
+    (entry,) = [e for e in SPEC["plots"] if title in e]
+    (fields,) = entry[title]["y"].values()
+    for profile in (ROOT / "params.yaml", ROOT / PROFILE):
+        lambdas = yaml.safe_load(profile.read_text())["guided_lm"]["lambdas"]
+        assert sorted(fields) == sorted(column(lam) for lam in lambdas), profile
+
+
 def test_each_branch_has_a_chart_and_its_pictures_are_uncached_outputs():
     titles = " ".join(charted())
     for words in ("distill", "sidecar loss", "sidecar Jacobian", "SAE reconstruction", "SAE dead"):
@@ -75,6 +88,7 @@ def test_each_branch_has_a_chart_and_its_pictures_are_uncached_outputs():
         "metrics/plots/sae_training.png": "sae",
         "metrics/plots/sae_feature_density.png": "sae",
         "metrics/plots/steering_accuracy.png": "steering",
+        "metrics/plots/guided_lm_data_efficiency.png": "guided_lm",
     }
     for name, stage in SPEC["stages"].items():
         for entry in stage.get("do", stage).get("outs", []):

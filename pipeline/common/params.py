@@ -48,6 +48,7 @@ SECTIONS = {
     "sae": "pipeline.sparse_autoencoder.params:SaeParams",
     "mcdata": "pipeline.steering_vectors.params:McDataParams",
     "steering": "pipeline.steering_vectors.params:SteeringParams",
+    "guided_lm": "pipeline.guided_lm.params:GuidedLmParams",
 }
 
 

@@ -4,7 +4,8 @@
 a dataset never moves an item to another split. Each use keys it its own way:
 
     split_of(text, fractions, salt)       concepts, questions: unit_hash(f"{salt}\0{text}")
-    unit_hash(f"block:{block}") < f       sidecar held-out chunks, by corpus block (`is_heldout`)
+    unit_hash(f"block:{block}") < f       sidecar and guided-LM held-out chunks, by corpus block
+                                          (`is_heldout`; block = chunk_id // block_chunks)
 """
 
 from __future__ import annotations
@@ -12,6 +13,10 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 SPLITS = ("train", "val", "test")
 
@@ -49,3 +54,13 @@ def split_of(text: str, fractions: SplitFractions, salt: str = "") -> str:
     if u < fractions.train + fractions.val:
         return "val"
     return "test"
+
+
+def is_heldout(chunk_ids: torch.Tensor, fraction: float, block_chunks: int) -> torch.Tensor:
+    """(R,) bool: a chunk is held out when a stable hash of its block (chunk_id //
+    block_chunks, the corpus's split unit, which no document spans) falls below `fraction`."""
+    import torch  # here, not at the top: params_check imports this module and needs no torch
+
+    blocks = torch.div(chunk_ids.long(), block_chunks, rounding_mode="floor")
+    draws = [unit_hash(f"block:{int(b)}") for b in blocks.tolist()]
+    return torch.tensor(draws, dtype=torch.float64) < fraction

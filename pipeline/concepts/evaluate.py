@@ -29,6 +29,7 @@ import typer
 from torch import Tensor, nn
 
 from pipeline.common.checkpoints import CONFIG, read_config
+from pipeline.common.intervals import t_interval
 from pipeline.common.io import write_json, write_text
 from pipeline.common.live import read_metric
 from pipeline.common.params import Sections, load_params
@@ -50,7 +51,6 @@ from pipeline.concepts.scores import (
     knn_predict,
     mean_over_seeds,
     split_metrics,
-    t_interval,
     token_coverage,
     train_mean_predict,
 )

@@ -10,7 +10,6 @@ not drift, and an empty subset gives `None` (written as JSON `null`), never NaN.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
@@ -184,20 +183,6 @@ def split_metrics(
         for k, rate in hit_rates(ranks if keep is None else ranks[keep], ks).items():
             out[f"test_{name}top{k}"] = rate
     return out
-
-
-def t_interval(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float] | None:
-    """Student-t interval of the mean of `values` (one per seed): mean -/+ t * s / sqrt(n),
-    t the (1 + confidence) / 2 quantile with n - 1 degrees of freedom; None below 2 values."""
-    from scipy import stats
-
-    n = len(values)
-    if n < 2:
-        return None
-    mean = sum(values) / n
-    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-    half = float(stats.t.ppf((1 + confidence) / 2, n - 1)) * sd / math.sqrt(n)
-    return mean - half, mean + half
 
 
 def mean_over_seeds(per_seed: Sequence[dict]) -> dict:

@@ -29,20 +29,12 @@ import torch
 from torch import Tensor
 
 from pipeline.common.shards import Manifest, ShardRecord, read_shard
-from pipeline.common.splits import unit_hash
+from pipeline.common.splits import is_heldout
 from pipeline.common.stream import stream_batches
-from pipeline.inputs.text_chunks import block_ids
 from pipeline.kv_sidecar.layout import TRAJECTORIES, trajectory_key
 
 Split = Literal["train", "heldout"]
 SIZE_KEYS = ("n_heads", "n_kv_heads", "head_dim", "window_size", "num_windows", "num_queries")
-
-
-def is_heldout(chunk_ids: Tensor, fraction: float, block_chunks: int) -> Tensor:
-    """(R,) bool: a chunk is held out when a stable hash of its block falls below `fraction`
-    (a share `fraction` of the blocks, which no document spans)."""
-    draws = [unit_hash(f"block:{int(b)}") for b in block_ids(chunk_ids, block_chunks).tolist()]
-    return torch.tensor(draws, dtype=torch.float64) < fraction
 
 
 @dataclass(frozen=True)

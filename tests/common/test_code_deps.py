@@ -109,7 +109,7 @@ def test_the_tiny_teacher_builder_runs_in_stage_teachers_only():
 def test_the_params_check_runs_the_module_of_every_params_section():
     """It imports them by name (`SECTIONS`); editing a section's checks must re-run it."""
     files = {spec.partition(":")[0].replace(".", "/") + ".py" for spec in SECTIONS.values()}
-    assert len(files) == 5
+    assert len(files) == 6
     assert files <= set(stage_closure(PARAMS_CHECK))
     directions = set(stage_closure(stage_modules()["directions"]))
     assert "pipeline/kv_sidecar/params.py" not in directions, "only the check gains them"

@@ -2,9 +2,10 @@
 
 1. No module imports a leading-underscore name from another module: what two modules
    share is public, in the module it belongs to.
-2. A branch package (concepts, kv_sidecar, sparse_autoencoder, steering_vectors) imports
-   no other branch package, except that branch's `layout` module (how its artifacts are
-   read); the shared packages (common, inputs) import no branch package at all.
+2. A branch package (concepts, kv_sidecar, sparse_autoencoder, steering_vectors,
+   guided_lm) imports no other branch package, except that branch's `layout` module (how
+   its artifacts are read); the shared packages (common, inputs) import no branch package
+   at all.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 SCANNED = ("pipeline", "tests", "bench")
-BRANCHES = ("concepts", "kv_sidecar", "sparse_autoencoder", "steering_vectors")
+BRANCHES = ("concepts", "kv_sidecar", "sparse_autoencoder", "steering_vectors", "guided_lm")
 SHARED = ("common", "inputs")
 LAYOUT = "layout"
 

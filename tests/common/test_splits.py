@@ -10,10 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.common.splits import SplitFractions, split_of, unit_hash
+from pipeline.common.splits import SplitFractions, is_heldout, split_of, unit_hash
 from pipeline.inputs.params import WordlistParams
 from pipeline.inputs.words import concepts_table
-from pipeline.kv_sidecar.trajectory_set import is_heldout
 from pipeline.sparse_autoencoder.sources import held_out
 from pipeline.steering_vectors.questions import DEFAULT_FRACTIONS, EVAL_HALVES
 

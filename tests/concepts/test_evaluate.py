@@ -12,12 +12,13 @@ from typer.testing import CliRunner
 
 from pipeline.cli import app
 from pipeline.common.checkpoints import save_checkpoint
+from pipeline.common.intervals import t_interval
 from pipeline.common.io import write_json
 from pipeline.common.live import log_row, open_live
 from pipeline.concepts.evaluate import run
 from pipeline.concepts.layout import DirectionSet
 from pipeline.concepts.params import RunParams
-from pipeline.concepts.scores import concept_embeddings, mean_cosine, t_interval
+from pipeline.concepts.scores import concept_embeddings, mean_cosine
 from pipeline.concepts.students import (
     build_model,
     count_trainable,

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from pipeline.common.intervals import t_interval
 from pipeline.common.summary import check_entry
 from pipeline.common.teacher import RANDOM_WEIGHTS_CAVEAT
 from pipeline.concepts.comparison import (
@@ -28,7 +29,6 @@ from pipeline.concepts.scores import (
     retrieval_ranks,
     row_cosine,
     split_metrics,
-    t_interval,
     token_coverage,
     top_k_hit_rates,
     train_mean_predict,

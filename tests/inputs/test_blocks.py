@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pipeline.common.shards import Manifest, read_shard
-from pipeline.common.splits import unit_hash
+from pipeline.common.splits import is_heldout, unit_hash
 from pipeline.inputs import corpus
 from pipeline.inputs.params import CorpusParams
 from pipeline.inputs.text_chunks import (
@@ -22,7 +22,6 @@ from pipeline.inputs.text_chunks import (
     load_tokenizer,
     pack_blocks,
 )
-from pipeline.kv_sidecar.trajectory_set import is_heldout
 from pipeline.sparse_autoencoder.sources import held_out
 
 EOS = 0

@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 from pipeline.common.live import read_metric
 from pipeline.common.run_info import split_info
 from pipeline.common.shards import Manifest, shard_name, write_shard
+from pipeline.common.splits import is_heldout
 from pipeline.common.summary import check_entry
 from pipeline.inputs import corpus as corpus_stage
 from pipeline.inputs.params import CorpusParams
@@ -44,7 +45,7 @@ from pipeline.kv_sidecar.set_transformer import (
     make_optimizer,
     train_step,
 )
-from pipeline.kv_sidecar.trajectory_set import KVBatch, TrajectorySet, is_heldout
+from pipeline.kv_sidecar.trajectory_set import KVBatch, TrajectorySet
 from tests.conftest import build_params
 from tests.picture_checks import assert_picture
 from tests.tables import squeeze
