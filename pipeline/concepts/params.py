@@ -1,4 +1,5 @@
-"""Params of the concept-direction branch: sections `directions`, `distill`, `evaluate`."""
+"""Params of the concept-direction branch: sections `directions`, `distill`, `evaluate`,
+`analogies`."""
 
 from __future__ import annotations
 
@@ -107,8 +108,13 @@ class RunParams:
     """Trainable embedding width (`trainable` only)."""
     hidden_dim: int | None = None
     """MLP hidden width (`trainable`, `frozen_mlp`)."""
+    analogy_weight: float = 0.0
+    """Weight of the auxiliary analogy-offset loss on train analogies
+    (`pipeline.concepts.analogy_set.AnalogyOffsetLoss`); 0 trains exactly as without it."""
 
     def __post_init__(self) -> None:
+        if self.analogy_weight < 0:
+            raise ValueError(f"analogy_weight must be >= 0, got {self.analogy_weight}")
         needs = {"trainable": ("embed_dim", "hidden_dim"), "frozen_mlp": ("hidden_dim",)}
         for name in ("embed_dim", "hidden_dim"):
             value = getattr(self, name)
@@ -150,6 +156,39 @@ class EvaluateParams:
         positive("evaluate.knn_k", self.knn_k)
         for k in self.retrieval_k:
             positive("evaluate.retrieval_k", k)
+
+
+Suffix = Literal["s", "ed", "ing", "er", "est", "ly"]
+WordnetRelation = Literal["antonym", "derivation"]
+
+
+@dataclass(frozen=True)
+class AnalogiesParams:
+    """Section `analogies`: the analogy set a:b::c:d built from the word list."""
+
+    suffixes: tuple[Suffix, ...] = ("s", "ed", "ing", "er", "est", "ly")
+    """Suffix rules, one relation each (`+ed`: walk:walked), with the usual spelling
+    rules (e-drop, consonant doubling, y -> i); `er`/`est` are the comparative and
+    superlative of adjectives: a base counts only with both forms in the word list."""
+    wordnet: tuple[WordnetRelation, ...] = ("antonym", "derivation")
+    """WordNet relations (`antonym`; `derivation`: verb -> derivationally related noun),
+    used when the word list comes from NLTK (`wordlist.source: nltk`), skipped with a
+    message for wordfreq."""
+    min_base_length: int = 3
+    """Shortest base word a suffix rule starts from (so "bed" is never "b" + "ed")."""
+    max_per_relation: int = 2000
+    """Cap on analogies per relation: a seeded sample of the ordered pairs of pairs."""
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        positive("analogies.min_base_length", self.min_base_length)
+        positive("analogies.max_per_relation", self.max_per_relation)
+        for key in ("suffixes", "wordnet"):
+            values = getattr(self, key)
+            if len(set(values)) != len(values):
+                raise ValueError(f"analogies.{key} repeats an entry: {list(values)}")
+        if not self.suffixes and not self.wordnet:
+            raise ValueError("analogies.suffixes and analogies.wordnet are both empty")
 
 
 def template_parts(template: str) -> tuple[str, int]:

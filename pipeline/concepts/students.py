@@ -181,3 +181,12 @@ def _check_matches(config: dict[str, Any], directions: DirectionSet, path: Path)
                 f"{path}: {key}={config[key]}, but the directions folder "
                 f"{directions.folder} has {key}={value}"
             )
+
+
+def forward_concepts(model: nn.Module, data: DirectionSet, concept_ids: Tensor) -> Tensor:
+    """The student's predictions (B, D) for concepts `concept_ids` (B,), with grad: the one
+    forward every caller that starts from concept ids goes through (callers that score wrap
+    it in torch.no_grad / inference_mode)."""
+    device = next(model.parameters()).device
+    tokens, mask = data.concept_tokens(concept_ids)
+    return model(tokens.to(device), mask.to(device))
