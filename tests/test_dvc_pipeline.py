@@ -35,7 +35,7 @@ RUNS = {
 PAGES = {"summary", "report"}
 BRANCH_STAGES = {"corpus", "trajectories", "sidecar", "activations", "sae", "mcdata", "steering"}
 ALL_STAGES = (
-    {"params_check", "teachers", "wordlist", "directions", "evaluate"}
+    {"params_check", "teachers", "wordlist", "directions", "analogies", "evaluate"}
     | {f"distill@{n}" for n in RUNS}
     | BRANCH_STAGES
     | PAGES
