@@ -1,5 +1,6 @@
 """The seed-000 FINAL COMPARISON table (markdown), its test cos_sim over seeds with 95%
-intervals, the branch's `summary` block for the metrics JSON.
+intervals, the branch's `summary` block for the metrics JSON; with an analogy block, the
+analogy columns, the section under the table and its summary entries.
 
 rows = [Row("linear_probe", "Linear Probe", metrics["linear_probe"], frozen=True), ...]
 teacher = TeacherFacts("data/teachers/all-minilm-l6-v2", layer=6, pooling="mean", caveat="")

@@ -1,6 +1,6 @@
 """Stage `evaluate`: reads data/directions, every data/distill/<run> and its dvclive curves; writes metrics JSON, the markdown table, the val-curves PNG.
 
-Command: python -m pipeline.cli evaluate --params params.yaml --directions data/directions --distill data/distill --live metrics/live/distill --metrics metrics/distill.json --table metrics/comparison.md --plot metrics/plots/distill_val_curves.png
+Command: python -m pipeline.cli evaluate --params params.yaml --directions data/directions --distill data/distill --live metrics/live/distill --analogies data/analogies/analogies.parquet --metrics metrics/distill.json --table metrics/comparison.md --plot metrics/plots/distill_val_curves.png
 
 Reads the `distill` and `evaluate` sections of params.yaml, the directions folder
 (layer `distill.train.layer`), `<distill>/<run>/{config.json,seeds/<seed>/}` and the
@@ -14,6 +14,16 @@ of test cos over seeds, null with one seed; `seeds`, each seed's own scores and 
 `summary` (the branch's headline next to its control: `comparison.summary`). The table's
 title names the teacher, its layer and the split, and says when the teacher has random
 weights (the directions manifest's `teacher_caveat`).
+
+With `--analogies` (stage `analogies`), every row's predictions of all splits form its
+space, one vector per concept, and the teacher's directions form the reference space;
+each answers the val and test analogies by 3CosAdd and by the only-c control
+(`pipeline.concepts.analogy_set`): per row `analogy_<split>_<3cosadd|only_c>` (mean over
+seeds, test t-intervals `..._ci95_low` / `_high`, each seed's in `seeds`), and the block
+`analogies` (`num_concepts`, `counts` per relation and split, `teacher` scores with
+`relations`, `relations` per row, `twins`: each analogy_weight > 0 run's weight-0 twin);
+the table gains the Test 3CosAdd / only-c columns and `comparison.analogy_section`, and
+`summary` the entries of `comparison.analogy_summary`.
 """  # noqa: E501
 
 from __future__ import annotations
