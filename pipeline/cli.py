@@ -32,6 +32,7 @@ STAGES = {
     "directions": "pipeline.concepts.directions",
     "distill": "pipeline.concepts.distill",
     "evaluate": "pipeline.concepts.evaluate",
+    "analogies": "pipeline.concepts.analogies",
     "corpus": "pipeline.inputs.corpus",
     "trajectories": "pipeline.kv_sidecar.trajectories",
     "sidecar": "pipeline.kv_sidecar.sidecar",

@@ -19,9 +19,10 @@ TINY = Path(__file__).resolve().parents[1] / "profiles" / "tiny.yaml"
 OPTIONS = {
     "wordlist": ["--out", "--params"],
     "directions": ["--wordlist", "--out", "--params"],
-    "distill": ["--run", "--directions", "--out", "--live", "--params"],
+    "distill": ["--run", "--directions", "--out", "--live", "--params", "--analogies"],
     "evaluate": [
         *("--directions", "--distill", "--live", "--metrics", "--table", "--plot", "--params"),
+        "--analogies",
     ],
     "corpus": ["--out", "--metrics", "--params"],
     "trajectories": ["--corpus", "--out", "--params"],
@@ -35,6 +36,7 @@ OPTIONS = {
         *("--table", "--exemplars", "--live", "--plot-training", "--plot-density", "--params"),
     ],
     "mcdata": ["--out", "--wordlist", "--params"],
+    "analogies": ["--wordlist", "--out", "--params"],
     "steering": ["--mcdata", "--out", "--live", "--metrics", "--table", "--plot", "--params"],
     "guided_lm": [
         "--corpus",

@@ -38,7 +38,7 @@ BRANCH_STAGES = {
     "guided_lm",
 }
 ALL_STAGES = (
-    {"params_check", "teachers", "wordlist", "directions", "evaluate"}
+    {"params_check", "teachers", "wordlist", "directions", "analogies", "evaluate"}
     | {f"distill@{n}" for n in RUNS}
     | BRANCH_STAGES
     | PAGES

@@ -42,6 +42,7 @@ SECTIONS = {
     "directions": "pipeline.concepts.params:DirectionsParams",
     "distill": "pipeline.concepts.params:DistillParams",
     "evaluate": "pipeline.concepts.params:EvaluateParams",
+    "analogies": "pipeline.concepts.params:AnalogiesParams",
     "trajectories": "pipeline.kv_sidecar.params:TrajectoriesParams",
     "sidecar": "pipeline.kv_sidecar.params:SidecarParams",
     "activations": "pipeline.sparse_autoencoder.params:ActivationsParams",

@@ -1,5 +1,6 @@
 """The seed-000 FINAL COMPARISON table (markdown), its test cos_sim over seeds with 95%
-intervals, the branch's `summary` block for the metrics JSON.
+intervals, the branch's `summary` block for the metrics JSON; with an analogy block, the
+analogy columns, the section under the table and its summary entries.
 
 rows = [Row("linear_probe", "Linear Probe", metrics["linear_probe"], frozen=True), ...]
 teacher = TeacherFacts("data/teachers/all-minilm-l6-v2", layer=6, pooling="mean", caveat="")
@@ -10,7 +11,7 @@ metrics["summary"] = summary(rows, split_by="text", teacher=teacher)
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from pipeline.common.tables import MISSING, markdown_table
@@ -59,7 +60,14 @@ class Row:
 
 
 def run_label(run: RunParams) -> str:
-    """Seed 000's name for a run: "Trainable e=64,h=256", "Frozen+MLP h=128", "Linear Probe"."""
+    """Seed 000's name for a run: "Trainable e=64,h=256", "Frozen+MLP h=128", "Linear Probe";
+    " + analogy loss w=0.5" where the run trains with the auxiliary analogy loss."""
+    return _approach_label(run) + (
+        f" + analogy loss w={run.analogy_weight:g}" if run.analogy_weight > 0 else ""
+    )
+
+
+def _approach_label(run: RunParams) -> str:
     if run.approach == "trainable":
         return f"Trainable e={run.embed_dim},h={run.hidden_dim}"
     if run.approach == "frozen_mlp":
@@ -120,11 +128,16 @@ def _sort_key(row: Row) -> tuple[bool, float]:
 
 
 def comparison_table(
-    rows: Sequence[Row], ks: Sequence[int], split_by: str, teacher: TeacherFacts
+    rows: Sequence[Row],
+    ks: Sequence[int],
+    split_by: str,
+    teacher: TeacherFacts,
+    analogies: dict[str, Any] | None = None,
 ) -> str:
     """Title (`table_title`), then the markdown table, best test cos_sim first; a footnote
     when any row is frozen; then the test cos_sim over seeds, naming what the concept split
-    was hashed by (`split_by`)."""
+    was hashed by (`split_by`). With `analogies` (the evaluate stage's analogy block), the
+    table gains each row's test 3CosAdd and only-c accuracy, and `analogy_section` follows."""
     header = [
         "Approach",
         "Trainable Params",
@@ -137,12 +150,19 @@ def comparison_table(
         "Test cos (seen tokens)",
         "Test cos (unseen tokens)",
     ]
+    cells = [_row_cells(row, ks) for row in sorted(rows, key=_sort_key)]
+    if analogies is not None:
+        header += [f"Test {METHOD_NAMES[m]}" for m in ANALOGY_METHODS]
+        for cell, row in zip(cells, sorted(rows, key=_sort_key), strict=True):
+            cell += [_cell(row.metrics.get(_key("test", m)), ".1%") for m in ANALOGY_METHODS]
     lines = [table_title(teacher, split_by), ""]
-    lines += markdown_table(header, [_row_cells(row, ks) for row in sorted(rows, key=_sort_key)])
+    lines += markdown_table(header, cells)
     if any(row.frozen for row in rows):
         lines += ["", FOOTNOTE]
     lines += _table_notes(rows)
     lines += ["", *seed_table(sorted(rows, key=_sort_key), split_by)]
+    if analogies is not None:
+        lines += ["", *analogy_section(rows, analogies)]
     return "\n".join(lines) + "\n"
 
 
@@ -330,3 +350,182 @@ def _entry(
         "n": row.metrics["num_seeds"],
         "caveat": teacher.caveat or None,
     }
+
+
+ANALOGY_PREFIX = "analogy_"
+"""Metrics keys of the analogy scores: `analogy_<split>_<method>`."""
+ANALOGY_METHODS = ("3cosadd", "only_c")
+METHOD_NAMES = {"3cosadd": "3CosAdd", "only_c": "only-c"}
+
+
+def _key(split: str, method: str) -> str:
+    return f"{ANALOGY_PREFIX}{split}_{method}"
+
+
+def analogy_twins(runs: dict[str, RunParams]) -> dict[str, str]:
+    """Each run with an analogy_weight > 0 -> its twin: the first run of `runs` with the
+    same params but weight 0 (the control the table and summary put it against)."""
+    twins = {}
+    for name, run in runs.items():
+        if run.analogy_weight > 0:
+            plain = replace(run, analogy_weight=0.0)
+            twin = next((other for other, spec in runs.items() if spec == plain), None)
+            if twin is not None:
+                twins[name] = twin
+    return twins
+
+
+def _interval_of(metrics: dict[str, Any], key: str) -> tuple[float, float] | None:
+    low, high = metrics.get(f"{key}_ci95_low"), metrics.get(f"{key}_ci95_high")
+    return None if low is None or high is None else (low, high)
+
+
+def _with_interval(metrics: dict[str, Any], key: str, form: str) -> str:
+    value = metrics.get(key)
+    if value is None:
+        return MISSING
+    span = _interval_of(metrics, key)
+    text = format(value, form)
+    return text if span is None else f"{text} [{format(span[0], form)}, {format(span[1], form)}]"
+
+
+def _best_student(rows: Sequence[Row]) -> Row | None:
+    """The trained row with the best mean val cos_sim (as `summary` picks it)."""
+    trained = [r for r in rows if "num_seeds" in r.metrics and r.metrics.get("val_cos") is not None]
+    return max(trained, key=lambda r: r.metrics["val_cos"]) if trained else None
+
+
+def analogy_section(rows: Sequence[Row], analogies: dict[str, Any]) -> list[str]:
+    """The analogy lines under the comparison table: what is scored, the teacher's
+    direction space as the reference line, per relation the counts and the accuracy of the
+    teacher space and of the best student on val (mean over seeds), then each run trained
+    with the auxiliary analogy loss next to its twin."""
+    teacher, counts = analogies["teacher"], analogies["counts"]
+    test_total = sum(c["test"] for c in counts.values())
+    lines = [
+        f"Analogies a:b::c:d (stage `analogies`; {test_total} test analogies: any word a test "
+        "concept), answered among all "
+        f"{analogies['num_concepts']} concepts, a, b and c excluded: 3CosAdd = argmax "
+        "cos(v, v_b - v_a + v_c) on unit vectors (Mikolov et al. 2013); only-c = the "
+        "nearest neighbour of c alone, the control that needs no a:b (Linzen 2016). The "
+        "table's Test 3CosAdd / Test only-c: each row's predicted space, mean over seeds. "
+        f"Teacher direction space (the reference): test 3CosAdd "
+        f"{_cell(teacher.get('test_3cosadd'), '.1%')}, only-c "
+        f"{_cell(teacher.get('test_only_c'), '.1%')}; val 3CosAdd "
+        f"{_cell(teacher.get('val_3cosadd'), '.1%')}, only-c "
+        f"{_cell(teacher.get('val_only_c'), '.1%')}.",
+        "",
+    ]
+    best = _best_student(rows)
+    header = ["Relation", "Train", "Val", "Test", "Teacher 3CosAdd", "Teacher only-c"]
+    if best is not None:
+        header += [f"{best.label} 3CosAdd", f"{best.label} only-c"]
+    body = []
+    student = {} if best is None else analogies["relations"].get(best.name, {})
+    for relation, count in counts.items():
+        cells = [relation, *(str(count[s]) for s in ("train", "val", "test"))]
+        cells += [
+            _cell(teacher["relations"][relation].get(f"test_{m}"), ".1%") for m in ANALOGY_METHODS
+        ]
+        if best is not None:
+            own = student.get(relation, {})
+            cells += [_cell(own.get(f"test_{m}"), ".1%") for m in ANALOGY_METHODS]
+        body.append(cells)
+    total = ["all", *(str(sum(c[s] for c in counts.values())) for s in ("train", "val", "test"))]
+    total += [_cell(teacher.get(f"test_{m}"), ".1%") for m in ANALOGY_METHODS]
+    if best is not None:
+        total += [_cell(best.metrics.get(_key("test", m)), ".1%") for m in ANALOGY_METHODS]
+    body.append(total)
+    lines += [
+        "Test accuracy per relation (counts: analogies per split; train analogies are the "
+        "ones an auxiliary loss may train on):",
+        "",
+        *markdown_table(header, body),
+    ]
+    by_name = {row.name: row for row in rows}
+    pairs = [
+        (by_name[a], by_name[t])
+        for a, t in analogies["twins"].items()
+        if a in by_name and t in by_name
+    ]
+    if pairs:
+        lines += [
+            "",
+            "Auxiliary analogy loss (distill.runs.<run>.analogy_weight) against its twin "
+            "(the same run at weight 0), mean over seeds [95% t-interval]:",
+            "",
+        ]
+        table = []
+        for aux, twin in pairs:
+            for row in (aux, twin):
+                table.append(
+                    [
+                        row.label,
+                        _with_interval(row.metrics, "test_cos", ".4f"),
+                        *(
+                            _with_interval(row.metrics, _key("test", m), ".1%")
+                            for m in ANALOGY_METHODS
+                        ),
+                    ]
+                )
+        lines += markdown_table(["Run", "Test cos_sim", "Test 3CosAdd", "Test only-c"], table)
+    return lines
+
+
+def analogy_summary(
+    rows: Sequence[Row], analogies: dict[str, Any], teacher: TeacherFacts
+) -> list[dict[str, Any]]:
+    """The summary entries of the analogies: the best student on val's test 3CosAdd
+    accuracy next to only-c in its own space (the control), the teacher space's 3CosAdd
+    as downstream (the ceiling); and each auxiliary-loss run's test 3CosAdd next to its
+    twin's, its test cos_sim change over the twin as downstream."""
+    entries = []
+    best = _best_student(rows)
+    base = {"branch": BRANCH, "interval_kind": INTERVAL_KIND, "teacher": teacher.model}
+    base["caveat"] = teacher.caveat or None
+    if best is not None and best.metrics.get(_key("test", "3cosadd")) is not None:
+        m = best.metrics
+        span, control = (
+            _interval_of(m, _key("test", "3cosadd")),
+            _interval_of(m, _key("test", "only_c")),
+        )
+        entries.append(
+            base
+            | {
+                "metric": f"test analogy accuracy (3CosAdd) in the space of the best student on "
+                f"val ({best.label}), mean over seeds",
+                "value": m[_key("test", "3cosadd")],
+                "interval": None if span is None else list(span),
+                "control": "only-c (c's nearest neighbour, no a:b) in the same space",
+                "control_value": m[_key("test", "only_c")],
+                "control_interval": None if control is None else list(control),
+                "downstream": "3CosAdd in the teacher's direction space (the ceiling)",
+                "downstream_value": analogies["teacher"].get("test_3cosadd"),
+                "n": m["num_seeds"],
+            }
+        )
+    by_name = {row.name: row for row in rows}
+    for aux_name, twin_name in analogies["twins"].items():
+        aux, twin = by_name.get(aux_name), by_name.get(twin_name)
+        if aux is None or twin is None or aux.metrics.get(_key("test", "3cosadd")) is None:
+            continue
+        span, control = (_interval_of(r.metrics, _key("test", "3cosadd")) for r in (aux, twin))
+        change = None
+        if aux.metrics.get("test_cos") is not None and twin.metrics.get("test_cos") is not None:
+            change = aux.metrics["test_cos"] - twin.metrics["test_cos"]
+        entries.append(
+            base
+            | {
+                "metric": f"test analogy accuracy (3CosAdd) with the auxiliary analogy loss "
+                f"({aux.label}), mean over seeds",
+                "value": aux.metrics[_key("test", "3cosadd")],
+                "interval": None if span is None else list(span),
+                "control": f"its twin without the loss ({twin.label})",
+                "control_value": twin.metrics[_key("test", "3cosadd")],
+                "control_interval": None if control is None else list(control),
+                "downstream": "test cos_sim change over the twin",
+                "downstream_value": change,
+                "n": aux.metrics["num_seeds"],
+            }
+        )
+    return entries

@@ -1,8 +1,10 @@
 """Stage `distill@<run>`: reads a directions folder, trains one row of the comparison table once per seed, writes seeds/<seed>/{model.safetensors,config.json}, config.json and the run's dvclive folder.
 
-Command: python -m pipeline.cli distill --params params.yaml --run frozen_h256 --directions data/directions --out data/distill/frozen_h256 --live metrics/live/distill/frozen_h256
+Command: python -m pipeline.cli distill --params params.yaml --run frozen_h256 --directions data/directions --analogies data/analogies/analogies.parquet --out data/distill/frozen_h256 --live metrics/live/distill/frozen_h256
 
-Reads `distill.train` and `distill.runs.<run>` from params; the cached layer is
+Reads `distill.train` and `distill.runs.<run>` from params, and with `--analogies` the
+analogy set (stage `analogies`), whose train analogies a run with `analogy_weight` > 0
+adds its auxiliary loss on (`pipeline.concepts.training.AnalogyOffsetLoss`); the cached layer is
 `distill.train.layer`; each seed of `distill.train.seeds` trains one student into
 `seeds/<seed>/` (checkpoint, its config with best epoch). The run folder's
 `config.json` carries the params, sizes, `seeds` and each seed's best epoch (a
@@ -29,6 +31,7 @@ from pipeline.common.checkpoints import CONFIG, save_checkpoint
 from pipeline.common.io import write_json
 from pipeline.common.live import log_row, open_live
 from pipeline.common.params import Sections, load_params, to_dict
+from pipeline.concepts.analogy_set import AnalogySet
 from pipeline.concepts.layout import DirectionSet
 from pipeline.concepts.params import DistillParams, RunParams
 from pipeline.concepts.scores import mean_cosine
@@ -39,7 +42,7 @@ from pipeline.concepts.students import (
     inference_bytes,
     seed_folder,
 )
-from pipeline.concepts.training import FitResult, fit
+from pipeline.concepts.training import AnalogyOffsetLoss, FitResult, fit
 
 CURVE_FIELDS = ("epoch", "train_loss", "train_cos", "val_cos")
 SEEDS = "seeds"
@@ -49,12 +52,31 @@ SEED_KEYS = ("best_val_cos", "best_epoch")
 PARAMS = Path("params.yaml")
 
 
-def run(params: Sections, run_name: str, directions: Path, out: Path, live: Path) -> dict[str, Any]:
+def run(
+    params: Sections,
+    run_name: str,
+    directions: Path,
+    out: Path,
+    live: Path,
+    analogies: Path | None = None,
+) -> dict[str, Any]:
     """Train run `run_name` once per seed on `directions` into `out`, logging into the
-    dvclive folder `live`; returns the summary."""
+    dvclive folder `live`; returns the summary. A run with `analogy_weight` > 0 reads the
+    train analogies of the analogy set `analogies` for its auxiliary loss."""
     spec = run_spec(params, run_name)
     train = params.distill.train
     dataset = DirectionSet(Path(directions), train.layer)
+    analogy_loss = None
+    if spec.analogy_weight > 0:
+        if analogies is None:
+            raise ValueError(
+                f"distill.runs.{run_name}.analogy_weight={spec.analogy_weight} needs the "
+                "analogy set (--analogies data/analogies/analogies.parquet)"
+            )
+        analogy_set = AnalogySet.read(Path(analogies))
+        analogy_loss = AnalogyOffsetLoss(
+            analogy_set, dataset, spec.analogy_weight, train.batch_size
+        )
     out, live = Path(out), Path(live)
     shutil.rmtree(live / SEEDS, ignore_errors=True)  # no stale seed from an earlier run
     configs, curves = {}, {}
@@ -68,7 +90,8 @@ def run(params: Sections, run_name: str, directions: Path, out: Path, live: Path
             dataset.embedding_rows,
         )
         with open_live(live / SEEDS / str(seed)) as seed_live:
-            result = fit(model, dataset, train, seed, partial(log_row, seed_live, step="epoch"))
+            logger = partial(log_row, seed_live, step="epoch")
+            result = fit(model, dataset, train, seed, logger, analogy_loss)
         config = checkpoint_config(run_name, spec, dataset, model, result, params) | {"seed": seed}
         save_checkpoint(seed_folder(out, seed), model.state_dict(), config)
         configs[seed], curves[seed] = config, result.curves
@@ -150,7 +173,13 @@ def command(
         Path, typer.Option(help="dvclive folder: mean curves over seeds, seeds/<seed>/ each.")
     ],
     params: Annotated[Path, typer.Option(help="Params file; its `distill` section.")] = PARAMS,
+    analogies: Annotated[
+        Path | None,
+        typer.Option(help="Analogy set (stage `analogies`), for a run with analogy_weight > 0."),
+    ] = None,
 ) -> None:
     """Train a distill.runs entry once per seed on cached directions, best epoch on val."""
-    summary = _run_stage(load_params(params, distill=DistillParams), run, directions, out, live)
+    summary = _run_stage(
+        load_params(params, distill=DistillParams), run, directions, out, live, analogies
+    )
     typer.echo(f"distill {run}: {json.dumps(summary)} -> {out}")

@@ -1,6 +1,6 @@
 """Stage `evaluate`: reads data/directions, every data/distill/<run> and its dvclive curves; writes metrics JSON, the markdown table, the val-curves PNG.
 
-Command: python -m pipeline.cli evaluate --params params.yaml --directions data/directions --distill data/distill --live metrics/live/distill --metrics metrics/distill.json --table metrics/comparison.md --plot metrics/plots/distill_val_curves.png
+Command: python -m pipeline.cli evaluate --params params.yaml --directions data/directions --distill data/distill --live metrics/live/distill --analogies data/analogies/analogies.parquet --metrics metrics/distill.json --table metrics/comparison.md --plot metrics/plots/distill_val_curves.png
 
 Reads the `distill` and `evaluate` sections of params.yaml, the directions folder
 (layer `distill.train.layer`), `<distill>/<run>/{config.json,seeds/<seed>/}` and the
@@ -16,6 +16,16 @@ student's control; all deterministic: no seeds), `counts`, and
 `summary` (the branch's headline next to its control: `comparison.summary`). The table's
 title names the teacher, its layer and the split, and says when the teacher has random
 weights (the directions manifest's `teacher_caveat`).
+
+With `--analogies` (stage `analogies`), every row's predictions of all splits form its
+space, one vector per concept, and the teacher's directions form the reference space;
+each answers the val and test analogies by 3CosAdd and by the only-c control
+(`pipeline.concepts.analogy_set`): per row `analogy_<split>_<3cosadd|only_c>` (mean over
+seeds, test t-intervals `..._ci95_low` / `_high`, each seed's in `seeds`), and the block
+`analogies` (`num_concepts`, `counts` per relation and split, `teacher` scores with
+`relations`, `relations` per row, `twins`: each analogy_weight > 0 run's weight-0 twin);
+the table gains the Test 3CosAdd / only-c columns and `comparison.analogy_section`, and
+`summary` the entries of `comparison.analogy_summary`.
 """  # noqa: E501
 
 from __future__ import annotations
@@ -35,10 +45,15 @@ from pipeline.common.live import read_metric
 from pipeline.common.params import Sections, load_params
 from pipeline.common.pictures import Panel, line_panels
 from pipeline.common.splits import SPLITS
+from pipeline.concepts.analogy_set import AnalogySet, analogy_scores, space
 from pipeline.concepts.comparison import (
+    ANALOGY_METHODS,
+    ANALOGY_PREFIX,
     CHAR_BASELINE,
     Row,
     TeacherFacts,
+    analogy_summary,
+    analogy_twins,
     comparison_table,
     run_label,
     summary,
@@ -80,13 +95,18 @@ def run(
     metrics: Path,
     table: Path,
     plot: Path,
+    analogies: Path | None = None,
 ) -> dict[str, Any]:
-    """Evaluate all runs and baselines; write metrics JSON, table and plot; return the metrics."""
+    """Evaluate all runs and baselines; write metrics JSON, table and plot; return the
+    metrics. With `analogies` (the analogy set), every row's predicted space and the
+    teacher's direction space also answer the val and test analogies."""
     folders = _run_folders(distill, list(params.distill.runs))
     data = DirectionSet(directions, params.distill.train.layer)
     splits = {split: data.load_split(split) for split in SPLITS}
     if splits["train"][0].numel() == 0:
         raise ValueError(f"{directions}: the train split is empty; baselines need train concepts")
+    analogy_set = None if analogies is None else AnalogySet.read(analogies)
+    relations: dict[str, Any] = {}
     seen = token_coverage(data.offsets, data.flat_tokens, splits["train"][0])[splits["test"][0]]
     ks = params.evaluate.retrieval_k
     results: dict[str, Any] = {}
@@ -99,6 +119,10 @@ def run(
             per_seed[str(seed)] = _score(preds, splits, seen, ks) | {
                 "best_epoch": config.get("best_epoch")
             }
+            if analogy_set is not None:
+                flat, per_relation = _analogy_scores(data, preds, splits, analogy_set)
+                per_seed[str(seed)] |= flat
+                relations.setdefault(name, []).append(per_relation)
         scores = mean_over_seeds(
             [{k: v for k, v in m.items() if k != "best_epoch"} for m in per_seed.values()]
         )
@@ -113,8 +137,9 @@ def run(
                 "num_seeds": len(per_seed),
                 "test_cos_ci95_low": None if interval is None else interval[0],
                 "test_cos_ci95_high": None if interval is None else interval[1],
-                "seeds": per_seed,
             }
+            | (_analogy_intervals(per_seed) if analogy_set is not None else {})
+            | {"seeds": per_seed}
         )
         frozen = config["approach"] in FROZEN_APPROACHES
         run_params = params.distill.runs[name]
@@ -122,6 +147,10 @@ def run(
         curves[name] = read_metric(Path(live) / name, VAL_CURVE)
     for name, (label, preds, frozen) in _baselines(data, splits, params.evaluate).items():
         results[name] = _score(preds, splits, seen, ks)
+        if analogy_set is not None:
+            flat, per_relation = _analogy_scores(data, preds, splits, analogy_set)
+            results[name] |= flat
+            relations[name] = [per_relation]
         rows.append(Row(name, label, results[name], frozen))
     results["counts"] = {split: int(ids.numel()) for split, (ids, _) in splits.items()}
     results["counts"] |= {"test_seen": int(seen.sum()), "test_unseen": int((~seen).sum())}
@@ -131,8 +160,23 @@ def run(
     teacher = TeacherFacts(extra["model"], data.layer, extra["pooling"], extra["teacher_caveat"])
     rows = _unique_labels(rows)
     results["summary"] = summary(rows, split_by, teacher)
+    block = None
+    if analogy_set is not None:
+        teacher_space = {split: dirs for split, (_, dirs) in splits.items()}
+        teacher_scores = analogy_scores(
+            space(data.num_concepts, teacher_space, _ids(splits)), analogy_set
+        )
+        block = {
+            "num_concepts": data.num_concepts,
+            "counts": analogy_set.counts(),
+            "teacher": teacher_scores,
+            "relations": {name: _mean_relations(per) for name, per in relations.items()},
+            "twins": analogy_twins(params.distill.runs),
+        }
+        results["analogies"] = block
+        results["summary"] += analogy_summary(rows, block, teacher)
     write_json(metrics, results)
-    write_text(table, comparison_table(rows, ks, split_by, teacher))
+    write_text(table, comparison_table(rows, ks, split_by, teacher, block))
     knn_val = results["baseline_knn"]["val_cos"]
     plot_val_curves(curves, plot, {"kNN baseline": knn_val} if knn_val is not None else None)
     return results
@@ -140,6 +184,37 @@ def run(
 
 def _score(preds: dict[str, Tensor], splits: Splits, seen: Tensor, ks: tuple[int, ...]) -> dict:
     return split_metrics(preds, {split: dirs for split, (_, dirs) in splits.items()}, seen, ks)
+
+
+def _ids(splits: Splits) -> dict[str, Tensor]:
+    return {split: ids for split, (ids, _) in splits.items()}
+
+
+def _analogy_scores(
+    data: DirectionSet, preds: dict[str, Tensor], splits: Splits, analogy_set: AnalogySet
+) -> tuple[dict[str, float | None], dict[str, Any]]:
+    """(flat `analogy_<split>_<method>` scores, per-relation scores) of one predicted space:
+    the row's predictions of every split, one row per concept id."""
+    scores = analogy_scores(space(data.num_concepts, preds, _ids(splits)), analogy_set)
+    per_relation = scores.pop("relations")
+    return {f"{ANALOGY_PREFIX}{key}": value for key, value in scores.items()}, per_relation
+
+
+def _analogy_intervals(per_seed: dict[str, dict]) -> dict[str, float | None]:
+    """The 95% t-interval over seeds of each test analogy accuracy (None with one seed)."""
+    out = {}
+    for method in ANALOGY_METHODS:
+        key = f"{ANALOGY_PREFIX}test_{method}"
+        values = [m[key] for m in per_seed.values()]
+        span = None if any(v is None for v in values) else t_interval(values)
+        out[f"{key}_ci95_low"] = None if span is None else span[0]
+        out[f"{key}_ci95_high"] = None if span is None else span[1]
+    return out
+
+
+def _mean_relations(per_seed: list[dict[str, dict]]) -> dict[str, dict]:
+    """relation -> its scores, mean over seeds."""
+    return {r: mean_over_seeds([seed[r] for seed in per_seed]) for r in per_seed[0]}
 
 
 def _run_folders(distill: Path, names: list[str]) -> dict[str, Path]:
@@ -231,6 +306,9 @@ def command(
     table: Annotated[Path, typer.Option(help="Markdown comparison table to write.")],
     plot: Annotated[Path, typer.Option(help="PNG of every run's val cos_sim per epoch.")],
     params: Annotated[Path, typer.Option(help="Params file; `distill` and `evaluate`.")] = PARAMS,
+    analogies: Annotated[
+        Path | None, typer.Option(help="Analogy set (stage `analogies`) to score every space on.")
+    ] = None,
 ) -> None:
     """Score every distill run and the train-mean / kNN baselines; write metrics, table, plot."""
     results = run(
@@ -241,7 +319,8 @@ def command(
         metrics,
         table,
         plot,
+        analogies,
     )
-    runs = [name for name in results if name not in ("counts", "summary")]
+    runs = [name for name in results if name not in ("counts", "summary", "analogies")]
     best = max(runs, key=lambda name: results[name]["test_cos"] or float("-inf"))
     typer.echo(f"evaluate: {len(runs)} rows, best test cos {results[best]['test_cos']} ({best})")

@@ -1,4 +1,5 @@
-"""Params of the concept-direction branch: sections `directions`, `distill`, `evaluate`."""
+"""Params of the concept-direction branch: sections `directions`, `distill`, `evaluate`,
+`analogies`."""
 
 from __future__ import annotations
 
@@ -112,6 +113,9 @@ class RunParams:
     """Output channels of each of the two byte convolutions (`char_cnn` only)."""
     kernel_size: int | None = None
     """Bytes each convolution sees (`char_cnn` only)."""
+    analogy_weight: float = 0.0
+    """Weight of the auxiliary analogy-offset loss on train analogies
+    (`pipeline.concepts.training.AnalogyOffsetLoss`); 0 trains exactly as without it."""
 
     NEEDS: ClassVar = {
         "trainable": ("embed_dim", "hidden_dim"),
@@ -125,6 +129,8 @@ class RunParams:
     def __post_init__(self) -> None:
         if self.approach not in self.NEEDS:
             raise ValueError(f"approach must be one of {list(self.NEEDS)}, got {self.approach!r}")
+        if self.analogy_weight < 0:
+            raise ValueError(f"analogy_weight must be >= 0, got {self.analogy_weight}")
         for name in ("embed_dim", "hidden_dim", "channels", "kernel_size"):
             value = getattr(self, name)
             if name in self.NEEDS[self.approach]:
@@ -180,6 +186,39 @@ class EvaluateParams:
         for alpha in self.ridge_alphas:
             if alpha <= 0:
                 raise ValueError(f"evaluate.ridge_alphas must be > 0, got {alpha}")
+
+
+Suffix = Literal["s", "ed", "ing", "er", "est", "ly"]
+WordnetRelation = Literal["antonym", "derivation"]
+
+
+@dataclass(frozen=True)
+class AnalogiesParams:
+    """Section `analogies`: the analogy set a:b::c:d built from the word list."""
+
+    suffixes: tuple[Suffix, ...] = ("s", "ed", "ing", "er", "est", "ly")
+    """Suffix rules, one relation each (`+ed`: walk:walked), with the usual spelling
+    rules (e-drop, consonant doubling, y -> i); `er`/`est` are the comparative and
+    superlative of adjectives: a base counts only with both forms in the word list."""
+    wordnet: tuple[WordnetRelation, ...] = ("antonym", "derivation")
+    """WordNet relations (`antonym`; `derivation`: verb -> derivationally related noun),
+    used when the word list comes from NLTK (`wordlist.source: nltk`), skipped with a
+    message for wordfreq."""
+    min_base_length: int = 3
+    """Shortest base word a suffix rule starts from (so "bed" is never "b" + "ed")."""
+    max_per_relation: int = 2000
+    """Cap on analogies per relation: a seeded sample of the ordered pairs of pairs."""
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        positive("analogies.min_base_length", self.min_base_length)
+        positive("analogies.max_per_relation", self.max_per_relation)
+        for key in ("suffixes", "wordnet"):
+            values = getattr(self, key)
+            if len(set(values)) != len(values):
+                raise ValueError(f"analogies.{key} repeats an entry: {list(values)}")
+        if not self.suffixes and not self.wordnet:
+            raise ValueError("analogies.suffixes and analogies.wordnet are both empty")
 
 
 def template_parts(template: str) -> tuple[str, int]:

@@ -10,6 +10,7 @@ not drift, and an empty subset gives `None` (written as JSON `null`), never NaN.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch

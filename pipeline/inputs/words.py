@@ -243,6 +243,22 @@ def _offline_message(folder: Path, package: str, cause: object) -> str:
     )
 
 
+@contextlib.contextmanager
+def open_wordnet(folder: Path) -> Iterator[Any]:
+    """A WordNet reader over the corpus already under `folder` (never downloads);
+    FileNotFoundError naming the folder when it is not there."""
+    from nltk.corpus.reader import WordNetCorpusReader
+
+    folder = Path(folder)
+    if not _has_nltk(folder, "wordnet"):
+        raise FileNotFoundError(
+            f"WordNet not found under {folder}/corpora: stage `wordlist` with "
+            "`wordlist.source: nltk` downloads it there"
+        )
+    with _nltk_root(folder):
+        yield WordNetCorpusReader(_find_nltk(folder, "wordnet"), None)
+
+
 def _find_nltk(folder: Path, package: str) -> Any:
     import nltk
 

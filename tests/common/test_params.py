@@ -43,6 +43,8 @@ SEED_RUNS = {
 ISSUE_13_RUNS = {
     "char_cnn_c64": RunParams("char_cnn", embed_dim=16, channels=64, kernel_size=3, hidden_dim=256),
     "distilled_e64_h256": RunParams("distilled", embed_dim=64, hidden_dim=256),
+    # frozen_h256's twin with the auxiliary analogy-offset loss.
+    "frozen_h256_analogy": RunParams("frozen_mlp", hidden_dim=256, analogy_weight=1.0),
 }
 # Knobs that cannot change a stage's result, so dvc.yaml leaves them out of its params.
 NOT_DEPS = {"directions": {"batch_size", "device", "padding_side"}, "distill.train": {"device"}}
