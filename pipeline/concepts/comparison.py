@@ -14,9 +14,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
+from pipeline.common.intervals import t_interval
 from pipeline.common.tables import MISSING, markdown_table
 from pipeline.concepts.params import RunParams
-from pipeline.concepts.scores import t_interval
 
 FOOTNOTE = "\\* needs the teacher's embedding table at inference"
 CHAR_BASELINE = "baseline_char_ngrams"

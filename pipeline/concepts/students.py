@@ -269,7 +269,8 @@ def load_student(folder: Path, directions: DirectionSet) -> tuple[nn.Module, dic
         )
     _check_matches(config, directions, folder / CONFIG)
     try:
-        run = RunParams(**{f.name: config.get(f.name) for f in fields(RunParams)})
+        # A key the config lacks keeps its default (a config older than the key).
+        run = RunParams(**{f.name: config[f.name] for f in fields(RunParams) if f.name in config})
     except ValueError as err:
         raise ValueError(f"{folder / CONFIG}: {err}") from err
     model = build_model(
