@@ -32,6 +32,8 @@ STAGES = {
     "directions": "pipeline.concepts.directions",
     "distill": "pipeline.concepts.distill",
     "evaluate": "pipeline.concepts.evaluate",
+    "multilayer": "pipeline.concepts.multilayer",
+    "inverse": "pipeline.concepts.inverse",
     "corpus": "pipeline.inputs.corpus",
     "trajectories": "pipeline.kv_sidecar.trajectories",
     "sidecar": "pipeline.kv_sidecar.sidecar",

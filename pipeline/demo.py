@@ -122,7 +122,15 @@ def offline_env() -> dict[str, str]:
 
 
 # The result tables of each branch, in the order the demo prints them; the summary last.
-TABLES = ("comparison.md", "sidecar.md", "sae.md", "steering.md", "summary.md")
+TABLES = (
+    "comparison.md",
+    "multilayer.md",
+    "inverse.md",
+    "sidecar.md",
+    "sae.md",
+    "steering.md",
+    "summary.md",
+)
 # The concept branch's second split, as a DVC experiment (see the module docstring).
 EXPERIMENT = "split-by-stem"
 EXPERIMENT_PARAM = "wordlist.split_by=stem"

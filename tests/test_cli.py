@@ -23,6 +23,8 @@ OPTIONS = {
     "evaluate": [
         *("--directions", "--distill", "--live", "--metrics", "--table", "--plot", "--params"),
     ],
+    "multilayer": ["--directions", "--metrics", "--table", "--params"],
+    "inverse": ["--directions", "--metrics", "--table", "--params"],
     "corpus": ["--out", "--metrics", "--params"],
     "trajectories": ["--corpus", "--out", "--params"],
     "sidecar": [

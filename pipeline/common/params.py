@@ -42,6 +42,8 @@ SECTIONS = {
     "directions": "pipeline.concepts.params:DirectionsParams",
     "distill": "pipeline.concepts.params:DistillParams",
     "evaluate": "pipeline.concepts.params:EvaluateParams",
+    "multilayer": "pipeline.concepts.params:MultilayerParams",
+    "inverse": "pipeline.concepts.params:InverseParams",
     "trajectories": "pipeline.kv_sidecar.params:TrajectoriesParams",
     "sidecar": "pipeline.kv_sidecar.params:SidecarParams",
     "activations": "pipeline.sparse_autoencoder.params:ActivationsParams",
