@@ -35,7 +35,7 @@ RUNS = {
 PAGES = {"summary", "report"}
 BRANCH_STAGES = {"corpus", "trajectories", "sidecar", "activations", "sae", "mcdata", "steering"}
 ALL_STAGES = (
-    {"params_check", "teachers", "wordlist", "directions", "evaluate"}
+    {"params_check", "teachers", "wordlist", "directions", "evaluate", "multilayer", "inverse"}
     | {f"distill@{n}" for n in RUNS}
     | BRANCH_STAGES
     | PAGES
@@ -49,6 +49,7 @@ def small_profile(path: Path) -> Path:
     params["distill"]["train"]["epochs"] = 3
     params["distill"]["train"]["seeds"] = [0, 1]
     params["distill"]["runs"] = RUNS
+    params["inverse"]["bootstrap_samples"] = 200
     # The other branches, shrunk to seconds.
     params["corpus"]["max_chunks"] = params["trajectories"]["max_chunks"] = 32
     params["activations"]["max_chunks"] = 32
@@ -124,7 +125,8 @@ def test_fresh_clone_trains_from_the_remote_without_re_extracting(repo, tmp_path
         "--allow-missing",
     )
     distill = {f"distill@{name}" for name in RUNS}
-    assert stages_run(out) == {"params_check"} | distill | {"evaluate"} | PAGES
+    # multilayer trains with distill.train's epochs too.
+    assert stages_run(out) == {"params_check"} | distill | {"evaluate", "multilayer"} | PAGES
     assert not (clone / "data" / ".scratch").exists()
     metrics = json.loads((clone / "metrics" / "distill.json").read_text())
     seeds = metrics["frozen_h64"]["seeds"]
@@ -180,7 +182,10 @@ def changed_stages(workspace: Path) -> set[str]:
     ("module", "expected"),
     [
         ("pipeline/kv_sidecar/losses.py", {"sidecar"}),
-        ("pipeline/concepts/students.py", {f"distill@{n}" for n in RUNS} | {"evaluate"}),
+        (
+            "pipeline/concepts/students.py",
+            {f"distill@{n}" for n in RUNS} | {"evaluate", "multilayer"},
+        ),
         ("pipeline/common/scratch.py", {"directions", "trajectories", "activations"}),
         ("pipeline/sparse_autoencoder/params.py", {"params_check", "activations", "sae"}),
     ],

@@ -187,7 +187,6 @@ def run(params: Sections, directions: Path, metrics: Path, table: Path) -> dict[
         },
         "seed_000": {"reconstruction_cos": SEED_RECONSTRUCTION, "forward_cos": SEED_FORWARD},
     }
-    results["verdict"] = verdict(results["reconstruction_cos"])
     extra = data.manifest.extra
     caveat = extra["teacher_caveat"] or None
     results["summary"] = summary(results, extra["model"], caveat)
@@ -307,7 +306,7 @@ def inverse_table(
         body,
         align="lrr",
     )
-    lines += ["", results["verdict"]]
+    lines += ["", verdict(results["reconstruction_cos"])]
     return "\n".join(lines) + "\n"
 
 
