@@ -11,6 +11,7 @@ Layout of a directions folder (all tensors safetensors, listed in manifest.json)
 
 direction = activation - train mean. Training streams shards through the bounded
 shuffle buffer of `pipeline/common/stream.py`, so a dump larger than memory still trains.
+`DirectionSet` reads one layer; `LayerStack` several at once (targets (R, L, D)).
 """
 
 from __future__ import annotations
