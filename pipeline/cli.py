@@ -33,6 +33,8 @@ STAGES = {
     "distill": "pipeline.concepts.distill",
     "evaluate": "pipeline.concepts.evaluate",
     "analogies": "pipeline.concepts.analogies",
+    "multilayer": "pipeline.concepts.multilayer",
+    "inverse": "pipeline.concepts.inverse",
     "corpus": "pipeline.inputs.corpus",
     "trajectories": "pipeline.kv_sidecar.trajectories",
     "sidecar": "pipeline.kv_sidecar.sidecar",

@@ -124,6 +124,8 @@ def offline_env() -> dict[str, str]:
 # The result tables of each branch, in the order the demo prints them; the summary last.
 TABLES = (
     "comparison.md",
+    "multilayer.md",
+    "inverse.md",
     "sidecar.md",
     "sae.md",
     "steering.md",

@@ -73,12 +73,14 @@ def make_direction_set(
     shard_rows: int = 64,
     seed: int = 0,
     texts: list[str] | None = None,
+    layer_maps: dict[int, torch.Tensor] | None = None,
 ) -> Path:
     """A directions folder whose targets are a known linear map of mean token embeddings.
 
     Concept i uses 1-3 tokens; direction = W @ mean(embedding rows) (+ a constant
     activation offset that the train mean removes), so a linear probe can fit it.
     Its text is `texts[i]`, by default one that spells its token ids (`concept_texts`).
+    `layer_maps` caches more layers: layer -> M (D, D), its activations are `layer`'s @ M.T.
     """
     gen = torch.Generator().manual_seed(seed)
     folder.mkdir(parents=True, exist_ok=True)
@@ -91,6 +93,8 @@ def make_direction_set(
         [table[flat[offsets[i] : offsets[i + 1]]].mean(0) for i in range(num_concepts)]
     )
     activations = pooled @ weight.T + 3.0  # (N, D)
+    layers = {layer: activations}
+    layers |= {extra: activations @ m.T for extra, m in (layer_maps or {}).items()}
     split = torch.randint(0, 3, (num_concepts,), generator=gen).to(torch.int8)
     split[: num_concepts // 2] = 0  # mostly train, like 70/15/15
     records = []
@@ -99,13 +103,16 @@ def make_direction_set(
         ids = torch.arange(start, stop)
         records.append(
             write_shard_rows(
-                folder / shard_name(index), ids, split[start:stop], {layer: activations[start:stop]}
+                folder / shard_name(index),
+                ids,
+                split[start:stop],
+                {key: values[start:stop] for key, values in layers.items()},
             )
         )
     used = torch.unique(flat)
     files = write_side_files(
         folder,
-        means={layer: activations[split == 0].mean(0)},
+        means={key: values[split == 0].mean(0) for key, values in layers.items()},
         embedding_token_ids=used,
         embedding_rows=table[used],
         offsets=offsets,
@@ -118,7 +125,7 @@ def make_direction_set(
         shards=records,
         files=files,
         extra={
-            "layers": [layer],
+            "layers": list(layers),
             "vocab_size": vocab_size,
             "hidden_size": dim,
             "embedding_dim": emb_dim,

@@ -24,6 +24,8 @@ OPTIONS = {
         *("--directions", "--distill", "--live", "--metrics", "--table", "--plot", "--params"),
         "--analogies",
     ],
+    "multilayer": ["--directions", "--metrics", "--table", "--params"],
+    "inverse": ["--directions", "--metrics", "--table", "--params"],
     "corpus": ["--out", "--metrics", "--params"],
     "trajectories": ["--corpus", "--out", "--params"],
     "sidecar": [

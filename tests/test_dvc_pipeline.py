@@ -38,7 +38,16 @@ BRANCH_STAGES = {
     "guided_lm",
 }
 ALL_STAGES = (
-    {"params_check", "teachers", "wordlist", "directions", "analogies", "evaluate"}
+    {
+        "params_check",
+        "teachers",
+        "wordlist",
+        "directions",
+        "analogies",
+        "evaluate",
+        "multilayer",
+        "inverse",
+    }
     | {f"distill@{n}" for n in RUNS}
     | BRANCH_STAGES
     | PAGES
@@ -52,6 +61,7 @@ def small_profile(path: Path) -> Path:
     params["distill"]["train"]["epochs"] = 3
     params["distill"]["train"]["seeds"] = [0, 1]
     params["distill"]["runs"] = RUNS
+    params["inverse"]["bootstrap_samples"] = 200
     # The other branches, shrunk to seconds.
     params["corpus"]["max_chunks"] = params["trajectories"]["max_chunks"] = 32
     params["activations"]["max_chunks"] = 32
@@ -128,7 +138,8 @@ def test_fresh_clone_trains_from_the_remote_without_re_extracting(repo, tmp_path
         "--allow-missing",
     )
     distill = {f"distill@{name}" for name in RUNS}
-    assert stages_run(out) == {"params_check"} | distill | {"evaluate"} | PAGES
+    # multilayer trains with distill.train's epochs too.
+    assert stages_run(out) == {"params_check"} | distill | {"evaluate", "multilayer"} | PAGES
     assert not (clone / "data" / ".scratch").exists()
     metrics = json.loads((clone / "metrics" / "distill.json").read_text())
     seeds = metrics["frozen_h64"]["seeds"]
@@ -184,7 +195,10 @@ def changed_stages(workspace: Path) -> set[str]:
     ("module", "expected"),
     [
         ("pipeline/kv_sidecar/losses.py", {"sidecar"}),
-        ("pipeline/concepts/students.py", {f"distill@{n}" for n in RUNS} | {"evaluate"}),
+        (
+            "pipeline/concepts/students.py",
+            {f"distill@{n}" for n in RUNS} | {"evaluate", "multilayer"},
+        ),
         ("pipeline/common/scratch.py", {"directions", "trajectories", "activations"}),
         ("pipeline/sparse_autoencoder/params.py", {"params_check", "activations", "sae"}),
     ],

@@ -194,7 +194,7 @@ def test_a_set_param_that_the_params_reject_fails_naming_the_key(tmp_path):
     real = PARAMS["real"]
     assert check_overrides(["distill.train.lr=1e-3,3e-4,1e-4"], real, tmp_path) == 3
     assert check_overrides(["sae.topk=null,50", "sae.l1_strength=0,1e-3"], real, tmp_path) == 4
-    # Layer 20 is not extracted in the real params (directions.layers: [14]).
+    # Layer 20 is not extracted in the real params (directions.layers: [7, 14, 21]).
     with pytest.raises(ValueError, match="distill.train.layer"):
         check_overrides(["distill.train.layer=20"], real, tmp_path)
     # A typo in a key: DVC's override grammar refuses a key the file does not have.

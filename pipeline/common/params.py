@@ -43,6 +43,8 @@ SECTIONS = {
     "distill": "pipeline.concepts.params:DistillParams",
     "evaluate": "pipeline.concepts.params:EvaluateParams",
     "analogies": "pipeline.concepts.params:AnalogiesParams",
+    "multilayer": "pipeline.concepts.params:MultilayerParams",
+    "inverse": "pipeline.concepts.params:InverseParams",
     "trajectories": "pipeline.kv_sidecar.params:TrajectoriesParams",
     "sidecar": "pipeline.kv_sidecar.params:SidecarParams",
     "activations": "pipeline.sparse_autoencoder.params:ActivationsParams",

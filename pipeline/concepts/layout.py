@@ -14,11 +14,12 @@ Layout of a directions folder (all tensors safetensors, listed in manifest.json)
 
 direction = activation - train mean. Training streams shards through the bounded
 shuffle buffer of `pipeline/common/stream.py`, so a dump larger than memory still trains.
+`DirectionSet` reads one layer; `LayerStack` several at once (targets (R, L, D)).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -146,6 +147,34 @@ class DirectionSet:
         shard = read_shard(self.folder, record, names, self.verify)
         keep = shard["split"] == SPLIT_CODES[split]
         return shard["concept_id"][keep], shard[layer_key(self.layer)][keep].float() - self.mean
+
+
+class LayerStack(DirectionSet):
+    """Several cached layers of a directions folder at once: each target row is (L, D),
+    the layers in `layers` order, each centred on its own train mean. Everything else
+    (tokens, embedding table, `batches`, `load_split`) is DirectionSet's, whose `layer`
+    here is `layers[0]`: batches stream targets (B, L, D), `load_split` gives (N, L, D).
+    """
+
+    def __init__(self, folder: Path, layers: Sequence[int], verify: bool = True):
+        super().__init__(folder, layers[0], verify)
+        self.layers = tuple(layers)
+        cached = self.manifest.extra["layers"]
+        missing = [layer for layer in self.layers if layer not in cached]
+        if missing:
+            raise ValueError(
+                f"{self.folder}: layers {missing} are not cached; it holds layers {cached}"
+            )
+        names = [layer_key(layer) for layer in self.layers]
+        means = read_shard(self.folder, self.manifest.files["mean"], names, verify)
+        self.means = torch.stack([means[name] for name in names])  # (L, D)
+
+    def _split_rows(self, record, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        names = [layer_key(layer) for layer in self.layers]
+        shard = read_shard(self.folder, record, ["concept_id", "split", *names], self.verify)
+        keep = shard["split"] == SPLIT_CODES[split]
+        stacked = torch.stack([shard[name][keep].float() for name in names], 1)  # (R, L, D)
+        return shard["concept_id"][keep], stacked - self.means
 
 
 def write_shard_rows(

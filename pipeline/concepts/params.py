@@ -1,5 +1,5 @@
 """Params of the concept-direction branch: sections `directions`, `distill`, `evaluate`,
-`analogies`."""
+`analogies`, `multilayer`, `inverse`."""
 
 from __future__ import annotations
 
@@ -219,6 +219,76 @@ class AnalogiesParams:
                 raise ValueError(f"analogies.{key} repeats an entry: {list(values)}")
         if not self.suffixes and not self.wordnet:
             raise ValueError("analogies.suffixes and analogies.wordnet are both empty")
+
+
+@dataclass(frozen=True)
+class MultilayerParams:
+    """Stage `multilayer`: one student with a shared trunk and one head per layer, against
+    one single-layer student per layer at equal parameters; both trained as `distill.train`
+    says (epochs, batch size, lr, weight decay, seeds, buffer)."""
+
+    hidden_dim: int = 256
+    """Width h of the shared trunk (frozen teacher rows -> mean -> Linear(E, h) -> GELU);
+    each layer's head is Linear(h, D). The single-layer students' width is derived."""
+    layers: tuple[int, ...] | None = None
+    """The layers the heads predict, at least two, each among directions.layers; null:
+    every cached layer."""
+
+    READS: ClassVar = ("directions",)
+
+    def __post_init__(self) -> None:
+        positive("multilayer.hidden_dim", self.hidden_dim)
+        if self.layers is not None:
+            layer_list("multilayer.layers", self.layers)
+
+    def heads(self, directions: DirectionsParams) -> tuple[int, ...]:
+        """The layers the student predicts, in head order."""
+        return self.layers if self.layers is not None else directions.layers
+
+    def check(self, params: Sections) -> None:
+        """Explicit layers must be cached. Fewer than two heads is the stage's error, not
+        the file's: a one-layer directions dump is valid for every other stage."""
+        cached = list(params.directions.layers)
+        unknown = [layer for layer in self.heads(params.directions) if layer not in cached]
+        if unknown:
+            raise ValueError(
+                f"multilayer.layers={list(self.layers)} holds {unknown}, not cached: "
+                f"directions.layers is {cached}"
+            )
+
+
+@dataclass(frozen=True)
+class InverseParams:
+    """Stage `inverse`: least squares direction -> the concept's input embedding (seed 000's
+    negative result), next to the forward fit and a train-mean control."""
+
+    layer: int | None = None
+    """The cached layer whose directions are inverted, one of directions.layers; null:
+    distill.train.layer."""
+    ridge: float = 0.0
+    """L2 penalty of both least-squares fits (0: plain least squares); never on the
+    intercept."""
+    bootstrap_samples: int = 2000
+    """Resamples of the test concepts for every 95% interval."""
+    seed: int = 0
+    """Seed of the bootstrap resampling."""
+
+    READS: ClassVar = ("directions", "distill")
+
+    def __post_init__(self) -> None:
+        if self.ridge < 0:
+            raise ValueError(f"inverse.ridge must be >= 0, got {self.ridge}")
+        positive("inverse.bootstrap_samples", self.bootstrap_samples)
+
+    def inverted_layer(self, distill: DistillParams) -> int:
+        return self.layer if self.layer is not None else distill.train.layer
+
+    def check(self, params: Sections) -> None:
+        if self.layer is not None and self.layer not in params.directions.layers:
+            raise ValueError(
+                f"inverse.layer={self.layer} is not cached: "
+                f"directions.layers is {list(params.directions.layers)}"
+            )
 
 
 def template_parts(template: str) -> tuple[str, int]:

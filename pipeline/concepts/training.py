@@ -6,6 +6,10 @@ epoch and keeps the best-on-val weights (seed 000 reports the best checkpoint).
     torch.manual_seed(seed)
     model = build_model(...)
     result = fit(model, DirectionSet(folder, train.layer), train, seed)
+
+With a `LayerStack` (targets (B, L, D)) and a model that predicts (B, L, D), the same loop
+trains on the mean of the per-layer cosine losses and picks the epoch by the mean of the
+per-layer val cosines (stage `multilayer`).
 """
 
 from __future__ import annotations
@@ -75,15 +79,17 @@ def train_epoch(
 
 @torch.no_grad()
 def evaluate_cos(model: nn.Module, directions: DirectionSet, split: str, batch_size: int) -> float:
-    """Mean cosine over every row of `split`, streamed in order."""
+    """Mean cosine over every row of `split`, streamed in order; over every (row, layer)
+    for targets (B, L, D) of a `LayerStack`, i.e. the mean of the per-layer means."""
     model.eval()
     device = _model_device(model)
     total, rows = 0.0, 0
     # buffer_rows=batch_size: without shuffling a larger buffer buys nothing.
     for batch in directions.batches(split, batch_size, batch_size, shuffle=False):
-        pred = forward_concepts(model, directions, batch.concept_id)  # (B, D)
-        total += cosine_similarity_rows(pred, batch.target.to(device)).sum().item()
-        rows += batch.target.shape[0]
+        pred = forward_concepts(model, directions, batch.concept_id)  # (B, D) or (B, L, D)
+        cos = cosine_similarity_rows(pred, batch.target.to(device))  # (B,) or (B, L)
+        total += cos.sum().item()
+        rows += cos.numel()
     if rows == 0:
         raise ValueError(f"{directions.folder}: the {split} split has no rows to evaluate")
     return total / rows

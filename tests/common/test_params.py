@@ -97,7 +97,7 @@ def test_real_params_are_the_seed_000_experiment():
     directions = params.directions
     assert directions.model == "Qwen/Qwen3-0.6B"
     assert directions.revision == "main"
-    assert directions.layers == (14,)
+    assert directions.layers == (7, 14, 21)
     assert directions.templates == ("{concept}", "The word: {concept}")
     assert (directions.pooling, directions.compute_dtype, directions.storage_dtype) == (
         "last",
