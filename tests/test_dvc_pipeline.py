@@ -31,6 +31,9 @@ RUNS = {
 }
 
 
+# The runs with the auxiliary analogy loss: the profile's own (a stage of their own).
+AUX_RUNS = yaml.safe_load((ROOT / PROFILE).read_text())["distill"]["analogy_runs"]
+AUX_STAGES = {f"distill_analogy@{n}" for n in AUX_RUNS}
 # The pages over every branch: they re-run whenever a branch's results change.
 PAGES = {"summary", "report"}
 BRANCH_STAGES = {
@@ -49,6 +52,7 @@ ALL_STAGES = (
         "inverse",
     }
     | {f"distill@{n}" for n in RUNS}
+    | AUX_STAGES
     | BRANCH_STAGES
     | PAGES
 )
@@ -139,7 +143,9 @@ def test_fresh_clone_trains_from_the_remote_without_re_extracting(repo, tmp_path
     )
     distill = {f"distill@{name}" for name in RUNS}
     # multilayer trains with distill.train's epochs too.
-    assert stages_run(out) == {"params_check"} | distill | {"evaluate", "multilayer"} | PAGES
+    assert stages_run(out) == (
+        {"params_check"} | distill | AUX_STAGES | {"evaluate", "multilayer"} | PAGES
+    )
     assert not (clone / "data" / ".scratch").exists()
     metrics = json.loads((clone / "metrics" / "distill.json").read_text())
     seeds = metrics["frozen_h64"]["seeds"]
@@ -166,6 +172,12 @@ def test_one_param_experiment_reruns_only_its_branch(repo):
         < changed["frozen_h64.trainable_params"]["old"]
     )
     assert not any(key.startswith("linear_probe.") for key in changed), "other runs must not move"
+
+
+def test_an_analogy_set_edit_reruns_only_the_runs_with_the_analogy_loss(repo):
+    assert AUX_STAGES, "the profile trains a run with the auxiliary analogy loss"
+    out = dvc(repo, "exp", "run", "-S", "analogies.max_per_relation=5")
+    assert stages_run(out) == {"params_check", "analogies", "evaluate"} | AUX_STAGES | PAGES
 
 
 def test_branch_params_rerun_only_their_own_stage(repo):
@@ -197,7 +209,7 @@ def changed_stages(workspace: Path) -> set[str]:
         ("pipeline/kv_sidecar/losses.py", {"sidecar"}),
         (
             "pipeline/concepts/students.py",
-            {f"distill@{n}" for n in RUNS} | {"evaluate", "multilayer"},
+            {f"distill@{n}" for n in RUNS} | AUX_STAGES | {"evaluate", "multilayer"},
         ),
         ("pipeline/common/scratch.py", {"directions", "trajectories", "activations"}),
         ("pipeline/sparse_autoencoder/params.py", {"params_check", "activations", "sae"}),

@@ -11,7 +11,9 @@ from pipeline.demo import PROFILE, ROOT
 from pipeline.guided_lm.report import column
 
 SPEC = yaml.safe_load((ROOT / "dvc.yaml").read_text())
-RUNS = yaml.safe_load((ROOT / "params.yaml").read_text())["distill"]["runs"]
+DISTILL = yaml.safe_load((ROOT / "params.yaml").read_text())["distill"]
+FOREACH = {"${distill.runs}": DISTILL["runs"], "${distill.analogy_runs}": DISTILL["analogy_runs"]}
+"""Each foreach stage of dvc.yaml -> the dict of runs it expands over."""
 TABLE_CURVES = {"metrics/plots/guided_lm_data_efficiency.tsv"}
 """Charted files a stage writes itself (a table of points, not a dvclive curve)."""
 
@@ -21,7 +23,7 @@ def declared(section: str) -> dict[str, str]:
     found = {}
     for name, stage in SPEC["stages"].items():
         body = stage.get("do", stage)
-        keys = RUNS if "foreach" in stage else [None]
+        keys = FOREACH[stage["foreach"]] if "foreach" in stage else [None]
         for entry in body.get(section, []):
             path = entry if isinstance(entry, str) else next(iter(entry))
             for key in keys:
@@ -61,7 +63,8 @@ def test_the_distill_overlay_names_each_run_of_both_profiles():
     (title,) = [t for t in charted() if t.startswith("distill")]
     files = charted()[title]
     for profile in (ROOT / "params.yaml", ROOT / PROFILE):
-        runs = yaml.safe_load(profile.read_text())["distill"]["runs"]
+        distill = yaml.safe_load(profile.read_text())["distill"]
+        runs = [*distill["runs"], *distill["analogy_runs"]]
         expected = [f"metrics/live/distill/{run}/plots/metrics/val_cos.tsv" for run in runs]
         assert sorted(files) == sorted(expected), profile
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import ast
 import hashlib
+import re
 from functools import cache
 from pathlib import Path
 
@@ -135,6 +136,22 @@ def stage_modules() -> dict[str, str]:
     return dict(STAGES)
 
 
+COMMAND = re.compile(r"python -m pipeline\.cli (\w+)")
+
+
+def dvc_stage_modules(dvc_yaml: dict) -> dict[str, str]:
+    """DVC stage -> the module its `cmd` runs (`python -m pipeline.cli <command>`): one
+    command may back several stages (`distill` runs `distill@<run>` and
+    `distill_analogy@<run>`)."""
+    modules = stage_modules()
+    found = {}
+    for name, spec in dvc_yaml["stages"].items():
+        match = COMMAND.search(str((spec.get("do") or spec)["cmd"]))
+        if match is not None and match.group(1) in modules:
+            found[name] = modules[match.group(1)]
+    return found
+
+
 def dvc_stage_deps(dvc_yaml: dict, stage: str) -> list[str]:
     """The `deps` of `stage` in a parsed dvc.yaml (inside `do:` for a foreach stage)."""
     spec = dvc_yaml["stages"][stage]
@@ -144,10 +161,11 @@ def dvc_stage_deps(dvc_yaml: dict, stage: str) -> list[str]:
 def code_deps_drift(dvc_yaml: dict, root: Path = ROOT) -> list[str]:
     """One line per stage whose listed code deps differ from its import closure."""
     problems = []
+    run = dvc_stage_modules(dvc_yaml)
     for stage, module in stage_modules().items():
-        if stage not in dvc_yaml["stages"]:
+        if module not in run.values():
             problems.append(f"stage {stage!r} ({module}) is missing from dvc.yaml")
-            continue
+    for stage, module in run.items():
         listed = {d for d in dvc_stage_deps(dvc_yaml, stage) if d.endswith(".py")}
         closure = set(stage_closure(module, root))
         for name in sorted(closure - listed):
@@ -166,7 +184,7 @@ def write_code_deps(path: Path, root: Path = ROOT) -> None:
     yaml.width = 100
     yaml.indent(mapping=2, sequence=4, offset=2)
     data = yaml.load(path.read_text())
-    for stage, module in stage_modules().items():
+    for stage, module in dvc_stage_modules(data).items():
         spec = data["stages"][stage]
         spec = spec.get("do") or spec
         deps = spec["deps"]

@@ -451,7 +451,7 @@ def analogy_section(rows: Sequence[Row], analogies: dict[str, Any]) -> list[str]
     if pairs:
         lines += [
             "",
-            "Auxiliary analogy loss (distill.runs.<run>.analogy_weight) against its twin "
+            "Auxiliary analogy loss (distill.analogy_runs.<run>.analogy_weight) against its twin "
             "(the same run at weight 0), mean over seeds [95% t-interval]:",
             "",
         ]

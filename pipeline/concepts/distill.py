@@ -70,7 +70,7 @@ def run(
     if spec.analogy_weight > 0:
         if analogies is None:
             raise ValueError(
-                f"distill.runs.{run_name}.analogy_weight={spec.analogy_weight} needs the "
+                f"distill.analogy_runs.{run_name}.analogy_weight={spec.analogy_weight} needs the "
                 "analogy set (--analogies data/analogies/analogies.parquet)"
             )
         analogy_set = AnalogySet.read(Path(analogies))
@@ -120,9 +120,12 @@ _run_stage = run
 
 
 def run_spec(params: Sections, run_name: str) -> RunParams:
-    runs = params.distill.runs
+    runs = params.distill.all_runs
     if run_name not in runs:
-        raise ValueError(f"unknown distill run {run_name!r}; distill.runs holds {sorted(runs)}")
+        raise ValueError(
+            f"unknown distill run {run_name!r}; distill.runs and distill.analogy_runs hold "
+            f"{sorted(runs)}"
+        )
     return runs[run_name]
 
 

@@ -100,7 +100,7 @@ def run(
     """Evaluate all runs and baselines; write metrics JSON, table and plot; return the
     metrics. With `analogies` (the analogy set), every row's predicted space and the
     teacher's direction space also answer the val and test analogies."""
-    folders = _run_folders(distill, list(params.distill.runs))
+    folders = _run_folders(distill, list(params.distill.all_runs))
     data = DirectionSet(directions, params.distill.train.layer)
     splits = {split: data.load_split(split) for split in SPLITS}
     if splits["train"][0].numel() == 0:
@@ -142,7 +142,7 @@ def run(
             | {"seeds": per_seed}
         )
         frozen = config["approach"] in FROZEN_APPROACHES
-        run_params = params.distill.runs[name]
+        run_params = params.distill.all_runs[name]
         rows.append(Row(name, run_label(run_params), results[name], frozen, run_params.approach))
         curves[name] = read_metric(Path(live) / name, VAL_CURVE)
     for name, (label, preds, frozen) in _baselines(data, splits, params.evaluate).items():
@@ -171,7 +171,7 @@ def run(
             "counts": analogy_set.counts(),
             "teacher": teacher_scores,
             "relations": {name: _mean_relations(per) for name, per in relations.items()},
-            "twins": analogy_twins(params.distill.runs),
+            "twins": analogy_twins(params.distill.all_runs),
         }
         results["analogies"] = block
         results["summary"] += analogy_summary(rows, block, teacher)

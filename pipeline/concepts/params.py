@@ -148,10 +148,38 @@ class DistillParams:
 
     train: TrainParams = field(default_factory=TrainParams)
     runs: dict[str, RunParams] = field(default_factory=lambda: _seed_runs())
+    analogy_runs: dict[str, RunParams] = field(default_factory=dict)
+    """Runs with the auxiliary analogy loss (`analogy_weight` > 0). They are a stage of
+    their own (`distill_analogy@<run>`), the only one that depends on the analogy set, so
+    a change of the set re-runs them and no run of `runs`."""
 
     def __post_init__(self) -> None:
         if not self.runs:
             raise ValueError("distill.runs is empty: give at least one run")
+        for name, run in self.runs.items():
+            if run.analogy_weight > 0:
+                raise ValueError(
+                    f"distill.runs.{name}.analogy_weight={run.analogy_weight}: a run with the "
+                    f"auxiliary analogy loss goes under distill.analogy_runs (its stage alone "
+                    "depends on the analogy set)"
+                )
+        for name, run in self.analogy_runs.items():
+            if run.analogy_weight <= 0:
+                raise ValueError(
+                    f"distill.analogy_runs.{name}.analogy_weight must be > 0, got "
+                    f"{run.analogy_weight} (a run without the loss goes under distill.runs)"
+                )
+        shared = sorted(set(self.runs) & set(self.analogy_runs))
+        if shared:
+            raise ValueError(
+                f"distill.runs and distill.analogy_runs both name {shared}: a run's name is "
+                "its folder, so each must be unique"
+            )
+
+    @property
+    def all_runs(self) -> dict[str, RunParams]:
+        """Every trained row of the comparison table: `runs`, then `analogy_runs`."""
+        return self.runs | self.analogy_runs
 
     def check(self, params: Sections) -> None:
         if self.train.layer not in params.directions.layers:

@@ -43,6 +43,8 @@ SEED_RUNS = {
 ISSUE_13_RUNS = {
     "char_cnn_c64": RunParams("char_cnn", embed_dim=16, channels=64, kernel_size=3, hidden_dim=256),
     "distilled_e64_h256": RunParams("distilled", embed_dim=64, hidden_dim=256),
+}
+ANALOGY_RUNS = {
     # frozen_h256's twin with the auxiliary analogy-offset loss.
     "frozen_h256_analogy": RunParams("frozen_mlp", hidden_dim=256, analogy_weight=1.0),
 }
@@ -118,6 +120,7 @@ def test_real_params_are_the_seed_000_experiment():
     assert isinstance(params.distill.train.lr, float)
     assert list(params.distill.runs) == [*SEED_RUNS, *ISSUE_13_RUNS]
     assert params.distill.runs == SEED_RUNS | ISSUE_13_RUNS
+    assert params.distill.analogy_runs == ANALOGY_RUNS
     assert params.evaluate == EvaluateParams(
         knn_k=10, retrieval_k=(1, 10), char_ngrams=(1, 4), ridge_alphas=(1.0, 10.0, 100.0, 1000.0)
     )
@@ -151,8 +154,9 @@ def test_real_and_tiny_files_have_the_same_keys():
 
 def test_params_yaml_spells_out_every_field():
     """No field silently falls back to its dataclass default in the real experiment."""
-    raw = dotted_keys(yaml.safe_load(REAL.read_text()), leaves=("distill.runs",))
-    fields = dotted_keys(to_dict(load_params(REAL)), leaves=("distill.runs",))
+    leaves = ("distill.runs", "distill.analogy_runs")
+    raw = dotted_keys(yaml.safe_load(REAL.read_text()), leaves=leaves)
+    fields = dotted_keys(to_dict(load_params(REAL)), leaves=leaves)
     assert raw == fields
 
 
@@ -163,7 +167,8 @@ def test_dvc_yaml_params_exist_and_cover_every_result_changing_field():
     for stage in stages.values():
         body = stage.get("do", stage)
         for key in body.get("params", []):
-            names = raw["distill"]["runs"] if "${key}" in key else [None]
+            runs = raw["distill"]["analogy_runs" if "analogy_runs" in key else "runs"]
+            names = runs if "${key}" in key else [None]
             listed |= {key.replace("${key}", str(name)) for name in names}
     for key in listed:
         node = raw

@@ -291,14 +291,13 @@ def test_aux_weight_zero_trains_bit_identically_and_a_positive_one_does_not(
     data = DirectionSet(direction_set, 2)
     path = data_analogies(tmp_path / "analogies", data)
     frozen = {"approach": "frozen_mlp", "hidden_dim": 8}
-    runs = {
-        "plain": frozen,
-        "zero": frozen | {"analogy_weight": 0.0},
-        "aux": frozen | {"analogy_weight": 1.0},
-    }
-    params = build_params(directions={"layers": [2]}, distill={"train": FAST, "runs": runs})
+    runs = {"plain": frozen, "zero": frozen | {"analogy_weight": 0.0}}
+    aux = {"aux": frozen | {"analogy_weight": 1.0}}
+    params = build_params(
+        directions={"layers": [2]}, distill={"train": FAST, "runs": runs, "analogy_runs": aux}
+    )
     weights = {}
-    for name in runs:
+    for name in [*runs, *aux]:
         out = tmp_path / name
         given = None if name == "plain" else path
         distill.run(params, name, direction_set, out, tmp_path / "live" / name, given)
@@ -307,7 +306,7 @@ def test_aux_weight_zero_trains_bit_identically_and_a_positive_one_does_not(
     for key in weights["plain"]:
         assert torch.equal(weights["zero"][key], weights["plain"][key])
     assert not all(torch.equal(weights["aux"][k], weights["plain"][k]) for k in weights["plain"])
-    with pytest.raises(ValueError, match="distill.runs.aux.analogy_weight=1.0 needs"):
+    with pytest.raises(ValueError, match="distill.analogy_runs.aux.analogy_weight=1.0 needs"):
         distill.run(params, "aux", direction_set, tmp_path / "x", tmp_path / "live" / "x")
 
 
@@ -315,8 +314,11 @@ def test_aux_loss_refuses_analogies_on_held_out_concepts(direction_set, tmp_path
     data = DirectionSet(direction_set, 2)
     test_ids = data.load_split("test")[0][:4].tolist()
     path = write_analogies(tmp_path / "a.parquet", [tuple(test_ids)], ["train"])
-    runs = {"aux": {"approach": "linear_probe", "analogy_weight": 0.5}}
-    params = build_params(directions={"layers": [2]}, distill={"train": FAST, "runs": runs})
+    aux = {"aux": {"approach": "linear_probe", "analogy_weight": 0.5}}
+    runs = {"plain": {"approach": "linear_probe"}}
+    params = build_params(
+        directions={"layers": [2]}, distill={"train": FAST, "runs": runs, "analogy_runs": aux}
+    )
     with pytest.raises(ValueError, match="not train concepts"):
         distill.run(params, "aux", direction_set, tmp_path / "o", tmp_path / "l", path)
 
@@ -331,6 +333,24 @@ def test_aux_loss_refuses_analogies_on_held_out_concepts(direction_set, tmp_path
         (
             {"distill": {"runs": {"aux": {"approach": "linear_probe", "analogy_weight": -1}}}},
             "distill.runs.aux: analogy_weight must be >= 0, got -1",
+        ),
+        (
+            {"distill": {"runs": {"aux": {"approach": "linear_probe", "analogy_weight": 0.5}}}},
+            "distill.runs.aux.analogy_weight=0.5: a run with the auxiliary analogy loss goes "
+            "under distill.analogy_runs",
+        ),
+        (
+            {"distill": {"analogy_runs": {"a": {"approach": "linear_probe"}}}},
+            r"distill.analogy_runs.a.analogy_weight must be > 0, got 0.0",
+        ),
+        (
+            {
+                "distill": {
+                    "runs": {"a": {"approach": "linear_probe"}},
+                    "analogy_runs": {"a": {"approach": "linear_probe", "analogy_weight": 1.0}},
+                }
+            },
+            r"distill.runs and distill.analogy_runs both name \['a'\]",
         ),
     ],
 )
