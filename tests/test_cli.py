@@ -43,7 +43,6 @@ OPTIONS = {
     "guided_lm": [
         "--corpus",
         "--directions",
-        "--wordlist",
         "--metrics",
         "--table",
         "--plot",

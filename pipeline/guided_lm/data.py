@@ -28,7 +28,6 @@ from transformers import PreTrainedTokenizerBase
 from pipeline.common.splits import SPLITS, is_heldout
 from pipeline.concepts.layout import DirectionSet
 from pipeline.inputs.text_chunks import CorpusChunks
-from pipeline.inputs.words import read_concepts
 
 WORD = re.compile(r"[^\W_]+")
 """A word: a maximal run of letters and digits (underscore excluded)."""
@@ -160,11 +159,11 @@ class ConceptTargets:
         return occurrences.select(self.split[occurrences.concept] == SPLITS.index(split))
 
 
-def concept_targets(wordlist: Path, directions: Path, layer: int) -> ConceptTargets:
-    """Concept texts (wordlist) and directions (`directions` at `layer`, train and test)."""
-    table = read_concepts(wordlist).to_pydict()
+def concept_targets(directions: Path, layer: int) -> ConceptTargets:
+    """Concept texts and directions (`directions` at `layer`), both from the directions
+    folder, which stores each concept's text beside its vectors."""
     data = DirectionSet(directions, layer)
-    size = max(table["id"]) + 1
+    size = data.num_concepts
     split = torch.full((size,), -1, dtype=torch.long)
     vectors = torch.zeros(size, data.dim)
     for code, name in enumerate(SPLITS):
@@ -172,7 +171,8 @@ def concept_targets(wordlist: Path, directions: Path, layer: int) -> ConceptTarg
         vectors[ids] = rows
         split[ids] = code
     texts, skipped = {}, 0
-    for cid, text in zip(table["id"], table["text"], strict=True):
+    every = torch.arange(size)
+    for cid, text in zip(every.tolist(), data.concept_texts(every), strict=True):
         if WORD.fullmatch(text) and split[cid] >= 0:
             texts[text.lower()] = cid
         else:

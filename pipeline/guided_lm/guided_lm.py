@@ -3,7 +3,7 @@ a cosine loss pulling its hidden state at each concept word's last token (throug
 learned linear map) toward the teacher's direction for that word; held-out LM loss per
 corpus size and lambda, lambda = 0 the control at equal tokens (seed 000, idea 1).
 
-Command: python -m pipeline.cli guided_lm --params params.yaml --corpus data/corpus --directions data/directions --wordlist data/wordlist/concepts.parquet --metrics metrics/guided_lm.json --table metrics/guided_lm.md --plot metrics/plots/guided_lm_data_efficiency.png --curve metrics/plots/guided_lm_data_efficiency.tsv
+Command: python -m pipeline.cli guided_lm --params params.yaml --corpus data/corpus --directions data/directions --metrics metrics/guided_lm.json --table metrics/guided_lm.md --plot metrics/plots/guided_lm_data_efficiency.png --curve metrics/plots/guided_lm_data_efficiency.tsv
 
 Reads the `guided_lm` section and distill.train.layer (the directions layer that
 supervises), the corpus chunks (and the tokenizer of the corpus manifest's model, from
@@ -97,7 +97,6 @@ def run(
     params: Sections,
     corpus: Path,
     directions: Path,
-    wordlist: Path,
     metrics: Path,
     table: Path,
     plot_path: Path,
@@ -111,13 +110,13 @@ def run(
     tokenizer = load_tokenizer(extra["model"], extra.get("revision"))
     split = split_chunks(chunks, gp.eval_fraction)
     layer = params.distill.train.layer
-    targets = concept_targets(Path(wordlist), Path(directions), layer)
+    targets = concept_targets(Path(directions), layer)
     finder = WordFinder(tokenizer, targets.texts)
     occurrences = find_occurrences(split.tokens, finder)
     supervising = _in_rows(targets.of_split(occurrences, "train"), split.train_rows)
     if len(supervising) == 0:
         raise ValueError(
-            f"{corpus}: no train-split concept of {wordlist} occurs in the train blocks; "
+            f"{corpus}: no train-split concept of {directions} occurs in the train blocks; "
             "the aux loss would supervise nothing"
         )
     heldout = {
@@ -198,7 +197,6 @@ def run(
 def command(
     corpus: Annotated[Path, typer.Option(help="Folder written by the corpus stage.")],
     directions: Annotated[Path, typer.Option(help="Folder written by the directions stage.")],
-    wordlist: Annotated[Path, typer.Option(help="Concept table (concepts.parquet).")],
     metrics: Annotated[Path, typer.Option(help="Metrics JSON: every cell, rows, summary.")],
     table: Annotated[Path, typer.Option(help="Markdown table: loss per size and lambda.")],
     plot: Annotated[Path, typer.Option(help="PNG: held-out loss vs train tokens per lambda.")],
@@ -208,7 +206,7 @@ def command(
     """Train the direction-supervised tiny LM grid; held-out LM loss against lambda = 0."""
     sections = load_params(params, guided_lm=GuidedLmParams)  # + distill (its READS)
     started = time.perf_counter()
-    results = run(sections, corpus, directions, wordlist, metrics, table, plot, curve)
+    results = run(sections, corpus, directions, metrics, table, plot, curve)
     headline = [
         {k: row[k] for k in ("train_tokens", "lambda", "heldout_loss", "difference")}
         for row in results["rows"]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-import pyarrow.parquet as pq
 import pytest
 import wordfreq
 
@@ -13,8 +12,7 @@ from pipeline.common.summary import check_entry
 from pipeline.guided_lm import guided_lm as stage
 from pipeline.guided_lm.report import BUILTIN_CAVEAT, aggregate, summary
 from pipeline.inputs import corpus as corpus_stage
-from pipeline.inputs.params import CorpusParams, WordlistParams
-from pipeline.inputs.words import concepts_table
+from pipeline.inputs.params import CorpusParams
 from tests.conftest import build_params, make_direction_set
 from tests.guided_lm.test_guided_lm import SMALL
 
@@ -73,13 +71,7 @@ def inputs(tmp_path_factory, tiny_llama_path):
     )
     corpus_stage.run(corpus_params, root / "corpus")
     words = [w for w in wordfreq.top_n_list("en", 400) if w.isalpha() and len(w) >= 3][:240]
-    table = concepts_table(
-        [(w, i) for i, w in enumerate(words)],
-        [(None, None)] * len(words),
-        WordlistParams(num_concepts=len(words)),
-    )
-    pq.write_table(table, root / "concepts.parquet")
-    make_direction_set(root / "directions", num_concepts=len(words), layer=2)
+    make_direction_set(root / "directions", num_concepts=len(words), layer=2, texts=words)
     return root
 
 
@@ -94,7 +86,6 @@ def test_the_stage_writes_every_cell_and_its_report(inputs, tmp_path):
         params,
         inputs / "corpus",
         inputs / "directions",
-        inputs / "concepts.parquet",
         *out.values(),
     )
     assert json.loads(out["m.json"].read_text()) == json.loads(json.dumps(results))
@@ -121,6 +112,4 @@ def test_the_stage_refuses_a_corpus_without_held_out_blocks(inputs, tmp_path):
     )
     paths = [tmp_path / name for name in ("m.json", "t.md", "p.png", "c.tsv")]
     with pytest.raises(ValueError, match="guided_lm.eval_fraction=0.001 holds out 0 of"):
-        stage.run(
-            params, inputs / "corpus", inputs / "directions", inputs / "concepts.parquet", *paths
-        )
+        stage.run(params, inputs / "corpus", inputs / "directions", *paths)
