@@ -19,6 +19,10 @@ An entry (one headline of one branch):
     downstream: str | null             the effect that matters, if the headline is not it
     downstream_value: float | null
     n: int                             the count the interval is over
+    rows, min_rows: int | null         optional: the held-out rows the value (and the control's,
+                                       on the same rows) is a mean over, and the branch's stated
+                                       minimum; below it the page shows `n=10 < 30`, not the
+                                       value (summary.json keeps the number)
     caveat: str | null                 optional, e.g. that the teacher has random weights
 """
 
@@ -33,8 +37,9 @@ from typing import Annotated, Any
 
 import typer
 
+from pipeline.common import tables
 from pipeline.common.io import write_json, write_text
-from pipeline.common.tables import MISSING, fmt, markdown_table
+from pipeline.common.tables import MISSING, fmt, markdown_table, too_few
 
 KEY = "summary"
 TEXT_FIELDS = ("branch", "metric", "teacher", "control")
@@ -42,12 +47,14 @@ NUMBER_FIELDS = ("value",)
 OPTIONAL_NUMBER_FIELDS = ("control_value", "downstream_value")
 INTERVAL_FIELDS = ("interval", "control_interval")
 OPTIONAL_TEXT_FIELDS = ("interval_kind", "downstream", "caveat")
+OPTIONAL_COUNT_FIELDS = ("rows", "min_rows")
 FIELDS = (
     *TEXT_FIELDS,
     *NUMBER_FIELDS,
     *OPTIONAL_NUMBER_FIELDS,
     *INTERVAL_FIELDS,
     *OPTIONAL_TEXT_FIELDS,
+    *OPTIONAL_COUNT_FIELDS,
     "n",
 )
 REQUIRED = (*TEXT_FIELDS, *NUMBER_FIELDS, "n")
@@ -91,9 +98,18 @@ def check_entry(entry: Any, where: str) -> dict[str, Any]:
     if entry.get("interval") is not None and not entry.get("interval_kind"):
         raise ValueError(f"{where}.interval_kind: an interval must say which kind it is")
     n = entry["n"]
-    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+    if not _is_count(n) or n < 1:
         raise ValueError(f"{where}.n: expected a positive integer, got {n!r}")
+    for key in OPTIONAL_COUNT_FIELDS:
+        if entry.get(key) is not None and not _is_count(entry[key]):
+            raise ValueError(f"{where}.{key}: expected an integer >= 0 or null, got {entry[key]!r}")
+    if (entry.get("rows") is None) != (entry.get("min_rows") is None):
+        raise ValueError(f"{where}: rows and min_rows come together, got only one of them")
     return entry
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def read_entries(path: Path) -> list[dict[str, Any]]:
@@ -119,10 +135,16 @@ def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_") or "value"
 
 
-def with_interval(value: float | None, interval: Sequence[float] | None) -> str:
-    if interval is None:
-        return fmt(value)
-    return f"{fmt(value)} [{fmt(interval[0])}, {fmt(interval[1])}]"
+def with_interval(
+    value: float | None, interval: Sequence[float] | None, entry: dict[str, Any] | None = None
+) -> str:
+    """`value [low, high]`; `n=10 < 30` instead where `entry` rests on fewer rows than its
+    stated minimum (`rows`, `min_rows`)."""
+    if entry is not None and entry.get("rows") is not None:
+        mark = too_few(entry["rows"], entry["min_rows"])
+        if mark is not None:
+            return mark
+    return tables.with_interval(value, interval)
 
 
 def summary_table(entries: Sequence[dict[str, Any]]) -> str:
@@ -160,9 +182,9 @@ def summary_table(entries: Sequence[dict[str, Any]]) -> str:
             [
                 entry["branch"],
                 entry["metric"],
-                with_interval(entry["value"], entry.get("interval")),
+                with_interval(entry["value"], entry.get("interval"), entry),
                 entry["control"],
-                with_interval(entry.get("control_value"), entry.get("control_interval")),
+                with_interval(entry.get("control_value"), entry.get("control_interval"), entry),
                 downstream,
                 entry.get("interval_kind") or "none",
                 str(entry["n"]),

@@ -12,10 +12,18 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any
 
 from pipeline.common.intervals import t_interval
-from pipeline.common.tables import MISSING, markdown_table
+from pipeline.common.tables import (
+    MISSING,
+    counted,
+    markdown_table,
+    over_rows,
+    spec,
+    with_interval,
+)
 from pipeline.concepts.params import RunParams
 
 FOOTNOTE = "\\* needs the teacher's embedding table at inference"
@@ -101,11 +109,61 @@ def human_bytes(n: int) -> str:
     return _human(n, (("B", 1), ("KB", 1e3), ("MB", 1e6), ("GB", 1e9)))
 
 
-def _cell(value: float | None, fmt: str) -> str:
-    return MISSING if value is None else format(value, fmt)
+@dataclass(frozen=True)
+class Rests:
+    """What the table's numbers rest on: the rows of each split (evaluate's `counts`:
+    train, val, test, test_seen, test_unseen; `test_analogies` with an analogy set) and
+    the stated minimum below which a metric is shown as `n=10 < 30` (`evaluate.min_rows`)."""
+
+    counts: dict[str, int]
+    min_rows: int
+
+    def cell(self, value: float | None, split: str | Sequence[str], form: str) -> str:
+        """The metric's cell: its value, or the mark of too few rows (the fewest of `split`s)."""
+        rows = min(self.counts[s] for s in ([split] if isinstance(split, str) else split))
+        return over_rows(value, rows, self.min_rows, spec(form))
+
+    def header(self, label: str, split: str) -> str:
+        return counted(label, self.counts[split])
 
 
-def _row_cells(row: Row, ks: Sequence[int]) -> list[str]:
+NOISE_MARK = "†"
+NOISE_NOTE = (
+    f"{NOISE_MARK} chosen on noise: that seed's val cos_sim never rose above the train-mean "
+    "baseline's interval (its val cos_sim + 1.96 standard errors of the seed's own "
+    "per-concept val cos_sim at its best epoch), so its best epoch is one noisy epoch "
+    "among equals and its train cos_sim and gap are that epoch's, not the curve's."
+)
+BASELINE_BLOCK = "*baselines and controls (no training):*"
+"""The separator row: trained rows are ranked above it, baselines below, each block by
+test cos_sim, so a baseline is never ranked among trained rows by noise."""
+
+
+def is_trained(row: Row) -> bool:
+    """A row trained over seeds (a run), not a deterministic baseline."""
+    return "num_seeds" in row.metrics
+
+
+def best_epochs(metrics: dict[str, Any]) -> str:
+    """ "20, 27, 1† of 30": each seed's best epoch on val (of the run's epochs), the mark
+    where it was chosen on noise (`pipeline.concepts.scores.never_left`)."""
+    seeds = metrics.get("seeds") or {}
+    if not seeds or any(seed.get("best_epoch") is None for seed in seeds.values()):
+        return MISSING
+    epochs = sorted({seed["epochs"] for seed in seeds.values()})
+    picks = ", ".join(
+        f"{seed['best_epoch']}{NOISE_MARK if seed['chosen_on_noise'] else ''}"
+        for seed in seeds.values()
+    )
+    return f"{picks} of {'/'.join(map(str, epochs))}"
+
+
+def _chosen_on_noise(rows: Sequence[Row]) -> bool:
+    seeds = [seed for row in rows for seed in row.metrics.get("seeds", {}).values()]
+    return any(seed.get("chosen_on_noise") for seed in seeds)
+
+
+def _row_cells(row: Row, ks: Sequence[int], rests: Rests) -> list[str]:
     m = row.metrics
     params = m.get("trainable_params")
     size = m.get("inference_bytes")
@@ -114,17 +172,31 @@ def _row_cells(row: Row, ks: Sequence[int]) -> list[str]:
         row.label,
         MISSING if params is None else human_count(params),
         size_text + ("*" if row.frozen else ""),
-        *(_cell(m.get(f"{split}_cos"), ".4f") for split in ("train", "val", "test")),
-        _cell(m.get("gap"), ".4f"),
-        *(_cell(m.get(f"test_top{k}"), ".1%") for k in ks),
-        _cell(m.get("test_seen_cos"), ".4f"),
-        _cell(m.get("test_unseen_cos"), ".4f"),
+        *(rests.cell(m.get(f"{split}_cos"), split, ".4f") for split in ("train", "val")),
+        best_epochs(m) if is_trained(row) else MISSING,
+        rests.cell(m.get("test_cos"), "test", ".4f"),
+        rests.cell(m.get("gap"), ("train", "test"), ".4f"),
+        *(rests.cell(m.get(f"test_top{k}"), "test", ".1%") for k in ks),
+        rests.cell(m.get("test_seen_cos"), "test_seen", ".4f"),
+        rests.cell(m.get("test_unseen_cos"), "test_unseen", ".4f"),
     ]
 
 
-def _sort_key(row: Row) -> tuple[bool, float]:
+def _sort_key(row: Row) -> tuple[bool, bool, float]:
     test = row.metrics.get("test_cos")
-    return (test is None, -(test or 0.0))
+    return (not is_trained(row), test is None, -(test or 0.0))
+
+
+def ranked(rows: Sequence[Row]) -> tuple[list[Row], list[Row]]:
+    """(trained rows, baselines), each by test cos_sim, best first."""
+    ordered = sorted(rows, key=_sort_key)
+    return [r for r in ordered if is_trained(r)], [r for r in ordered if not is_trained(r)]
+
+
+def _with_separator(trained: list[list[str]], baselines: list[list[str]], width: int):
+    if not trained or not baselines:
+        return trained + baselines
+    return [*trained, [BASELINE_BLOCK] + [""] * (width - 1), *baselines]
 
 
 def comparison_table(
@@ -132,38 +204,63 @@ def comparison_table(
     ks: Sequence[int],
     split_by: str,
     teacher: TeacherFacts,
+    rests: Rests,
     analogies: dict[str, Any] | None = None,
 ) -> str:
-    """Title (`table_title`), then the markdown table, best test cos_sim first; a footnote
-    when any row is frozen; then the test cos_sim over seeds, naming what the concept split
-    was hashed by (`split_by`). With `analogies` (the evaluate stage's analogy block), the
-    table gains each row's test 3CosAdd and only-c accuracy, and `analogy_section` follows."""
+    """Title (`table_title`), then the markdown table: trained rows by test cos_sim, best
+    first, then the baselines in their own block; every split column names its rows, a
+    metric over fewer than `rests.min_rows` rows is marked as such; each trained row's
+    best epoch per seed, marked where chosen on noise (footnote). A footnote when any row
+    is frozen; then the test cos_sim over seeds, naming what the concept split was hashed
+    by (`split_by`). With `analogies` (the evaluate stage's analogy block), the table
+    gains each row's test 3CosAdd and only-c accuracy, and `analogy_section` follows."""
     header = [
         "Approach",
         "Trainable Params",
         "Inference Size",
-        "Train cos_sim",
-        "Val cos_sim",
-        "Test cos_sim",
+        rests.header("Train cos_sim", "train"),
+        rests.header("Val cos_sim", "val"),
+        "Best epoch (per seed)",
+        rests.header("Test cos_sim", "test"),
         "Gap",
         *(f"Test top-{k}" for k in ks),
-        "Test cos (seen tokens)",
-        "Test cos (unseen tokens)",
+        rests.header("Test cos, seen tokens", "test_seen"),
+        rests.header("Test cos, unseen tokens", "test_unseen"),
     ]
-    cells = [_row_cells(row, ks) for row in sorted(rows, key=_sort_key)]
-    if analogies is not None:
-        header += [f"Test {METHOD_NAMES[m]}" for m in ANALOGY_METHODS]
-        for cell, row in zip(cells, sorted(rows, key=_sort_key), strict=True):
-            cell += [_cell(row.metrics.get(_key("test", m)), ".1%") for m in ANALOGY_METHODS]
+    methods = ANALOGY_METHODS if analogies is not None else ()
+    header += [rests.header(f"Test {METHOD_NAMES[m]}", "test_analogies") for m in methods]
+
+    def cells(row: Row) -> list[str]:
+        scores = [row.metrics.get(_key("test", m)) for m in methods]
+        return _row_cells(row, ks, rests) + [
+            rests.cell(score, "test_analogies", ".1%") for score in scores
+        ]
+
+    blocks = ranked(rows)
+    body = _with_separator(*([cells(row) for row in block] for block in blocks), len(header))
     lines = [table_title(teacher, split_by), ""]
-    lines += markdown_table(header, cells)
+    lines += markdown_table(header, body)
+    lines += ["", _rests_note(rests, ks)]
     if any(row.frozen for row in rows):
         lines += ["", FOOTNOTE]
+    if _chosen_on_noise(rows):
+        lines += ["", NOISE_NOTE]
     lines += _table_notes(rows)
-    lines += ["", *seed_table(sorted(rows, key=_sort_key), split_by)]
+    lines += ["", *seed_table(blocks, split_by)]
     if analogies is not None:
-        lines += ["", *analogy_section(rows, analogies)]
+        lines += ["", *analogy_section(rows, analogies, rests.min_rows)]
     return "\n".join(lines) + "\n"
+
+
+def _rests_note(rests: Rests, ks: Sequence[int]) -> str:
+    tops = "/".join(f"top-{k}" for k in ks)
+    return (
+        f"n: the concepts each column is a mean over; a metric over fewer than "
+        f"{rests.min_rows} (evaluate.min_rows) is shown as `n=<rows> < {rests.min_rows}`. "
+        f"Test {tops}: each of the {rests.counts['test']} test concepts ranked among all "
+        f"test directions; Gap: train minus test cos_sim. Seen tokens: every token of the "
+        f"concept occurs in some train concept."
+    )
 
 
 def _table_notes(rows: Sequence[Row]) -> list[str]:
@@ -197,41 +294,48 @@ def overlaps(a: tuple[float, float] | None, b: tuple[float, float] | None) -> bo
     return a[0] <= b[1] and b[0] <= a[1]
 
 
-def seed_table(rows: Sequence[Row], split_by: str) -> list[str]:
-    """Test cos_sim mean over seeds with its 95% t-interval, in the given (table) order;
-    "overlaps next" marks a row whose interval meets the next row's: their order is not
-    established by these seeds."""
+def seed_table(blocks: tuple[Sequence[Row], Sequence[Row]], split_by: str) -> list[str]:
+    """Test cos_sim mean over seeds with its 95% t-interval, trained rows then baselines
+    (the table's order); "overlaps next" marks a row whose interval meets the next row's
+    of its block: their order is not established by these seeds."""
     header = ["Approach", "Seeds", "Test cos_sim (mean)", "95% interval", "Overlaps next"]
     lines = [
         f"Test cos_sim over seeds (95% t-interval; baselines are deterministic); "
         f"concepts split by {split_by} (wordlist.split_by):",
         "",
     ]
-    body = []
-    for i, row in enumerate(rows):
-        m = row.metrics
-        own = interval(m)
-        after = overlaps(own, interval(rows[i + 1].metrics)) if i + 1 < len(rows) else None
-        if "num_seeds" not in m:
-            seeds, span = MISSING, "exact"
-        else:
-            seeds = str(m["num_seeds"])
-            span = MISSING if own is None else f"[{own[0]:.4f}, {own[1]:.4f}]"
-        mark = MISSING if after is None else ("yes" if after else "no")
-        body.append([row.label, seeds, _cell(m.get("test_cos"), ".4f"), span, mark])
-    return lines + markdown_table(header, body)
+    bodies = []
+    for rows in blocks:
+        body = []
+        for i, row in enumerate(rows):
+            m = row.metrics
+            own = interval(m)
+            after = overlaps(own, interval(rows[i + 1].metrics)) if i + 1 < len(rows) else None
+            if not is_trained(row):
+                seeds, span = MISSING, "exact"
+            else:
+                seeds = str(m["num_seeds"])
+                span = MISSING if own is None else f"[{own[0]:.4f}, {own[1]:.4f}]"
+            mark = MISSING if after is None else ("yes" if after else "no")
+            body.append([row.label, seeds, spec(".4f")(m.get("test_cos")), span, mark])
+        bodies.append(body)
+    return lines + markdown_table(header, _with_separator(*bodies, len(header)))
 
 
-def summary(rows: Sequence[Row], split_by: str, teacher: TeacherFacts) -> list[dict[str, Any]]:
+def summary(
+    rows: Sequence[Row], split_by: str, teacher: TeacherFacts, rests: Rests
+) -> list[dict[str, Any]]:
     """The branch's `summary` block: the distilled student with the best mean val
     cos_sim, reported by its test cos_sim mean over seeds with its 95% t-interval, next to
     the baseline (kNN, train mean, char n-grams) with the best val cos_sim and its test
     value (deterministic: no interval); then `char_entry` and `distilled_entry` where
     those students are in the table. Students are picked on val, so the test numbers are
-    not selected on test; they are the table's own numbers."""
+    not selected on test; they are the table's own numbers. Each entry names the rows
+    its value is a mean over (`rows`) and `rests.min_rows`, so the summary page marks a
+    headline that rests on too few."""
     scored = [row for row in rows if row.metrics.get("val_cos") is not None]
-    trained = [row for row in scored if "num_seeds" in row.metrics]
-    baselines = [row for row in scored if "num_seeds" not in row.metrics]
+    trained = [row for row in scored if is_trained(row)]
+    baselines = [row for row in scored if not is_trained(row)]
     if not trained:
         return []
     best = max(trained, key=lambda row: row.metrics["val_cos"])
@@ -247,14 +351,19 @@ def summary(rows: Sequence[Row], split_by: str, teacher: TeacherFacts) -> list[d
             None if span is None else list(span),
             control=None if control is None else f"best baseline on val ({control.label})",
             control_value=None if control is None else control.metrics["test_cos"],
+            rows=rests.counts["test"],
+            min_rows=rests.min_rows,
         )
     ]
-    extra = (char_entry(scored, split_by, teacher), distilled_entry(scored, split_by, teacher))
+    extra = (
+        char_entry(scored, split_by, teacher, rests),
+        distilled_entry(scored, split_by, teacher, rests),
+    )
     return entries + [entry for entry in extra if entry is not None]
 
 
 def _best_on_val(rows: Sequence[Row], approach: str) -> Row | None:
-    runs = [row for row in rows if row.approach == approach and "num_seeds" in row.metrics]
+    runs = [row for row in rows if row.approach == approach and is_trained(row)]
     return max(runs, key=lambda row: row.metrics["val_cos"]) if runs else None
 
 
@@ -267,7 +376,9 @@ def _seed_interval(metrics: dict[str, Any], key: str) -> list[float] | None:
     return None if span is None else list(span)
 
 
-def char_entry(rows: Sequence[Row], split_by: str, teacher: TeacherFacts) -> dict | None:
+def char_entry(
+    rows: Sequence[Row], split_by: str, teacher: TeacherFacts, rests: Rests
+) -> dict | None:
     """Generalisation to words whose tokens no train concept has: the best character
     student on val, its test cos_sim on the unseen-token test concepts (mean over seeds,
     t-interval), next to the bag-of-characters ridge baseline (the same input, linear) on
@@ -292,10 +403,14 @@ def char_entry(rows: Sequence[Row], split_by: str, teacher: TeacherFacts) -> dic
         if trainable is None
         else f"best trainable-embedding student on val ({trainable.label}), same concepts",
         downstream_value=None if trainable is None else trainable.metrics["test_unseen_cos"],
+        rows=rests.counts["test_unseen"],
+        min_rows=rests.min_rows,
     )
 
 
-def distilled_entry(rows: Sequence[Row], split_by: str, teacher: TeacherFacts) -> dict | None:
+def distilled_entry(
+    rows: Sequence[Row], split_by: str, teacher: TeacherFacts, rests: Rests
+) -> dict | None:
     """Accuracy against size: the best distilled student on val, its test cos_sim (mean
     over seeds, t-interval) next to the best frozen_mlp on val (the full teacher table);
     downstream, the distilled student's inference size in bytes, both sizes in words."""
@@ -320,6 +435,8 @@ def distilled_entry(rows: Sequence[Row], split_by: str, teacher: TeacherFacts) -
         downstream=f"inference size in bytes: {own}"
         + ("" if other is None else f" vs {human_bytes(other)} for {control.label}"),
         downstream_value=size,
+        rows=rests.counts["test"],
+        min_rows=rests.min_rows,
     )
 
 
@@ -334,6 +451,8 @@ def _entry(
     control_interval: list[float] | None = None,
     downstream: str | None = None,
     downstream_value: float | None = None,
+    rows: int | None = None,
+    min_rows: int | None = None,
 ) -> dict[str, Any]:
     return {
         "branch": BRANCH,
@@ -348,6 +467,8 @@ def _entry(
         "downstream_value": downstream_value,
         "teacher": teacher.model,
         "n": row.metrics["num_seeds"],
+        "rows": rows,
+        "min_rows": min_rows,
         "caveat": teacher.caveat or None,
     }
 
@@ -381,25 +502,25 @@ def _interval_of(metrics: dict[str, Any], key: str) -> tuple[float, float] | Non
 
 
 def _with_interval(metrics: dict[str, Any], key: str, form: str) -> str:
-    value = metrics.get(key)
-    if value is None:
-        return MISSING
-    span = _interval_of(metrics, key)
-    text = format(value, form)
-    return text if span is None else f"{text} [{format(span[0], form)}, {format(span[1], form)}]"
+    return with_interval(metrics.get(key), _interval_of(metrics, key), spec(form))
+
+
+def _over(value: float | None, rows: int, min_rows: int) -> str:
+    return over_rows(value, rows, min_rows, spec(".1%"))
 
 
 def _best_student(rows: Sequence[Row]) -> Row | None:
     """The trained row with the best mean val cos_sim (as `summary` picks it)."""
-    trained = [r for r in rows if "num_seeds" in r.metrics and r.metrics.get("val_cos") is not None]
+    trained = [r for r in rows if is_trained(r) and r.metrics.get("val_cos") is not None]
     return max(trained, key=lambda r: r.metrics["val_cos"]) if trained else None
 
 
-def analogy_section(rows: Sequence[Row], analogies: dict[str, Any]) -> list[str]:
+def analogy_section(rows: Sequence[Row], analogies: dict[str, Any], min_rows: int) -> list[str]:
     """The analogy lines under the comparison table: what is scored, the teacher's
     direction space as the reference line, per relation the counts and the accuracy of the
     teacher space and of the best student on val (mean over seeds), then each run trained
-    with the auxiliary analogy loss next to its twin."""
+    with the auxiliary analogy loss next to its twin. A relation's accuracy over fewer than
+    `min_rows` test analogies is marked as such."""
     teacher, counts = analogies["teacher"], analogies["counts"]
     test_total = sum(c["test"] for c in counts.values())
     lines = [
@@ -410,10 +531,10 @@ def analogy_section(rows: Sequence[Row], analogies: dict[str, Any]) -> list[str]
         "nearest neighbour of c alone, the control that needs no a:b (Linzen 2016). The "
         "table's Test 3CosAdd / Test only-c: each row's predicted space, mean over seeds. "
         f"Teacher direction space (the reference): test 3CosAdd "
-        f"{_cell(teacher.get('test_3cosadd'), '.1%')}, only-c "
-        f"{_cell(teacher.get('test_only_c'), '.1%')}; val 3CosAdd "
-        f"{_cell(teacher.get('val_3cosadd'), '.1%')}, only-c "
-        f"{_cell(teacher.get('val_only_c'), '.1%')}.",
+        f"{spec('.1%')(teacher.get('test_3cosadd'))}, only-c "
+        f"{spec('.1%')(teacher.get('test_only_c'))}; val 3CosAdd "
+        f"{spec('.1%')(teacher.get('val_3cosadd'))}, only-c "
+        f"{spec('.1%')(teacher.get('val_only_c'))}.",
         "",
     ]
     best = _best_student(rows)
@@ -424,17 +545,17 @@ def analogy_section(rows: Sequence[Row], analogies: dict[str, Any]) -> list[str]
     student = {} if best is None else analogies["relations"].get(best.name, {})
     for relation, count in counts.items():
         cells = [relation, *(str(count[s]) for s in ("train", "val", "test"))]
-        cells += [
-            _cell(teacher["relations"][relation].get(f"test_{m}"), ".1%") for m in ANALOGY_METHODS
-        ]
+        pct = partial(_over, rows=count["test"], min_rows=min_rows)
+        cells += [pct(teacher["relations"][relation].get(f"test_{m}")) for m in ANALOGY_METHODS]
         if best is not None:
             own = student.get(relation, {})
-            cells += [_cell(own.get(f"test_{m}"), ".1%") for m in ANALOGY_METHODS]
+            cells += [pct(own.get(f"test_{m}")) for m in ANALOGY_METHODS]
         body.append(cells)
     total = ["all", *(str(sum(c[s] for c in counts.values())) for s in ("train", "val", "test"))]
-    total += [_cell(teacher.get(f"test_{m}"), ".1%") for m in ANALOGY_METHODS]
+    pct = partial(_over, rows=test_total, min_rows=min_rows)
+    total += [pct(teacher.get(f"test_{m}")) for m in ANALOGY_METHODS]
     if best is not None:
-        total += [_cell(best.metrics.get(_key("test", m)), ".1%") for m in ANALOGY_METHODS]
+        total += [pct(best.metrics.get(_key("test", m))) for m in ANALOGY_METHODS]
     body.append(total)
     lines += [
         "Test accuracy per relation (counts: analogies per split; train analogies are the "
@@ -473,7 +594,7 @@ def analogy_section(rows: Sequence[Row], analogies: dict[str, Any]) -> list[str]
 
 
 def analogy_summary(
-    rows: Sequence[Row], analogies: dict[str, Any], teacher: TeacherFacts
+    rows: Sequence[Row], analogies: dict[str, Any], teacher: TeacherFacts, rests: Rests
 ) -> list[dict[str, Any]]:
     """The summary entries of the analogies: the best student on val's test 3CosAdd
     accuracy next to only-c in its own space (the control), the teacher space's 3CosAdd
@@ -483,6 +604,7 @@ def analogy_summary(
     best = _best_student(rows)
     base = {"branch": BRANCH, "interval_kind": INTERVAL_KIND, "teacher": teacher.model}
     base["caveat"] = teacher.caveat or None
+    base |= {"rows": rests.counts["test_analogies"], "min_rows": rests.min_rows}
     if best is not None and best.metrics.get(_key("test", "3cosadd")) is not None:
         m = best.metrics
         span, control = (

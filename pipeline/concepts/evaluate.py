@@ -9,10 +9,15 @@ dvclive curves `<live>/<run>/` (val_cos per epoch, mean over seeds) for every ke
 as a dashed line. The metrics JSON holds one dict per
 run (the mean over its seeds of cos, gap, top-k, seen/unseen-token subsets, null
 where a subset is empty; `num_seeds`; `test_cos_ci95_low` / `_high`, the 95% t-interval
-of test cos over seeds, null with one seed; `seeds`, each seed's own scores and best epoch),
+of test cos over seeds, null with one seed; `seeds`, each seed's own scores, its best
+epoch of `epochs` and `chosen_on_noise`: whether its val curve (dvclive,
+`<live>/<run>/seeds/<seed>/`) never rose above the train-mean baseline's val cos_sim plus
+`val_half_width`, 1.96 standard errors of the seed's per-concept val cos_sim at its best
+epoch; null where there is no width),
 `table_cos` for a distilled run (its table reconstruction), `baseline_train_mean`,
 `baseline_knn`, `baseline_char_ngrams` (the bag-of-characters ridge baseline, the char
-student's control; all deterministic: no seeds), `counts`, and
+student's control; all deterministic: no seeds), `counts` (concepts per split, test
+concepts with seen / unseen tokens, test analogies), and
 `summary` (the branch's headline next to its control: `comparison.summary`). The table's
 title names the teacher, its layer and the split, and says when the teacher has random
 weights (the directions manifest's `teacher_caveat`).
@@ -45,11 +50,13 @@ from pipeline.common.live import read_metric
 from pipeline.common.params import Sections, load_params
 from pipeline.common.pictures import Panel, line_panels
 from pipeline.common.splits import SPLITS
+from pipeline.common.tables import spec
 from pipeline.concepts.analogy_set import AnalogySet, analogy_scores, space
 from pipeline.concepts.comparison import (
     ANALOGY_METHODS,
     ANALOGY_PREFIX,
     CHAR_BASELINE,
+    Rests,
     Row,
     TeacherFacts,
     analogy_summary,
@@ -63,8 +70,11 @@ from pipeline.concepts.params import DistillParams, EvaluateParams
 from pipeline.concepts.scores import (
     char_ngram_ridge_predict,
     concept_embeddings,
+    half_width,
     knn_predict,
     mean_over_seeds,
+    never_left,
+    row_cosine,
     split_metrics,
     token_coverage,
     train_mean_predict,
@@ -82,6 +92,8 @@ PARAMS = Path("params.yaml")
 BATCH = 1024
 """Concepts per forward pass; memory only, results do not depend on it."""
 CHECKPOINT_KEYS = ("trainable_params", "inference_bytes")
+SEED_FACTS = ("best_epoch", "epochs", "val_half_width", "chosen_on_noise")
+"""What a seed's entry holds besides its scores; not averaged over seeds."""
 
 
 Splits = dict[str, tuple[Tensor, Tensor]]  # split -> (concept_ids (N,), directions (N, D))
@@ -109,22 +121,27 @@ def run(
     relations: dict[str, Any] = {}
     seen = token_coverage(data.offsets, data.flat_tokens, splits["train"][0])[splits["test"][0]]
     ks = params.evaluate.retrieval_k
+    val_dirs = splits["val"][1]
     results: dict[str, Any] = {}
-    rows, curves = [], {}
+    rows, curves, seed_curves = [], {}, {}
     for name, folder in folders.items():
         per_seed = {}
         for seed in read_config(folder, ("seeds",))["seeds"]:
             model, config = load_student(seed_folder(folder, seed), data)
             preds = {split: predict(model, data, ids) for split, (ids, _) in splits.items()}
             per_seed[str(seed)] = _score(preds, splits, seen, ks) | {
-                "best_epoch": config.get("best_epoch")
+                "best_epoch": config.get("best_epoch"),
+                "epochs": config["train"]["epochs"],
+                "val_half_width": half_width(row_cosine(preds["val"], val_dirs)),
             }
+            # A run's seed folders in the live folder mirror its checkpoints' (`seed_folder`).
+            seed_curves[name, str(seed)] = read_metric(seed_folder(live / name, seed), VAL_CURVE)[1]
             if analogy_set is not None:
                 flat, per_relation = _analogy_scores(data, preds, splits, analogy_set)
                 per_seed[str(seed)] |= flat
                 relations.setdefault(name, []).append(per_relation)
         scores = mean_over_seeds(
-            [{k: v for k, v in m.items() if k != "best_epoch"} for m in per_seed.values()]
+            [{k: v for k, v in m.items() if k not in SEED_FACTS} for m in per_seed.values()]
         )
         interval = t_interval([m["test_cos"] for m in per_seed.values()])
         stage_one = config.get("table_cos")
@@ -152,14 +169,21 @@ def run(
             results[name] |= flat
             relations[name] = [per_relation]
         rows.append(Row(name, label, results[name], frozen))
+    baseline_val = results["baseline_train_mean"]["val_cos"]
+    for (name, seed), curve in seed_curves.items():
+        facts = results[name]["seeds"][seed]
+        facts["chosen_on_noise"] = never_left(curve, baseline_val, facts["val_half_width"])
     results["counts"] = {split: int(ids.numel()) for split, (ids, _) in splits.items()}
     results["counts"] |= {"test_seen": int(seen.sum()), "test_unseen": int((~seen).sum())}
+    if analogy_set is not None:
+        results["counts"]["test_analogies"] = int(analogy_set.select("test").numel())
+    rests = Rests(results["counts"], params.evaluate.min_rows)
     # The wordlist section comes with distill (via directions' READS): the split it drew.
     split_by = params.wordlist.split_by
     extra = data.manifest.extra
     teacher = TeacherFacts(extra["model"], data.layer, extra["pooling"], extra["teacher_caveat"])
     rows = _unique_labels(rows)
-    results["summary"] = summary(rows, split_by, teacher)
+    results["summary"] = summary(rows, split_by, teacher, rests)
     block = None
     if analogy_set is not None:
         teacher_space = {split: dirs for split, (_, dirs) in splits.items()}
@@ -174,9 +198,9 @@ def run(
             "twins": analogy_twins(params.distill.all_runs),
         }
         results["analogies"] = block
-        results["summary"] += analogy_summary(rows, block, teacher)
+        results["summary"] += analogy_summary(rows, block, teacher, rests)
     write_json(metrics, results)
-    write_text(table, comparison_table(rows, ks, split_by, teacher, block))
+    write_text(table, comparison_table(rows, ks, split_by, teacher, rests, block))
     knn_val = results["baseline_knn"]["val_cos"]
     plot_val_curves(curves, plot, {"kNN baseline": knn_val} if knn_val is not None else None)
     return results
@@ -321,6 +345,10 @@ def command(
         plot,
         analogies,
     )
-    runs = [name for name in results if name not in ("counts", "summary", "analogies")]
-    best = max(runs, key=lambda name: results[name]["test_cos"] or float("-inf"))
-    typer.echo(f"evaluate: {len(runs)} rows, best test cos {results[best]['test_cos']} ({best})")
+    rows = {k: m for k, m in results.items() if k not in ("counts", "summary", "analogies")}
+    trained = [name for name, m in rows.items() if "num_seeds" in m]
+    best = max(trained, key=lambda name: rows[name]["test_cos"] or float("-inf"))
+    typer.echo(
+        f"evaluate: {len(trained)} trained rows, {len(rows) - len(trained)} baselines; best "
+        f"trained row on test: {best}, test cos {spec('.4f')(rows[best]['test_cos'])}"
+    )

@@ -199,9 +199,14 @@ class EvaluateParams:
     linear control): counts of character n-grams -> direction by ridge regression."""
     ridge_alphas: tuple[float, ...] = (1.0, 10.0, 100.0, 1000.0)
     """Ridge penalties the bag-of-characters baseline tries; the best on val is kept."""
+    min_rows: int = 30
+    """The fewest concepts (or analogies) a table's metric may rest on: below it the cell
+    reads `n=10 < 30` instead of a number (the JSON keeps the value), here and in the
+    summary."""
 
     def __post_init__(self) -> None:
         positive("evaluate.knn_k", self.knn_k)
+        positive("evaluate.min_rows", self.min_rows)
         for k in self.retrieval_k:
             positive("evaluate.retrieval_k", k)
         if len(self.char_ngrams) != 2 or not 1 <= self.char_ngrams[0] <= self.char_ngrams[1]:

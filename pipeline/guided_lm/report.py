@@ -17,7 +17,7 @@ from typing import Any
 from pipeline.common.intervals import t_interval
 from pipeline.common.io import write_text
 from pipeline.common.pictures import Panel, line_panels
-from pipeline.common.tables import MISSING, fmt, markdown_table
+from pipeline.common.tables import fmt, fmt_signed, markdown_table, with_interval
 
 BRANCH = "guided LM"
 INTERVAL_KIND = "t 95% over seeds"
@@ -82,10 +82,6 @@ def _row(rows: list[dict[str, Any]], fraction: float, lam: float) -> dict[str, A
     return next(r for r in rows if r["fraction"] == fraction and r["lambda"] == lam)
 
 
-def _span(interval: list[float] | None) -> str:
-    return MISSING if interval is None else f"[{fmt(interval[0])}, {fmt(interval[1])}]"
-
-
 def title(metrics: dict[str, Any]) -> str:
     teacher = metrics["teacher"]
     text = (
@@ -128,10 +124,8 @@ def guided_table(metrics: dict[str, Any]) -> str:
         [
             f"{row['train_tokens']:,}",
             fmt(row["lambda"]),
-            f"{fmt(row['heldout_loss'])} {_span(row['heldout_loss_interval'])}",
-            MISSING
-            if row["difference"] is None
-            else f"{row['difference']:+.4g} {_span(row['difference_interval'])}",
+            with_interval(row["heldout_loss"], row["heldout_loss_interval"]),
+            with_interval(row["difference"], row["difference_interval"], fmt_signed),
             f"{fmt(row['aux_cos_train'])} / {fmt(row['aux_cos_test'])}",
             f"{fmt(row['probe_cos_train'])} / {fmt(row['probe_cos_test'])}",
         ]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipeline.common.tables import MISSING, fmt, markdown_table
+from pipeline.common.tables import MISSING, fmt, fmt_signed, markdown_table, with_interval
 from pipeline.kv_sidecar.compressors import BASELINES, LABELS, SIDECAR
 from pipeline.kv_sidecar.lm_loss import INTERVAL_KIND
 from pipeline.kv_sidecar.losses import TERMS
@@ -38,18 +38,6 @@ BY_CONSTRUCTION = {
     "(seed 003 fix 4: one scalar per sample for K, one for V), so the mean norms match",
     "per_window": "each super-token is rescaled to its own window's mean dense norm",
 }
-
-
-def fmt_signed(value: Any) -> str:
-    if value is None:
-        return MISSING
-    return f"{value:+.4g}" if value == 0 or 1e-3 <= abs(value) < 1e4 else f"{value:+.3e}"
-
-
-def fmt_interval(interval: list[float] | None) -> str:
-    if interval is None:
-        return MISSING
-    return f"[{interval[0]:+.4g}, {interval[1]:+.4g}]"
 
 
 def ranking(compressors: dict[str, dict[str, Any]]) -> list[str]:
@@ -134,7 +122,7 @@ def sidecar_table(metrics: dict[str, Any]) -> str:
                 str(rank),
                 label(name),
                 fmt(c.get("lm_loss")),
-                f"{fmt_signed(increase)} {fmt_interval(c.get('lm_loss_increase_interval'))}",
+                with_interval(increase, c.get("lm_loss_increase_interval"), fmt_signed),
                 fmt(c.get("jacobian_rel_error")),
                 fmt(c.get("jacobian_ratio")),
                 fmt(c.get("output_cosine")),

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from pipeline.common.tables import markdown_table
+from pipeline.common.tables import markdown_table, spec, with_interval
 from pipeline.sparse_autoencoder.exemplars import TopExemplars
 
 NONE = "–"
@@ -187,7 +187,7 @@ def _splice_section(metrics: dict[str, Any]) -> list[str]:
     lines += markdown_table(header, rows, align="llrrrr")
     interval = ablation["loss_increase_ci"]
     if interval is not None and interval[0] <= 0:
-        raised = _with_interval(ablation["loss_increase"], interval, "+.4f")
+        raised = with_interval(ablation["loss_increase"], interval, spec("+.4f"))
         lines += [
             "",
             f"Mean ablation raises the loss by {raised} "
@@ -199,16 +199,10 @@ def _splice_section(metrics: dict[str, Any]) -> list[str]:
 
 
 def _splice_row(label: str, what: str, scores: dict[str, Any]) -> list[str]:
-    recovered = _with_interval(scores["loss_recovered"], scores["loss_recovered_ci"], "+.3f")
-    increase = _with_interval(scores["loss_increase"], scores["loss_increase_ci"], "+.4f")
+    recovered = with_interval(scores["loss_recovered"], scores["loss_recovered_ci"], spec("+.3f"))
+    increase = with_interval(scores["loss_increase"], scores["loss_increase_ci"], spec("+.4f"))
     lm_loss, explained = f"{scores['lm_loss']:.4f}", _number(scores["explained_variance"])
     return [label, what, lm_loss, recovered, increase, explained]
-
-
-def _with_interval(value: float, interval: list[float] | None, spec: str) -> str:
-    if interval is None:
-        return format(value, spec)
-    return f"{value:{spec}} [{interval[0]:{spec}}, {interval[1]:{spec}}]"
 
 
 def _cross_seed_line(metrics: dict[str, Any], cross: dict[str, Any]) -> str:

@@ -107,6 +107,9 @@ def test_page_and_numbers_from_three_files(tmp_path):
         ({"n": 0}, "n: expected a positive integer"),
         ({"control": ""}, "control: expected a non-empty string"),
         ({"colour": "red"}, "unknown keys ['colour']"),
+        ({"rows": 10}, "rows and min_rows come together"),
+        ({"rows": -1, "min_rows": 30}, "rows: expected an integer >= 0 or null, got -1"),
+        ({"rows": 10, "min_rows": 2.5}, "min_rows: expected an integer >= 0 or null, got 2.5"),
     ],
 )
 def test_broken_entries_name_the_file_and_key(tmp_path, change, message):
@@ -133,3 +136,14 @@ def test_two_headlines_of_one_name_in_a_branch_are_refused():
 def test_check_entry_returns_a_valid_entry_unchanged():
     assert check_entry(entry(), "x") == entry()
     assert squeeze(summary_table([entry()])).count("\n| sidecar |") == 1
+
+
+def test_a_headline_on_fewer_rows_than_its_minimum_is_shown_as_such():
+    few, enough = entry(rows=10, min_rows=30), entry(rows=30, min_rows=30)
+    row = squeeze(summary_table([few])).splitlines()[6].split(" | ")
+    # The value and the control (on the same rows) are marks, not numbers among numbers.
+    assert row[2:5] == ["n=10 < 30", "window mean", "n=10 < 30"]
+    row = squeeze(summary_table([enough])).splitlines()[6].split(" | ")
+    assert row[2:5] == ["0.25 [0.1, 0.4]", "window mean", "0.5 [0.3, 0.7]"]
+    # The JSON keeps the number either way.
+    assert summary_numbers([few])["sidecar"]["lm_loss_increase_over_dense"]["value"] == 0.25

@@ -11,9 +11,11 @@ from sklearn.feature_extraction.text import CountVectorizer
 
 from pipeline.common.checkpoints import save_checkpoint
 from pipeline.common.params import load_params
+from pipeline.common.summary import check_entry, summary_table
 from pipeline.concepts import distill, evaluate
 from pipeline.concepts.comparison import (
     CHAR_BASELINE,
+    Rests,
     Row,
     TeacherFacts,
     char_entry,
@@ -32,11 +34,14 @@ from pipeline.concepts.students import (
     load_student,
 )
 from tests.conftest import build_params, make_direction_set
+from tests.tables import squeeze
 
 CHAR = RunParams("char_cnn", embed_dim=4, channels=6, kernel_size=3, hidden_dim=8)
 DISTILLED = RunParams("distilled", embed_dim=3, hidden_dim=8)
 WORDS = ["café", "walk", "walked", "jump", "a", "naïve", "über", "x-ray"] * 5  # 40 concepts
 TEACHER = TeacherFacts("synthetic", 2, "last", "")
+COUNTS = {"train": 70, "val": 40, "test": 40, "test_seen": 5, "test_unseen": 35}
+RESTS = Rests(COUNTS, min_rows=30)
 
 
 def build(run: RunParams, data: DirectionSet) -> torch.nn.Module:
@@ -308,24 +313,36 @@ ROWS = [
 
 
 def test_char_entry_is_picked_on_val_against_the_bag_of_characters_baseline():
-    entry = char_entry(ROWS, "text", TEACHER)
+    entry = char_entry(ROWS, "text", TEACHER, RESTS)
     assert entry["value"] == 0.30 and "(char_a)" in entry["metric"]
+    # It rests on the 35 unseen-token test concepts, not on all 40.
+    assert (entry["rows"], entry["min_rows"]) == (35, 30)
     # t-interval of [0.29, 0.31]: mean 0.30, s = 0.01414, t(0.975, 1) = 12.706.
     assert entry["interval"] == pytest.approx([0.30 - 0.127062, 0.30 + 0.127062], abs=1e-5)
     assert entry["control_value"] == 0.25 and CHAR_BASELINE in entry["control"]
     assert entry["downstream_value"] == 0.01 and entry["n"] == 2
     # Without the baseline (or without unseen-token concepts) there is no entry.
-    assert char_entry([r for r in ROWS if r.name != CHAR_BASELINE], "text", TEACHER) is None
+    assert char_entry([r for r in ROWS if r.name != CHAR_BASELINE], "text", TEACHER, RESTS) is None
+
+
+def test_a_char_headline_on_too_few_unseen_token_concepts_is_marked_on_the_summary_page():
+    few = Rests(COUNTS | {"test_seen": 30, "test_unseen": 10}, min_rows=30)
+    entry = check_entry(char_entry(ROWS, "text", TEACHER, few), "char")
+    row = squeeze(summary_table([entry])).splitlines()[6].split(" | ")
+    # value and control (same 10 concepts) are marks; the JSON keeps the numbers.
+    assert row[2:5] == ["n=10 < 30", f"{CHAR_BASELINE}, same concepts", "n=10 < 30"]
+    assert entry["value"] == 0.30 and entry["control_value"] == 0.25
 
 
 def test_distilled_entry_reports_size_next_to_frozen_mlp():
-    entry = distilled_entry(ROWS, "text", TEACHER)
+    entry = distilled_entry(ROWS, "text", TEACHER, RESTS)
     assert entry["value"] == 0.56 and entry["interval"] == [0.55, 0.57]
     assert entry["control_value"] == 0.68 and entry["control_interval"] == [0.67, 0.69]
     assert entry["downstream_value"] == 1000
     assert entry["downstream"] == "inference size in bytes: 1KB vs 48MB for frozen"
-    assert distilled_entry([r for r in ROWS if r.approach != "distilled"], "text", TEACHER) is None
-    table = comparison_table(ROWS, (1,), "text", TEACHER)
+    rows = [r for r in ROWS if r.approach != "distilled"]
+    assert distilled_entry(rows, "text", TEACHER, RESTS) is None
+    table = comparison_table(ROWS, (1,), "text", TEACHER, RESTS)
     assert "vs the teacher rows: dist_a: 0.9000" in table
 
 

@@ -80,20 +80,34 @@ def fit_exact_probe(model: torch.nn.Module, data: DirectionSet) -> None:
         model.head.bias.copy_(solution[-1])
 
 
+RISING = (0.2, 0.5)
+"""A val curve well above the train-mean baseline's val cos_sim (0)."""
+FLAT = (0.0, 0.0)
+"""A val curve that never leaves the baseline's interval: its best epoch is noise."""
+
+
 def write_run(
-    distill: Path, name: str, data: DirectionSet, exact: bool = False, seeds: tuple = (0,)
+    distill: Path,
+    name: str,
+    data: DirectionSet,
+    exact: bool = False,
+    seeds: tuple = (0,),
+    curve: tuple[float, ...] = RISING,
 ) -> torch.nn.Module:
-    """One checkpoint per seed (seed s: torch.manual_seed(s) init) and the run's config;
-    returns the first seed's model."""
-    models = [write_seed(distill, name, data, exact, seed) for seed in seeds]
+    """One checkpoint per seed (seed s: torch.manual_seed(s) init), the run's config and
+    its dvclive val curve `curve` (the run's and each seed's); returns the first seed's
+    model."""
+    models = [write_seed(distill, name, data, exact, seed, curve) for seed in seeds]
     write_json(distill / name / "config.json", {"run": name, "seeds": list(seeds)})
-    with open_live(distill.parent / "live" / name) as live:
-        log_row(live, {"epoch": 1, "train_loss": 0.9, "val_cos": 0.2}, step="epoch")
-        log_row(live, {"epoch": 2, "train_loss": 0.5, "val_cos": 0.5}, step="epoch")
+    live = distill.parent / "live" / name
+    for folder in (live, *(seed_folder(live, seed) for seed in seeds)):
+        with open_live(folder) as logger:
+            for epoch, val in enumerate(curve, 1):
+                log_row(logger, {"epoch": epoch, "train_loss": 0.5, "val_cos": val}, step="epoch")
     return models[0]
 
 
-def write_seed(distill: Path, name: str, data: DirectionSet, exact: bool, seed: int):
+def write_seed(distill: Path, name: str, data: DirectionSet, exact: bool, seed: int, curve):
     spec = RunParams(**RUNS[name])
     table = (data.embedding_token_ids, data.embedding_rows)
     torch.manual_seed(seed)
@@ -113,8 +127,9 @@ def write_seed(distill: Path, name: str, data: DirectionSet, exact: bool, seed: 
         "layer": LAYER,
         "trainable_params": trainable,
         "inference_bytes": inference_bytes(spec.approach, trainable, data.vocab_size, emb_dim),
-        "best_epoch": 2,
-        "best_val_cos": 0.5,
+        "best_epoch": curve.index(max(curve)) + 1,
+        "best_val_cos": max(curve),
+        "train": {"epochs": len(curve)},
     }
     save_checkpoint(seed_folder(distill / name, seed), model.state_dict(), config)
     return model.eval()
@@ -133,7 +148,7 @@ def setup(tmp_path):
     data = DirectionSet(directions, LAYER)
     distill = tmp_path / "distill"
     models = {"linear_probe": write_run(distill, "linear_probe", data, exact=True)}
-    models["tiny"] = write_run(distill, "tiny", data)
+    models["tiny"] = write_run(distill, "tiny", data, curve=FLAT)
     return build_params(**SECTIONS), directions, distill, data, models
 
 
@@ -159,7 +174,16 @@ def test_evaluate_end_to_end(setup, tmp_path):
         assert probe[key] == pytest.approx(1.0, abs=1e-5)
     assert probe["test_top1"] == 1.0 and probe["test_top10"] == 1.0
     assert probe["gap"] == pytest.approx(0.0, abs=1e-5)
-    assert probe["trainable_params"] == 8 * 16 + 16 and probe["seeds"]["0"]["best_epoch"] == 2
+    assert probe["trainable_params"] == 8 * 16 + 16
+    assert {k: probe["seeds"]["0"][k] for k in ("best_epoch", "epochs", "chosen_on_noise")} == {
+        "best_epoch": 2,
+        "epochs": 2,
+        "chosen_on_noise": False,
+    }
+    # The untrained student's flat curve never left the train-mean baseline's interval.
+    noise = results["tiny"]["seeds"]["0"]
+    assert noise["chosen_on_noise"] is True and noise["best_epoch"] == 1
+    assert noise["val_half_width"] > 0
     assert probe["num_seeds"] == 1 and probe["test_cos_ci95_low"] is None
 
     # The untrained student's score equals the one computed directly from its predictions.
@@ -183,6 +207,16 @@ def test_evaluate_end_to_end(setup, tmp_path):
     assert lines[0] == title
     assert lines[4].startswith("| Linear Probe | 144 | ")
     assert "*" in lines[4].split(" | ")[2]
+    # Best epochs per seed (of 2), the untrained student's marked as chosen on noise; the
+    # baselines below the separator.
+    assert lines[4].split(" | ")[5] == "2 of 2" and lines[5].split(" | ")[5] == "1† of 2"
+    assert lines[6].startswith("| *baselines and controls (no training):* |")
+    assert any(line.startswith("† chosen on noise") for line in lines)
+    header = lines[2].split(" | ")
+    assert header[3:5] == [
+        f"Train cos_sim (n={counts['train']})",
+        f"Val cos_sim (n={counts['val']})",
+    ]
     assert "\\* needs the teacher's embedding table at inference" in lines
     seed_rows = [line for line in lines if line.startswith("| Linear Probe | 1 |")]
     assert seed_rows == ["| Linear Probe | 1 | 1.0000 | — | — |"]

@@ -11,6 +11,7 @@ from pipeline.common.intervals import t_interval
 from pipeline.common.summary import check_entry
 from pipeline.common.teacher import RANDOM_WEIGHTS_CAVEAT
 from pipeline.concepts.comparison import (
+    Rests,
     Row,
     TeacherFacts,
     comparison_table,
@@ -23,9 +24,11 @@ from pipeline.concepts.comparison import (
 from pipeline.concepts.params import RunParams
 from pipeline.concepts.scores import (
     concept_embeddings,
+    half_width,
     knn_predict,
     mean_cosine,
     mean_over_seeds,
+    never_left,
     retrieval_ranks,
     row_cosine,
     split_metrics,
@@ -192,34 +195,93 @@ def _metrics(test_cos: float | None, params: int | None = None, size: int | None
     }
 
 
-def test_comparison_table_best_first_with_footnote():
+COUNTS = {"train": 70, "val": 40, "test": 40, "test_seen": 10, "test_unseen": 30}
+RESTS = Rests(COUNTS, min_rows=30)
+FLAT = [0.001, 0.003, 0.002, 0.0, 0.002]
+"""A val curve that never leaves the baseline's interval (0 +/- 0.005): its best epoch,
+2, is noise."""
+RISING = [0.01, 0.1, 0.3, 0.45, 0.5]
+
+
+def _trained(test_cos: float, params: int, size: int, curves: list[list[float]]) -> dict:
+    """A trained row whose seeds' best epochs and noise flags come from their val curves,
+    against the train-mean baseline's val cos 0 with a half width of 0.005."""
+    seeds = {
+        str(i): {
+            "best_epoch": curve.index(max(curve)) + 1,
+            "epochs": len(curve),
+            "chosen_on_noise": never_left(curve, 0.0, 0.005),
+        }
+        for i, curve in enumerate(curves)
+    }
+    return _metrics(test_cos, params, size) | {"num_seeds": len(curves), "seeds": seeds}
+
+
+def test_never_left_flags_a_flat_val_curve_and_not_a_rising_one():
+    assert never_left(FLAT, baseline=0.0, width=0.005) is True
+    assert never_left(RISING, baseline=0.0, width=0.005) is False
+    # The bound itself is inside the interval; just above it is out.
+    assert never_left([0.0, 0.005], 0.0, 0.005) and not never_left([0.0, 0.0051], 0.0, 0.005)
+    assert never_left(FLAT, 0.0, None) is None
+    # [1, 2, 3, 4]: sd = sqrt(5/3), se = sd / 2, half width = 1.959964 * se = 1.2651.
+    assert half_width(torch.tensor([1.0, 2.0, 3.0, 4.0])) == pytest.approx(1.2651, abs=1e-4)
+    assert half_width(torch.tensor([0.5])) is None
+
+
+def test_comparison_table_known_text_counts_minimum_best_epoch_noise_and_blocks():
     rows = [
-        Row("t", "Trainable e=64,h=256", _metrics(0.8951, 10_000_000, 40_000_000)),
+        Row("t", "Trainable e=64,h=256", _trained(0.9071, 10_000_000, 40_000_000, [FLAT, FLAT])),
         Row("m", "Baseline: train mean", _metrics(None)),
-        Row("f", "Frozen+MLP h=64", _metrics(0.9019, 132_000, 600_000_000), frozen=True),
-        Row("p", "Linear Probe", _metrics(0.9062, 1_050_000, 600_000_000), frozen=True),
+        Row("k", "Baseline: kNN", _metrics(0.95)),  # best on test, still below the students
+        Row("f", "Frozen+MLP h=64", _trained(0.9019, 132_000, 600_000_000, [RISING, FLAT]), True),
+        Row("p", "Linear Probe", _trained(0.9062, 1_050_000, 600_000_000, [RISING]), frozen=True),
     ]
-    lines = squeeze(comparison_table(rows, ks=(1, 10), split_by="text", teacher=TEACHER))
-    lines = lines.splitlines()
+    text = squeeze(
+        comparison_table(rows, ks=(1, 10), split_by="text", teacher=TEACHER, rests=RESTS)
+    )
+    lines = text.splitlines()
     assert lines[0] == (
         "# Concept directions: data/teachers/all-minilm-l6-v2, hidden_states[6], mean pooling; "
         "concepts split by text"
     )
-    lines = lines[2:]
-    assert "Test top-10" in lines[0] and "Test cos (unseen tokens)" in lines[0]
-    body = [line.split(" | ") for line in lines[2:6]]
-    assert [cells[0].lstrip("| ") for cells in body] == [
-        "Linear Probe",
-        "Frozen+MLP h=64",
-        "Trainable e=64,h=256",
-        "Baseline: train mean",
+    assert [lines[2], *lines[4:10]] == [
+        "| Approach | Trainable Params | Inference Size | Train cos_sim (n=70) | "
+        "Val cos_sim (n=40) | Best epoch (per seed) | Test cos_sim (n=40) | Gap | Test top-1 | "
+        "Test top-10 | Test cos, seen tokens (n=10) | Test cos, unseen tokens (n=30) |",
+        # Trained rows first, by test cos_sim; the seen-token column rests on 10 < 30 concepts.
+        "| Trainable e=64,h=256 | 10M | 40MB | 0.9500 | 0.9000 | 2†, 2† of 5 | 0.9071 | 0.0500 | "
+        "50.0% | 87.5% | n=10 < 30 | — |",
+        "| Linear Probe | 1.05M | 600MB* | 0.9500 | 0.9000 | 5 of 5 | 0.9062 | 0.0500 | 50.0% | "
+        "87.5% | n=10 < 30 | — |",
+        "| Frozen+MLP h=64 | 132K | 600MB* | 0.9500 | 0.9000 | 5, 2† of 5 | 0.9019 | 0.0500 | "
+        "50.0% | 87.5% | n=10 < 30 | — |",
+        "| *baselines and controls (no training):* | | | | | | | | | | | |",
+        "| Baseline: kNN | — | — | 0.9500 | 0.9000 | — | 0.9500 | 0.0500 | 50.0% | 87.5% | "
+        "n=10 < 30 | — |",
+        "| Baseline: train mean | — | — | 0.9500 | 0.9000 | — | — | 0.0500 | 50.0% | 87.5% | "
+        "n=10 < 30 | — |",
     ]
-    assert body[0][1:3] == ["1.05M", "600MB*"]
-    assert body[1][1:3] == ["132K", "600MB*"]
-    assert body[2][1:3] == ["10M", "40MB"]
-    assert body[0][5] == "0.9062" and body[0][7] == "50.0%" and body[0][8] == "87.5%"
-    assert body[3][5] == "—" and body[0][10].rstrip(" |") == "—"
-    assert lines[7] == "\\* needs the teacher's embedding table at inference"
+    assert lines[11].startswith("n: the concepts each column is a mean over; a metric over fewer")
+    assert "Test top-1/top-10: each of the 40 test concepts" in lines[11]
+    assert lines[13] == "\\* needs the teacher's embedding table at inference"
+    assert lines[15].startswith("† chosen on noise: that seed's val cos_sim never rose above")
+    # With every seed's curve rising, no mark and no footnote.
+    rising = [Row("p", "Linear Probe", _trained(0.9062, 1, 1, [RISING, RISING]))]
+    text = comparison_table(rising, ks=(1,), split_by="text", teacher=TEACHER, rests=RESTS)
+    assert "5, 5 of 5" in text and "†" not in text
+
+
+def test_a_split_column_below_the_minimum_is_marked_in_every_row():
+    rows = [Row("p", "Linear Probe", _trained(0.9062, 1, 1, [RISING]))]
+    few = Rests(COUNTS | {"val": 12}, min_rows=30)
+    text = squeeze(comparison_table(rows, ks=(1,), split_by="text", teacher=TEACHER, rests=few))
+    header, _, body = text.splitlines()[2:5]
+    assert "| Val cos_sim (n=12) |" in header
+    assert body.split(" | ")[4] == "n=12 < 30"
+    # At the minimum itself the number is shown.
+    exact = Rests(COUNTS | {"val": 30}, min_rows=30)
+    text = squeeze(comparison_table(rows, ks=(1,), split_by="text", teacher=TEACHER, rests=exact))
+    assert text.splitlines()[4].split(" | ")[4] == "0.9000"
 
 
 def test_t_interval_known_answer():
@@ -257,18 +319,21 @@ def test_seed_table_marks_rows_whose_interval_overlaps_the_next():
         Row("k", "kNN", {"test_cos": 0.695}),  # deterministic point, inside C's interval
         Row("s", "Single", _seeded(0.60, None, n=1)),  # one seed: no interval
     ]
-    lines = squeeze(comparison_table(rows, ks=(1,), split_by="stem", teacher=TEACHER))
-    lines = lines.splitlines()
-    assert lines[-9].endswith("concepts split by stem (wordlist.split_by):")
+    text = comparison_table(rows, ks=(1,), split_by="stem", teacher=TEACHER, rests=RESTS)
+    lines = squeeze(text).splitlines()
+    assert lines[-10].endswith("concepts split by stem (wordlist.split_by):")
     table = lines[
         lines.index("| Approach | Seeds | Test cos_sim (mean) | 95% interval | Overlaps next |") :
     ]
+    # Baselines in their own block: kNN is not ranked between C and Single, and C's
+    # overlap with it is not an overlap with the next trained row.
     assert table[2:] == [
         "| A | 3 | 0.9000 | [0.8900, 0.9100] | yes |",
         "| B | 3 | 0.8950 | [0.8850, 0.9050] | no |",
-        "| C | 3 | 0.7000 | [0.6900, 0.7100] | yes |",
-        "| kNN | — | 0.6950 | exact | — |",
+        "| C | 3 | 0.7000 | [0.6900, 0.7100] | — |",
         "| Single | 1 | 0.6000 | — | — |",
+        "| *baselines and controls (no training):* | | | | |",
+        "| kNN | — | 0.6950 | exact | — |",
     ]
     assert overlaps((0.1, 0.2), (0.2, 0.3)) and not overlaps((0.1, 0.2), (0.21, 0.3))
     assert overlaps(None, (0.1, 0.2)) is None
@@ -277,7 +342,7 @@ def test_seed_table_marks_rows_whose_interval_overlaps_the_next():
 def test_the_title_of_a_random_weight_teacher_says_so():
     tiny = TeacherFacts("data/teachers/tiny-qwen3", 2, "last", RANDOM_WEIGHTS_CAVEAT)
     rows = [Row("p", "Linear Probe", _metrics(0.5), frozen=True)]
-    title = comparison_table(rows, ks=(1,), split_by="stem", teacher=tiny).splitlines()[0]
+    title = comparison_table(rows, (1,), "stem", tiny, RESTS).splitlines()[0]
     assert title == (
         "# Concept directions: data/teachers/tiny-qwen3, hidden_states[2], last pooling; "
         "concepts split by stem (random-weight teacher: these numbers test the code, not "
@@ -297,7 +362,7 @@ def test_summary_picks_student_and_control_on_val_and_reports_their_test_numbers
         Row("m", "Baseline: train mean", {"val_cos": 0.0, "test_cos": 0.0}),
         Row("k", "Baseline: kNN k=10 (teacher embeddings)", {"val_cos": 0.6, "test_cos": 0.58}),
     ]
-    (block,) = summary(rows, "stem", TEACHER)
+    (block,) = summary(rows, "stem", TEACHER, RESTS)
     assert block == {
         "branch": "concept directions",
         "metric": "test cos_sim of the best student on val (Linear Probe), mean over seeds; "
@@ -312,6 +377,8 @@ def test_summary_picks_student_and_control_on_val_and_reports_their_test_numbers
         "downstream_value": None,
         "teacher": "data/teachers/all-minilm-l6-v2",
         "n": 3,
+        "rows": 40,
+        "min_rows": 30,
         "caveat": None,
     }
     check_entry(block, "concepts")
@@ -320,10 +387,10 @@ def test_summary_picks_student_and_control_on_val_and_reports_their_test_numbers
 def test_summary_of_one_seed_has_no_interval_and_names_the_caveat():
     tiny = TeacherFacts("data/teachers/tiny-qwen3", 2, "last", RANDOM_WEIGHTS_CAVEAT)
     rows = [Row("p", "Linear Probe", _picked(0.5, 0.4, None, n=1))]
-    (block,) = summary(rows, "text", tiny)
+    (block,) = summary(rows, "text", tiny, RESTS)
     assert block["interval"] is None and block["n"] == 1 and block["value"] == 0.4
     assert block["metric"].endswith("concepts split by text")
     assert block["caveat"] == RANDOM_WEIGHTS_CAVEAT
     assert block["control"] is None and block["control_value"] is None
     baseline_only = [Row("m", "Baseline: train mean", {"val_cos": 0.0, "test_cos": 0.0})]
-    assert summary(baseline_only, "text", tiny) == []
+    assert summary(baseline_only, "text", tiny, RESTS) == []
