@@ -16,6 +16,7 @@ its own shards and rank 0 writes the manifest (`pipeline/common/extraction.py`).
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Annotated
@@ -41,6 +42,7 @@ from pipeline.concepts.params import DirectionsParams
 from pipeline.inputs.words import read_concepts
 
 PARAMS = Path("params.yaml")
+log = logging.getLogger(__name__)
 
 EXTRACTION = ShardedExtraction(
     "directions", KIND, __name__, result_neutral=("batch_size", "device", "padding_side")
@@ -62,6 +64,8 @@ def run(params: DirectionsParams, wordlist: Path, out: Path) -> dict:
         model_key="directions.model",
     )
     teacher.tokenizer.padding_side = params.padding_side
+    if params.pooling == "last" and not teacher.causal:
+        log.warning(encoder_last_pooling(teacher, params.templates[0]))
     row_bytes = teacher.hidden_size * len(params.layers) * DTYPES[params.storage_dtype].itemsize
     plan = ShardPlan(
         num_rows=concepts.num_rows,
@@ -83,6 +87,25 @@ def run(params: DirectionsParams, wordlist: Path, out: Path) -> dict:
     if not done.world.is_main:
         return done.rank_stats
     return {"concepts": concepts.num_rows} | done.stats(started)
+
+
+def encoder_last_pooling(teacher: Teacher, template: str) -> str:
+    """The warning for `pooling: last` on an encoder (blocks at `encoder.layer`, attention
+    both ways: `Teacher.causal` is False): it names the token every prompt ends in, read
+    from the tokenizer, e.g. BERT's `[SEP]`, the same special token for every concept."""
+    tokenizer = teacher.tokenizer
+    last = tokenizer(template.format(concept="x"))["input_ids"][-1]
+    token = tokenizer.convert_ids_to_tokens(last)
+    what = (
+        f"the special token {token!r} that closes every prompt"
+        if last in tokenizer.all_special_ids
+        else f"each prompt's last token (here {token!r})"
+    )
+    return (
+        f"directions.pooling: last on an encoder ({teacher.model_id}, "
+        f"{type(teacher.model).__name__}: it attends both ways and has no causal LM): each "
+        f"direction is the hidden state of {what}; encoders want `pooling: mean`"
+    )
 
 
 def _concept_shard(

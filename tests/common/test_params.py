@@ -122,7 +122,11 @@ def test_real_params_are_the_seed_000_experiment():
     assert params.distill.runs == SEED_RUNS | ISSUE_13_RUNS
     assert params.distill.analogy_runs == ANALOGY_RUNS
     assert params.evaluate == EvaluateParams(
-        knn_k=10, retrieval_k=(1, 10), char_ngrams=(1, 4), ridge_alphas=(1.0, 10.0, 100.0, 1000.0)
+        knn_k=10,
+        retrieval_k=(1, 10),
+        char_ngrams=(1, 4),
+        ridge_alphas=(1.0, 10.0, 100.0, 1000.0),
+        min_rows=30,
     )
 
 
@@ -334,6 +338,7 @@ def test_train_layer_among_several_cached_layers_loads(tmp_path):
         ("distill.runs", {}, "distill.runs is empty"),
         ("evaluate.knn_k", 0, "evaluate.knn_k must be > 0, got 0"),
         ("evaluate.retrieval_k", [1, 0], "evaluate.retrieval_k must be > 0, got 0"),
+        ("evaluate.min_rows", 0, "evaluate.min_rows must be > 0, got 0"),
     ],
 )
 def test_out_of_range_value_names_the_key(tmp_path, dotted, value, expected):

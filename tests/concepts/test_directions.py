@@ -209,3 +209,40 @@ def test_shared_prefix_leaves_every_prompt_a_token(tiny_model):
     _, tokenizer = tiny_model
     encoded = tokenizer([TEMPLATES[1].format(concept=w) for w in WORDS])["input_ids"]
     assert len(shared_prefix(encoded)) >= 2, "the known-answer test must exercise the cache path"
+
+
+def _tiny_bert(folder: Path) -> Path:
+    """A 2-layer BertModel with a WordPiece tokenizer of the test words ([CLS] ... [SEP])."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    folder.mkdir(parents=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "word", '"', "means", *WORDS]
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    BertTokenizerFast(vocab_file=str(folder / "vocab.txt")).save_pretrained(folder)
+    config = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+    )
+    BertModel(config).save_pretrained(folder)
+    return folder
+
+
+def test_last_pooling_on_an_encoder_warns_once_naming_its_token(tmp_path, caplog):
+    bert = _tiny_bert(tmp_path / "bert")
+    wordlist = write_wordlist(tmp_path / "concepts.parquet", WORDS)
+    with caplog.at_level("WARNING", logger="pipeline.concepts.directions"):
+        directions.run(tiny_params(model=str(bert), layers=(2,)), wordlist, tmp_path / "last")
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warning.startswith(f"directions.pooling: last on an encoder ({bert}, BertModel:")
+    assert "the special token '[SEP]' that closes every prompt" in warning
+    assert warning.endswith("encoders want `pooling: mean`")
+    caplog.clear()
+    # Mean pooling on the encoder and last pooling on a decoder are what they should be.
+    with caplog.at_level("WARNING", logger="pipeline.concepts.directions"):
+        params = tiny_params(model=str(bert), layers=(2,), pooling="mean")
+        directions.run(params, wordlist, tmp_path / "mean")
+        directions.run(tiny_params(), wordlist, tmp_path / "decoder")
+    assert [r for r in caplog.records if r.levelname == "WARNING"] == []
