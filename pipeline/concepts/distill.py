@@ -17,7 +17,6 @@ into `<live>/` itself, which the top-level plots of dvc.yaml overlay across runs
 
 from __future__ import annotations
 
-import json
 import shutil
 from dataclasses import fields
 from functools import partial
@@ -185,4 +184,11 @@ def command(
     summary = _run_stage(
         load_params(params, distill=DistillParams), run, directions, out, live, analogies
     )
-    typer.echo(f"distill {run}: {json.dumps(summary)} -> {out}")
+    seeds = ", ".join(
+        f"seed {seed} {m['best_val_cos']:.4f} (epoch {m['best_epoch']})"
+        for seed, m in summary["per_seed"].items()
+    )
+    typer.echo(
+        f"distill {run}: {summary['trainable_params']:,} trainable params; best val cos "
+        f"{seeds} -> {out}"
+    )

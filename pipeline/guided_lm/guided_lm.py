@@ -31,6 +31,7 @@ import typer
 from pipeline.common.io import write_json, write_text
 from pipeline.common.params import Sections, load_params
 from pipeline.common.shards import Manifest
+from pipeline.common.tables import rounded
 from pipeline.guided_lm.data import (
     ChunkSplit,
     ConceptTargets,
@@ -211,4 +212,5 @@ def command(
         {k: row[k] for k in ("train_tokens", "lambda", "heldout_loss", "difference")}
         for row in results["rows"]
     ]
-    typer.echo(f"guided_lm: {json.dumps(headline)} ({time.perf_counter() - started:.1f} s)")
+    took = time.perf_counter() - started
+    typer.echo(f"guided_lm: {json.dumps(rounded(headline))} ({took:.1f} s)")

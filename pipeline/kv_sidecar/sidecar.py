@@ -38,6 +38,7 @@ from pipeline.common.params import Sections, load_params, to_dict
 from pipeline.common.pictures import Panel, bar_chart, line_panels
 from pipeline.common.run_info import INFO, split_info
 from pipeline.common.shards import MANIFEST, sha256_file
+from pipeline.common.tables import rounded
 from pipeline.common.teacher import load_causal_lm, teacher_caveat
 from pipeline.inputs.text_chunks import CorpusChunks
 from pipeline.kv_sidecar.compressors import Compressor, compressor_set
@@ -320,4 +321,4 @@ def command(
         name: {k: results["compressors"][name][k] for k in ("lm_loss_increase", "output_cosine")}
         for name in results["ranking"]
     }
-    typer.echo(f"sidecar: {json.dumps(headline)} -> {out}")
+    typer.echo(f"sidecar: {json.dumps(rounded(headline))} -> {out}")

@@ -50,6 +50,7 @@ from pipeline.common.live import log_row, open_live
 from pipeline.common.params import Sections, load_params, to_dict
 from pipeline.common.pictures import Panel, histogram, line_panels
 from pipeline.common.run_info import INFO, split_info
+from pipeline.common.tables import rounded
 from pipeline.common.teacher import load_causal_lm, teacher_caveat
 from pipeline.inputs.text_chunks import CorpusChunks, load_tokenizer
 from pipeline.sparse_autoencoder.alignment import (
@@ -494,4 +495,4 @@ def command(
     )
     headline = ("reconstruction_r2", "activation_density", "dead_feature_rate", "gini")
     took = f"{time.perf_counter() - started:.1f} s"
-    typer.echo(f"sae: {json.dumps({k: result[k] for k in headline})}, {took} -> {metrics}")
+    typer.echo(f"sae: {json.dumps(rounded({k: result[k] for k in headline}))}, {took} -> {metrics}")

@@ -198,3 +198,7 @@ def test_command_line(direction_set, tmp_path):
     config = json.loads((out / "config.json").read_text())
     assert config["run"] == "probe" and config["train"]["epochs"] == 1
     assert config["per_seed"]["0"]["best_epoch"] == 1
+    # The log line rounds to the table's precision (4 decimals), not a raw float.
+    best = config["per_seed"]["0"]["best_val_cos"]
+    assert f"best val cos seed 0 {best:.4f} (epoch 1) -> {out}" in result.output
+    assert repr(best) not in result.output

@@ -277,6 +277,12 @@ def test_cli_evaluate(setup, tmp_path):
     metrics = json.loads(paths["metrics"].read_text())
     assert set(metrics) == {*RUNS, *BASELINES, "counts", "summary"}
     assert "\n| Linear Probe | 144 | " in squeeze(paths["table"].read_text())
+    # Trained rows and baselines counted apart; the best trained row's number as the table has it.
+    probe = metrics["linear_probe"]["test_cos"]
+    assert (
+        f"evaluate: 2 trained rows, 3 baselines; best trained row on test: linear_probe, "
+        f"test cos {probe:.4f}" in result.output
+    )
 
 
 def test_rows_are_the_mean_over_seeds_with_a_t_interval(tmp_path):
