@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from pipeline.common.bootstrap import paired_interval
-from pipeline.common.tables import markdown_table
+from pipeline.common.tables import counted, markdown_table, over_rows, too_few
 from pipeline.steering_vectors.vector import Deltas, Encoded, SteeringVector, correct
 
 
@@ -215,8 +216,29 @@ def _gain(m: Mapping[str, float], key: str = "gain") -> str:
     )
 
 
-def accuracy_table(summary: Mapping) -> str:
-    """Markdown: per task on test (choices on val), then the combination on the mixed test set."""
+@dataclass(frozen=True)
+class _Over:
+    """The cells of scores over one set of `rows` questions: each marked `n=10 < 30`
+    (`pipeline.common.tables.too_few`) instead of a number below `min_rows`."""
+
+    rows: int
+    min_rows: int
+
+    def pct(self, value: float) -> str:
+        return over_rows(value, self.rows, self.min_rows, _pct)
+
+    def gain(self, m: Mapping[str, float], key: str = "gain") -> str:
+        return too_few(self.rows, self.min_rows) or _gain(m, key)
+
+
+def _test(m: Mapping, min_rows: int) -> _Over:
+    return _Over(m["questions"]["test"], min_rows)
+
+
+def accuracy_table(summary: Mapping, min_rows: int) -> str:
+    """Markdown: per task on test (choices on val), then the combination on the mixed test
+    set; a score over fewer than `min_rows` test questions (`steering.min_rows`) is marked
+    as such."""
     caveat = summary.get("teacher_caveat")
     lines = [
         "# Steering: multiple-choice accuracy on test (every choice made on val)"
@@ -224,7 +246,8 @@ def accuracy_table(summary: Mapping) -> str:
         "",
         f"Model `{summary['model']}`; multi-layer set {summary['layers']}; single-layer "
         f"candidates {summary['single_layers']}. Gain = best coefficient vs unsteered, "
-        "paired BCa bootstrap 95% interval over questions.",
+        f"paired BCa bootstrap 95% interval over questions; a score over fewer than {min_rows} "
+        f"test questions (steering.min_rows) reads `n=<questions> < {min_rows}`.",
         "",
     ]
     header = [
@@ -238,16 +261,16 @@ def accuracy_table(summary: Mapping) -> str:
     ]
     rows = []
     for task, m in summary["tasks"].items():
-        best, coef = m["best_single"], m["best_coefficient"]
+        best, coef, cell = m["best_single"], m["best_coefficient"], _test(m, min_rows)
         rows.append(
             [
                 task,
                 str(m["questions"]["test"]),
-                _pct(m["unsteered"]["test"]),
-                f"{_pct(best['test'])} (L{best['layer']})",
-                _pct(m["multi_layer"]["test"]),
-                f"{_pct(coef['test'])} ({coef['config']} x{coef['coefficient']:g})",
-                _gain(coef),
+                cell.pct(m["unsteered"]["test"]),
+                f"{cell.pct(best['test'])} (L{best['layer']})",
+                cell.pct(m["multi_layer"]["test"]),
+                f"{cell.pct(coef['test'])} ({coef['config']} x{coef['coefficient']:g})",
+                cell.gain(coef),
             ]
         )
     lines += markdown_table(header, rows, align="lrrrrrl")
@@ -267,33 +290,42 @@ def accuracy_table(summary: Mapping) -> str:
         "gain over random [95% CI]",
     ]
     rows = [
-        [task, name, _pct(r["test"]), _gain(r), _pct(r["random_test"]), _gain(r, "over_random")]
+        [task, name, c.pct(r["test"]), c.gain(r), c.pct(r["random_test"]), c.gain(r, "over_random")]
         for task, m in summary["tasks"].items()
+        for c in [_test(m, min_rows)]
         for name, r in _vector_rows(m).items()
     ]
     lines += markdown_table(header, rows, align="llrlrl")
-    lines += _question_tables(summary)
+    lines += _question_tables(summary, min_rows)
     combined = summary.get("combined")
     if combined:
         average, routing = combined["average"], combined["routing"]
+        val, test = (_Over(combined["questions"][s], min_rows) for s in ("val", "test"))
         lines += [
             "",
             f"Combination of {', '.join(combined['tasks'])} on the mixed test set "
             f"({combined['questions']['test']} questions):",
             "",
             *markdown_table(
-                ["method", "val", "test", "gain [95% CI]"],
+                ["method", counted("val", val.rows), counted("test", test.rows), "gain [95% CI]"],
                 [
-                    ["unsteered", *(_pct(combined["unsteered"][s]) for s in ("val", "test")), ""],
+                    [
+                        "unsteered",
+                        val.pct(combined["unsteered"]["val"]),
+                        test.pct(combined["unsteered"]["test"]),
+                        "",
+                    ],
                     [
                         f"weighted average (alpha={average['alpha']:g})",
-                        *(_pct(average[s]) for s in ("val", "test")),
-                        _gain(average),
+                        val.pct(average["val"]),
+                        test.pct(average["test"]),
+                        test.gain(average),
                     ],
                     [
                         f"keyword routing ({_pct(routing['routed_right'])} routed to their task)",
-                        *(_pct(routing[s]) for s in ("val", "test")),
-                        _gain(routing),
+                        val.pct(routing["val"]),
+                        test.pct(routing["test"]),
+                        test.gain(routing),
                     ],
                 ],
                 align="lrrl",
@@ -326,7 +358,7 @@ def _vector_rows(m: Mapping) -> dict[str, Mapping]:
     }
 
 
-def _question_tables(summary: Mapping) -> list[str]:
+def _question_tables(summary: Mapping, min_rows: int) -> list[str]:
     lines = [
         "",
         "Without the question: each test question asked after another test question's "
@@ -350,8 +382,8 @@ def _question_tables(summary: Mapping) -> list[str]:
             task,
             f"{m['no_question']['distinct_contexts']} of {m['questions']['test']}",
             _pct(m["no_question"]["context_changed"]),
-            _pct(m["unsteered"]["test"]),
-            _pct(m["no_question"]["unsteered_test"]),
+            _test(m, min_rows).pct(m["unsteered"]["test"]),
+            _test(m, min_rows).pct(m["no_question"]["unsteered_test"]),
         ]
         for task, m in summary["tasks"].items()
     ]
@@ -368,18 +400,19 @@ def _question_tables(summary: Mapping) -> list[str]:
         [
             task,
             name,
-            _gain(r),
-            _gain(r, "no_question_gain"),
-            _gain(r, "question_effect"),
+            c.gain(r),
+            c.gain(r, "no_question_gain"),
+            c.gain(r, "question_effect"),
             "prior only" if r["prior_only"] else "",
         ]
         for task, m in summary["tasks"].items()
+        for c in [_test(m, min_rows)]
         for name, r in _vector_rows(m).items()
     ]
     return lines + markdown_table(header, rows, align="llllll")
 
 
-def summary_entries(summary: Mapping, branch: str = "steering") -> list[dict]:
+def summary_entries(summary: Mapping, min_rows: int, branch: str = "steering") -> list[dict]:
     """The `summary` block (one entry per task, the first three): the best vector's test
     gain over unsteered, its gain over the random same-norm vector as the control, and its
     gain without the question as the caveat; every number as the table shows it."""
@@ -403,6 +436,8 @@ def summary_entries(summary: Mapping, branch: str = "steering") -> list[dict]:
                 "downstream_value": coef["no_question_gain"],
                 "teacher": summary["model"],
                 "n": m["questions"]["test"],
+                "rows": m["questions"]["test"],
+                "min_rows": min_rows,
                 "caveat": summary.get("teacher_caveat") or None,
             }
         )

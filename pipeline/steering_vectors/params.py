@@ -124,6 +124,9 @@ class SteeringParams:
     equal-weight average when every task has keywords."""
     bootstrap_samples: int = 2000
     """Resamples of the questions for the 95% confidence interval of each gain."""
+    min_rows: int = 30
+    """The fewest questions a table's score may rest on: below it the cell reads
+    `n=10 < 30` instead of a number (the JSON keeps the value), here and in the summary."""
     # Knobs below do not change the result, so dvc.yaml does not list them as deps.
     eval_batch_size: int = 32
     device: str = "auto"
@@ -139,7 +142,7 @@ class SteeringParams:
                 layer_list(f"steering.{key}", value, "give layer indices, all or null")
         if self.position < 0:
             raise ValueError(f"steering.position must be >= 0 (0 = all), got {self.position}")
-        for key in ("epochs", "batch_size", "bootstrap_samples", "eval_batch_size"):
+        for key in ("epochs", "batch_size", "bootstrap_samples", "min_rows", "eval_batch_size"):
             positive(f"steering.{key}", getattr(self, key))
         if not self.lr > 0:
             raise ValueError(f"steering.lr must be > 0, got {self.lr}")

@@ -129,13 +129,13 @@ def run(
     summary["combined"] = (
         combine(model, data, contexts, results, params) if len(tasks) > 1 else None
     )
-    summary["summary"] = summary_entries(summary)
+    summary["summary"] = summary_entries(summary, params.min_rows)
     vectors = {f"{task}.{name}": v for task, r in results.items() for name, v in r.vectors.items()}
     save_vectors(Path(out), vectors, checkpoint_config(params, model, summary))
     measured, info = split_info(summary, ("model", "teacher_caveat", "layers", "single_layers"))
     write_json(Path(metrics), measured, sort_keys=False)
     write_json(Path(out) / INFO, info, sort_keys=False)
-    write_text(Path(table), accuracy_table(summary))
+    write_text(Path(table), accuracy_table(summary, params.min_rows))
     panels = [panel for result in results.values() for panel in result.panels]
     line_panels(Path(plot), f"steering: {params.model}", panels)
     return summary

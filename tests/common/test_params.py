@@ -339,6 +339,7 @@ def test_train_layer_among_several_cached_layers_loads(tmp_path):
         ("evaluate.knn_k", 0, "evaluate.knn_k must be > 0, got 0"),
         ("evaluate.retrieval_k", [1, 0], "evaluate.retrieval_k must be > 0, got 0"),
         ("evaluate.min_rows", 0, "evaluate.min_rows must be > 0, got 0"),
+        ("steering.min_rows", -3, "steering.min_rows must be > 0, got -3"),
     ],
 )
 def test_out_of_range_value_names_the_key(tmp_path, dotted, value, expected):

@@ -175,7 +175,7 @@ def test_summary_block_takes_the_best_vectors_numbers_as_the_table_shows_them():
             },
         },
     }
-    entries = summary_entries(metrics)
+    entries = summary_entries(metrics, min_rows=30)
     assert entries[0] == {
         "branch": "steering",
         "metric": "reasoning: test accuracy gain of the best vector (single_L2 x0.5) "
@@ -191,6 +191,8 @@ def test_summary_block_takes_the_best_vectors_numbers_as_the_table_shows_them():
         "downstream_value": 0.17,
         "teacher": "data/teachers/tiny-qwen3",
         "n": 160,
+        "rows": 160,
+        "min_rows": 30,
         "caveat": None,
     }
     assert all(check_entry(entry, "steering") for entry in entries)
@@ -199,4 +201,4 @@ def test_summary_block_takes_the_best_vectors_numbers_as_the_table_shows_them():
     )
     assert entries[1]["n"] == 102 and entries[1]["value"] == -0.039
     many = {"model": "m", "tasks": {f"t{i}": metrics["tasks"]["math"] for i in range(5)}}
-    assert [e["metric"][:2] for e in summary_entries(many)] == ["t0", "t1", "t2"]
+    assert [e["metric"][:2] for e in summary_entries(many, min_rows=30)] == ["t0", "t1", "t2"]

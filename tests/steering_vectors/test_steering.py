@@ -416,6 +416,9 @@ def test_stage_cli_writes_vectors_metrics_and_table(tmp_path, questions, tiny_qw
     text = squeeze(table.read_text())
     assert "| category | mean difference (x" in text and "gain over random" in text
     assert "| category | 24 |" in text and "keyword routing" in text and "weighted average" in text
+    # 24 test questions per task, below steering.min_rows (30): marks, not numbers.
+    assert "| category | 24 | n=24 < 30 | n=24 < 30 (L3) | n=24 < 30 |" in text
+    assert "| method | val (n=48) | test (n=48) | gain [95% CI] |" in text
     assert "gain without question [95% CI]" in text and "| prior only |" in text
     assert "| arithmetic | plus, minus | 24 | 100.0% | 100.0% |" in text
 
