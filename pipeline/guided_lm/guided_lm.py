@@ -187,9 +187,9 @@ def run(
             "concepts_not_one_word": targets.skipped,
         },
     }
-    results["summary"] = summary(results)
+    results["summary"] = summary(results, gp.min_rows)
     write_json(metrics, results)
-    write_text(table, guided_table(results))
+    write_text(table, guided_table(results, gp.min_rows))
     plot_data_efficiency(plot_path, results)
     write_curve(curve, results)
     return results

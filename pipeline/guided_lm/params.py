@@ -45,12 +45,17 @@ class GuidedLmParams:
     threads: int = 1
     """torch intra-op threads (results are bit-reproducible at a fixed count)."""
     eval_batch_size: int = 64
+    min_rows: int = 30
+    """The fewest held-out occurrences a cos in the table may rest on: below it the cell
+    reads `n=10 < 30` instead of a number (the JSON keeps the value), here and in the
+    summary."""
 
     def __post_init__(self) -> None:
         for name in ("d_model", "num_layers", "num_heads", "ffn_dim", "steps", "batch_size"):
             positive(f"guided_lm.{name}", getattr(self, name))
         positive("guided_lm.threads", self.threads)
         positive("guided_lm.eval_batch_size", self.eval_batch_size)
+        positive("guided_lm.min_rows", self.min_rows)
         if self.d_model % self.num_heads:
             raise ValueError(
                 f"guided_lm.d_model={self.d_model} is not a multiple of "

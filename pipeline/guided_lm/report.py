@@ -17,7 +17,7 @@ from typing import Any
 from pipeline.common.intervals import t_interval
 from pipeline.common.io import write_text
 from pipeline.common.pictures import Panel, line_panels
-from pipeline.common.tables import fmt, fmt_signed, markdown_table, with_interval
+from pipeline.common.tables import counted, fmt, markdown_table, over_rows, spec, with_interval
 
 BRANCH = "guided LM"
 INTERVAL_KIND = "t 95% over seeds"
@@ -92,8 +92,17 @@ def title(metrics: dict[str, Any]) -> str:
     return text + (f" ({caveat})" if caveat else "")
 
 
-def guided_table(metrics: dict[str, Any]) -> str:
+LOSS, DIFFERENCE = spec(".4f"), spec("+.4f")
+"""The table's precision: nats/token and cos to 4 decimals, a difference signed."""
+
+
+def guided_table(metrics: dict[str, Any], min_rows: int) -> str:
+    """The table: per size and lambda, the held-out loss, its difference to lambda = 0 and
+    the aux / probe cos on held-out occurrences of train- and test-split concepts, each
+    column naming its rows; a cos over fewer than `min_rows` occurrences
+    (`guided_lm.min_rows`) reads `n=<occurrences> < min_rows`."""
     counts = metrics["counts"]
+    on = {split: counts[f"heldout_{split}_occurrences"] for split in ("train", "test")}
     lines = [
         title(metrics),
         "",
@@ -109,25 +118,35 @@ def guided_table(metrics: dict[str, Any]) -> str:
         f"test-split ({counts['heldout_test_occurrences']:,}) concepts, of the learned aux map "
         "(lambda > 0) and of a least-squares probe fitted on the frozen hidden states of the "
         "train occurrences (every lambda: the probe on lambda = 0 is the control for "
-        "'the supervision takes').",
+        "'the supervision takes'); a cos over fewer than "
+        f"{min_rows} occurrences (guided_lm.min_rows) reads `n=<occurrences> < {min_rows}`.",
         "",
     ]
     header = [
         "train tokens",
         "lambda",
-        "held-out loss [interval]",
+        counted("held-out loss [interval]", counts["heldout_chunks"]),
         "difference vs lambda=0 [interval]",
-        "aux cos train / test",
-        "probe cos train / test",
+        *(
+            f"{kind} cos {counted('train', on['train'])} / {counted('test', on['test'])}"
+            for kind in ("aux", "probe")
+        ),
     ]
+
+    def cos(row: dict[str, Any], kind: str) -> str:
+        return " / ".join(
+            over_rows(row[f"{kind}_cos_{split}"], on[split], min_rows, LOSS)
+            for split in ("train", "test")
+        )
+
     body = [
         [
             f"{row['train_tokens']:,}",
             fmt(row["lambda"]),
-            with_interval(row["heldout_loss"], row["heldout_loss_interval"]),
-            with_interval(row["difference"], row["difference_interval"], fmt_signed),
-            f"{fmt(row['aux_cos_train'])} / {fmt(row['aux_cos_test'])}",
-            f"{fmt(row['probe_cos_train'])} / {fmt(row['probe_cos_test'])}",
+            with_interval(row["heldout_loss"], row["heldout_loss_interval"], LOSS),
+            with_interval(row["difference"], row["difference_interval"], DIFFERENCE),
+            cos(row, "aux"),
+            cos(row, "probe"),
         ]
         for row in metrics["rows"]
     ]
@@ -135,10 +154,11 @@ def guided_table(metrics: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def summary(metrics: dict[str, Any]) -> list[dict[str, Any]]:
+def summary(metrics: dict[str, Any], min_rows: int) -> list[dict[str, Any]]:
     """Held-out loss of the largest lambda at the largest and the smallest size, each next
     to lambda = 0 at equal tokens (downstream: the paired difference); and the aux map's
-    held-out cos next to the probe on the lambda = 0 model."""
+    held-out cos next to the probe on the lambda = 0 model, with the occurrences it rests
+    on (`rows`) and `min_rows`."""
     rows, lam = metrics["rows"], max(metrics["lambdas"])
     sizes = sorted({r["fraction"] for r in rows})
     caveat = metrics["caveat"] or None
@@ -181,6 +201,8 @@ def summary(metrics: dict[str, Any]) -> list[dict[str, Any]]:
                 "downstream_value": None,
                 "teacher": teacher,
                 "n": largest["n"],
+                "rows": metrics["counts"]["heldout_train_occurrences"],
+                "min_rows": min_rows,
                 "caveat": caveat,
             }
         )

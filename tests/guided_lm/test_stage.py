@@ -10,11 +10,12 @@ import wordfreq
 from pipeline.common.intervals import t_interval
 from pipeline.common.summary import check_entry
 from pipeline.guided_lm import guided_lm as stage
-from pipeline.guided_lm.report import BUILTIN_CAVEAT, aggregate, summary
+from pipeline.guided_lm.report import BUILTIN_CAVEAT, aggregate, guided_table, summary
 from pipeline.inputs import corpus as corpus_stage
 from pipeline.inputs.params import CorpusParams
 from tests.conftest import build_params, make_direction_set
 from tests.guided_lm.test_guided_lm import SMALL
+from tests.tables import squeeze
 
 
 def _cells(losses: dict[tuple[float, float], list[float]]) -> list[dict]:
@@ -52,8 +53,9 @@ def test_rows_hold_the_mean_the_t_interval_and_the_paired_difference():
     assert small["difference"] == pytest.approx(-0.5)  # (-1, -0.5, 0) paired by seed
     assert small["difference_interval"] == pytest.approx(list(t_interval([-1.0, -0.5, 0.0])))
     assert rows[0]["difference"] is None
+    counts = {"heldout_train_occurrences": 450, "heldout_test_occurrences": 12}
     metrics = {"rows": rows, "lambdas": [0.0, 0.1], "teacher": {"model": "m"}, "caveat": ""}
-    entries = summary(metrics)
+    entries = summary(metrics | {"counts": counts}, min_rows=30)
     for index, entry in enumerate(entries):
         check_entry(entry, f"summary[{index}]")
     largest, smallest, cos = entries
@@ -61,6 +63,40 @@ def test_rows_hold_the_mean_the_t_interval_and_the_paired_difference():
     assert smallest["downstream_value"] == pytest.approx(-0.5) and smallest["n"] == 3
     assert (cos["value"], cos["control_value"]) == pytest.approx((0.5, 0.4))
     assert cos["interval"] == pytest.approx([0.5, 0.5])  # the same 0.5 for every seed
+    assert (cos["rows"], cos["min_rows"]) == (450, 30)
+
+
+def test_the_table_names_its_rows_marks_too_few_and_keeps_one_precision():
+    cells = _cells({(1.0, 0.0): [3.0, 3.0, 3.3], (1.0, 0.1): [2.9, 3.1, 3.0]})
+    counts = {
+        "parameters": 1000,
+        "steps": 5,
+        "batch_size": 2,
+        "heldout_chunks": 30,
+        "heldout_tokens": 2160,
+        "seeds": 3,
+        "supervising_occurrences": 99,
+        "heldout_train_occurrences": 450,
+        "heldout_test_occurrences": 12,
+    }
+    metrics = {
+        "rows": aggregate(cells),
+        "counts": counts,
+        "teacher": {"model": "m", "layer": 2},
+        "caveat": "",
+    }
+    lines = squeeze(guided_table(metrics, min_rows=30)).splitlines()
+    assert lines[4:] == [
+        "| train tokens | lambda | held-out loss [interval] (n=30) | "
+        "difference vs lambda=0 [interval] | aux cos train (n=450) / test (n=12) | "
+        "probe cos train (n=450) / test (n=12) |",
+        lines[5],
+        # 3.1 +- 4.303 * 0.1, the difference (-0.1, 0.1, -0.3): -0.1 +- 4.303 * 0.1155; four
+        # decimals throughout, a difference signed; the 12 test occurrences are too few.
+        "| 1,000 | 0 | 3.1000 [2.6697, 3.5303] | — | — / n=12 < 30 | 0.4000 / n=12 < 30 |",
+        "| 1,000 | 0.1 | 3.0000 [2.7516, 3.2484] | -0.1000 [-0.5968, +0.3968] | "
+        "0.5000 / n=12 < 30 | 0.4000 / n=12 < 30 |",
+    ]
 
 
 @pytest.fixture(scope="module")
