@@ -144,9 +144,18 @@ def is_trained(row: Row) -> bool:
     return "num_seeds" in row.metrics
 
 
+def never_left(curve: Sequence[float], baseline: float, width: float | None) -> bool | None:
+    """Whether a val curve (one value per epoch) never rose above the baseline's interval,
+    `baseline + width`: then its best epoch was picked among noisy values, none of them
+    better than the baseline. None where the width is unknown."""
+    if width is None or not curve:
+        return None
+    return max(curve) <= baseline + width
+
+
 def best_epochs(metrics: dict[str, Any]) -> str:
     """ "20, 27, 1† of 30": each seed's best epoch on val (of the run's epochs), the mark
-    where it was chosen on noise (`pipeline.concepts.scores.never_left`)."""
+    where it was chosen on noise (`never_left`)."""
     seeds = metrics.get("seeds") or {}
     if not seeds or any(seed.get("best_epoch") is None for seed in seeds.values()):
         return MISSING

@@ -44,7 +44,7 @@ import typer
 from torch import Tensor, nn
 
 from pipeline.common.checkpoints import CONFIG, read_config
-from pipeline.common.intervals import t_interval
+from pipeline.common.intervals import half_width, t_interval
 from pipeline.common.io import write_json, write_text
 from pipeline.common.live import read_metric
 from pipeline.common.params import Sections, load_params
@@ -62,6 +62,7 @@ from pipeline.concepts.comparison import (
     analogy_summary,
     analogy_twins,
     comparison_table,
+    never_left,
     run_label,
     summary,
 )
@@ -70,10 +71,8 @@ from pipeline.concepts.params import DistillParams, EvaluateParams
 from pipeline.concepts.scores import (
     char_ngram_ridge_predict,
     concept_embeddings,
-    half_width,
     knn_predict,
     mean_over_seeds,
-    never_left,
     row_cosine,
     split_metrics,
     token_coverage,

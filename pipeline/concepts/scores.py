@@ -19,8 +19,6 @@ from torch import Tensor
 from pipeline.common.splits import SPLITS
 
 EPS = 1e-8
-Z95 = 1.959963984540054
-"""The normal 97.5% quantile: a 95% interval is mean -/+ Z95 standard errors."""
 CHUNK = 1024
 """Query rows per similarity block: bounds memory at CHUNK x pool float64 values."""
 
@@ -34,23 +32,6 @@ def row_cosine(pred: Tensor, target: Tensor, eps: float = EPS) -> Tensor:
 
 def mean_or_none(values: Tensor) -> float | None:
     return float(values.double().mean()) if values.numel() else None
-
-
-def half_width(values: Tensor) -> float | None:
-    """Z95 standard errors of the mean of `values` (N,): the half width of its normal 95%
-    interval over the rows; None below two rows."""
-    if values.numel() < 2:
-        return None
-    return Z95 * float(values.double().std()) / math.sqrt(values.numel())
-
-
-def never_left(curve: Sequence[float], baseline: float, width: float | None) -> bool | None:
-    """Whether a val curve (one value per epoch) never rose above the baseline's interval,
-    `baseline + width`: then its best epoch was picked among noisy values, none of them
-    better than the baseline. None where the width is unknown."""
-    if width is None or not curve:
-        return None
-    return max(curve) <= baseline + width
 
 
 def mean_cosine(pred: Tensor, target: Tensor, eps: float = EPS) -> float | None:

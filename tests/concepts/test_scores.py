@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from pipeline.common.intervals import t_interval
+from pipeline.common.intervals import half_width, t_interval
 from pipeline.common.summary import check_entry
 from pipeline.common.teacher import RANDOM_WEIGHTS_CAVEAT
 from pipeline.concepts.comparison import (
@@ -17,6 +17,7 @@ from pipeline.concepts.comparison import (
     comparison_table,
     human_bytes,
     human_count,
+    never_left,
     overlaps,
     run_label,
     summary,
@@ -24,11 +25,9 @@ from pipeline.concepts.comparison import (
 from pipeline.concepts.params import RunParams
 from pipeline.concepts.scores import (
     concept_embeddings,
-    half_width,
     knn_predict,
     mean_cosine,
     mean_over_seeds,
-    never_left,
     retrieval_ranks,
     row_cosine,
     split_metrics,
