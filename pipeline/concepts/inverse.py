@@ -41,7 +41,7 @@ from torch import Tensor
 from pipeline.common.bootstrap import paired_interval
 from pipeline.common.io import write_json, write_text
 from pipeline.common.params import Sections, load_params
-from pipeline.common.tables import markdown_table
+from pipeline.common.tables import counted, markdown_table
 from pipeline.concepts.layout import DirectionSet
 from pipeline.concepts.params import DistillParams, InverseParams
 from pipeline.concepts.scores import CHUNK, concept_embeddings, row_cosine
@@ -264,7 +264,13 @@ def inverse_table(
         "from both sides (the train-mean control is 0 there by construction)."
     )
     lines.append("")
-    header = ["Map (test)", "cos_sim [95%]", "Centred cos_sim [95%]", "Seed 000"]
+    test = counts["test"]
+    header = [
+        "Map (test)",
+        counted("cos_sim [95%]", test),
+        counted("Centred cos_sim [95%]", test),
+        "Seed 000",
+    ]
     body = [
         [
             "Inverse: direction -> embedding",
@@ -302,7 +308,11 @@ def inverse_table(
     uniform = f"{results['chance_uniform']:.1%}"
     body.append(["Chance: a uniform row (own tokens / rows)", uniform, "—"])
     lines += markdown_table(
-        ["Predicted embedding", "All test concepts [95%]", "Single-token concepts [95%]"],
+        [
+            "Predicted embedding",
+            counted("All test concepts [95%]", test),
+            counted("Single-token concepts [95%]", counts["test_single_token"]),
+        ],
         body,
         align="lrr",
     )

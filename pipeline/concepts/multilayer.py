@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from pipeline.common.intervals import t_interval
 from pipeline.common.io import write_json, write_text
 from pipeline.common.params import Sections, load_params
-from pipeline.common.tables import MISSING, markdown_table
+from pipeline.common.tables import MISSING, counted, markdown_table
 from pipeline.concepts.layout import DirectionSet, LayerStack
 from pipeline.concepts.params import DistillParams, MultilayerParams, RunParams
 from pipeline.concepts.students import FrozenEmbeddingModel, build_model, count_trainable
@@ -262,8 +262,8 @@ def multilayer_table(
     lines.append("")
     header = [
         "Layer",
-        "Multi-head test cos_sim [95%]",
-        "Single-layer test cos_sim [95%]",
+        counted("Multi-head test cos_sim [95%]", results["counts"]["test"]),
+        counted("Single-layer test cos_sim [95%]", results["counts"]["test"]),
         "Multi - single [95%]",
         "Multi-head params (all layers)",
         "Single-layer params (this layer)",

@@ -99,6 +99,9 @@ def test_stage_inverts_a_planted_injective_map_exactly(direction_set, tmp_path):
     assert results["summary"][0]["downstream_value"] == hits["reconstruction"]["value"]
     text = squeeze(table.read_text())
     assert "| Inverse: direction -> embedding | 1.0000 [" in text
+    counts = results["counts"]
+    assert f"| Map (test) | cos_sim [95%] (n={counts['test']}) |" in text
+    assert f"Single-token concepts [95%] (n={counts['test_single_token']}) |" in text
     assert "does not reproduce it" in text
 
 

@@ -136,6 +136,8 @@ def test_stage_writes_per_layer_scores_summary_and_table(two_layers, tmp_path):
     text = squeeze(table.read_text())
     assert "| hidden_states[2] |" in text and "| hidden_states[5] |" in text
     assert f"{results['single_layer_params']:,} (h=14)" in text
+    test = results["counts"]["test"]
+    assert f"| Layer | Multi-head test cos_sim [95%] (n={test}) | Single-layer test" in text
 
 
 def test_one_layer_is_refused_naming_the_keys(tmp_path):
