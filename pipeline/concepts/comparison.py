@@ -160,8 +160,8 @@ def never_left(curve: Sequence[float], baseline: float, width: float | None) -> 
 
 
 def best_epochs(metrics: dict[str, Any]) -> str:
-    """ "20, 27, 1† of 30": each seed's best epoch on val (of the run's epochs), the mark
-    where it was chosen on noise (`never_left`)."""
+    """Each seed's best epoch on val of the run's epochs, marked where it was chosen on
+    noise (`never_left`): `20, 27, 1† of 30`."""
     seeds = metrics.get("seeds") or {}
     if not seeds or any(seed.get("best_epoch") is None for seed in seeds.values()):
         return MISSING
@@ -208,7 +208,11 @@ def ranked(rows: Sequence[Row]) -> tuple[list[Row], list[Row]]:
     return [r for r in ordered if is_trained(r)], [r for r in ordered if not is_trained(r)]
 
 
-def _with_separator(trained: list[list[str]], baselines: list[list[str]], width: int):
+def _with_separator(
+    trained: list[list[str]], baselines: list[list[str]], width: int
+) -> list[list[str]]:
+    """The table body: trained rows, the BASELINE_BLOCK row, baselines (no separator
+    where either block is empty)."""
     if not trained or not baselines:
         return trained + baselines
     return [*trained, [BASELINE_BLOCK] + [""] * (width - 1), *baselines]
