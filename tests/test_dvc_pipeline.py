@@ -395,7 +395,9 @@ def test_a_byte_of_a_local_models_weights_reruns_exactly_the_stages_that_load_it
         assert changed_deps(repo, "steering") == [
             {"changed deps": {"data/identities/steering.json": "modified"}}
         ]
-    assert stages_run(dvc(repo, "repro")) == set(), "the run cache restores steering"
+    # Back to the profile's model: steering runs again (it keeps no run-cache entry: its
+    # table is a `cache: false` out), to the same results.
+    assert stages_run(dvc(repo, "repro")) <= {"steering"} | PAGES
     assert changed_stages(repo) == set()
 
 

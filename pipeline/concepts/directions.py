@@ -53,10 +53,10 @@ def run(params: DirectionsParams, wordlist: Path, out: Path) -> dict:
     concepts = read_concepts(wordlist)
     if concepts.num_rows == 0:
         raise ValueError(f"{wordlist} holds no concepts: nothing to extract")
-    params, model = resolve_model_params(params, "directions")
+    params, identity = resolve_model_params(params, "directions")
     teacher = load_teacher(
         params.model,
-        model.revision,
+        identity.revision,
         params.layers,
         params.compute_dtype,
         params.device,
@@ -80,8 +80,8 @@ def run(params: DirectionsParams, wordlist: Path, out: Path) -> dict:
         out,
         plan,
         lambda rows, progress: _concept_shard(params, teacher, concepts, rows, progress),
-        lambda shards: _describe(params, teacher, model, concepts, wordlist, shards),
-        model,
+        lambda shards: _describe(params, teacher, identity, concepts, wordlist, shards),
+        identity,
     )
     if not done.world.is_main:
         return done.rank_stats
@@ -113,7 +113,7 @@ def _concept_shard(
 def _describe(
     params: DirectionsParams,
     teacher: Teacher,
-    model: ModelIdentity,
+    identity: ModelIdentity,
     concepts: pa.Table,
     wordlist: Path,
     shards: CompletedShards,
@@ -133,7 +133,7 @@ def _describe(
     )
     extra = {
         "model": params.model,
-        **model.manifest(),
+        **identity.manifest(),
         "layers": list(params.layers),
         "num_layers": teacher.num_layers,
         "hidden_size": teacher.hidden_size,

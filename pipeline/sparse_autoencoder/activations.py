@@ -96,10 +96,10 @@ def run(params: ActivationsParams, corpus: Path, out: Path) -> dict:
     num_chunks = min(len(reader), params.max_chunks or len(reader))
     if num_chunks == 0:
         raise ValueError(f"{corpus} holds no chunks: nothing to run the teacher over")
-    params, model = resolve_model_params(params, "activations")
+    params, identity = resolve_model_params(params, "activations")
     teacher = load_teacher(
         params.model,
-        model.revision,
+        identity.revision,
         params.layers,
         params.compute_dtype,
         params.device,
@@ -122,8 +122,8 @@ def run(params: ActivationsParams, corpus: Path, out: Path) -> dict:
         out,
         plan,
         lambda rows, progress: _chunk_shard(params, teacher, reader, rows, progress),
-        lambda shards: _describe(params, teacher, model, reader, corpus, num_chunks),
-        model,
+        lambda shards: _describe(params, teacher, identity, reader, corpus, num_chunks),
+        identity,
     )
     if not done.world.is_main:
         return done.rank_stats
@@ -149,7 +149,7 @@ def _chunk_shard(
 def _describe(
     params: ActivationsParams,
     teacher: Teacher,
-    model: ModelIdentity,
+    identity: ModelIdentity,
     reader: CorpusChunks,
     corpus: Path,
     num_chunks: int,
@@ -157,7 +157,7 @@ def _describe(
     return ManifestAdditions(
         extra={
             "model": params.model,
-            **model.manifest(),
+            **identity.manifest(),
             "layers": list(params.layers),
             "num_layers": teacher.num_layers,
             "hidden_size": teacher.hidden_size,
