@@ -28,6 +28,7 @@ import typer
 STAGES = {
     "params_check": "pipeline.common.params_check",
     "teachers": "pipeline.inputs.teachers",
+    "identities": "pipeline.inputs.identities",
     "wordlist": "pipeline.inputs.wordlist",
     "directions": "pipeline.concepts.directions",
     "distill": "pipeline.concepts.distill",

@@ -8,12 +8,14 @@ committed too. So `dvc metrics diff`, `dvc params diff`, `dvc exp show --only-ch
 and queued experiments (`dvc exp run --queue`, which start from the last commit) work as
 DVC's docs describe, a queued experiment re-runs only the stages its params change, and
 the user's own `params.yaml`, `dvc.lock` and `metrics/` stay as they are. A second
-`make demo` finds every stage cached and commits nothing: git stays clean.
+`make demo` finds every stage cached (stage `identities`, always_changed, runs and writes
+the same files) and commits nothing: git stays clean.
 
 The concept branch is then run a second time with its concepts split by stem instead of
 by text, the way a DVC user compares two settings: `dvc exp run --temp -n split-by-stem
 -S wordlist.split_by=stem evaluate` runs the experiment outside the workspace (whose
-params.yaml, dvc.lock and metrics keep agreeing: `dvc status` stays clean), and the demo
+params.yaml, dvc.lock and metrics keep agreeing: `dvc status` lists only the
+always_changed `identities`), and the demo
 prints the experiment's table and `dvc metrics diff HEAD split-by-stem` as test cos_sim
 side by side. An experiment already made from the same baseline is reused.
 

@@ -50,6 +50,7 @@ OPTIONS = {
         "--params",
     ],
     "teachers": ["--out", "--params"],
+    "identities": ["--out", "--params"],
     "params_check": ["--out", "--params"],
     "summary": ["--out", "--table", "--metrics"],
     "report": ["--out", "--table", "--image"],
@@ -176,7 +177,8 @@ def failures(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
         ),
         "unreachable model": (
             ["corpus", "--params", str(hub), "--out", out],
-            f"error: cannot load the tokenizer of {unreachable!r} (revision 'main'): ",
+            f"error: corpus.model={unreachable!r}: revision 'main' is not in the local Hugging "
+            "Face cache",
         ),
         "missing model folder": (
             ["corpus", "--params", str(local), "--out", out],

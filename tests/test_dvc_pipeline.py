@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,7 +18,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pipeline.common.identity import folder_sha256
 from pipeline.common.live import read_metric
+from pipeline.common.shards import Manifest
 from pipeline.demo import PROFILE, ROOT, offline_env, prepare_workspace
 from tests.picture_checks import assert_picture
 from tests.tables import squeeze
@@ -100,8 +103,15 @@ def git(workspace: Path, *args: str) -> None:
     subprocess.run(["git", *ident, *args], cwd=workspace, check=True, capture_output=True)
 
 
+# `always_changed`: it runs on every repro (it resolves the model identities, local input
+# files and `auto` dtypes) and `dvc status` always lists it; the stages after it re-run
+# only when a file it writes changes, so the sets below leave it out.
+IDENTITIES = "identities"
+
+
 def stages_run(output: str) -> set[str]:
-    return set(re.findall(r"Running stage '([^']+)'", output))
+    """The stages a dvc command ran, but IDENTITIES."""
+    return set(re.findall(r"Running stage '([^']+)'", output)) - {IDENTITIES}
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +120,7 @@ def repo(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dag")
     workspace = prepare_workspace(tmp / "ws", small_profile(tmp / "tiny.yaml"))
     first = dvc(workspace, "repro")
-    assert stages_run(first) == ALL_STAGES
+    assert stages_run(first) == ALL_STAGES and f"Running stage '{IDENTITIES}'" in first
     dvc(workspace, "remote", "add", "-d", "store", str(tmp / "remote"))
     git(workspace, "add", "-A")
     git(workspace, "commit", "-q", "-m", "baseline")
@@ -200,7 +210,10 @@ def test_branch_params_rerun_only_their_own_stage(repo):
 
 
 def changed_stages(workspace: Path) -> set[str]:
-    return set(json.loads(dvc(workspace, "status", "--json")))
+    """The stages `dvc status` lists, but IDENTITIES (which it always lists as such)."""
+    status = json.loads(dvc(workspace, "status", "--json"))
+    assert status.pop(IDENTITIES) == ["always changed"]
+    return set(status)
 
 
 @pytest.mark.parametrize(
@@ -339,3 +352,118 @@ def test_dvclive_folders_pictures_and_plots_of_every_branch(repo):
     files = next(iter(metrics.values()))["data"]
     for folder in ("sidecar", "sae", "steering", *(f"distill/{run}" for run in RUNS)):
         assert files[f"metrics/live/{folder}/metrics.json"]["data"]["step"] >= 1
+
+
+# Inputs that no param names by content: stage `identities` writes them to one file per
+# stage (data/identities/<stage>.json), so after `dvc repro identities` (or as the first
+# step of any `dvc repro`), `dvc status` lists exactly the stages that read a changed one.
+
+
+def status_after_identities(workspace: Path) -> set[str]:
+    """What a user sees: `dvc repro identities`, then `dvc status` (but IDENTITIES)."""
+    dvc(workspace, "repro", IDENTITIES)
+    return changed_stages(workspace)
+
+
+def changed_deps(workspace: Path, stage: str) -> list:
+    return json.loads(dvc(workspace, "status", "--json"))[stage]
+
+
+def rewrite_a_byte(path: Path) -> None:
+    """Flip the last byte of `path`, written as a new file: never through a link into
+    DVC's cache."""
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 1
+    path.unlink()
+    path.write_bytes(bytes(data))
+
+
+def test_a_byte_of_a_local_models_weights_reruns_exactly_the_stages_that_load_it(repo, tmp_path):
+    """steering.model points at a folder outside DVC (a model the user downloaded)."""
+    model = tmp_path / "tiny-qwen3"
+    shutil.copytree(repo / "data" / "teachers" / "tiny-qwen3", model)
+    with params_edited(repo, **{"steering.model": str(model)}):
+        dvc(repo, "repro", "steering")
+        config = json.loads((repo / "data" / "steering" / "config.json").read_text())
+        assert config["model_sha256"] == folder_sha256(model) and config["revision"] is None
+        before = status_after_identities(repo)
+        assert "steering" not in before
+        # Must fail to re-run anything: the same weights, hashed again.
+        assert status_after_identities(repo) == before
+        rewrite_a_byte(model / "model.safetensors")
+        assert status_after_identities(repo) - before == {"steering"}
+        assert changed_deps(repo, "steering") == [
+            {"changed deps": {"data/identities/steering.json": "modified"}}
+        ]
+    # Back to the profile's model: steering runs again (it keeps no run-cache entry: its
+    # table is a `cache: false` out), to the same results.
+    assert stages_run(dvc(repo, "repro")) <= {"steering"} | PAGES
+    assert changed_stages(repo) == set()
+
+
+def test_an_edited_file_of_a_files_corpus_reruns_the_corpus(repo, tmp_path):
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    for index in range(3):
+        (texts / f"doc{index}.txt").write_text(f"document {index}: " + "the cat sat. " * 300)
+    with params_edited(repo, **{"corpus.source": "files", "corpus.files": f"{texts}/*.txt"}):
+        dvc(repo, "repro", "corpus")
+        extra = Manifest.load(repo / "data" / "corpus").extra
+        assert sorted(extra["files_sha256"]) == [str(p) for p in sorted(texts.glob("*.txt"))]
+        before = status_after_identities(repo)
+        assert "corpus" not in before
+        assert status_after_identities(repo) == before  # must fail: no file changed
+        (texts / "doc1.txt").write_text("document 1, edited: " + "a dog ran. " * 300)
+        assert status_after_identities(repo) - before == {"corpus"}
+        assert changed_deps(repo, "corpus") == [
+            {"changed deps": {"data/identities/corpus.json": "modified"}}
+        ]
+    assert stages_run(dvc(repo, "repro")) == set(), "the run cache restores the corpus"
+    assert changed_stages(repo) == set()
+
+
+def test_an_edited_jsonl_task_file_reruns_mcdata(repo, tmp_path):
+    tasks = tmp_path / "quiz.jsonl"
+    rows = [
+        {"context": f"question {i}:", "endings": ["one", "two", "three", "four"],
+         "label": i % 4, "split": ("train", "val", "test")[i % 3]}
+        for i in range(30)
+    ]  # fmt: skip
+    tasks.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    quiz = {"source": "jsonl", "path": str(tasks), "config": None, "revision": None}
+    with params_edited(repo, **{"mcdata.tasks.quiz": quiz | {"format": "hellaswag"}}):
+        dvc(repo, "repro", "mcdata")
+        before = status_after_identities(repo)
+        assert "mcdata" not in before
+        assert status_after_identities(repo) == before  # must fail: the file is unchanged
+        rewrite_a_byte(tasks)
+        assert status_after_identities(repo) - before == {"mcdata"}
+        assert changed_deps(repo, "mcdata") == [
+            {"changed deps": {"data/identities/mcdata.json": "modified"}}
+        ]
+    assert stages_run(dvc(repo, "repro")) == set(), "the run cache restores mcdata"
+    assert changed_stages(repo) == set()
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"corpus.source": "files", "corpus.files": "nowhere/*.txt"},
+         "error: corpus.files='nowhere/*.txt' matches no file"),
+        ({"mcdata.tasks.quiz": {"source": "jsonl", "path": "nowhere.jsonl", "config": None,
+                                "revision": None, "format": "hellaswag"}},
+         "error: mcdata.tasks.quiz.path='nowhere.jsonl': multiple-choice JSONL file not found"),
+        ({"steering.model": "./models/none"},
+         "error: model folder not found: ./models/none (steering.model)"),
+    ],
+)  # fmt: skip
+def test_a_missing_input_file_stops_identities_in_one_line(repo, values, message):
+    with params_edited(repo, **values):
+        out = dvc_fails(repo, "repro")
+        assert stages_run(out) == {"params_check"} and f"Running stage '{IDENTITIES}'" in out
+        (line,) = error_lines(out)
+        assert line.startswith(message), line
+    # The params passed the check (DVC locked it) and identities lost its outputs: the
+    # run cache restores the check, identities runs again, nothing else.
+    assert stages_run(dvc(repo, "repro")) == set()
+    assert changed_stages(repo) == set()

@@ -41,6 +41,7 @@ import torch
 
 from pipeline.common.code_deps import code_fingerprint
 from pipeline.common.distributed import World, process_group
+from pipeline.common.identity import ModelIdentity
 from pipeline.common.params import to_dict
 from pipeline.common.progress import progress
 from pipeline.common.scratch import Scratch
@@ -138,15 +139,22 @@ class ShardedExtraction:
     result_neutral: tuple[str, ...]
     """Params that do not change the stored values; kept out of the fingerprint."""
 
-    def fingerprint_inputs(self, params: Any, input_files: dict[str, Path]) -> dict[str, Any]:
-        """Everything that determines the shards' content; the scratch folder is named by it."""
+    def fingerprint_inputs(
+        self, params: Any, input_files: dict[str, Path], model: ModelIdentity
+    ) -> dict[str, Any]:
+        """Everything that determines the shards' content; the scratch folder is named by it.
+        `params` hold the resolved compute dtype (never `auto`), `model` the identity of the
+        weights that compute them."""
         values = {k: v for k, v in to_dict(params).items() if k not in self.result_neutral}
         hashes = {name: sha256_file(path) for name, path in input_files.items()}
-        return {"params": values, **hashes, "code": code_fingerprint(self.module)}
+        code = code_fingerprint(self.module)
+        return {"params": values, **hashes, "model": model.as_dict(), "code": code}
 
-    def scratch(self, params: Any, input_files: dict[str, Path], out: Path) -> Scratch:
+    def scratch(
+        self, params: Any, input_files: dict[str, Path], out: Path, model: ModelIdentity
+    ) -> Scratch:
         """The scratch folder a run of `params` on `input_files` into `out` resumes from."""
-        return Scratch.for_output(out, self.fingerprint_inputs(params, input_files))
+        return Scratch.for_output(out, self.fingerprint_inputs(params, input_files, model))
 
     def run(
         self,
@@ -156,12 +164,14 @@ class ShardedExtraction:
         plan: ShardPlan,
         compute_shard: Callable[[range, Progress], Shard],
         describe: Callable[[CompletedShards], ManifestAdditions],
+        model: ModelIdentity,
     ) -> ExtractionResult:
         """Compute this rank's missing shards; on rank 0, then write the manifest and publish.
 
         `input_files`: name -> file whose sha256 enters the fingerprint (a corpus folder
         by its manifest). `compute_shard(rows, progress)` computes the shard of those rows.
-        `describe` runs on rank 0 once every rank's shards are in place.
+        `describe` runs on rank 0 once every rank's shards are in place. `model`: the
+        identity of the loaded model (`pipeline.common.identity.model_identity`).
         """
         free = shutil.disk_usage(_existing(out.parent)).free
         log.info(
@@ -174,7 +184,7 @@ class ShardedExtraction:
         )
         if plan.planned_bytes > free:
             log.warning("%s: the planned shards do not fit in the free space", self.name)
-        scratch = self.scratch(params, input_files, out)
+        scratch = self.scratch(params, input_files, out, model)
         try:
             return self._run(scratch, params, plan, compute_shard, describe)
         except OSError as error:

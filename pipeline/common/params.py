@@ -33,6 +33,9 @@ from typing import Any, Literal
 import yaml
 
 DType = Literal["float32", "bfloat16", "float16"]
+ComputeDType = Literal["auto", "float32", "bfloat16", "float16"]
+"""A compute dtype param: `auto` is bfloat16 on CUDA or a CPU with native bfloat16 matmuls,
+float32 otherwise (`pipeline.common.identity.resolve_compute_dtype`)."""
 
 # Section name -> "module:Class". Every top-level key of params.yaml is one of these.
 SECTIONS = {

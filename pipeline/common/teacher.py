@@ -38,13 +38,11 @@ from transformers import (
 )
 
 from pipeline.common.devices import resolve_device
+from pipeline.common.identity import HUB_PROBE_TIMEOUT_S, looks_like_path
 
 # Where the transformer blocks and the final norm live, across HF families.
 _LAYER_PATHS = ("layers", "encoder.layer", "h", "decoder.layers", "transformer.h")
 _NORM_PATHS = ("norm", "ln_f", "final_layer_norm", "transformer.ln_f")
-
-HUB_PROBE_TIMEOUT_S = 10.0
-"""Seconds the one probe of the hub may take before a missing model counts as unreachable."""
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -243,17 +241,6 @@ def load_causal_lm(
     model = model.to(device=resolve_device(device), dtype=DTYPES[dtype]).eval()
     model.requires_grad_(False)
     return model, tokenizer
-
-
-def looks_like_path(model_id: str) -> bool:
-    """Whether a `model` param names a local folder rather than a hub id (`org/name`): it
-    starts with `.`, `/` or `~`, has more than one `/`, or its parent folder exists."""
-    parent = Path(model_id).parent
-    return (
-        model_id.startswith((".", "/", "~"))
-        or model_id.count("/") > 1
-        or (parent != Path(".") and parent.is_dir())
-    )
 
 
 def missing_model_folder(model_id: str, model_key: str) -> FileNotFoundError | None:

@@ -33,6 +33,7 @@ from pipeline.common.extraction import (
     ShardedExtraction,
     ShardPlan,
 )
+from pipeline.common.identity import ModelIdentity, resolve_model_params
 from pipeline.common.params import load_params
 from pipeline.common.shards import layer_key, read_shard, sha256_file
 from pipeline.common.teacher import DTYPES, Teacher, load_teacher, teacher_caveat
@@ -54,9 +55,10 @@ def run(params: DirectionsParams, wordlist: Path, out: Path) -> dict:
     concepts = read_concepts(wordlist)
     if concepts.num_rows == 0:
         raise ValueError(f"{wordlist} holds no concepts: nothing to extract")
+    params, identity = resolve_model_params(params, "directions")
     teacher = load_teacher(
         params.model,
-        params.revision,
+        identity.revision,
         params.layers,
         params.compute_dtype,
         params.device,
@@ -82,7 +84,8 @@ def run(params: DirectionsParams, wordlist: Path, out: Path) -> dict:
         out,
         plan,
         lambda rows, progress: _concept_shard(params, teacher, concepts, rows, progress),
-        lambda shards: _describe(params, teacher, concepts, wordlist, shards),
+        lambda shards: _describe(params, teacher, identity, concepts, wordlist, shards),
+        identity,
     )
     if not done.world.is_main:
         return done.rank_stats
@@ -133,6 +136,7 @@ def _concept_shard(
 def _describe(
     params: DirectionsParams,
     teacher: Teacher,
+    identity: ModelIdentity,
     concepts: pa.Table,
     wordlist: Path,
     shards: CompletedShards,
@@ -152,7 +156,7 @@ def _describe(
     )
     extra = {
         "model": params.model,
-        "revision": teacher.revision,
+        **identity.manifest(),
         "layers": list(params.layers),
         "num_layers": teacher.num_layers,
         "hidden_size": teacher.hidden_size,

@@ -7,7 +7,7 @@ import string
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
-from pipeline.common.params import DType, Sections, layer_list, positive
+from pipeline.common.params import ComputeDType, DType, Sections, layer_list, positive
 
 Approach = Literal["trainable", "frozen_mlp", "linear_probe", "char_cnn", "distilled"]
 SLOT = "concept"
@@ -27,7 +27,7 @@ class DirectionsParams:
     """Prompt templates with a `{concept}` slot; vectors are averaged over templates."""
     pooling: Literal["last", "mean"] = "last"
     """`last`: last non-padding token (decoders); `mean`: mean over tokens (encoders)."""
-    compute_dtype: DType = "bfloat16"
+    compute_dtype: ComputeDType = "bfloat16"
     storage_dtype: DType = "float32"
     shard_rows: int = 8192
     """Concepts per shard: few large files hash faster in DVC than many small ones."""

@@ -4,7 +4,8 @@ Reads the `corpus` section of params.yaml and its source (builtin text, a Huggin
 Face dataset, or local files; `pipeline/inputs/text_chunks.py`). Writes `<out>/shard-*.safetensors`
 (chunk_id int64 (R,), token_ids int64 (R, chunk_tokens), first_document, last_document;
 layout: `pipeline/inputs/text_chunks.py`) and `manifest.json` whose `extra` holds model,
-revision, chunk_tokens, num_chunks, block_chunks, num_blocks, source and the
+its identity (the resolved revision, or a local folder's model_sha256), chunk_tokens,
+num_chunks, block_chunks, num_blocks, source, the files read (`source: files`) and the
 document/token counts (tokens skipped at block seams included); the same counts go to
 `--metrics` (JSON). Everything is written into a temporary folder renamed to `<out>`
 when complete, so a killed run leaves no partial corpus.
@@ -27,6 +28,7 @@ from typing import Annotated
 import torch
 import typer
 
+from pipeline.common.identity import files_sha256, model_identity
 from pipeline.common.io import write_json
 from pipeline.common.params import load_params, to_dict
 from pipeline.common.shards import Manifest, shard_name, write_shard
@@ -35,6 +37,7 @@ from pipeline.inputs.text_chunks import (
     CORPUS,
     Chunk,
     ChunkStats,
+    corpus_files,
     cut_chunks,
     documents,
     load_tokenizer,
@@ -48,7 +51,8 @@ def run(params: CorpusParams, out: Path, metrics: Path | None = None) -> dict:
     """Write the chunked corpus into `out` (and its counts into `metrics`); returns the
     stats also stored in the manifest."""
     started = time.perf_counter()
-    tokenizer = load_tokenizer(params.model, params.revision)
+    model = model_identity(params.model, params.revision, "corpus.model")
+    tokenizer = load_tokenizer(params.model, model.revision)
     stats = ChunkStats()
     chunks = cut_chunks(
         documents(params),
@@ -85,12 +89,15 @@ def run(params: CorpusParams, out: Path, metrics: Path | None = None) -> dict:
             )
         extra = {
             "model": params.model,
-            "revision": params.revision,
+            **model.manifest(),
             "chunk_tokens": params.chunk_tokens,
             "num_chunks": num_chunks,
             "block_chunks": params.block_chunks,
             "num_blocks": stats.blocks,
             "source": params.source,
+            "files_sha256": files_sha256(corpus_files(params.files))
+            if params.source == "files"
+            else None,
             "eos_token_id": tokenizer.eos_token_id,
             "vocab_size": len(tokenizer),
             **asdict(stats),

@@ -104,13 +104,18 @@ def hf_documents(dataset: str, config: str | None, split: str, field: str) -> It
         yield row[field]
 
 
-def file_documents(pattern: str) -> Iterator[str]:
-    """Each file matched by `pattern` (sorted) as one document."""
-    paths = sorted(p for p in glob.glob(pattern, recursive=True) if Path(p).is_file())
+def corpus_files(pattern: str) -> list[Path]:
+    """The files `corpus.files` matches, sorted: the documents of `source: files`, in order."""
+    paths = sorted(Path(p) for p in glob.glob(pattern, recursive=True) if Path(p).is_file())
     if not paths:
         raise FileNotFoundError(f"corpus.files={pattern!r} matches no file")
-    for path in paths:
-        yield Path(path).read_text(encoding="utf-8")
+    return paths
+
+
+def file_documents(pattern: str) -> Iterator[str]:
+    """Each file matched by `pattern` (sorted) as one document."""
+    for path in corpus_files(pattern):
+        yield path.read_text(encoding="utf-8")
 
 
 def documents(params: CorpusParams) -> Iterator[str]:

@@ -6,7 +6,7 @@ import typing
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
-from pipeline.common.params import DType, Sections, layer_list, positive
+from pipeline.common.params import ComputeDType, DType, Sections, layer_list, positive
 
 ForceSpace = Literal["hidden", "kv"]
 ScaleNormalize = Literal["per_sample", "per_window", "none"]
@@ -28,7 +28,7 @@ class TrajectoriesParams:
     num_queries: int = 16
     """Future positions after the windows: their queries are stored, their LM loss is L."""
     max_chunks: int = 2048
-    compute_dtype: DType = "float32"
+    compute_dtype: ComputeDType = "float32"
     """float32 by default: the forces are gradients, and bf16 backward passes are noisy."""
     storage_dtype: DType = "bfloat16"
     """bfloat16 keeps float32's range: small gradients do not underflow as in float16."""

@@ -32,6 +32,7 @@ from torch import Tensor
 
 from pipeline.common.checkpoints import save_checkpoint
 from pipeline.common.devices import resolve_device
+from pipeline.common.identity import MODEL_KEYS
 from pipeline.common.io import write_json, write_text
 from pipeline.common.live import log_row, open_live
 from pipeline.common.params import Sections, load_params, to_dict
@@ -100,7 +101,7 @@ def run(
         "dense": {"lm_loss": float(lm.dense.mean())},
         "compressors": with_lm_losses(scores, lm, sp.seed),
         "counts": counts(data, window_size, chunks) | {"lm_chunks": len(lm.chunk_ids)},
-        "teacher": {key: data.manifest.extra.get(key) for key in ("model", "revision")}
+        "teacher": {key: data.manifest.extra.get(key) for key in MODEL_KEYS}
         | {"caveat": teacher_caveat(str(data.manifest.extra.get("model")))},
         "scale_normalize": sp.scale_normalize,
         "train": train_summary(model, result),
@@ -292,9 +293,7 @@ def checkpoint_config(
         "trainable_params": count_parameters(model),
         "steps": result.curves[-1]["step"],
         "params": to_dict(params.sidecar),
-        "trajectories": {
-            key: extra.get(key) for key in ("model", "revision", "force_space", "rope")
-        }
+        "trajectories": {key: extra.get(key) for key in (*MODEL_KEYS, "force_space", "rope")}
         | data.sizes,
     }
 

@@ -33,6 +33,7 @@ from pipeline.common.extraction import (
     ShardedExtraction,
     ShardPlan,
 )
+from pipeline.common.identity import ModelIdentity, resolve_model_params
 from pipeline.common.params import load_params
 from pipeline.common.shards import MANIFEST, sha256_file
 from pipeline.common.teacher import DTYPES, load_causal_lm
@@ -63,8 +64,9 @@ def run(params: TrajectoriesParams, corpus: Path, out: Path) -> dict:
     chunks = CorpusChunks(corpus)
     _check_corpus(params, chunks)
     num_chunks = min(params.max_chunks, len(chunks))
+    params, identity = resolve_model_params(params, "trajectories")
     model, _ = load_causal_lm(
-        params.model, params.revision, params.compute_dtype, params.device, "trajectories.model"
+        params.model, identity.revision, params.compute_dtype, params.device, "trajectories.model"
     )
     layers = resolve_layers(params.layers, model.config.num_hidden_layers)
     sizes = Sizes.of(model.config, params.window_size, params.num_windows, params.num_queries)
@@ -75,7 +77,18 @@ def run(params: TrajectoriesParams, corpus: Path, out: Path) -> dict:
         out,
         plan,
         partial(_trajectory_shard, params, model, chunks, layers, sizes),
-        partial(_describe, params, model, corpus, layers, sizes, num_chunks, chunks.block_chunks),
+        partial(
+            _describe,
+            params,
+            model,
+            identity,
+            corpus,
+            layers,
+            sizes,
+            num_chunks,
+            chunks.block_chunks,
+        ),
+        identity,
     )
     if not done.world.is_main:
         return done.rank_stats
@@ -114,6 +127,7 @@ def _trajectory_shard(
 def _describe(
     params: TrajectoriesParams,
     model,
+    identity: ModelIdentity,
     corpus: Path,
     layers: tuple[int, ...],
     sizes: Sizes,
@@ -122,11 +136,10 @@ def _describe(
     shards: CompletedShards,
 ) -> ManifestAdditions:
     lm_loss = sum(summary["loss_sum"] for summary in shards.summaries) / num_chunks
-    revision = getattr(model.config, "_commit_hash", None) or params.revision
     return ManifestAdditions(
         extra={
             "model": params.model,
-            "revision": revision,
+            **identity.manifest(),
             "layers": list(layers),
             "num_layers": model.config.num_hidden_layers,
             "n_heads": sizes.n_heads,

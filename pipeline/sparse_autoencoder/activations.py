@@ -31,6 +31,7 @@ from pipeline.common.extraction import (
     ShardedExtraction,
     ShardPlan,
 )
+from pipeline.common.identity import ModelIdentity, resolve_model_params
 from pipeline.common.params import load_params
 from pipeline.common.shards import MANIFEST, layer_key, sha256_file
 from pipeline.common.teacher import DTYPES, Teacher, load_teacher
@@ -95,9 +96,10 @@ def run(params: ActivationsParams, corpus: Path, out: Path) -> dict:
     num_chunks = min(len(reader), params.max_chunks or len(reader))
     if num_chunks == 0:
         raise ValueError(f"{corpus} holds no chunks: nothing to run the teacher over")
+    params, identity = resolve_model_params(params, "activations")
     teacher = load_teacher(
         params.model,
-        params.revision,
+        identity.revision,
         params.layers,
         params.compute_dtype,
         params.device,
@@ -120,7 +122,8 @@ def run(params: ActivationsParams, corpus: Path, out: Path) -> dict:
         out,
         plan,
         lambda rows, progress: _chunk_shard(params, teacher, reader, rows, progress),
-        lambda shards: _describe(params, teacher, reader, corpus, num_chunks),
+        lambda shards: _describe(params, teacher, identity, reader, corpus, num_chunks),
+        identity,
     )
     if not done.world.is_main:
         return done.rank_stats
@@ -144,12 +147,17 @@ def _chunk_shard(
 
 
 def _describe(
-    params: ActivationsParams, teacher: Teacher, reader: CorpusChunks, corpus: Path, num_chunks: int
+    params: ActivationsParams,
+    teacher: Teacher,
+    identity: ModelIdentity,
+    reader: CorpusChunks,
+    corpus: Path,
+    num_chunks: int,
 ) -> ManifestAdditions:
     return ManifestAdditions(
         extra={
             "model": params.model,
-            "revision": teacher.revision,
+            **identity.manifest(),
             "layers": list(params.layers),
             "num_layers": teacher.num_layers,
             "hidden_size": teacher.hidden_size,

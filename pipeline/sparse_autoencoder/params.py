@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
-from pipeline.common.params import DType, Sections, layer_list, positive
+from pipeline.common.params import ComputeDType, DType, Sections, layer_list, positive
 
 SaeInput = Literal["directions", "activations"]
 Baseline = Literal["pca", "pca_top_l0", "nmf", "ica"]
@@ -28,7 +28,7 @@ class ActivationsParams:
     (seed 002's choice: one vector per text; 2,048 chunks give only 2,048 rows)."""
     max_chunks: int | None = None
     """Use the first this-many corpus chunks; None: all of them."""
-    compute_dtype: DType = "bfloat16"
+    compute_dtype: ComputeDType = "bfloat16"
     storage_dtype: DType = "bfloat16"
     """bfloat16 halves the dump: 2,048 chunks x 273 tokens x 2,048 dims = 2.3 GB per layer."""
     shard_rows: int = 16_384

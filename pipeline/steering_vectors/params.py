@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
-from pipeline.common.params import DType, Sections, layer_list, positive
+from pipeline.common.params import ComputeDType, Sections, layer_list, positive
 
 McSource = Literal["hf", "jsonl", "category", "arithmetic"]
 COEFFICIENTS = (0.3, 0.5, 0.7, 1.0, 1.3, 1.5, 2.0)
@@ -96,7 +96,7 @@ class SteeringParams:
     model: str = "Qwen/Qwen3-0.6B"
     """A causal LM: Hugging Face hub id or local model folder."""
     revision: str = "main"
-    dtype: DType = "bfloat16"
+    dtype: ComputeDType = "bfloat16"
     """Compute dtype of the frozen model; v and the scales stay float32."""
     layers: tuple[int, ...] | None = None
     """Decoder-layer indices (0-based) whose output receives scale_i * v (multi-layer

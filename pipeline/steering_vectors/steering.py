@@ -34,6 +34,7 @@ import typer
 from dvclive import Live
 from torch import Tensor, nn
 
+from pipeline.common.identity import ModelIdentity, resolve_model_params
 from pipeline.common.io import write_json, write_text
 from pipeline.common.live import log_row, open_live
 from pipeline.common.params import load_params, to_dict
@@ -105,8 +106,9 @@ def run(
     tasks = check_tasks(questions, params, mcdata)
     if params.num_threads:
         torch.set_num_threads(params.num_threads)
+    params, identity = resolve_model_params(params, "steering", "dtype")
     model, tokenizer = load_causal_lm(
-        params.model, params.revision, params.dtype, params.device, "steering.model"
+        params.model, identity.revision, params.dtype, params.device, "steering.model"
     )
     layers, singles = params.depth_layers(len(decoder_blocks(model)))
     groups = {
@@ -131,7 +133,7 @@ def run(
     )
     summary["summary"] = summary_entries(summary, params.min_rows)
     vectors = {f"{task}.{name}": v for task, r in results.items() for name, v in r.vectors.items()}
-    save_vectors(Path(out), vectors, checkpoint_config(params, model, summary))
+    save_vectors(Path(out), vectors, checkpoint_config(params, model, identity, summary))
     measured, info = split_info(summary, ("model", "teacher_caveat", "layers", "single_layers"))
     write_json(Path(metrics), measured, sort_keys=False)
     write_json(Path(out) / INFO, info, sort_keys=False)
@@ -357,7 +359,7 @@ def combine(
 
 
 def checkpoint_config(
-    params: SteeringParams, model: nn.Module, summary: dict[str, Any]
+    params: SteeringParams, model: nn.Module, identity: ModelIdentity, summary: dict[str, Any]
 ) -> dict[str, Any]:
     """What a reader needs to re-apply the vectors: model, layers, chosen config and coefficient."""
     final = {
@@ -370,7 +372,8 @@ def checkpoint_config(
     combined = summary["combined"]
     return {
         "model": params.model,
-        "revision": getattr(model.config, "_commit_hash", None) or params.revision,
+        **identity.manifest(),
+        "dtype": params.dtype,
         "hidden_size": int(model.get_input_embeddings().weight.shape[1]),
         "num_layers": len(decoder_blocks(model)),
         "position": params.position,

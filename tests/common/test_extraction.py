@@ -29,9 +29,9 @@ from safetensors import SafetensorError
 from pipeline.common import shards
 from pipeline.common.code_deps import code_fingerprint, dvc_stage_deps, stage_closure
 from pipeline.common.distributed import World
+from pipeline.common.identity import ModelIdentity, folder_sha256
 from pipeline.common.scratch import SCRATCH, Scratch
 from pipeline.common.shards import MANIFEST, Manifest, read_shard
-from pipeline.common.teacher import TeacherLoadError
 from pipeline.concepts import directions
 from pipeline.concepts.params import DirectionsParams
 from pipeline.demo import project_files
@@ -312,9 +312,33 @@ def test_a_changed_param_or_input_file_never_reuses_a_shard(
 
 
 @by_name
+def test_rewritten_weights_never_reuse_a_shard_and_the_manifest_names_them(
+    stage, inputs, tmp_path, monkeypatch
+):
+    """The model folder's content hash enters the fingerprint: a byte of the weights
+    rewritten starts afresh, the same weights resume."""
+    params, source, out = stage.params(), inputs(stage), tmp_path / "out"
+    model = Path(params.model)
+    weights = model / "model.safetensors"
+    original = weights.read_bytes()
+    crashed_run(stage, params, source, out, monkeypatch)
+    try:
+        weights.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))
+        assert stage.run(params, source, out)["reused_shards"] == 0
+        extra = Manifest.load(out).extra
+        assert extra["model_sha256"] == folder_sha256(model) and extra["revision"] is None
+        crashed_run(stage, params, source, out, monkeypatch)
+        assert stage.run(params, source, out)["reused_shards"] == 2
+    finally:
+        weights.write_bytes(original)
+
+
+@by_name
 def test_the_fingerprint_covers_the_stage_closure_and_nothing_else(stage, tmp_path):
     module = stage.module.__name__
-    inputs = stage.module.EXTRACTION.fingerprint_inputs(stage.params(), {})
+    model = ModelIdentity(stage.base["model"], None, "0" * 64)
+    inputs = stage.module.EXTRACTION.fingerprint_inputs(stage.params(), {}, model)
+    assert inputs["model"] == model.as_dict()
     assert inputs["code"] == code_fingerprint(module)
     assert sorted(inputs["code"]) == stage_closure(module) == [
         d for d in dvc_stage_deps(yaml.safe_load((ROOT / "dvc.yaml").read_text()), stage.name)
@@ -462,7 +486,8 @@ def test_an_unreachable_model_names_it_and_the_way_out(stage, inputs, tmp_path, 
     source = inputs(stage)
     if stage.input_kind == "corpus":  # the corpus must have been tokenized for that model
         source = with_model(source, UNREACHABLE, tmp_path)
-    with pytest.raises(TeacherLoadError, match=f"(?s){UNREACHABLE}.*make demo"):
+    key = f"{stage.name}.model={UNREACHABLE!r}"
+    with pytest.raises(OSError, match=f"(?s)^{re.escape(key)}.*make demo"):
         stage.run(stage.params(model=UNREACHABLE), source, tmp_path / "out")
     assert not (tmp_path / "out").exists() and not (tmp_path / SCRATCH).exists()
 

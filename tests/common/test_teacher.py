@@ -26,13 +26,13 @@ from transformers import (
     LlamaForCausalLM,
 )
 
+from pipeline.common.identity import looks_like_path
 from pipeline.common.teacher import (
     TeacherLoadError,
     cut_teacher,
     decoder_blocks,
     load_causal_lm,
     load_teacher,
-    looks_like_path,
     pretrained,
 )
 from pipeline.steering_vectors.vector import McBatch, ending_scores

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from pipeline.common.identity import folder_sha256
 from pipeline.common.params import build
 from pipeline.common.scratch import SCRATCH
 from pipeline.common.shards import Manifest, read_shard
@@ -285,7 +286,8 @@ def test_shards_follow_the_layout(corpus_dir, tmp_path, force_space):
     assert extra["rope"] == "after" and "what the attention function consumes" in extra["rope_note"]
     assert extra["kv_head_of_query_head"] == [0, 0, 0, 0, 1, 1, 1, 1]
     assert (extra["window_size"], extra["num_windows"], extra["num_queries"]) == (6, 2, 4)
-    assert extra["model"] == tiny_teacher("llama") and extra["revision"] == "main"
+    assert extra["model"] == tiny_teacher("llama") and extra["revision"] is None
+    assert extra["model_sha256"] == folder_sha256(Path(tiny_teacher("llama")))
     assert stats["bytes"] == 10 * 4 * bytes_per_chunk(sizes, force_space, 2)  # the logged plan
     assert math.isclose(extra["lm_loss_mean"], stats["lm_loss_mean"], abs_tol=1e-6)
     assert not (tmp_path / SCRATCH).exists()

@@ -1,0 +1,106 @@
+"""Stage `identities` on the tiny profile with the tiny teachers: one file per stage,
+each holding exactly the inputs that stage reads; bad inputs stop it in one line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.common.identity import folder_sha256
+from pipeline.common.params import load_params
+from pipeline.common.shards import sha256_file
+from pipeline.demo import PROFILE, ROOT
+from pipeline.inputs import identities
+from tests.tiny_teachers import tiny_teacher
+
+PROFILE_TASKS = yaml.safe_load((ROOT / PROFILE).read_text())["mcdata"]["tasks"]
+
+
+def write_params(tmp_path: Path, **sections) -> Path:
+    """profiles/tiny.yaml on the tiny teachers, with `sections` updated key by key."""
+    raw = yaml.safe_load((ROOT / PROFILE).read_text())
+    raw["directions"]["model"] = raw["steering"]["model"] = tiny_teacher("qwen3")
+    for name in ("corpus", "trajectories", "activations"):
+        raw[name]["model"] = tiny_teacher("llama")
+    for name, values in sections.items():
+        raw[name].update(values)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def read(out: Path) -> dict[str, dict]:
+    return {path.stem: json.loads(path.read_text()) for path in sorted(out.glob("*.json"))}
+
+
+def test_each_stage_gets_the_identities_of_what_it_loads_and_nothing_else(tmp_path):
+    out = tmp_path / "identities"
+    identities.run(load_params(write_params(tmp_path)), out)
+    files = read(out)
+    qwen3 = {
+        "model": tiny_teacher("qwen3"),
+        "revision": None,
+        "sha256": folder_sha256(Path(tiny_teacher("qwen3"))),
+    }
+    llama = {"model": tiny_teacher("llama"), "revision": None,
+             "sha256": folder_sha256(Path(tiny_teacher("llama")))}  # fmt: skip
+    assert files == {
+        "directions": {"directions.model": qwen3, "directions.compute_dtype": "float32"},
+        "corpus": {"corpus.model": llama},
+        "trajectories": {"trajectories.model": llama, "trajectories.compute_dtype": "float32"},
+        "sidecar": {"trajectories.model": llama},
+        "activations": {"activations.model": llama, "activations.compute_dtype": "float32"},
+        "sae": {"activations.model": llama},
+        "steering": {"steering.model": qwen3, "steering.dtype": "float32"},
+        "guided_lm": {"corpus.model": llama},
+        "mcdata": {},
+    }
+
+
+def test_files_corpus_jsonl_tasks_auto_dtype_and_a_directions_sae(tmp_path, monkeypatch):
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    for name in ("b.txt", "a.txt"):
+        (texts / name).write_text(f"text of {name}")
+    quiz = tmp_path / "quiz.jsonl"
+    quiz.write_text('{"context": "q", "endings": ["a", "b", "c", "d"], "label": 0}\n')
+    tasks = PROFILE_TASKS | {"quiz": {"source": "jsonl", "path": str(quiz)}}
+    monkeypatch.setattr("pipeline.common.identity.cpu_flags", lambda: {"avx2"})
+    path = write_params(
+        tmp_path,
+        corpus={"source": "files", "files": f"{texts}/*.txt"},
+        mcdata={"tasks": tasks},
+        directions={"compute_dtype": "auto", "device": "cpu"},
+        sae={"input": "directions", "layer": 3},
+    )
+    identities.run(load_params(path), tmp_path / "out")
+    files = read(tmp_path / "out")
+    assert files["corpus"]["corpus.files"] == {
+        str(texts / "a.txt"): sha256_file(texts / "a.txt"),
+        str(texts / "b.txt"): sha256_file(texts / "b.txt"),
+    }
+    assert files["mcdata"] == {"mcdata.tasks.quiz.path": {str(quiz): sha256_file(quiz)}}
+    assert files["directions"]["directions.compute_dtype"] == "float32"  # avx2 only
+    assert files["sae"] == {}, "a directions SAE loads no model"
+
+
+@pytest.mark.parametrize(
+    ("sections", "message"),
+    [
+        ({"corpus": {"source": "files", "files": "nowhere/*.txt"}},
+         "corpus.files='nowhere/*.txt' matches no file"),
+        ({"mcdata": {"tasks": PROFILE_TASKS | {"quiz": {"source": "jsonl",
+                                                        "path": "nowhere.jsonl"}}}},
+         "mcdata.tasks.quiz.path='nowhere.jsonl': multiple-choice JSONL file not found"),
+        ({"steering": {"model": "./models/none"}},
+         "model folder not found: ./models/none (steering.model)"),
+    ],
+)  # fmt: skip
+def test_a_missing_input_names_its_key_and_path(tmp_path, sections, message):
+    params = load_params(write_params(tmp_path, **sections))
+    with pytest.raises(FileNotFoundError) as err:
+        identities.run(params, tmp_path / "out")
+    assert str(err.value) == message
