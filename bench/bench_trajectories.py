@@ -166,14 +166,18 @@ def run_one(args, out: Path) -> None:
     floor = model_memory_gb(device)
     reset_peak_memory(device)
     first = step(chunks[:1])  # warm-up (allocator, kernels), kept for the force check
-    start = time.perf_counter()
+    before = matmul_rate(DTYPES[args.dtype], args.device)  # the machine's rate beside it
+    start, cpu_start = time.perf_counter(), time.process_time()
     for i in range(0, len(chunks), batch_size):
         step(chunks[i : i + batch_size])
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    seconds = time.perf_counter() - start
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+    after = matmul_rate(DTYPES[args.dtype], args.device)
     save_file({k: v[:1].float().contiguous().cpu() for k, v in first.items()}, out / "first.st")
-    result = {"seconds": seconds, "model_gb": floor, **memory_gb(device)}
+    result = {"seconds": seconds, "cpu_seconds": cpu_seconds, "model_gb": floor}
+    result["matmul_flops_per_s"] = (before + after) / 2
+    result |= memory_gb(device)
     (out / "result.json").write_text(json.dumps(result))
 
 
@@ -212,10 +216,9 @@ def available(methods: list[str]) -> tuple[list[str], dict[str, str]]:
 def benchmark(args) -> dict:
     methods, skipped = available(args.methods.split(","))
     runs: dict[str, list[dict]] = {method: [] for method in methods}
-    matmul, firsts = [], {}
+    firsts = {}
     with tempfile.TemporaryDirectory() as scratch:
         for round_index in range(args.repeats):
-            matmul.append(matmul_rate(DTYPES[args.dtype], args.device))
             shift = round_index % len(methods)
             for method in methods[shift:] + methods[:shift]:
                 out = Path(scratch) / f"{method}_{round_index}"
@@ -224,10 +227,13 @@ def benchmark(args) -> dict:
                     firsts[method] = load_file(out / "first.st")
                 runs[method].append(run)
                 print(f"round {round_index} {method}: {json.dumps(run)}", flush=True)
-    return summarize(args, runs, skipped, matmul, firsts)
+    return summarize(args, runs, skipped, firsts)
 
 
-def summarize(args, runs, skipped, matmul, firsts) -> dict:
+def summarize(args, runs, skipped, firsts) -> dict:
+    rates = [
+        run["matmul_flops_per_s"] for done in runs.values() for run in done if "error" not in run
+    ]
     config = tinyllama_config(args.smoke)
     sizes = Sizes.of(config, window_size=64, num_windows=4, num_queries=16)
     methods: dict[str, dict] = {name: {"skipped": why} for name, why in skipped.items()}
@@ -240,6 +246,7 @@ def summarize(args, runs, skipped, matmul, firsts) -> dict:
         methods[name] = {
             "chunks_per_s": sum(per_round) / len(per_round),
             "chunks_per_s_per_round": per_round,
+            "cpu_seconds_per_round": [run["cpu_seconds"] for run in done],
             "peak_gb": max(run["peak_gb"] for run in done),
             "model_gb": done[0]["model_gb"],
             "memory_measure": done[0]["measure"],
@@ -270,7 +277,8 @@ def summarize(args, runs, skipped, matmul, firsts) -> dict:
         "batch_size": args.batch_size,
         "repeats": args.repeats,
         "machine": describe(args.device),
-        "matmul_gflop_per_s": sum(matmul) / len(matmul) / 1e9,
+        "matmul_gflop_per_s": sum(rates) / len(rates) / 1e9 if rates else None,
+        "matmul_gflop_per_s_range": [min(rates) / 1e9, max(rates) / 1e9] if rates else None,
         "methods": methods,
     }
 

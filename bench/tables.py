@@ -28,34 +28,39 @@ def machine_line(results: dict) -> str:
     return (
         f"{results['dtype']} on {where} (CPU flags: {flags}), torch {machine['torch']}, "
         f"{results['repeats']} interleaved round(s), each method in its own process; "
-        f"matmul {results['matmul_gflop_per_s']:.0f} GFLOP/s in {results['dtype']}{size}"
+        f"{results['dtype']} matmul measured beside each method in its process: "
+        f"{results['matmul_gflop_per_s']:.0f} GFLOP/s on average "
+        f"({results['matmul_gflop_per_s_range'][0]:.0f}-{results['matmul_gflop_per_s_range'][1]:.0f})"
+        f"{size}"
     )
 
 
 def directions_table(results: dict) -> str:
     header = (
-        "| method | concepts/s (per round) | project speedup (per round) | max rel. error "
-        "vs fp32 | executed GFLOP | executed GFLOP/s | % of matmul | required GFLOP/s | "
-        "peak memory GB (model) |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "| method | concepts/s (per round) | project speedup (per round) | in CPU time | max "
+        "rel. error vs fp32 | executed GFLOP | executed GFLOP/s | % of matmul | required "
+        "GFLOP/s | peak memory GB (model) |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     )
     rows = []
     for name, m in results["methods"].items():
         if "concepts_per_s" not in m:
             why = m.get("skipped") or f"failed: {m['failed']}"
-            rows.append(f"| {name} | {why} | | | | | | | |")
+            rows.append(f"| {name} | {why} | | | | | | | | |")
             continue
+        cpu = m.get("project_cpu_time_ratio")
+        cpu = f"{cpu:.2f}x" if cpu else "not recorded"
         rows.append(
             f"| {name} | {m['concepts_per_s']:.1f} ({_rounds(m['concepts_per_s_per_round'], 1)})"
             f" | **{m['project_speedup']:.2f}x** ({_rounds(m['project_speedup_per_round'], 2)})"
-            f" | {m['max_rel_error_vs_fp32']:.1e} | {m['executed_gflop']:,.0f}"
+            f" | {cpu} | {m['max_rel_error_vs_fp32']:.1e} | {m['executed_gflop']:,.0f}"
             f" | {m['executed_gflop_per_s']:.0f} | {m['executed_pct_of_matmul']:.0f}%"
             f" | {m['required_gflop_per_s']:.0f}"
             f" | {m['peak_gb']:.2f} ({m['model_gb']:.2f}, {m['memory_measure']}) |"
         )
     what = (
         f"`directions`: {results['concepts']:,} concepts x {results['templates']} templates, "
-        f"layer {results['layer']}; required work {results['required_gflop']:,.0f} GFLOP. "
-        + machine_line(results)
+        f"layer {results['layer']}, error on the first {results['reference_concepts']}; "
+        f"required work {results['required_gflop']:,.0f} GFLOP. {machine_line(results)}"
     )
     return "\n".join([what, "", header, *rows])
 
