@@ -67,20 +67,24 @@ def directions_table(results: dict) -> str:
 
 def trajectories_table(results: dict) -> str:
     header = (
-        "| method | chunks/s (per round) | fastest project speedup | max rel. diff vs project "
-        "| bytes/window/layer (bf16) | peak memory GB (model) |\n|---|---:|---:|---|---:|---:|"
+        "| method | chunks/s (per round) | CPU s per chunk | fastest project speedup | max rel. "
+        "diff vs project | bytes/window/layer (bf16) | peak memory GB (model) |\n"
+        "|---|---:|---:|---:|---|---:|---:|"
     )
     rows = []
     for name, m in results["methods"].items():
         if "chunks_per_s" not in m:
             why = m.get("skipped") or f"failed: {m['failed']}"
-            rows.append(f"| {name} | {why} | | | | |")
+            rows.append(f"| {name} | {why} | | | | | |")
             continue
         diffs = m.get("max_rel_diff_vs_project", {})
-        agree = ", ".join(f"{k} {v:.1e}" for k, v in sorted(diffs.items())) or "(reference)"
+        agree = ", ".join(f"{k} {v:.1e}" for k, v in sorted(diffs.items()))
+        agree = agree or ("(reference)" if name.startswith("project_") else "not checked")
         size = m.get("bytes_per_window_per_layer_bf16")
+        cpu = sum(m["cpu_seconds_per_round"]) / len(m["cpu_seconds_per_round"]) / results["chunks"]
         rows.append(
             f"| {name} | {m['chunks_per_s']:.3f} ({_rounds(m['chunks_per_s_per_round'], 3)})"
+            f" | {cpu:.0f}"
             f" | {m['fastest_project_speedup']:.2f}x | {agree}"
             f" | {f'{size:,.0f}' if size else ''}"
             f" | {m['peak_gb']:.2f} ({m['model_gb']:.2f}, {m['memory_measure']}) |"
