@@ -45,12 +45,12 @@ bench: setup
 			--reference-concepts 100 --repeats 2 --dtype $$dtype \
 			--json bench/results/directions_cpu_$${dtype}_300.json || exit 1; \
 	done
-	HF_HUB_OFFLINE=1 $(BIN)/python -m bench.bench_trajectories --chunks 2 --batch-size 2 \
-		--layers 0,11,21 --repeats 1 --dtype float32 --json bench/results/trajectories_cpu_float32.json
+	HF_HUB_OFFLINE=1 $(BIN)/python -m bench.bench_trajectories --chunks 1 --batch-size 1 \
+		--layers 0,11,21 --repeats 1 --dtype bfloat16 --json bench/results/trajectories_cpu_bfloat16.json
 	$(BIN)/python -m bench.tables --readme bench/README.md --marker cpu-directions \
 		bench/results/directions_cpu_float32_300.json bench/results/directions_cpu_bfloat16_300.json
 	$(BIN)/python -m bench.tables --readme bench/README.md --marker cpu-trajectories \
-		bench/results/trajectories_cpu_float32.json
+		bench/results/trajectories_cpu_bfloat16.json
 
 clean-demo:
 	rm -rf build/demo
