@@ -36,9 +36,21 @@ test-fast: setup
 lint: setup
 	$(BIN)/ruff check .
 
+# The benchmarks with their peers (TransformerLens, nnsight: the `bench` extra), side by
+# side, each JSON under bench/results/ and its table in bench/README.md (bench/README.md).
 bench: setup
-	$(BIN)/python bench/bench_directions.py --concepts 2000 --reference-concepts 100 \
-		--dtype float32 --json bench/results/directions_cpu_fp32_2000.json
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[bench]'
+	for dtype in float32 bfloat16; do \
+		HF_HUB_OFFLINE=1 $(BIN)/python -m bench.bench_directions --concepts 300 \
+			--reference-concepts 100 --repeats 2 --dtype $$dtype \
+			--json bench/results/directions_cpu_$${dtype}_300.json || exit 1; \
+	done
+	HF_HUB_OFFLINE=1 $(BIN)/python -m bench.bench_trajectories --chunks 1 --batch-size 1 \
+		--layers 0,11,21 --repeats 1 --dtype bfloat16 --json bench/results/trajectories_cpu_bfloat16.json
+	$(BIN)/python -m bench.tables --readme bench/README.md --marker cpu-directions \
+		bench/results/directions_cpu_float32_300.json bench/results/directions_cpu_bfloat16_300.json
+	$(BIN)/python -m bench.tables --readme bench/README.md --marker cpu-trajectories \
+		bench/results/trajectories_cpu_bfloat16.json
 
 clean-demo:
 	rm -rf build/demo

@@ -624,8 +624,9 @@ def test_a_code_change_after_a_kill_reuses_no_shard(stage, inputs, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("nproc", [2, 3])
 @by_name
-def test_torchrun_world_size_two_equals_world_size_one(stage, inputs, tmp_path):
+def test_torchrun_any_world_size_equals_world_size_one(stage, inputs, tmp_path, nproc):
     script = tmp_path / "run_stage.py"
     script.write_text(SCRIPT)
     args = [str(script), *script_args(stage, stage.base, inputs(stage))]
@@ -633,14 +634,17 @@ def test_torchrun_world_size_two_equals_world_size_one(stage, inputs, tmp_path):
                          capture_output=True, text=True)  # fmt: skip
     assert one.returncode == 0, one.stderr[-2000:]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                "--nproc-per-node", "2"]  # fmt: skip
-    two = subprocess.run([*torchrun, *args, str(tmp_path / "two")], cwd=ROOT, env=ENV,
-                         capture_output=True, text=True)  # fmt: skip
-    assert two.returncode == 0, two.stderr[-2000:]
+                "--nproc-per-node", str(nproc)]  # fmt: skip
+    many = subprocess.run([*torchrun, *args, str(tmp_path / "many")], cwd=ROOT, env=ENV,
+                          capture_output=True, text=True)  # fmt: skip
+    assert many.returncode == 0, many.stderr[-2000:]
     [alone] = printed_stats(one.stdout)
-    ranks = sorted(printed_stats(two.stdout), key=lambda stats: stats.get("rank", 0))
+    ranks = sorted(printed_stats(many.stdout), key=lambda stats: stats.get("rank", 0))
     assert alone["world_size"] == 1 and alone["shards"] >= 3
-    assert [stats.get("world_size") for stats in ranks] == [2, None], two.stdout
-    assert ranks[1]["rank"] == 1 and ranks[1]["shards"] == alone["shards"] // 2
-    assert_same_output(tmp_path / "one", tmp_path / "two")
-    assert MANIFEST in {p.name for p in (tmp_path / "two").iterdir()}
+    # Rank 0 reports the whole run; the others, the shards they computed.
+    assert [stats.get("rank", 0) for stats in ranks] == list(range(nproc))
+    assert [stats.get("world_size") for stats in ranks] == [nproc] + [None] * (nproc - 1)
+    owned = [len(World(rank, nproc).owned_shards(alone["shards"])) for rank in range(nproc)]
+    assert [stats["shards"] for stats in ranks[1:]] == owned[1:], many.stdout
+    assert_same_output(tmp_path / "one", tmp_path / "many")
+    assert MANIFEST in {p.name for p in (tmp_path / "many").iterdir()}
