@@ -102,6 +102,7 @@ def write_seed(distill: Path, name: str, data: DirectionSet, exact: bool, seed: 
         fit_exact_probe(model, data)
     emb_dim = int(data.embedding_rows.shape[1])
     trainable = count_trainable(model)
+    held = data.embedding_token_ids.numel() if spec.approach == "trainable" else None
     config = {
         "run": name,
         "approach": spec.approach,
@@ -112,7 +113,10 @@ def write_seed(distill: Path, name: str, data: DirectionSet, exact: bool, seed: 
         "embedding_dim": emb_dim,
         "layer": LAYER,
         "trainable_params": trainable,
-        "inference_bytes": inference_bytes(spec.approach, trainable, data.vocab_size, emb_dim),
+        "held_tokens": held,
+        "inference_bytes": inference_bytes(
+            spec.approach, trainable, data.vocab_size, emb_dim, held_tokens=held
+        ),
         "best_epoch": 2,
         "best_val_cos": 0.5,
     }
