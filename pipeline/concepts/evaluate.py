@@ -10,7 +10,8 @@ as a dashed line. The metrics JSON holds one dict per
 run (the mean over its seeds of cos, gap, top-k, seen/unseen-token subsets, null
 where a subset is empty; `num_seeds`; `test_cos_ci95_low` / `_high`, the 95% t-interval
 of test cos over seeds, null with one seed; `seeds`, each seed's own scores and best epoch),
-`table_cos` for a distilled run (its table reconstruction), `baseline_train_mean`,
+`table_cos` for a distilled run (its table reconstruction), `held_tokens` for a
+trainable run (its embedding's rows: the tokens the concepts use), `baseline_train_mean`,
 `baseline_knn`, `baseline_char_ngrams` (the bag-of-characters ridge baseline, the char
 student's control; all deterministic: no seeds), `counts`, and
 `summary` (the branch's headline next to its control: `comparison.summary`). The table's
@@ -127,12 +128,14 @@ def run(
             [{k: v for k, v in m.items() if k != "best_epoch"} for m in per_seed.values()]
         )
         interval = t_interval([m["test_cos"] for m in per_seed.values()])
-        stage_one = config.get("table_cos")
+        stage_one, held = config.get("table_cos"), config.get("held_tokens")
         distilled = {} if stage_one is None else {"table_cos": stage_one}
+        trainable = {} if held is None else {"held_tokens": held}
         results[name] = (
             scores
             | {key: config.get(key) for key in CHECKPOINT_KEYS}
             | distilled
+            | trainable
             | {
                 "num_seeds": len(per_seed),
                 "test_cos_ci95_low": None if interval is None else interval[0],

@@ -134,7 +134,7 @@ def held_normal_rows(vocab_size: int, dim: int, token_ids: Tensor) -> Tensor:
         stop = vocab_size if remaining < 2 * INIT_CHUNK_ROWS else start + INIT_CHUNK_ROWS
         chunk = torch.empty(stop - start, dim).normal_()  # what nn.Embedding's init calls
         low, high = torch.searchsorted(token_ids, torch.tensor([start, stop])).tolist()
-        held[low:high] = chunk[token_ids[low:high] - start]
+        held[low:high] = chunk.index_select(0, token_ids[low:high] - start)
         start = stop
     return held
 

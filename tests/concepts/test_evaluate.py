@@ -149,7 +149,10 @@ def test_evaluate_end_to_end(setup, tmp_path):
     assert json.loads(paths["metrics"].read_text()) == results
     assert set(results) == {*RUNS, *BASELINES, "counts", "summary"}
     for name in RUNS:
-        assert set(results[name]) == RUN_KEYS
+        # A trainable row also says how many embedding rows it holds.
+        extra = {"held_tokens"} if RUNS[name]["approach"] == "trainable" else set()
+        assert set(results[name]) == RUN_KEYS | extra
+    assert results["tiny"]["held_tokens"] == data.embedding_token_ids.numel()
     for name in BASELINES:
         assert set(results[name]) == BASELINE_KEYS
     counts = results["counts"]

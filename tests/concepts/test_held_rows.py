@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from pipeline.common.checkpoints import save_checkpoint
 from pipeline.concepts import distill
+from pipeline.concepts.comparison import Row, TeacherFacts, comparison_table
 from pipeline.concepts.evaluate import predict
 from pipeline.concepts.layout import DirectionSet
 from pipeline.concepts.params import RunParams, TrainParams
@@ -202,3 +203,15 @@ def test_checkpoint_from_before_the_held_rows_is_refused_with_what_to_do(sparse_
         ValueError, match=r"old/config\.json: a trainable student written before .* re-train it"
     ):
         load_student(tmp_path / "old", sparse_set)
+
+
+def test_table_says_what_the_trainable_rows_hold():
+    teacher = TeacherFacts("m", 6, "mean", "")
+    metrics = {"trainable_params": 1234, "inference_bytes": 5000, "test_cos": 0.1}
+    row = Row("t", "Trainable e=4,h=8", metrics | {"held_tokens": 2002}, approach="trainable")
+    text = comparison_table([row], (1,), "text", teacher)
+    assert "one row per token the concepts use (2,002 tokens, all splits)" in text
+    assert "| 1.23K " in text and "| 5KB " in text
+    # Without a trainable row (here: one without held_tokens) the note is absent.
+    plain = Row("f", "Frozen+MLP h=8", metrics, frozen=True, approach="frozen_mlp")
+    assert "one row per token" not in comparison_table([plain], (1,), "text", teacher)
