@@ -119,7 +119,7 @@ def held_normal_rows(vocab_size: int, dim: int, token_ids: Tensor) -> Tensor:
     transforms them 16 at a time (Box-Muller), redrawing the last 16 when the size is no
     multiple of 16. Chunks of a multiple of 16 values, the last at least 16 long (the
     remainder joins it), therefore draw exactly the whole table's values; the test
-    against nn.Embedding (tests/concepts/test_students.py) guards this for the torch
+    against nn.Embedding (tests/concepts/test_held_rows.py) guards this for the torch
     installed.
     """
     if token_ids.numel() and not 0 <= int(token_ids[0]) <= int(token_ids[-1]) < vocab_size:
@@ -332,7 +332,8 @@ SEEDS_DIR = "seeds"
 
 def load_student(folder: Path, directions: DirectionSet) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild a student saved by the distill stage from its `config.json` and the
-    directions' table (its weights hold the trainable parameters only); eval mode."""
+    directions' table (its weights hold the trainable parameters only, and a trainable
+    student's remap, checked against the directions' tokens); eval mode."""
     folder = Path(folder)
     config = read_config(folder, _REQUIRED)
     if config["approach"] not in APPROACHES:
