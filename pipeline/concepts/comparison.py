@@ -283,16 +283,27 @@ def _rests_note(rests: Rests, ks: Sequence[int]) -> str:
 
 
 def _table_notes(rows: Sequence[Row]) -> list[str]:
-    """What a distilled row's first stage kept of the teacher table."""
+    """What the trainable rows' embeddings hold; what a distilled row's first stage kept
+    of the teacher table."""
+    notes = []
+    held = {row.metrics["held_tokens"] for row in rows if row.metrics.get("held_tokens")}
+    if held:
+        counts = " / ".join(f"{n:,}" for n in sorted(held))
+        notes += [
+            "",
+            f"Trainable rows: the embedding holds one row per token the concepts use ({counts} "
+            "tokens, all splits), not one per vocabulary token: Trainable Params = rows x e + "
+            "head; Inference Size adds their ids (int64).",
+        ]
     distilled = [row for row in rows if row.metrics.get("table_cos") is not None]
-    if not distilled:
-        return []
-    parts = ", ".join(f"{row.label}: {row.metrics['table_cos']:.4f}" for row in distilled)
-    return [
-        "",
-        "Distilled rows: table reconstruction, mean row cos_sim of tiny table x projection "
-        f"(the rank-e truncated SVD, the least-squares optimum) vs the teacher rows: {parts}",
-    ]
+    if distilled:
+        parts = ", ".join(f"{row.label}: {row.metrics['table_cos']:.4f}" for row in distilled)
+        notes += [
+            "",
+            "Distilled rows: table reconstruction, mean row cos_sim of tiny table x projection "
+            f"(the rank-e truncated SVD, the least-squares optimum) vs the teacher rows: {parts}",
+        ]
+    return notes
 
 
 def interval(metrics: dict[str, Any]) -> tuple[float, float] | None:

@@ -9,7 +9,8 @@ adds its auxiliary loss on (`pipeline.concepts.training.AnalogyOffsetLoss`); the
 `seeds/<seed>/` (checkpoint, its config with best epoch). The run folder's
 `config.json` carries the params, sizes, `seeds` and each seed's best epoch (a
 `distilled` run also `table_cos`: its stage one, the mean row cos_sim of the rank-e
-table x projection against the teacher rows). dvclive
+table x projection against the teacher rows; a `trainable` run `held_tokens`: its
+embedding's rows, one per token the concepts use, whose ids the checkpoint keeps). dvclive
 (`pipeline.common.live`) logs train_loss, train_cos and val_cos per epoch (step =
 epoch): each seed as it trains into `<live>/seeds/<seed>/`, then their mean over seeds
 into `<live>/` itself, which the top-level plots of dvc.yaml overlay across runs.
@@ -36,6 +37,7 @@ from pipeline.concepts.params import DistillParams, RunParams
 from pipeline.concepts.scores import mean_cosine
 from pipeline.concepts.students import (
     DistilledEmbeddingModel,
+    TrainableEmbeddingMLP,
     build_model,
     count_trainable,
     inference_bytes,
@@ -139,6 +141,7 @@ def checkpoint_config(
     """Everything `load_student` and the evaluate stage need to rebuild and report."""
     trainable = count_trainable(model)
     embedding_dim = int(dataset.embedding_rows.shape[1])
+    held = int(model.token_ids.numel()) if isinstance(model, TrainableEmbeddingMLP) else None
     return {
         "run": run_name,
         "approach": spec.approach,
@@ -148,8 +151,9 @@ def checkpoint_config(
         "embedding_dim": embedding_dim,
         "layer": dataset.layer,
         "trainable_params": trainable,
+        "held_tokens": held,
         "inference_bytes": inference_bytes(
-            spec.approach, trainable, dataset.vocab_size, embedding_dim, spec.embed_dim
+            spec.approach, trainable, dataset.vocab_size, embedding_dim, spec.embed_dim, held
         ),
         "table_cos": table_cos(model, dataset),
         "best_epoch": result.best_epoch,

@@ -14,7 +14,8 @@ epoch of `epochs` and `chosen_on_noise`: whether its val curve (dvclive,
 `<live>/<run>/seeds/<seed>/`) never rose above the train-mean baseline's val cos_sim plus
 `val_half_width`, 1.96 standard errors of the seed's per-concept val cos_sim at its best
 epoch; null where there is no width),
-`table_cos` for a distilled run (its table reconstruction), `baseline_train_mean`,
+`table_cos` for a distilled run (its table reconstruction), `held_tokens` for a
+trainable run (its embedding's rows: the tokens the concepts use), `baseline_train_mean`,
 `baseline_knn`, `baseline_char_ngrams` (the bag-of-characters ridge baseline, the char
 student's control; all deterministic: no seeds), `counts` (concepts per split, test
 concepts with seen / unseen tokens, test analogies), and
@@ -143,12 +144,14 @@ def run(
             [{k: v for k, v in m.items() if k not in SEED_FACTS} for m in per_seed.values()]
         )
         interval = t_interval([m["test_cos"] for m in per_seed.values()])
-        stage_one = config.get("table_cos")
+        stage_one, held = config.get("table_cos"), config.get("held_tokens")
         distilled = {} if stage_one is None else {"table_cos": stage_one}
+        trainable = {} if held is None else {"held_tokens": held}
         results[name] = (
             scores
             | {key: config.get(key) for key in CHECKPOINT_KEYS}
             | distilled
+            | trainable
             | {
                 "num_seeds": len(per_seed),
                 "test_cos_ci95_low": None if interval is None else interval[0],

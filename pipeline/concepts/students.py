@@ -1,7 +1,8 @@
 """The students: a concept's token ids or UTF-8 bytes -> a direction vector in the
 teacher's residual space.
 
-    trainable     own Embedding(V, e) -> mean -> Linear(e, h) -> GELU -> Linear(h, D)
+    trainable     own Embedding(U, e) of the U tokens concepts use -> mean -> Linear(e, h)
+                  -> GELU -> Linear(h, D)
     frozen_mlp    teacher rows (E)    -> mean -> Linear(E, h) -> GELU -> Linear(h, D)
     linear_probe  teacher rows (E)    -> mean -> Linear(E, D)
     distilled     tiny table (e) -> projection (e, E) -> mean -> MLP(E, h, D); table and
@@ -17,6 +18,13 @@ model from `config.json` plus the directions folder. The distilled table and
 projection are fitted (not trained by gradient) and saved with the head: a deployment
 carries them instead of the teacher's table.
 
+Every token table holds only the rows of the tokens the directions set's concepts use
+(all splits: its sorted `embedding_token_ids`), looked up by binary search
+(`table_index`): the frozen rows and the distilled table by construction, and the
+trainable embedding, whose remap (`token_ids`) is saved with its weights, so that its
+size and its AdamW step scale with the tokens used, not the vocabulary. The character
+student's byte table has all 256 rows.
+
     model = build_model(RunParams("frozen_mlp", hidden_dim=256), V, D, ids, rows)
     pred = forward_concepts(model, directions, concept_ids)  # (B, D)
 """
@@ -30,7 +38,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from pipeline.common.checkpoints import CONFIG, load_weights, read_config
+from pipeline.common.checkpoints import CONFIG, WEIGHTS, load_weights, read_config
 from pipeline.concepts.layout import DirectionSet
 from pipeline.concepts.params import RunParams
 
@@ -72,6 +80,12 @@ def check_table_ids(token_ids: Tensor, rows: Tensor) -> None:
             f"embedding table needs token_ids (V,) and rows (V, E), got "
             f"{tuple(token_ids.shape)} and {tuple(rows.shape)}"
         )
+    check_sorted_ids(token_ids)
+
+
+def check_sorted_ids(token_ids: Tensor) -> None:
+    if token_ids.dim() != 1:
+        raise ValueError(f"embedding token_ids must be (V,), got {tuple(token_ids.shape)}")
     if token_ids.numel() > 1 and not bool((token_ids[1:] > token_ids[:-1]).all()):
         raise ValueError("embedding token_ids must be sorted and unique for searchsorted")
 
@@ -84,25 +98,69 @@ def table_index(token_ids: Tensor, tokens: Tensor, mask: Tensor) -> Tensor:
     if bool(missing.any()):
         absent = torch.unique(tokens[missing])[:10].tolist()
         raise ValueError(
-            f"token ids {absent} are not in the frozen embedding table "
-            f"({token_ids.numel()} rows): was the directions folder built for this "
-            "vocabulary?"
+            f"token ids {absent} are not in the student's embedding table "
+            f"({token_ids.numel()} rows, the tokens the directions' concepts use): was "
+            "the directions folder built for this vocabulary and these concepts?"
         )
     return index
 
 
+INIT_CHUNK_ROWS = 4096
+"""Rows of the whole table that `held_normal_rows` draws at a time; a multiple of 16."""
+
+
+def held_normal_rows(vocab_size: int, dim: int, token_ids: Tensor) -> Tensor:
+    """Rows `token_ids` (sorted, unique) (U, dim) of the N(0, 1) table that
+    nn.Embedding(vocab_size, dim) would draw from the global generator, which is left
+    where that draw leaves it, so what is built next gets the same init too. The table
+    is drawn INIT_CHUNK_ROWS rows at a time, never held whole.
+
+    Why chunks give the same values: torch's CPU normal_ draws one uniform per value and
+    transforms them 16 at a time (Box-Muller), redrawing the last 16 when the size is no
+    multiple of 16. Chunks of a multiple of 16 values, the last at least 16 long (the
+    remainder joins it), therefore draw exactly the whole table's values; the test
+    against nn.Embedding (tests/concepts/test_held_rows.py) guards this for the torch
+    installed.
+    """
+    if token_ids.numel() and not 0 <= int(token_ids[0]) <= int(token_ids[-1]) < vocab_size:
+        raise ValueError(
+            f"trainable embedding: token ids {int(token_ids[0])}..{int(token_ids[-1])} "
+            f"fall outside the vocabulary of {vocab_size} tokens"
+        )
+    held = torch.empty(token_ids.numel(), dim)
+    start = 0
+    while start < vocab_size:
+        remaining = vocab_size - start
+        stop = vocab_size if remaining < 2 * INIT_CHUNK_ROWS else start + INIT_CHUNK_ROWS
+        chunk = torch.empty(stop - start, dim).normal_()  # what nn.Embedding's init calls
+        low, high = torch.searchsorted(token_ids, torch.tensor([start, stop])).tolist()
+        held[low:high] = chunk.index_select(0, token_ids[low:high] - start)
+        start = stop
+    return held
+
+
 class TrainableEmbeddingMLP(nn.Module):
-    """A tiny embedding of the teacher's whole vocabulary, trained from scratch."""
+    """A tiny embedding trained from scratch that holds the rows of the sorted `token_ids`
+    only (the tokens the concepts use; a persistent buffer, saved with the weights), each
+    initialised as nn.Embedding(vocab_size, e) initialises it for the same seed. So it
+    trains exactly as a table of the whole vocabulary would (whose other rows no concept
+    reads), at the cost of the rows held."""
 
     reads = TOKENS
 
-    def __init__(self, vocab_size: int, embed_dim: int, hidden_dim: int, output_dim: int):
+    def __init__(
+        self, vocab_size: int, token_ids: Tensor, embed_dim: int, hidden_dim: int, output_dim: int
+    ):
         super().__init__()
-        self.embedding = nn.Embedding(vocab_size, embed_dim)
+        check_sorted_ids(token_ids)
+        self.register_buffer("token_ids", token_ids.long().clone())  # (U,)
+        rows = held_normal_rows(vocab_size, embed_dim, self.token_ids)
+        self.embedding = nn.Embedding.from_pretrained(rows, freeze=False)  # (U, e)
         self.head = mlp(embed_dim, hidden_dim, output_dim)
 
     def forward(self, tokens: Tensor, mask: Tensor) -> Tensor:
-        return self.head(mean_pool(self.embedding(tokens), mask))  # (B, D)
+        rows = self.embedding(table_index(self.token_ids, tokens, mask))  # (B, T, e)
+        return self.head(mean_pool(rows, mask))  # (B, D)
 
 
 class FrozenEmbeddingModel(nn.Module):
@@ -205,10 +263,13 @@ def build_model(
     embedding_token_ids: Tensor,
     embedding_rows: Tensor,
 ) -> nn.Module:
-    """The student of one comparison row; the table is ignored by `trainable` and
-    `char_cnn`, factorised by `distilled`."""
+    """The student of one comparison row. `embedding_token_ids` (the tokens concepts use)
+    are the rows every token student holds; the teacher's `embedding_rows` are ignored by
+    `trainable`, factorised by `distilled`; `char_cnn` reads neither."""
     if run.approach == "trainable":
-        return TrainableEmbeddingMLP(vocab_size, run.embed_dim, run.hidden_dim, output_dim)
+        return TrainableEmbeddingMLP(
+            vocab_size, embedding_token_ids, run.embed_dim, run.hidden_dim, output_dim
+        )
     if run.approach == "char_cnn":
         return CharCNN(run.embed_dim, run.channels, run.kernel_size, run.hidden_dim, output_dim)
     embedding_dim = embedding_rows.shape[1]
@@ -229,30 +290,41 @@ def count_trainable(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+REMAP_BYTES = 8
+"""Bytes per held token id of a trainable student's remap (int64, as saved)."""
+
+
 def inference_bytes(
     approach: str,
     trainable_params: int,
     vocab_size: int,
     embedding_dim: int,
     embed_dim: int | None = None,
+    held_tokens: int | None = None,
     bytes_per_value: int = 4,
 ) -> int:
-    """Memory to run the student; frozen approaches also carry the teacher's FULL table,
-    `distilled` a tiny table of the FULL vocabulary (vocab_size x e) and its projection
-    (e x E); `trainable_params` is the rest (the head; all of a standalone student).
-
-    Seed 000's "600MB*": Qwen3-0.6B's 151,936 x 1024 float32 table, which a deployment
-    needs because an unseen concept may use any token.
+    """Memory to run the student: `trainable_params` (the head; all the weights of a
+    standalone student) plus the tables it reads. Frozen approaches carry the teacher's
+    FULL table, `distilled` a tiny table of the FULL vocabulary (vocab_size x e) and its
+    projection (e x E), on purpose: a deployment needs a row for any token an unseen
+    concept may use (seed 000's "600MB*": Qwen3-0.6B's 151,936 x 1024 float32 table).
+    `trainable` carries its held rows (in `trainable_params`) and their remap,
+    `held_tokens` int64 ids: a token no concept of its directions set uses would only
+    have an untrained random row.
     """
     if approach in FROZEN_APPROACHES:
-        table = vocab_size * embedding_dim
+        table = vocab_size * embedding_dim * bytes_per_value
     elif approach == "distilled":
         if embed_dim is None:
             raise ValueError("inference_bytes of a distilled student needs its embed_dim")
-        table = vocab_size * embed_dim + embed_dim * embedding_dim
+        table = (vocab_size * embed_dim + embed_dim * embedding_dim) * bytes_per_value
+    elif approach == "trainable":
+        if held_tokens is None:
+            raise ValueError("inference_bytes of a trainable student needs its held_tokens")
+        table = held_tokens * REMAP_BYTES
     else:
         table = 0
-    return (trainable_params + table) * bytes_per_value
+    return trainable_params * bytes_per_value + table
 
 
 SEEDS_DIR = "seeds"
@@ -260,12 +332,19 @@ SEEDS_DIR = "seeds"
 
 def load_student(folder: Path, directions: DirectionSet) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild a student saved by the distill stage from its `config.json` and the
-    directions' table (its weights hold the trainable parameters only); eval mode."""
+    directions' table (its weights hold the trainable parameters only, and a trainable
+    student's remap, checked against the directions' tokens); eval mode."""
     folder = Path(folder)
     config = read_config(folder, _REQUIRED)
     if config["approach"] not in APPROACHES:
         raise ValueError(
             f"{folder / CONFIG}: approach {config['approach']!r} not in {list(APPROACHES)}"
+        )
+    if config["approach"] == "trainable" and config.get("held_tokens") is None:
+        raise ValueError(
+            f"{folder / CONFIG}: a trainable student written before it held only the rows "
+            "of the tokens its concepts use (no held_tokens): re-train it (dvc repro its "
+            "distill stage)"
         )
     _check_matches(config, directions, folder / CONFIG)
     try:
@@ -280,7 +359,15 @@ def load_student(folder: Path, directions: DirectionSet) -> tuple[nn.Module, dic
         directions.embedding_token_ids,
         directions.embedding_rows,
     )
-    return load_weights(model, folder), config
+    model = load_weights(model, folder)
+    if isinstance(model, TrainableEmbeddingMLP) and not torch.equal(
+        model.token_ids, directions.embedding_token_ids
+    ):
+        raise ValueError(
+            f"{folder / WEIGHTS}: its token remap (token_ids) is not the tokens the concepts "
+            f"of {directions.folder} use: it was trained on another directions set"
+        )
+    return model, config
 
 
 def seed_folder(run_folder: Path, seed: int) -> Path:
@@ -293,13 +380,16 @@ _REQUIRED = ("approach", "vocab_size", "output_dim", "embedding_dim", "layer")
 
 def _check_matches(config: dict[str, Any], directions: DirectionSet, path: Path) -> None:
     """A checkpoint only makes sense with the layer it was trained on, and (a student of
-    token ids) the vocabulary and table; a character student reads no table."""
+    token ids) the vocabulary and table, and (trainable) the tokens it holds rows for; a
+    character student reads no table."""
     found = {"layer": directions.layer, "output_dim": directions.dim}
     if config["approach"] != "char_cnn":
         found |= {
             "vocab_size": directions.vocab_size,
             "embedding_dim": directions.embedding_rows.shape[1],
         }
+    if config["approach"] == "trainable":
+        found["held_tokens"] = directions.embedding_token_ids.numel()
     for key, value in found.items():
         if config[key] != value:
             raise ValueError(

@@ -116,6 +116,7 @@ def write_seed(distill: Path, name: str, data: DirectionSet, exact: bool, seed: 
         fit_exact_probe(model, data)
     emb_dim = int(data.embedding_rows.shape[1])
     trainable = count_trainable(model)
+    held = data.embedding_token_ids.numel() if spec.approach == "trainable" else None
     config = {
         "run": name,
         "approach": spec.approach,
@@ -126,7 +127,10 @@ def write_seed(distill: Path, name: str, data: DirectionSet, exact: bool, seed: 
         "embedding_dim": emb_dim,
         "layer": LAYER,
         "trainable_params": trainable,
-        "inference_bytes": inference_bytes(spec.approach, trainable, data.vocab_size, emb_dim),
+        "held_tokens": held,
+        "inference_bytes": inference_bytes(
+            spec.approach, trainable, data.vocab_size, emb_dim, held_tokens=held
+        ),
         "best_epoch": curve.index(max(curve)) + 1,
         "best_val_cos": max(curve),
         "train": {"epochs": len(curve)},
@@ -160,7 +164,10 @@ def test_evaluate_end_to_end(setup, tmp_path):
     assert json.loads(paths["metrics"].read_text()) == results
     assert set(results) == {*RUNS, *BASELINES, "counts", "summary"}
     for name in RUNS:
-        assert set(results[name]) == RUN_KEYS
+        # A trainable row also says how many embedding rows it holds.
+        extra = {"held_tokens"} if RUNS[name]["approach"] == "trainable" else set()
+        assert set(results[name]) == RUN_KEYS | extra
+    assert results["tiny"]["held_tokens"] == data.embedding_token_ids.numel()
     for name in BASELINES:
         assert set(results[name]) == BASELINE_KEYS
     counts = results["counts"]
