@@ -11,7 +11,7 @@ tokenizer can:
 - a hub id: the commit its `revision` param names (itself when it is a 40-hex commit;
   else resolved on the hub, or offline from the ref in the local Hugging Face cache).
 
-Stage `identity` (`pipeline/inputs/identity.py`) writes them to small files the loading
+Stage `identities` (`pipeline/inputs/identities.py`) writes them to small files the loading
 stages depend on; each loading stage resolves its model the same way, loads that commit
 and records the identity in its manifest.
 
@@ -23,6 +23,7 @@ and records the identity in its manifest.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import re
 from dataclasses import asdict, dataclass, replace
@@ -159,6 +160,14 @@ def cached_commit(model_id: str, revision: str) -> str | None:
 def files_sha256(paths: list[Path]) -> dict[str, str]:
     """{path: sha256} of local input files, in sorted order of their paths."""
     return {str(path): sha256_file(path) for path in sorted(paths)}
+
+
+def corpus_files(pattern: str) -> list[Path]:
+    """The files `corpus.files` matches, sorted: the documents of `source: files`, in order."""
+    paths = sorted(Path(p) for p in glob.glob(pattern, recursive=True) if Path(p).is_file())
+    if not paths:
+        raise FileNotFoundError(f"corpus.files={pattern!r} matches no file")
+    return paths
 
 
 def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:

@@ -28,7 +28,7 @@ from typing import Annotated
 import torch
 import typer
 
-from pipeline.common.identity import files_sha256, model_identity
+from pipeline.common.identity import corpus_files, files_sha256, model_identity
 from pipeline.common.io import write_json
 from pipeline.common.params import load_params, to_dict
 from pipeline.common.shards import Manifest, shard_name, write_shard
@@ -37,7 +37,6 @@ from pipeline.inputs.text_chunks import (
     CORPUS,
     Chunk,
     ChunkStats,
-    corpus_files,
     cut_chunks,
     documents,
     load_tokenizer,

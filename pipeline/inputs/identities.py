@@ -28,10 +28,14 @@ from typing import Annotated, Any
 import typer
 
 from pipeline.common.devices import resolve_device
-from pipeline.common.identity import files_sha256, model_identity, resolve_compute_dtype
+from pipeline.common.identity import (
+    corpus_files,
+    files_sha256,
+    model_identity,
+    resolve_compute_dtype,
+)
 from pipeline.common.io import write_json
 from pipeline.common.params import Sections, load_params
-from pipeline.inputs.text_chunks import corpus_files
 
 PARAMS = Path("params.yaml")
 

@@ -32,7 +32,6 @@ The `corpus` artifact (kind "corpus"), written by stage `corpus`:
 
 from __future__ import annotations
 
-import glob
 import itertools
 import random
 from collections.abc import Iterable, Iterator
@@ -42,6 +41,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from pipeline.common.identity import corpus_files
 from pipeline.common.shards import Manifest, read_shard
 from pipeline.common.teacher import TeacherLoadError, missing_model_folder, pretrained
 from pipeline.inputs.params import CorpusParams
@@ -102,14 +102,6 @@ def hf_documents(dataset: str, config: str | None, split: str, field: str) -> It
                 f"they have {sorted(row)}"
             )
         yield row[field]
-
-
-def corpus_files(pattern: str) -> list[Path]:
-    """The files `corpus.files` matches, sorted: the documents of `source: files`, in order."""
-    paths = sorted(Path(p) for p in glob.glob(pattern, recursive=True) if Path(p).is_file())
-    if not paths:
-        raise FileNotFoundError(f"corpus.files={pattern!r} matches no file")
-    return paths
 
 
 def file_documents(pattern: str) -> Iterator[str]:
