@@ -20,7 +20,6 @@ hashes: `pipeline/common/identity.py`).
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from typing import Annotated, Any
@@ -124,7 +123,24 @@ def command(
 ) -> None:
     """Resolve each stage's model identities, local input files and `auto` dtypes."""
     inputs = run(load_params(params), out)
-    typer.echo(f"identities: {json.dumps(inputs)}")
+    typer.echo(f"identities: {len(inputs)} stages -> {out}; {'; '.join(described(inputs))}")
+
+
+def described(inputs: dict[str, dict[str, Any]]) -> list[str]:
+    """One short item per distinct model (its commit or content hash, 12 hex) and per
+    hashed file list: the log says what was resolved without repeating it per stage."""
+    items: dict[str, str] = {}
+    for values in inputs.values():
+        for key, value in values.items():
+            if isinstance(value, dict) and "model" in value:
+                rev = value["revision"]
+                identity = f"commit {rev[:12]}" if rev else f"sha256 {value['sha256'][:12]}"
+                items.setdefault(value["model"], f"{value['model']} {identity}")
+            elif isinstance(value, dict):
+                items.setdefault(key, f"{key}: {len(value)} file(s) hashed")
+            else:
+                items.setdefault(key, f"{key}={value}")
+    return list(items.values())
 
 
 if __name__ == "__main__":

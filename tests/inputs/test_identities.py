@@ -104,3 +104,21 @@ def test_a_missing_input_names_its_key_and_path(tmp_path, sections, message):
     with pytest.raises(FileNotFoundError) as err:
         identities.run(params, tmp_path / "out")
     assert str(err.value) == message
+
+
+def test_the_log_line_names_each_model_once_and_counts_hashed_files():
+    commit, digest = "a" * 40, "b" * 64
+    hub = {"model": "Qwen/Qwen3-0.6B", "revision": commit, "sha256": None}
+    local = {"model": "models/tiny", "revision": None, "sha256": digest}
+    inputs = {
+        "directions": {"directions.model": hub, "directions.compute_dtype": "bfloat16"},
+        "steering": {"steering.model": hub},
+        "corpus": {"corpus.model": local, "corpus.files": {"a.txt": digest, "b.txt": digest}},
+        "sae": {},
+    }
+    assert identities.described(inputs) == [
+        "Qwen/Qwen3-0.6B commit aaaaaaaaaaaa",
+        "directions.compute_dtype=bfloat16",
+        "models/tiny sha256 bbbbbbbbbbbb",
+        "corpus.files: 2 file(s) hashed",
+    ]
