@@ -36,6 +36,7 @@ from pipeline.concepts.layout import DirectionSet
 from pipeline.concepts.params import DistillParams, RunParams
 from pipeline.concepts.scores import mean_cosine
 from pipeline.concepts.students import (
+    SEEDS_DIR,
     DistilledEmbeddingModel,
     TrainableEmbeddingMLP,
     build_model,
@@ -46,8 +47,6 @@ from pipeline.concepts.students import (
 from pipeline.concepts.training import AnalogyOffsetLoss, FitResult, fit
 
 CURVE_FIELDS = ("epoch", "train_loss", "train_cos", "val_cos")
-SEEDS = "seeds"
-"""`<live>/seeds/<seed>/`: each seed's own dvclive folder."""
 SEED_KEYS = ("best_val_cos", "best_epoch")
 """What differs between the seeds of one run; the rest of a seed's config is shared."""
 PARAMS = Path("params.yaml")
@@ -79,7 +78,8 @@ def run(
             analogy_set, dataset, spec.analogy_weight, train.batch_size
         )
     out, live = Path(out), Path(live)
-    shutil.rmtree(live / SEEDS, ignore_errors=True)  # no stale seed from an earlier run
+    # no stale seed from an earlier run; `<live>/seeds/<seed>/` is each seed's dvclive folder
+    shutil.rmtree(live / SEEDS_DIR, ignore_errors=True)
     configs, curves = {}, {}
     for seed in train.seeds:
         torch.manual_seed(seed)  # model init is part of what the seed fixes
@@ -90,7 +90,7 @@ def run(
             dataset.embedding_token_ids,
             dataset.embedding_rows,
         )
-        with open_live(live / SEEDS / str(seed)) as seed_live:
+        with open_live(seed_folder(live, seed)) as seed_live:
             logger = partial(log_row, seed_live, step="epoch")
             result = fit(model, dataset, train, seed, logger, analogy_loss)
         config = checkpoint_config(run_name, spec, dataset, model, result, params) | {"seed": seed}
