@@ -42,7 +42,7 @@ from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from bench.flops import matmul_rate, record_work, required_flops
 from bench.machine import describe
-from bench.processes import memory_gb, model_memory_gb, reset_peak_memory, run_child
+from bench.processes import emit, memory_gb, model_memory_gb, reset_peak_memory, run_child
 from pipeline.common.params import load_params
 from pipeline.common.teacher import DTYPES, cut_teacher
 from pipeline.concepts.concept_vectors import concept_activations
@@ -365,10 +365,7 @@ def main() -> None:
         run_one(args, args.out)
         return
     results = benchmark(args)
-    print(json.dumps(results, indent=2))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    emit(results, args.json)
 
 
 if __name__ == "__main__":

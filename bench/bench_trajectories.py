@@ -40,7 +40,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from bench.flops import matmul_rate
 from bench.machine import describe
-from bench.processes import memory_gb, model_memory_gb, reset_peak_memory, run_child
+from bench.processes import emit, memory_gb, model_memory_gb, reset_peak_memory, run_child
 from pipeline.common.teacher import DTYPES
 from pipeline.inputs.tiny_models import train_tokenizer
 from pipeline.kv_sidecar.forces import Sizes, bytes_per_window, trajectory_batch
@@ -315,10 +315,7 @@ def main() -> None:
         run_one(args, args.out)
         return
     results = benchmark(args)
-    print(json.dumps(results, indent=2))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    emit(results, args.json)
 
 
 if __name__ == "__main__":

@@ -60,3 +60,12 @@ def model_memory_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.memory_allocated(device) / 1e9
     return status_gb("VmRSS")
+
+
+def emit(results: dict, path: Path | None) -> None:
+    """Print a benchmark's results; also write them to `path` (its JSON under bench/results/)."""
+    text = json.dumps(results, indent=2)
+    print(text)
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text + "\n")

@@ -9,8 +9,9 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from torch import Tensor, nn
+from torch import nn
 
+from bench.bench_distill import FullTableMLP  # today's student before issue 14, verbatim
 from pipeline.common.checkpoints import save_checkpoint
 from pipeline.concepts import distill
 from pipeline.concepts.comparison import Rests, Row, TeacherFacts, comparison_table
@@ -19,12 +20,9 @@ from pipeline.concepts.layout import DirectionSet
 from pipeline.concepts.params import RunParams, TrainParams
 from pipeline.concepts.students import (
     INIT_CHUNK_ROWS,
-    TOKENS,
     build_model,
     held_normal_rows,
     load_student,
-    mean_pool,
-    mlp,
 )
 from pipeline.concepts.training import fit
 from tests.conftest import build_params, make_direction_set
@@ -32,20 +30,6 @@ from tests.conftest import build_params, make_direction_set
 VOCAB = 400
 RUN = RunParams("trainable", embed_dim=6, hidden_dim=12)
 TRAIN = TrainParams(layer=2, epochs=4, batch_size=16, lr=0.01, weight_decay=0.1, buffer_rows=64)
-
-
-class FullTableMLP(nn.Module):
-    """The trainable student before issue 14, verbatim: a table of the whole vocabulary."""
-
-    reads = TOKENS
-
-    def __init__(self, vocab_size: int, embed_dim: int, hidden_dim: int, output_dim: int):
-        super().__init__()
-        self.embedding = nn.Embedding(vocab_size, embed_dim)
-        self.head = mlp(embed_dim, hidden_dim, output_dim)
-
-    def forward(self, tokens: Tensor, mask: Tensor) -> Tensor:
-        return self.head(mean_pool(self.embedding(tokens), mask))  # (B, D)
 
 
 @pytest.fixture
