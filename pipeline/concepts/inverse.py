@@ -41,7 +41,7 @@ from torch import Tensor
 from pipeline.common.bootstrap import paired_interval
 from pipeline.common.io import write_json, write_text
 from pipeline.common.params import Sections, load_params
-from pipeline.common.tables import counted, markdown_table
+from pipeline.common.tables import MISSING, counted, markdown_table, spec, with_interval
 from pipeline.concepts.layout import DirectionSet
 from pipeline.concepts.params import DistillParams, InverseParams
 from pipeline.concepts.scores import CHUNK, concept_embeddings, row_cosine
@@ -239,10 +239,9 @@ def summary(results: dict[str, Any], teacher: str, caveat: str | None) -> list[d
 
 def _cell(estimate: dict[str, Any] | None, percent: bool = False) -> str:
     if estimate is None:
-        return "—"
-    form = ".1%" if percent else ".4f"
-    low, high = estimate["ci95_low"], estimate["ci95_high"]
-    return f"{estimate['value']:{form}} [{low:{form}}, {high:{form}}]"
+        return MISSING
+    interval = (estimate["ci95_low"], estimate["ci95_high"])
+    return with_interval(estimate["value"], interval, spec(".1%" if percent else ".4f"))
 
 
 def inverse_table(
