@@ -198,7 +198,7 @@ def resolve_compute_dtype(
 def resolve_model_params(params: Any, section: str, dtype_field: str = "compute_dtype"):
     """(`params` with `dtype_field` resolved, the identity of `params.model`): what a stage
     that loads `params.model` on `params.device` computes with. `section` is the params
-    section (`directions`, `steering` ...), named in errors. Stage `identity` records the
+    section (`directions`, `steering` ...), named in errors. Stage `identities` records the
     same values, so DVC re-runs the stage exactly when one of them changes."""
     model = model_identity(params.model, params.revision, f"{section}.model")
     dtype = resolve_compute_dtype(
