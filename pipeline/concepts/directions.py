@@ -1,10 +1,13 @@
 """Stage `directions`: teacher activations for every concept, in resumable shards.
 
 Reads the concept table of `wordlist`; runs the teacher over each prompt template,
-pools the hidden state at each requested layer and writes:
+opened by the start token of `directions.start_token` (`pipeline/common/sequence_start.py`:
+a decoder without BOS gets its end-of-text token, so position 0's attention sink is never
+the concept), pools the hidden state at each requested layer and writes:
 shards (concept_id, split, layer_<L>), the train-split mean per layer, the
 teacher's input-embedding rows for the tokens concepts use, each concept's
-token ids and its text as UTF-8 bytes (for the character-level student; layout:
+token ids as a template shows them to the teacher (`concept_token_table`: " paris", not
+"paris") and its text as UTF-8 bytes (for the character-level student; layout:
 `pipeline/concepts/layout.py`), plus `manifest.json`.
 A killed run resumes from its finished shards; under torchrun each rank computes
 its own shards and rank 0 writes the manifest (`pipeline/common/extraction.py`).
@@ -35,9 +38,16 @@ from pipeline.common.extraction import (
 )
 from pipeline.common.identity import ModelIdentity, resolve_model_params
 from pipeline.common.params import load_params
+from pipeline.common.sequence_start import describe_start, start_ids
 from pipeline.common.shards import layer_key, read_shard, sha256_file
 from pipeline.common.teacher import DTYPES, Teacher, load_teacher, teacher_caveat
-from pipeline.concepts.concept_vectors import concept_activations, concept_token_table
+from pipeline.concepts.concept_vectors import (
+    concept_activations,
+    concept_token_table,
+    encode_prompts,
+    position_zero_prompts,
+    token_template,
+)
 from pipeline.concepts.layout import KIND, SPLIT_CODES, write_side_files
 from pipeline.concepts.params import DirectionsParams
 from pipeline.inputs.words import read_concepts
@@ -68,6 +78,7 @@ def run(params: DirectionsParams, wordlist: Path, out: Path) -> dict:
     teacher.tokenizer.padding_side = params.padding_side
     if params.pooling == "last" and not teacher.causal:
         log.warning(encoder_last_pooling(teacher, params.templates[0]))
+    start = prompt_start(params, teacher, concepts.column("text").to_pylist())
     row_bytes = teacher.hidden_size * len(params.layers) * DTYPES[params.storage_dtype].itemsize
     plan = ShardPlan(
         num_rows=concepts.num_rows,
@@ -83,8 +94,8 @@ def run(params: DirectionsParams, wordlist: Path, out: Path) -> dict:
         {"wordlist": wordlist},
         out,
         plan,
-        lambda rows, progress: _concept_shard(params, teacher, concepts, rows, progress),
-        lambda shards: _describe(params, teacher, identity, concepts, wordlist, shards),
+        lambda rows, progress: _concept_shard(params, teacher, concepts, start, rows, progress),
+        lambda shards: _describe(params, teacher, identity, concepts, wordlist, start, shards),
         identity,
     )
     if not done.world.is_main:
@@ -111,8 +122,54 @@ def encoder_last_pooling(teacher: Teacher, template: str) -> str:
     )
 
 
+def prompt_start(params: DirectionsParams, teacher: Teacher, texts: list[str]) -> list[int]:
+    """The ids that open every prompt; logs what position 0 holds, and warns (one line)
+    where pooling would still read position 0 as a text token."""
+    start = start_ids(teacher.tokenizer, params.start_token, "directions.start_token")
+    log.info(
+        "directions: %s (directions.start_token=%s)",
+        describe_start(teacher.tokenizer, start),
+        params.start_token,
+    )
+    sink = sink_warning(params, teacher, texts, start)
+    if sink is not None:
+        log.warning(sink)
+    return start
+
+
+def sink_warning(
+    params: DirectionsParams, teacher: Teacher, texts: list[str], start: list[int]
+) -> str | None:
+    """The one line for prompts whose pooling reads position 0 as a text token (the
+    attention sink of a decoder), or None when no prompt does."""
+    lengths = [
+        len(ids)
+        for template in params.templates
+        for ids in encode_prompts(
+            teacher.tokenizer,
+            [template.format(concept=text) for text in texts],
+            start,
+            params.max_length,
+        )
+    ]
+    count = position_zero_prompts(teacher, lengths, start, params.pooling)
+    if count == 0:
+        return None
+    read = "averages in" if params.pooling == "mean" else "is"
+    return (
+        f"directions.start_token={params.start_token}: {count} of {len(lengths)} prompts have "
+        f"no start token and their {params.pooling}-pooled state {read} position 0, the "
+        "attention sink of a decoder; set directions.start_token: auto"
+    )
+
+
 def _concept_shard(
-    params: DirectionsParams, teacher: Teacher, concepts: pa.Table, rows: range, progress: Progress
+    params: DirectionsParams,
+    teacher: Teacher,
+    concepts: pa.Table,
+    start: list[int],
+    rows: range,
+    progress: Progress,
 ) -> Shard:
     part = concepts.slice(rows.start, len(rows))
     acts = concept_activations(
@@ -122,6 +179,7 @@ def _concept_shard(
         params.pooling,
         params.max_length,
         params.batch_size,
+        start,
         on_batch=progress,
     )
     storage = DTYPES[params.storage_dtype]
@@ -139,11 +197,12 @@ def _describe(
     identity: ModelIdentity,
     concepts: pa.Table,
     wordlist: Path,
+    start: list[int],
     shards: CompletedShards,
 ) -> ManifestAdditions:
     """The side files (train means, embedding rows, token table) and the model's facts."""
     texts = concepts.column("text").to_pylist()
-    offsets, flat = concept_token_table(teacher.tokenizer, texts)
+    offsets, flat = concept_token_table(teacher.tokenizer, texts, params.templates)
     used = torch.unique(flat)
     files = write_side_files(
         shards.folder,
@@ -163,6 +222,8 @@ def _describe(
         "vocab_size": teacher.vocab_size,
         "embedding_dim": teacher.embedding_dim,
         "pooling": params.pooling,
+        "start_ids": start,
+        "token_template": token_template(params.templates),
         "teacher_caveat": teacher_caveat(teacher.model.config),
         "storage_dtype": params.storage_dtype,
         "wordlist_sha256": sha256_file(wordlist),

@@ -7,7 +7,10 @@ Layout of a directions folder (all tensors safetensors, listed in manifest.json)
     embeddings.safetensors    token_ids int64 (V,) sorted, rows float32 (V, E)
                               the teacher's input-embedding rows for the tokens concepts use
     tokens.safetensors        offsets int64 (N+1,), token_ids int64 (T,)
-                              concept i's token ids are token_ids[offsets[i]:offsets[i+1]]
+                              concept i's token ids are token_ids[offsets[i]:offsets[i+1]],
+                              as the teacher saw them inside a template (leading space
+                              included: `concept_vectors.concept_token_table`); what
+                              every token-reading student and the inverse read
     text.safetensors          offsets int64 (N+1,), bytes uint8 (C,)
                               concept i's text, UTF-8: bytes[offsets[i]:offsets[i+1]]
                               (what the character-level student reads: no tokenizer)

@@ -26,7 +26,13 @@ class DirectionsParams:
     templates: tuple[str, ...] = ("{concept}",)
     """Prompt templates with a `{concept}` slot; vectors are averaged over templates."""
     pooling: Literal["last", "mean"] = "last"
-    """`last`: last non-padding token (decoders); `mean`: mean over tokens (encoders)."""
+    """`last`: last non-padding token (decoders); `mean`: mean over tokens (encoders; on a
+    decoder the start token is left out of the mean)."""
+    start_token: str = "auto"
+    """What opens every prompt (`pipeline/common/sequence_start.py`): `auto` puts the
+    end-of-text token before a decoder's prompt when its tokenizer adds no BOS (Qwen3,
+    SmolLM2), so the attention sink of position 0 is not the concept's last token; nothing
+    for a tokenizer that adds its own ([CLS], <s>). `none`: nothing; or one token's text."""
     compute_dtype: ComputeDType = "bfloat16"
     storage_dtype: DType = "float32"
     shard_rows: int = 8192
@@ -45,6 +51,8 @@ class DirectionsParams:
             raise ValueError("directions.templates is empty: give at least one template")
         for template in self.templates:
             template_parts(template)
+        if not self.start_token:
+            raise ValueError("directions.start_token is empty: give auto, none or a token")
         positive("directions.shard_rows", self.shard_rows)
         positive("directions.max_length", self.max_length)
         positive("directions.batch_size", self.batch_size)
@@ -60,14 +68,17 @@ class DirectionsParams:
         prompt, and a truncated prompt silently pools a token that is not the concept's; a
         longer one costs nothing, since a batch is padded to its own longest prompt only."""
         longest_concept = params.wordlist.max_length
-        needs = {t: prompt_bytes(t, longest_concept) + SPECIAL_TOKENS for t in self.templates}
+        # `auto` adds a start token only where the tokenizer adds none (sequence_start.py,
+        # not imported here: it loads transformers), so it stays within SPECIAL_TOKENS.
+        specials = SPECIAL_TOKENS + int(self.start_token not in ("auto", "none"))
+        needs = {t: prompt_bytes(t, longest_concept) + specials for t in self.templates}
         template = max(needs, key=needs.__getitem__)
         if self.max_length < needs[template]:
             raise ValueError(
                 f"directions.max_length={self.max_length} can truncate prompts: template "
                 f"{template!r} with a concept of wordlist.max_length={longest_concept} "
                 f"letters takes up to {needs[template]} tokens (one per byte, plus "
-                f"{SPECIAL_TOKENS} special tokens); set directions.max_length >= "
+                f"{specials} special and start tokens); set directions.max_length >= "
                 f"{needs[template]}"
             )
 
