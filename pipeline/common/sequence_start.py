@@ -43,7 +43,9 @@ def adds_start_token(tokenizer: PreTrainedTokenizerBase) -> bool:
 def end_of_text_id(tokenizer: PreTrainedTokenizerBase) -> int:
     """The token that ends a document: END_OF_TEXT if the vocabulary has it, else eos."""
     vocab_id = tokenizer.convert_tokens_to_ids(END_OF_TEXT)
-    if isinstance(vocab_id, int) and vocab_id != tokenizer.unk_token_id and vocab_id >= 0:
+    # The round trip, not `!= unk_token_id`: SmolLM2's unk token IS <|endoftext|> (id 0),
+    # and a missing token maps to unk, whose own text differs.
+    if isinstance(vocab_id, int) and vocab_id >= 0:
         if tokenizer.convert_ids_to_tokens(vocab_id) == END_OF_TEXT:
             return vocab_id
     if tokenizer.eos_token_id is None:

@@ -44,3 +44,14 @@ def test_explicit_token_must_be_one_token(tiny_tokenizer):
     assert start_ids(tiny_tokenizer, "<|endoftext|>") == [eot]
     with pytest.raises(ValueError, match=r"directions.start_token='hello world' is \d+ tokens"):
         start_ids(tiny_tokenizer, "hello world", key="directions.start_token")
+
+
+def test_end_of_text_that_is_also_the_unk_token_is_still_end_of_text(tiny_qwen3_path):
+    """SmolLM2's tokenizer: unk_token is <|endoftext|> and eos_token the chat <|im_end|>;
+    the rule's token is <|endoftext|>, not the chat token."""
+    tokenizer = AutoTokenizer.from_pretrained(
+        tiny_qwen3_path, unk_token="<|endoftext|>", eos_token="<|pad|>"
+    )
+    eot = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    assert tokenizer.unk_token_id == eot != tokenizer.eos_token_id
+    assert end_of_text_id(tokenizer) == eot and start_ids(tokenizer, "auto") == [eot]
