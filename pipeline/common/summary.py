@@ -24,6 +24,10 @@ An entry (one headline of one branch):
                                        minimum; below it the page shows `n=10 < 30`, not the
                                        value (summary.json keeps the number)
     caveat: str | null                 optional, e.g. that the teacher has random weights
+    warning: str | null                optional: one line saying a control matches what the
+                                       headline rests on (e.g. a baseline that matches
+                                       trained students); the page marks the row and prints
+                                       the line under the table
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ TEXT_FIELDS = ("branch", "metric", "teacher", "control")
 NUMBER_FIELDS = ("value",)
 OPTIONAL_NUMBER_FIELDS = ("control_value", "downstream_value")
 INTERVAL_FIELDS = ("interval", "control_interval")
-OPTIONAL_TEXT_FIELDS = ("interval_kind", "downstream", "caveat")
+OPTIONAL_TEXT_FIELDS = ("interval_kind", "downstream", "caveat", "warning")
 OPTIONAL_COUNT_FIELDS = ("rows", "min_rows")
 FIELDS = (
     *TEXT_FIELDS,
@@ -58,6 +62,8 @@ FIELDS = (
     "n",
 )
 REQUIRED = (*TEXT_FIELDS, *NUMBER_FIELDS, "n")
+WARNING_MARK = "⚠"
+"""Marks a headline whose entry carries a `warning`, and that warning's line."""
 
 
 def _is_number(value: Any) -> bool:
@@ -169,6 +175,7 @@ def summary_table(entries: Sequence[dict[str, Any]]) -> str:
     ]
     rows = []
     notes: list[str] = []  # one footnote per distinct caveat
+    warnings: list[str] = []
     for entry in entries:
         downstream = MISSING
         if entry.get("downstream"):
@@ -178,10 +185,14 @@ def summary_table(entries: Sequence[dict[str, Any]]) -> str:
             if entry["caveat"] not in notes:
                 notes.append(entry["caveat"])
             teacher += f" ({notes.index(entry['caveat']) + 1})"
+        metric = entry["metric"]
+        if entry.get("warning"):
+            warnings.append(f"{WARNING_MARK} {entry['branch']}: {entry['warning']}")
+            metric += f" {WARNING_MARK}"
         rows.append(
             [
                 entry["branch"],
-                entry["metric"],
+                metric,
                 with_interval(entry["value"], entry.get("interval"), entry),
                 entry["control"],
                 with_interval(entry.get("control_value"), entry.get("control_interval"), entry),
@@ -192,6 +203,9 @@ def summary_table(entries: Sequence[dict[str, Any]]) -> str:
             ]
         )
     lines += markdown_table(header, rows, align="llrlrllrl")
+    if warnings:
+        lines.append("")
+        lines += [f"**{line}**" for line in warnings]
     if notes:
         lines.append("")
         lines += [f"({i}) {note}" for i, note in enumerate(notes, start=1)]

@@ -35,6 +35,8 @@ from pipeline.concepts.params import RunParams
 FOOTNOTE = "\\* needs the teacher's embedding table at inference"
 CHAR_BASELINE = "baseline_char_ngrams"
 """The bag-of-characters ridge baseline: the character student's linear control."""
+TOKEN_COUNT_BASELINE = "baseline_token_count"
+"""The train-mean direction per token count: what a position artefact would match."""
 BRANCH = "concept directions"
 INTERVAL_KIND = "t-interval 95% over seeds"
 
@@ -265,6 +267,8 @@ def comparison_table(
     if _chosen_on_noise(rows):
         lines += ["", NOISE_NOTE]
     lines += _table_notes(rows)
+    matched = token_count_warning(rows)
+    lines += [] if matched is None else ["", f"**{matched}**"]
     lines += ["", *seed_table(blocks, split_by)]
     if analogies is not None:
         lines += ["", *analogy_section(rows, analogies, rests.min_rows)]
@@ -324,6 +328,31 @@ def overlaps(a: tuple[float, float] | None, b: tuple[float, float] | None) -> bo
     return a[0] <= b[1] and b[0] <= a[1]
 
 
+def token_count_warning(rows: Sequence[Row]) -> str | None:
+    """One line naming every trained row whose test cos_sim 95% interval (its mean, with
+    one seed) reaches down to the token-count baseline's test cos_sim or below; None when
+    none does (or there is no such baseline)."""
+    control = next((row for row in rows if row.name == TOKEN_COUNT_BASELINE), None)
+    if control is None or control.metrics.get("test_cos") is None:
+        return None
+    bar = control.metrics["test_cos"]
+    matched = []
+    for row in rows:
+        if not is_trained(row) or row.metrics.get("test_cos") is None:
+            continue
+        span = interval(row.metrics)
+        if (row.metrics["test_cos"] if span is None else span[0]) <= bar:
+            shown = with_interval(row.metrics["test_cos"], span, spec(".4f"))
+            matched.append(f"{row.label} {shown}")
+    if not matched:
+        return None
+    return (
+        f"Matched by the token-count baseline (test cos_sim {bar:.4f} from the concept's "
+        f"token count alone): {'; '.join(matched)}. Their test cos_sim is no evidence that "
+        "they read the concept."
+    )
+
+
 def seed_table(blocks: tuple[Sequence[Row], Sequence[Row]], split_by: str) -> list[str]:
     """Test cos_sim mean over seeds with its 95% t-interval, trained rows then baselines
     (the table's order); "overlaps next" marks a row whose interval meets the next row's
@@ -358,7 +387,8 @@ def summary(
     """The branch's `summary` block: the distilled student with the best mean val
     cos_sim, reported by its test cos_sim mean over seeds with its 95% t-interval, next to
     the baseline (kNN, train mean, char n-grams) with the best val cos_sim and its test
-    value (deterministic: no interval); then `char_entry` and `distilled_entry` where
+    value (deterministic: no interval), with `token_count_warning` as its `warning`
+    where the token-count baseline matches a student; then `char_entry` and `distilled_entry` where
     those students are in the table. Students are picked on val, so the test numbers are
     not selected on test; they are the table's own numbers. Each entry names the rows
     its value is a mean over (`rows`) and `rests.min_rows`, so the summary page marks a
@@ -384,6 +414,7 @@ def summary(
             rows=rests.counts["test"],
             min_rows=rests.min_rows,
         )
+        | {"warning": token_count_warning(rows)}
     ]
     extra = (
         char_entry(scored, split_by, teacher, rests),

@@ -17,7 +17,9 @@ epoch; null where there is no width),
 `table_cos` for a distilled run (its table reconstruction), `held_tokens` for a
 trainable run (its embedding's rows: the tokens the concepts use), `baseline_train_mean`,
 `baseline_knn`, `baseline_char_ngrams` (the bag-of-characters ridge baseline, the char
-student's control; all deterministic: no seeds), `counts` (concepts per split, test
+student's control), `baseline_token_count` (the train-mean direction of the train concepts
+with as many tokens: what a position artefact such as a decoder's attention sink would
+match; all deterministic: no seeds), `counts` (concepts per split, test
 concepts with seen / unseen tokens, test analogies), and
 `summary` (the branch's headline next to its control: `comparison.summary`). The table's
 title names the teacher, its layer and the split, and says when the teacher has random
@@ -57,6 +59,7 @@ from pipeline.concepts.comparison import (
     ANALOGY_METHODS,
     ANALOGY_PREFIX,
     CHAR_BASELINE,
+    TOKEN_COUNT_BASELINE,
     Rests,
     Row,
     TeacherFacts,
@@ -76,6 +79,7 @@ from pipeline.concepts.scores import (
     mean_over_seeds,
     row_cosine,
     split_metrics,
+    token_count_predict,
     token_coverage,
     train_mean_predict,
 )
@@ -276,6 +280,11 @@ def _baselines(
     low, high = params.char_ngrams
     return {
         "baseline_train_mean": ("Baseline: train mean", mean, False),
+        TOKEN_COUNT_BASELINE: (
+            "Baseline: train mean per token count",
+            _by_token_count(data, splits),
+            False,
+        ),
         "baseline_knn": (f"Baseline: kNN k={k} (teacher embeddings)", _knn(data, splits, k), True),
         CHAR_BASELINE: (
             f"Baseline: char {low}-{high}-gram counts + ridge (alpha={alpha:g})",
@@ -283,6 +292,13 @@ def _baselines(
             False,
         ),
     }
+
+
+def _by_token_count(data: DirectionSet, splits: Splits) -> dict[str, Tensor]:
+    """The token-count baseline, counting the concept tokens the students read."""
+    counts = {split: data.offsets[i + 1] - data.offsets[i] for split, (i, _) in splits.items()}
+    train = (counts["train"], splits["train"][1])
+    return {split: token_count_predict(*train, counts[split]) for split in splits}
 
 
 def _knn(data: DirectionSet, splits: Splits, k: int) -> dict[str, Tensor]:

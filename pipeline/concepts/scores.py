@@ -138,6 +138,24 @@ def train_mean_predict(train_directions: Tensor, num_rows: int, rel_tol: float =
     return mean.expand(num_rows, -1).clone()
 
 
+def token_count_predict(train_counts: Tensor, train_directions: Tensor, counts: Tensor) -> Tensor:
+    """Baseline: each concept gets the mean train direction of the train concepts with as
+    many tokens as it has -> (N, D) float64; a count no train concept has gets the overall
+    train mean (`train_mean_predict`). It reads nothing of the concept but its length, so
+    it matches any student whose directions mostly encode where pooling lands (e.g. a
+    decoder's attention sink at position 0 for one-token prompts).
+
+    train_counts (T,) and counts (N,): token counts; train_directions (T, D).
+    """
+    train = train_directions.double()
+    out = train_mean_predict(train, counts.numel())
+    for count in counts.unique().tolist():
+        same = train_counts == count
+        if bool(same.any()):
+            out[counts == count] = train[same].mean(0)
+    return out
+
+
 def knn_predict(
     query: Tensor, pool: Tensor, pool_directions: Tensor, k: int, exclude_self: bool = False
 ) -> Tensor:

@@ -110,6 +110,7 @@ def test_page_and_numbers_from_three_files(tmp_path):
         ({"rows": 10}, "rows and min_rows come together"),
         ({"rows": -1, "min_rows": 30}, "rows: expected an integer >= 0 or null, got -1"),
         ({"rows": 10, "min_rows": 2.5}, "min_rows: expected an integer >= 0 or null, got 2.5"),
+        ({"warning": 1}, "warning: expected a string or null, got 1"),
     ],
 )
 def test_broken_entries_name_the_file_and_key(tmp_path, change, message):
@@ -147,3 +148,13 @@ def test_a_headline_on_fewer_rows_than_its_minimum_is_shown_as_such():
     assert row[2:5] == ["0.25 [0.1, 0.4]", "window mean", "0.5 [0.3, 0.7]"]
     # The JSON keeps the number either way.
     assert summary_numbers([few])["sidecar"]["lm_loss_increase_over_dense"]["value"] == 0.25
+
+
+def test_a_warning_marks_its_headline_and_is_printed_under_the_table():
+    line = "Matched by the token-count baseline (test cos_sim 0.9997): Linear Probe 0.86."
+    page = squeeze(summary_table([entry(warning=line), entry(branch="SAE")]))
+    rows = [row for row in page.splitlines() if row.startswith("| ")]
+    assert rows[2].startswith("| sidecar | LM loss increase over dense ⚠ | 0.25 ")
+    assert rows[3].startswith("| SAE | LM loss increase over dense | 0.25 ")
+    assert f"**⚠ sidecar: {line}**" in page.splitlines()
+    assert "⚠" not in summary_table([entry(warning=None)])

@@ -35,7 +35,12 @@ RUNS = {
     "tiny": {"approach": "trainable", "embed_dim": 4, "hidden_dim": 8},
 }
 # What every row has, trained or baseline.
-BASELINES = ("baseline_train_mean", "baseline_knn", "baseline_char_ngrams")
+BASELINES = (
+    "baseline_train_mean",
+    "baseline_knn",
+    "baseline_char_ngrams",
+    "baseline_token_count",
+)
 BASELINE_KEYS = {
     "train_cos",
     "val_cos",
@@ -207,6 +212,16 @@ def test_evaluate_end_to_end(setup, tmp_path):
     assert results["baseline_train_mean"]["test_top10"] == pytest.approx(10 / counts["test"])
     # The targets are a smooth function of the teacher's embeddings, so kNN there helps.
     assert results["baseline_knn"]["test_cos"] > 0.3
+    # Token-count baseline: each test concept gets the mean train direction of the train
+    # concepts with as many tokens (the stored tokens the students read).
+    lengths = data.offsets[1:] - data.offsets[:-1]
+    train_ids, train_dirs = data.load_split("train")
+    expected = []
+    for concept in ids.tolist():
+        same = lengths[train_ids] == lengths[concept]
+        expected.append(train_dirs[same].double().mean(0))
+    by_count = mean_cosine(torch.stack(expected), targets)
+    assert results["baseline_token_count"]["test_cos"] == pytest.approx(by_count, abs=1e-9)
 
     lines = squeeze(paths["table"].read_text()).splitlines()
     title = "# Concept directions: synthetic, hidden_states[2], last pooling; concepts split by "
@@ -287,7 +302,7 @@ def test_cli_evaluate(setup, tmp_path):
     # Trained rows and baselines counted apart; the best trained row's number as the table has it.
     probe = metrics["linear_probe"]["test_cos"]
     assert (
-        f"evaluate: 2 trained rows, 3 baselines; best trained row on test: linear_probe, "
+        f"evaluate: 2 trained rows, 4 baselines; best trained row on test: linear_probe, "
         f"test cos {probe:.4f}" in result.output
     )
 

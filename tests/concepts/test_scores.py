@@ -21,6 +21,7 @@ from pipeline.concepts.comparison import (
     overlaps,
     run_label,
     summary,
+    token_count_warning,
 )
 from pipeline.concepts.params import RunParams
 from pipeline.concepts.scores import (
@@ -31,6 +32,7 @@ from pipeline.concepts.scores import (
     retrieval_ranks,
     row_cosine,
     split_metrics,
+    token_count_predict,
     token_coverage,
     top_k_hit_rates,
     train_mean_predict,
@@ -142,6 +144,17 @@ def test_train_mean_baseline_is_about_zero():
     # An uncentred train set gives its real mean.
     shifted = train_mean_predict(train + 1.0, 2)
     assert torch.allclose(shifted, torch.ones(2, 16, dtype=torch.float64))
+
+
+def test_token_count_baseline_is_the_train_mean_of_concepts_of_the_same_count():
+    train_counts = torch.tensor([1, 1, 2, 3])
+    train = torch.tensor([[1.0, 0.0], [3.0, 0.0], [0.0, 5.0], [-4.0, -5.0]])  # mean 0
+    got = token_count_predict(train_counts, train, torch.tensor([2, 1, 4, 3]))
+    # A count no train concept has (4) gets the overall train mean: zero here.
+    assert got.tolist() == [[0.0, 5.0], [2.0, 0.0], [0.0, 0.0], [-4.0, -5.0]]
+    assert got.dtype == torch.float64
+    shifted = token_count_predict(train_counts, train + 1.0, torch.tensor([4]))
+    assert shifted.tolist() == [[1.0, 1.0]]
 
 
 def test_split_metrics_keys_and_subsets():
@@ -379,6 +392,7 @@ def test_summary_picks_student_and_control_on_val_and_reports_their_test_numbers
         "rows": 40,
         "min_rows": 30,
         "caveat": None,
+        "warning": None,
     }
     check_entry(block, "concepts")
 
@@ -393,3 +407,28 @@ def test_summary_of_one_seed_has_no_interval_and_names_the_caveat():
     assert block["control"] is None and block["control_value"] is None
     baseline_only = [Row("m", "Baseline: train mean", {"val_cos": 0.0, "test_cos": 0.0})]
     assert summary(baseline_only, "text", tiny, RESTS) == []
+
+
+def test_the_token_count_baseline_flags_every_student_it_matches():
+    bar = Row("baseline_token_count", "Baseline: train mean per token count", _metrics(0.9))
+    rows = [
+        Row("over", "Linear Probe", _picked(0.9, 0.95, [0.92, 0.98])),
+        Row("overlap", "Frozen+MLP h=128", _picked(0.8, 0.91, [0.89, 0.93])),
+        Row("under", "Trainable e=32,h=128", _picked(0.5, 0.5, [0.4, 0.6])),
+        Row("one", "Distilled e=8,h=64", _picked(0.9, 0.9, None, n=1)),  # its mean: on the bar
+        Row("m", "Baseline: train mean", {"val_cos": 0.0, "test_cos": 0.0}),
+        bar,
+    ]
+    line = (
+        "Matched by the token-count baseline (test cos_sim 0.9000 from the concept's token "
+        "count alone): Frozen+MLP h=128 0.9100 [0.8900, 0.9300]; Trainable e=32,h=128 "
+        "0.5000 [0.4000, 0.6000]; Distilled e=8,h=64 0.9000. Their test cos_sim is no "
+        "evidence that they read the concept."
+    )
+    assert token_count_warning(rows) == line
+    (block,) = summary(rows, "text", TEACHER, RESTS)
+    assert block["warning"] == line and check_entry(block, "concepts")
+    table = comparison_table(rows, (1, 10), "text", TEACHER, RESTS)
+    assert f"**{line}**" in table.splitlines()
+    assert token_count_warning(rows[:1] + rows[-1:]) is None
+    assert token_count_warning(rows[:-1]) is None  # no such baseline: nothing to say
