@@ -35,9 +35,8 @@ def params(tiny_llama_path):
     """CorpusParams on the tiny Llama's tokenizer, with overrides."""
 
     def make(**overrides) -> CorpusParams:
-        base = dict(
-            source="builtin", model=tiny_llama_path, chunk_tokens=21, max_chunks=10, shard_rows=4
-        )
+        base = dict(source="builtin", model=tiny_llama_path, chunk_tokens=21, max_chunks=10,
+                    shard_rows=4, start_token="none")  # fmt: skip
         return CorpusParams(**(base | overrides))
 
     return make
