@@ -157,11 +157,16 @@ def split_documents(text: str, pattern: re.Pattern[str] | None) -> list[str]:
 
 
 def documents(params: CorpusParams) -> Iterator[str]:
-    """The source's texts, each cut into documents by `document_split`."""
+    """The source's texts, each cut into documents by `document_split`; all of them in a
+    seeded order under `shuffle_documents`."""
     split = params.document_split
     pattern = re.compile(split, re.MULTILINE) if split else None
-    for text in texts(params):
-        yield from split_documents(text, pattern)
+    cut = (doc for text in texts(params) for doc in split_documents(text, pattern))
+    if not params.shuffle_documents:
+        return cut
+    everything = list(cut)
+    random.Random(params.seed).shuffle(everything)
+    return iter(everything)
 
 
 def load_tokenizer(
