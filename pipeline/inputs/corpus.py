@@ -72,6 +72,7 @@ def run(params: CorpusParams, out: Path, metrics: Path | None = None) -> dict:
         stats,
         start,
         params.max_document_tokens,
+        params.seed if params.shuffle_parts else None,
     )
     for stale in out.parent.glob(f".{out.name}.tmp-*"):  # left by a killed run
         shutil.rmtree(stale)

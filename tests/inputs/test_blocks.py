@@ -296,3 +296,29 @@ def test_activations_carry_block_chunks_and_the_sae_splits_by_block(
     strip_block_chunks(tmp_path / "acts")
     with pytest.raises(ValueError, match="no block_chunks.*re-run the corpus and activations"):
         TokenSource(tmp_path / "acts", layer=2, eval_fraction=0.3)
+
+
+def test_shuffled_parts_are_every_part_once_in_a_seeded_order_each_ended_by_eos():
+    # Parts of 3 (EOS included): doc 0 -> [101 102 103] [EOS]; doc 1 -> [201 202 203]
+    # [204 EOS]; doc 2 -> [301 EOS]. Chunks of 2 tokens, no start, blocks of 1 chunk.
+    docs = docs_of_lengths([3, 4, 1])
+    stats = ChunkStats()
+    chunks = list(pack_blocks(docs, EOS, 2, 100, 1, stats, max_document_tokens=3, shuffle_seed=0))
+    tokens = [t for c in chunks for t in c.tokens]
+    # Every text token appears once at most (seams skip the rest of a part), never twice.
+    text = [t for t in tokens if t != EOS]
+    assert len(text) == len(set(text))
+    order = [owner(c.tokens[0]) for c in chunks if c.tokens[0] != EOS]
+    unshuffled = list(pack_blocks(docs, EOS, 2, 100, 1, ChunkStats(), max_document_tokens=3))
+    assert [c.tokens for c in chunks] != [c.tokens for c in unshuffled]
+    again = pack_blocks(docs, EOS, 2, 100, 1, ChunkStats(), max_document_tokens=3, shuffle_seed=0)
+    assert [c.tokens for c in again] == [c.tokens for c in chunks]
+    assert stats.documents == 3 and stats.parts == 5 and set(order) <= {0, 1, 2}
+    # A part cut mid-document ([101 102 103], [201 202 203]) gets an EOS: 5 parts, 2 added.
+    assert stats.tokens_read == 3 + 1 + 3 + 2 + 2 + 2
+    assert stats.tokens_read == stats.tokens_used + stats.seam_skipped_tokens + stats.unused_tokens
+
+
+def test_shuffle_needs_a_source_read_whole():
+    with pytest.raises(ValueError, match="corpus.shuffle_parts is true but corpus.source="):
+        CorpusParams(source="builtin", shuffle_parts=True)

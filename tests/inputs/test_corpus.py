@@ -23,7 +23,6 @@ from pipeline.inputs.text_chunks import (
     CorpusSourceError,
     builtin_documents,
     cut_chunks,
-    documents,
     load_tokenizer,
     split_documents,
 )
@@ -328,17 +327,3 @@ def test_a_short_source_is_named_with_its_documents_blocks_and_skipped_share(
     assert f"in {stats['blocks']} blocks of corpus.block_chunks=2" in warning
     assert f"{skipped:.1%} skipped at block seams" in warning
     assert "lower corpus.max_document_tokens" in warning
-
-
-def test_shuffled_documents_are_every_document_in_a_seeded_order(tmp_path):
-    for name, text in (("a.md", "### 1\nx\n### 2\ny\n"), ("b.md", "### 3\nz\n### 4\nw\n")):
-        (tmp_path / name).write_text(text)
-    base = dict(source="files", files=str(tmp_path / "*.md"), document_split="^### ")
-    in_order = list(documents(CorpusParams(**base)))
-    assert in_order == ["### 1\nx\n", "### 2\ny\n", "### 3\nz\n", "### 4\nw\n"]
-    shuffled = list(documents(CorpusParams(**base, shuffle_documents=True, seed=0)))
-    assert sorted(shuffled) == in_order and shuffled != in_order
-    assert shuffled == list(documents(CorpusParams(**base, shuffle_documents=True, seed=0)))
-    assert shuffled != list(documents(CorpusParams(**base, shuffle_documents=True, seed=3)))
-    with pytest.raises(ValueError, match="corpus.shuffle_documents is true but corpus.source="):
-        CorpusParams(source="builtin", shuffle_documents=True)
