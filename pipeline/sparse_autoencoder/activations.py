@@ -166,6 +166,8 @@ def _describe(
             "num_chunks": num_chunks,
             "block_chunks": reader.block_chunks,
             "pad_token_id": reader.pad_token_id,
+            # Leading start tokens of each chunk (0 for a corpus that predates the key).
+            "start_tokens": int(reader.manifest.extra.get("start_tokens", 0)),
             "storage_dtype": params.storage_dtype,
             "corpus_manifest_sha256": sha256_file(Path(corpus) / MANIFEST),
         }

@@ -103,6 +103,7 @@ INFO_KEYS = (
     "code_dims",
     "baselines.*.components",
     "baselines.*.kept_per_row",
+    "start_rows.positions",
     "splice.applies",
     "splice.reason",
     "splice.hook",
@@ -210,6 +211,13 @@ def _measure(model, fit, data, sae: SaeParams, sample: torch.Tensor) -> tuple[di
         "dead_feature_rate_train_window": fit.dead_window,
         **decoder_cosine_stats(model.W_dec),
     }
+    if isinstance(data, TokenSource):
+        dropped = data.dropped_rows
+        result["start_rows"] = {
+            "positions": data.start_rows,
+            "dropped_train_rows": dropped["train"],
+            "dropped_eval_rows": dropped["eval"],
+        }
     fitted, result["baselines"] = _baselines(sae, data, sample, result["mean_active"])
     return result, evaluation, fitted
 
@@ -256,11 +264,15 @@ def _splice(model, fitted: list, data: ActivationSource, sae: SaeParams, corpus:
     module = hook_point(lm, sae.layer)
     batch = sae.splice_batch_size
 
+    first = data.start_rows
+
     def losses(replace, capture=False):
-        return chunk_losses(lm, tokens, mask, batch, module, replace, capture)
+        return chunk_losses(lm, tokens, mask, batch, module, replace, capture, first)
 
     clean = losses(identity, capture=True)
-    check = _hook_check(clean.captured, data, chunk_ids[:batch], mask[:batch])
+    replaced = mask[:batch].clone()
+    replaced[:, :first] = False
+    check = _hook_check(clean.captured, data, chunk_ids[:batch], replaced)
     ablated = losses(constant(_train_mean(data)))
     methods = {"sae": model_space(lambda p: model.decode(model.encode(p)), sae.layer_norm)}
     for baseline in fitted:
@@ -315,7 +327,7 @@ def _train_mean(data: ActivationSource) -> torch.Tensor:
 def _open_input(
     sae: SaeParams, source: Path, wordlist: Path | None, corpus: Path | None
 ) -> ActivationSource:
-    data = open_source(source, sae.layer, sae.eval_fraction)
+    data = open_source(source, sae.layer, sae.eval_fraction, keep_start_rows=sae.keep_start_rows)
     if data.kind != sae.input:
         raise ValueError(f"sae.input={sae.input} but {source} holds a {data.kind!r} dump")
     if isinstance(data, DirectionsSource):
@@ -335,7 +347,7 @@ def _open_compare(sae: SaeParams, compare: Path) -> ActivationSource:
 
     layers = Manifest.load(compare).extra.get("layers", [])
     layer = sae.compare_layer if sae.compare_layer is not None else max(layers, default=-1)
-    return open_source(compare, layer, sae.eval_fraction)
+    return open_source(compare, layer, sae.eval_fraction, keep_start_rows=sae.keep_start_rows)
 
 
 def _train(

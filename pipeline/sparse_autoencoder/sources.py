@@ -9,6 +9,7 @@ Two sources share one interface, so the SAE never cares which it reads:
   hidden state per token; item = (chunk_id, position); eval rows are the chunks whose
   corpus block (which no document spans) a stable hash puts in the held-out share; an
   exemplar is a text span decoded from the corpus chunk, the activating token in [[brackets]].
+  With `start_rows` n > 0 it leaves out each chunk's first n positions (`start_rows`).
 
 A row's vector and its item travel together through every shuffle (one
 permutation indexes both), so exemplars stay aligned with their text.
@@ -55,6 +56,15 @@ class RowBatch:
 def item_keys(items: Tensor) -> Tensor:
     """(N, 2) items -> (N,) int64 keys, unique per item, ordered like the items."""
     return items[:, 0] * _KEY_SHIFT + (items[:, 1] + 1)
+
+
+def start_rows(extra: dict, keep: bool) -> int:
+    """Leading positions of each chunk the SAE leaves out (`sae.keep_start_rows`): none
+    when `keep`; else the chunk's start tokens (the corpus manifest's `start_tokens`, which
+    the activations manifest copies; 0 when it predates the key) and at least position 0,
+    an attention sink whether or not it holds a start token (SmolLM2 layer 15: norm ~21,000
+    at position 0 with `<|endoftext|>` there, ~23,000 without, ~150-180 from position 1)."""
+    return 0 if keep else max(int(extra.get("start_tokens", 0)), 1)
 
 
 def held_out(chunk_id: Tensor, fraction: float, block_chunks: int) -> Tensor:
@@ -186,9 +196,19 @@ class DirectionsSource(ActivationSource):
 class TokenSource(ActivationSource):
     kind = ACTIVATIONS
 
-    def __init__(self, folder: Path, layer: int, eval_fraction: float = 0.1, verify: bool = True):
+    def __init__(
+        self,
+        folder: Path,
+        layer: int,
+        eval_fraction: float = 0.1,
+        verify: bool = True,
+        start_rows: int = 0,
+    ):
         super().__init__(folder, layer, verify)
         self.eval_fraction = eval_fraction
+        self.start_rows = start_rows
+        """Rows at positions below this are left out of every split."""
+        self._dropped: dict[str, tuple[int, int]] = {}  # shard file -> (train, eval) rows
         if "block_chunks" not in self.manifest.extra:
             raise ValueError(
                 f"{self.folder}/manifest.json has no block_chunks: it was written before "
@@ -202,11 +222,17 @@ class TokenSource(ActivationSource):
         key = layer_key(self.layer)
         shard = read_shard(self.folder, record, ["chunk_id", "position", key], self.verify)
         items = torch.stack([shard["chunk_id"].long(), shard["position"].long()], dim=1)
-        return (
-            items,
-            shard[key].float(),
-            held_out(shard["chunk_id"], self.eval_fraction, self.block_chunks),
-        )
+        is_eval = held_out(shard["chunk_id"], self.eval_fraction, self.block_chunks)
+        keep = items[:, 1] >= self.start_rows
+        dropped_eval = int((is_eval & ~keep).sum())
+        self._dropped[record.file] = (int((~keep).sum()) - dropped_eval, dropped_eval)
+        return items[keep], shard[key].float()[keep], is_eval[keep]
+
+    @property
+    def dropped_rows(self) -> dict[str, int]:
+        """Start rows left out so far, by split (every shard counted once, however often read)."""
+        counts = self._dropped.values()
+        return {"train": sum(c[0] for c in counts), "eval": sum(c[1] for c in counts)}
 
     def attach_texts(self, corpus: Path, tokenizer) -> None:
         """The corpus chunks and the tokenizer that decodes them, for `describe`."""
@@ -231,14 +257,20 @@ class TokenSource(ActivationSource):
 
 
 def open_source(
-    folder: Path, layer: int, eval_fraction: float = 0.1, verify: bool = True
+    folder: Path,
+    layer: int,
+    eval_fraction: float = 0.1,
+    verify: bool = True,
+    keep_start_rows: bool = False,
 ) -> ActivationSource:
-    """The reader for whichever kind of dump `folder` holds (its manifest says)."""
-    kind = Manifest.load(Path(folder)).kind
-    if kind == DIRECTIONS:
+    """The reader for whichever kind of dump `folder` holds (its manifest says); token
+    rows leave out each chunk's start rows unless `keep_start_rows` (`start_rows`)."""
+    manifest = Manifest.load(Path(folder))
+    if manifest.kind == DIRECTIONS:
         return DirectionsSource(folder, layer, verify)
-    if kind == ACTIVATIONS:
-        return TokenSource(folder, layer, eval_fraction, verify)
+    if manifest.kind == ACTIVATIONS:
+        first = start_rows(manifest.extra, keep_start_rows)
+        return TokenSource(folder, layer, eval_fraction, verify, first)
     raise ValueError(
-        f"{folder} holds a {kind!r} dump; the SAE reads {DIRECTIONS!r} or {ACTIVATIONS!r}"
+        f"{folder} holds a {manifest.kind!r} dump; the SAE reads {DIRECTIONS!r} or {ACTIVATIONS!r}"
     )

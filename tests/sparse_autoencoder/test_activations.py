@@ -16,7 +16,7 @@ from pipeline.inputs.tiny_models import build_tiny
 from pipeline.sparse_autoencoder import activations
 from pipeline.sparse_autoencoder.layout import ACTIVATIONS
 from pipeline.sparse_autoencoder.params import ActivationsParams
-from pipeline.sparse_autoencoder.sources import TokenSource, held_out
+from pipeline.sparse_autoencoder.sources import TokenSource, held_out, open_source, start_rows
 from tests.conftest import build_params
 from tests.tiny_teachers import tiny_teacher
 
@@ -41,6 +41,7 @@ def make_corpus(
     shard_rows: int = 4,
     pad_to: list[int] | None = None,
     model: str | None = None,
+    start_tokens: int | None = None,
 ) -> Path:
     """A corpus folder (layout: inputs/text_chunks.py): chunks of TEXT's tokens, ids 100, 103, ...
 
@@ -55,6 +56,8 @@ def make_corpus(
         "chunk_tokens": chunk_tokens,
         "block_chunks": 1,
     }
+    if start_tokens is not None:
+        extra["start_tokens"] = start_tokens
     if pad_to is not None:
         for row, keep in enumerate(pad_to):
             tokens[row, keep:] = tokenizer.pad_token_id
@@ -233,3 +236,32 @@ def test_command_line(tmp_path, tiny_llama):
     assert result.exit_code == 0, result.output
     # positions: all (the default): every token of the 2 chunks of 12.
     assert Manifest.load(tmp_path / "a").rows == 2 * 12
+
+
+def test_start_rows_rule_drops_at_least_position_zero():
+    assert start_rows({}, keep=False) == 1  # a corpus from before the key: position 0 is a sink
+    assert start_rows({"start_tokens": 0}, keep=False) == 1
+    assert start_rows({"start_tokens": 1}, keep=False) == 1
+    assert start_rows({"start_tokens": 2}, keep=False) == 2
+    assert start_rows({"start_tokens": 2}, keep=True) == 0
+
+
+def test_token_source_leaves_out_start_rows_and_counts_them(tmp_path, tiny_llama):
+    _, tokenizer = tiny_llama
+    corpus = make_corpus(tmp_path / "corpus", tokenizer, num_chunks=4, start_tokens=2)
+    activations.run(params(layers=(1,), shard_rows=30), corpus, tmp_path / "acts")
+    assert Manifest.load(tmp_path / "acts").extra["start_tokens"] == 2
+    source = open_source(tmp_path / "acts", 1, eval_fraction=0.5)
+    items, x, is_eval = (torch.cat(parts) for parts in zip(*source.shards("all"), strict=True))
+    assert source.start_rows == 2 and items.shape[0] == 4 * 10
+    assert items[:, 1].tolist() == list(range(2, 12)) * 4
+    assert torch.equal(
+        x, stored(tmp_path / "acts")["layer_1"][stored(tmp_path / "acts")["position"] >= 2]
+    )
+    held = is_eval.reshape(4, 10)[:, 0]  # whole chunks on one side
+    assert source.dropped_rows == {"train": 2 * int((~held).sum()), "eval": 2 * int(held.sum())}
+    list(source.shards("all"))  # a second pass counts nothing twice
+    assert sum(source.dropped_rows.values()) == 8
+    kept = open_source(tmp_path / "acts", 1, eval_fraction=0.5, keep_start_rows=True)
+    assert sum(r.shape[0] for r, _, _ in kept.shards("all")) == 48
+    assert kept.dropped_rows == {"train": 0, "eval": 0}
