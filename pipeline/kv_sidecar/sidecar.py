@@ -31,7 +31,7 @@ import typer
 from torch import Tensor
 
 from pipeline.common.checkpoints import save_checkpoint
-from pipeline.common.devices import resolve_device
+from pipeline.common.devices import resolve_device, set_threads
 from pipeline.common.identity import MODEL_KEYS
 from pipeline.common.io import write_json, write_text
 from pipeline.common.live import log_row, open_live
@@ -82,8 +82,7 @@ def run(
                 f"sidecar.eval_fraction={sp.eval_fraction}; change it or store more chunks"
             )
     tokens = heldout_tokens(data, CorpusChunks(Path(corpus)), sp.batch_size)
-    if sp.num_threads:
-        torch.set_num_threads(sp.num_threads)
+    set_threads(sp.num_threads)
     torch.manual_seed(sp.seed)  # model init is part of what the seed fixes
     model = build_sidecar(sp, data.head_dim)
     log.info("sidecar: %d trainable parameters, %s chunks", count_parameters(model), chunks)

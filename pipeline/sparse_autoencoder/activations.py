@@ -24,6 +24,7 @@ from typing import Annotated
 import torch
 import typer
 
+from pipeline.common.devices import set_threads
 from pipeline.common.extraction import (
     ManifestAdditions,
     Progress,
@@ -42,7 +43,7 @@ from pipeline.sparse_autoencoder.params import ActivationsParams
 PARAMS = Path("params.yaml")
 
 EXTRACTION = ShardedExtraction(
-    "activations", ACTIVATIONS, __name__, result_neutral=("batch_size", "device")
+    "activations", ACTIVATIONS, __name__, result_neutral=("batch_size", "device", "num_threads")
 )
 
 
@@ -86,6 +87,7 @@ def chunk_activations(
 
 def run(params: ActivationsParams, corpus: Path, out: Path) -> dict:
     started = time.perf_counter()
+    set_threads(params.num_threads)
     reader = CorpusChunks(Path(corpus))
     corpus_model = reader.manifest.extra.get("model")
     if corpus_model != params.model:

@@ -5,7 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
-from pipeline.common.params import ComputeDType, DType, Sections, layer_list, positive
+from pipeline.common.params import (
+    ComputeDType,
+    DType,
+    Sections,
+    layer_list,
+    positive,
+    thread_count,
+)
 
 SaeInput = Literal["directions", "activations"]
 Baseline = Literal["pca", "pca_top_l0", "nmf", "ica"]
@@ -37,6 +44,9 @@ class ActivationsParams:
     batch_size: int = 16
     """Chunks per teacher forward."""
     device: str = "auto"
+    num_threads: int | None = None
+    """torch's CPU threads (`pipeline.common.devices.set_threads`); null: torch's default.
+    Not a DVC dep."""
 
     def __post_init__(self) -> None:
         layer_list("activations.layers", self.layers)
@@ -44,6 +54,7 @@ class ActivationsParams:
             positive("activations.max_chunks", self.max_chunks)
         positive("activations.shard_rows", self.shard_rows)
         positive("activations.batch_size", self.batch_size)
+        thread_count("activations.num_threads", self.num_threads)
 
     def check(self, params: Sections) -> None:
         corpus_model = params.corpus.model
@@ -131,6 +142,9 @@ class SaeParams:
     splice_batch_size: int = 8
     """Chunks per teacher forward in the spliced-in evaluation."""
     device: str = "auto"
+    num_threads: int | None = None
+    """torch's CPU threads (`pipeline.common.devices.set_threads`); null: torch's default.
+    Not a DVC dep."""
 
     def __post_init__(self) -> None:
         for name in ("code_dims_multiplier", "epochs", "batch_size", "buffer_rows"):
@@ -144,6 +158,7 @@ class SaeParams:
                 positive(f"sae.{name}", getattr(self, name))
         if self.topk is not None:
             positive("sae.topk", self.topk)
+        thread_count("sae.num_threads", self.num_threads)
         if self.l1_strength < 0:
             raise ValueError(f"sae.l1_strength must be >= 0, got {self.l1_strength}")
         if self.lr <= 0:

@@ -45,6 +45,7 @@ import numpy as np
 import torch
 import typer
 
+from pipeline.common.devices import set_threads
 from pipeline.common.io import write_json, write_text
 from pipeline.common.live import log_row, open_live
 from pipeline.common.params import Sections, load_params, to_dict
@@ -140,6 +141,7 @@ def run(
 ) -> dict[str, Any]:
     """Train, measure and report; returns the metrics written to `metrics`."""
     sae = params.sae
+    set_threads(sae.num_threads)
     data = _open_input(sae, Path(source), wordlist, corpus)
     features = data.dim * sae.code_dims_multiplier
     if sae.topk is not None and sae.topk > features:
