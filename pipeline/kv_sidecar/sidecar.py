@@ -208,7 +208,7 @@ def teacher_losses(
             compressor.module.to(device)
     losses = heldout_lm_losses(
         teacher, tokens, data.layer, data.dense_tokens, window_size, compressors,
-        sp.lm_batch_size,
+        sp.lm_batch_size, f"sidecar layer {data.layer} LM loss",
     )  # fmt: skip
     del teacher
     return losses

@@ -50,6 +50,7 @@ from pipeline.common.io import write_json, write_text
 from pipeline.common.live import log_row, open_live
 from pipeline.common.params import Sections, load_params, to_dict
 from pipeline.common.pictures import Panel, histogram, line_panels
+from pipeline.common.progress import progress
 from pipeline.common.run_info import INFO, split_info
 from pipeline.common.tables import rounded
 from pipeline.common.teacher import load_causal_lm, teacher_caveat
@@ -162,7 +163,7 @@ def run(
     result["splice"] = _splice(model, fitted, data, sae, corpus)
     twin = None
     if sae.cross_seed:
-        twin, _ = _train(data, sae, features, sae.seed + 1, sample)
+        twin, _ = _train(data, sae, features, sae.seed + 1, sample, label="cross-seed twin")
         result["cross_seed"] = _cross_seed(model, twin, data, sae, features, sample)
     if cross_model is not None:
         result["cross_model"] = cross_model
@@ -238,7 +239,7 @@ def _cross_seed(model, twin, data, sae: SaeParams, features: int, sample: torch.
         "chance_draws": chance,
     }
     if sae.same_seed_rerun:
-        again, _ = _train(data, sae, features, sae.seed, sample)
+        again, _ = _train(data, sae, features, sae.seed, sample, label="same-seed rerun")
         first, second = model.state_dict(), again.state_dict()
         cross["same_seed_mean_matched_cos"] = match_features(model.W_dec, again.W_dec).mean_cos
         cross["same_seed_bit_identical"] = all(
@@ -267,15 +268,22 @@ def _splice(model, fitted: list, data: ActivationSource, sae: SaeParams, corpus:
     batch = sae.splice_batch_size
 
     first = data.start_rows
+    passes = 2 + 1 + len(fitted)  # clean, mean ablation, the SAE, each baseline
+    bar = progress(
+        total=passes * math.ceil(tokens.shape[0] / batch),
+        desc=f"sae layer {sae.layer} splice",
+        unit="batch",
+    )
 
-    def losses(replace, capture=False):
-        return chunk_losses(lm, tokens, mask, batch, module, replace, capture, first)
+    def losses(replace, capture=False, name=""):
+        bar.set_postfix(method=name)
+        return chunk_losses(lm, tokens, mask, batch, module, replace, capture, first, bar.update)
 
-    clean = losses(identity, capture=True)
+    clean = losses(identity, capture=True, name="clean")
     replaced = mask[:batch].clone()
     replaced[:, :first] = False
     check = _hook_check(clean.captured, data, chunk_ids[:batch], replaced)
-    ablated = losses(constant(_train_mean(data)))
+    ablated = losses(constant(_train_mean(data)), name="mean ablation")
     methods = {"sae": model_space(lambda p: model.decode(model.encode(p)), sae.layer_norm)}
     for baseline in fitted:
         methods[baseline.name] = model_space(
@@ -283,9 +291,10 @@ def _splice(model, fitted: list, data: ActivationSource, sae: SaeParams, corpus:
         )
     samples, seed = sae.bootstrap_samples, sae.seed
     scores = {
-        name: loss_recovered(clean, ablated, losses(replace), samples, seed)
+        name: loss_recovered(clean, ablated, losses(replace, name=name), samples, seed)
         for name, replace in methods.items()
     }
+    bar.close()
     return {
         "applies": True,
         "chunks": int(chunk_ids.numel()),
@@ -359,10 +368,11 @@ def _train(
     seed: int,
     sample: torch.Tensor,
     on_log=None,
+    label: str = "",
 ) -> tuple[SparseAutoencoder, Any]:
     model = SparseAutoencoder(data.dim, features, sae.topk, sae.layer_norm, seed=seed)
     model.init_decoder_bias(sample)
-    return model, fit_sae(model, data, sae, seed, on_log)
+    return model, fit_sae(model, data, sae, seed, on_log, label)
 
 
 COUNTERS = ("epoch", "rows")
@@ -412,9 +422,12 @@ def _baselines(sae: SaeParams, data, sample: torch.Tensor, mean_active: float):
         return [], {}
     k = equal_l0_components(mean_active, data.dim)
     prepared = prepare_inputs(sample, sae.layer_norm)
-    fitted = [
-        fit_baseline(kind, prepared, k, sae.seed, sae.basis_components) for kind in sae.baselines
-    ]
+    fitted = []
+    # One fit each (scikit-learn), minutes apiece at real width: a line per fit.
+    bar = progress(sae.baselines, desc=f"sae layer {sae.layer} baselines", unit="fit")
+    for kind in bar:
+        fitted.append(fit_baseline(kind, prepared, k, sae.seed, sae.basis_components))
+        bar.set_postfix(done=kind)
     prepare = lambda x: prepare_inputs(x, sae.layer_norm)  # noqa: E731
     return fitted, evaluate_baselines(fitted, prepare, data, EVAL_BATCH, sae.buffer_rows)
 

@@ -132,10 +132,12 @@ def chunk_losses(
     replace: Replacement | None = None,
     capture: bool = False,
     start_rows: int = 0,
+    on_batch: Callable[[int], None] | None = None,
 ) -> ChunkLosses:
     """Next-token losses of chunks tokens (C, T) (mask: non-padding, (C, T) bool), with
     `module`'s output replaced by `replace` at the non-padding rows when given; the first
-    `start_rows` positions are neither replaced nor scored as predictors."""
+    `start_rows` positions are neither replaced nor scored as predictors. `on_batch(1)`
+    after each batch (a progress bar's `update`)."""
     device = model.get_input_embeddings().weight.device
     sums, counts = [], []
     recon = ReconstructionStats(model.config.hidden_size) if replace is not None else None
@@ -165,6 +167,8 @@ def chunk_losses(
         ce = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), ids[:, 1:], reduction="none")
         sums.append((ce.double() * predicted).sum(1).cpu())
         counts.append(predicted.sum(1).cpu())
+        if on_batch is not None:
+            on_batch(1)
     return ChunkLosses(
         torch.cat(sums).numpy(),
         torch.cat(counts).numpy(),

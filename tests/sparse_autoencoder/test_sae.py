@@ -210,6 +210,15 @@ def test_same_seed_same_weights_and_a_different_seed_differs(direction_set):
     assert not torch.allclose(weights[0], weights[2])
 
 
+def test_training_bar_names_layer_seed_and_run_and_learns_its_total(direction_set, capsys):
+    source = DirectionsSource(direction_set, layer=2)
+    model = SparseAutoencoder(source.dim, 32, topk=4, layer_norm=False, seed=3)
+    steps = fit_sae(model, source, sae_params(epochs=2), seed=3, label="cross-seed twin").steps
+    lines = capsys.readouterr().err.splitlines()  # not a terminal: plain lines
+    assert lines[0].startswith("sae layer 2 seed 3 (cross-seed twin): 0/? [")  # epoch 1 counts
+    assert lines[-1].startswith(f"sae layer 2 seed 3 (cross-seed twin): {steps}/{steps} [")
+
+
 def test_top_exemplars_on_a_hand_case():
     top = TopExemplars(features=3, k=2)
     z1 = torch.tensor([[0.5, 0.0, 0.0], [2.0, 0.0, 0.1]])
@@ -389,7 +398,7 @@ def test_stage_cross_model_alignment_of_a_rotated_dump(tmp_path):
     assert "linear CKA 1.0000" in out["sae.md"].read_text()
 
 
-def test_stage_on_token_activations_reports_text_spans(tmp_path, tiny_llama_path):
+def test_stage_on_token_activations_reports_text_spans(tmp_path, tiny_llama_path, capsys):
     from transformers import AutoTokenizer
 
     from pipeline.sparse_autoencoder import activations
@@ -411,7 +420,12 @@ def test_stage_on_token_activations_reports_text_spans(tmp_path, tiny_llama_path
         sae=vars(sae_params(input="activations", eval_fraction=0.5, layer_norm=True)),
     )
     activations.run(acts.activations, corpus, tmp_path / "acts")
+    capsys.readouterr()
     result, out = run_stage(tmp_path, acts, tmp_path / "acts", corpus=corpus)
+    log = capsys.readouterr().err
+    # Clean, mean ablation, the SAE and 3 baselines over one batch of held-out chunks.
+    assert re.search(r"^sae layer 2 splice: 6/6 \[.*method=ica\]$", log, re.M)
+    assert re.search(r"^sae layer 2 baselines: 3/3 \[.*done=ica\]$", log, re.M)
     source = open_source(tmp_path / "acts", 2, eval_fraction=0.5)
     held = sum(int(e.sum()) for _, _, e in source.shards("all"))
     assert 0 < held < 66 and result["eval_rows"] == held  # 6 chunks x 11 tokens after position 0
