@@ -106,6 +106,7 @@ INFO_KEYS = (
     "baselines.*.components",
     "baselines.*.kept_per_row",
     "start_rows.positions",
+    "start_rows.token_ids",
     "splice.applies",
     "splice.reason",
     "splice.hook",
@@ -217,7 +218,8 @@ def _measure(model, fit, data, sae: SaeParams, sample: torch.Tensor) -> tuple[di
     if isinstance(data, TokenSource):
         dropped = data.dropped_rows
         result["start_rows"] = {
-            "positions": data.start_rows,
+            "positions": data.start.positions,
+            "token_ids": list(data.start.token_ids),
             "dropped_train_rows": dropped["train"],
             "dropped_eval_rows": dropped["eval"],
         }
@@ -267,7 +269,8 @@ def _splice(model, fitted: list, data: ActivationSource, sae: SaeParams, corpus:
     module = hook_point(lm, sae.layer)
     batch = sae.splice_batch_size
 
-    first = data.start_rows
+    positions = torch.arange(tokens.shape[1]).expand_as(tokens)
+    replaced = mask & data.start.kept(positions, tokens)  # (C, T): what the SAE was fit on
     passes = 2 + 1 + len(fitted)  # clean, mean ablation, the SAE, each baseline
     bar = progress(
         total=passes * math.ceil(tokens.shape[0] / batch),
@@ -277,12 +280,10 @@ def _splice(model, fitted: list, data: ActivationSource, sae: SaeParams, corpus:
 
     def losses(replace, capture=False, name=""):
         bar.set_postfix(method=name)
-        return chunk_losses(lm, tokens, mask, batch, module, replace, capture, first, bar.update)
+        return chunk_losses(lm, tokens, mask, batch, module, replace, capture, replaced, bar.update)
 
     clean = losses(identity, capture=True, name="clean")
-    replaced = mask[:batch].clone()
-    replaced[:, :first] = False
-    check = _hook_check(clean.captured, data, chunk_ids[:batch], replaced)
+    check = _hook_check(clean.captured, data, chunk_ids[:batch], replaced[:batch])
     ablated = losses(constant(_train_mean(data)), name="mean ablation")
     methods = {"sae": model_space(lambda p: model.decode(model.encode(p)), sae.layer_norm)}
     for baseline in fitted:

@@ -9,7 +9,7 @@ Two sources share one interface, so the SAE never cares which it reads:
   hidden state per token; item = (chunk_id, position); eval rows are the chunks whose
   corpus block (which no document spans) a stable hash puts in the held-out share; an
   exemplar is a text span decoded from the corpus chunk, the activating token in [[brackets]].
-  With `start_rows` n > 0 it leaves out each chunk's first n positions (`start_rows`).
+  It leaves out the start rows `StartRows` names (attention sinks).
 
 A row's vector and its item travel together through every shuffle (one
 permutation indexes both), so exemplars stay aligned with their text.
@@ -58,13 +58,36 @@ def item_keys(items: Tensor) -> Tensor:
     return items[:, 0] * _KEY_SHIFT + (items[:, 1] + 1)
 
 
-def start_rows(extra: dict, keep: bool) -> int:
-    """Leading positions of each chunk the SAE leaves out (`sae.keep_start_rows`): none
-    when `keep`; else the chunk's start tokens (the corpus manifest's `start_tokens`, which
-    the activations manifest copies; 0 when it predates the key) and at least position 0,
-    an attention sink whether or not it holds a start token (SmolLM2 layer 15: norm ~21,000
-    at position 0 with `<|endoftext|>` there, ~23,000 without, ~150-180 from position 1)."""
-    return 0 if keep else max(int(extra.get("start_tokens", 0)), 1)
+@dataclass(frozen=True)
+class StartRows:
+    """The rows of a chunk that the SAE leaves out (`sae.keep_start_rows`): attention sinks,
+    whose norm dwarfs every other row's (SmolLM2 layer 15: ~21,000 at position 0 holding
+    `<|endoftext|>`, ~23,000 there without it, ~14,000 at an `<|endoftext|>` mid-chunk where
+    the next document starts; ~150-200 elsewhere)."""
+
+    positions: int = 0
+    """Each chunk's first this-many positions."""
+    token_ids: tuple[int, ...] = ()
+    """Rows holding one of these tokens anywhere: the start token again where a document
+    starts inside a chunk."""
+
+    @classmethod
+    def of(cls, extra: dict, keep: bool) -> StartRows:
+        """From an activations manifest's `extra`: nothing when `keep`; else the chunk's start
+        tokens (`start_tokens`, copied from the corpus manifest; 0 when it predates the key)
+        and at least position 0, a sink whether or not it holds a start token, and the start
+        tokens' ids wherever they recur (`start_token_ids`)."""
+        if keep:
+            return cls()
+        positions = max(int(extra.get("start_tokens", 0)), 1)
+        return cls(positions, tuple(int(i) for i in extra.get("start_token_ids", ())))
+
+    def kept(self, position: Tensor, token_id: Tensor) -> Tensor:
+        """Bool, the shape of `position`: the rows that are not start rows."""
+        keep = position >= self.positions
+        if self.token_ids:
+            keep &= ~torch.isin(token_id, torch.tensor(self.token_ids, device=token_id.device))
+        return keep
 
 
 def held_out(chunk_id: Tensor, fraction: float, block_chunks: int) -> Tensor:
@@ -202,12 +225,12 @@ class TokenSource(ActivationSource):
         layer: int,
         eval_fraction: float = 0.1,
         verify: bool = True,
-        start_rows: int = 0,
+        start: StartRows = StartRows(),
     ):
         super().__init__(folder, layer, verify)
         self.eval_fraction = eval_fraction
-        self.start_rows = start_rows
-        """Rows at positions below this are left out of every split."""
+        self.start = start
+        """The start rows left out of every split."""
         self._dropped: dict[str, tuple[int, int]] = {}  # shard file -> (train, eval) rows
         if "block_chunks" not in self.manifest.extra:
             raise ValueError(
@@ -220,10 +243,11 @@ class TokenSource(ActivationSource):
 
     def _load(self, record: ShardRecord) -> tuple[Tensor, Tensor, Tensor]:
         key = layer_key(self.layer)
-        shard = read_shard(self.folder, record, ["chunk_id", "position", key], self.verify)
+        names = ["chunk_id", "position", "token_id", key]
+        shard = read_shard(self.folder, record, names, self.verify)
         items = torch.stack([shard["chunk_id"].long(), shard["position"].long()], dim=1)
         is_eval = held_out(shard["chunk_id"], self.eval_fraction, self.block_chunks)
-        keep = items[:, 1] >= self.start_rows
+        keep = self.start.kept(items[:, 1], shard["token_id"].long())
         dropped_eval = int((is_eval & ~keep).sum())
         self._dropped[record.file] = (int((~keep).sum()) - dropped_eval, dropped_eval)
         return items[keep], shard[key].float()[keep], is_eval[keep]
@@ -264,13 +288,13 @@ def open_source(
     keep_start_rows: bool = False,
 ) -> ActivationSource:
     """The reader for whichever kind of dump `folder` holds (its manifest says); token
-    rows leave out each chunk's start rows unless `keep_start_rows` (`start_rows`)."""
+    rows leave out each chunk's start rows unless `keep_start_rows` (`StartRows`)."""
     manifest = Manifest.load(Path(folder))
     if manifest.kind == DIRECTIONS:
         return DirectionsSource(folder, layer, verify)
     if manifest.kind == ACTIVATIONS:
-        first = start_rows(manifest.extra, keep_start_rows)
-        return TokenSource(folder, layer, eval_fraction, verify, first)
+        start = StartRows.of(manifest.extra, keep_start_rows)
+        return TokenSource(folder, layer, eval_fraction, verify, start)
     raise ValueError(
         f"{folder} holds a {manifest.kind!r} dump; the SAE reads {DIRECTIONS!r} or {ACTIVATIONS!r}"
     )

@@ -9,9 +9,9 @@ L - 1, L = depth the output of the final norm. A forward hook on that module
 Definitions (per-token next-token cross-entropy in nats, averaged over every predicted
 token of the chunks: positions 0..T-2 predicting 1..T-1, non-padding both sides):
 
-Rows at positions below `start_rows` (the chunk's start rows the SAE leaves out) are
-never replaced, and the predictions made from them are not scored: they do not depend on
-any replaced row.
+Only the rows `replaced` marks are replaced (the SAE leaves start rows out: attention
+sinks it never saw), and only the predictions made from them are scored: the others do
+not depend on any replaced row.
 
 - L_clean: nothing replaced; L_mean: every row replaced by the train mean activation
   (mean ablation); L_method: every row x replaced by the method's reconstruction in the
@@ -131,13 +131,14 @@ def chunk_losses(
     module: nn.Module | None = None,
     replace: Replacement | None = None,
     capture: bool = False,
-    start_rows: int = 0,
+    replaced: Tensor | None = None,
     on_batch: Callable[[int], None] | None = None,
 ) -> ChunkLosses:
     """Next-token losses of chunks tokens (C, T) (mask: non-padding, (C, T) bool), with
-    `module`'s output replaced by `replace` at the non-padding rows when given; the first
-    `start_rows` positions are neither replaced nor scored as predictors. `on_batch(1)`
-    after each batch (a progress bar's `update`)."""
+    `module`'s output replaced by `replace` when given, at the rows `replaced` marks ((C, T)
+    bool within `mask`; default: every non-padding row); only predictions made from those
+    rows are scored. `on_batch(1)` after each batch (a progress bar's `update`)."""
+    replaced = mask if replaced is None else replaced
     device = model.get_input_embeddings().weight.device
     sums, counts = [], []
     recon = ReconstructionStats(model.config.hidden_size) if replace is not None else None
@@ -145,8 +146,7 @@ def chunk_losses(
     for start in range(0, tokens.shape[0], batch_size):
         ids = tokens[start : start + batch_size].to(device)
         real = mask[start : start + batch_size].to(device)
-        scored = real.clone()
-        scored[:, :start_rows] = False
+        scored = replaced[start : start + batch_size].to(device)
 
         def swap(hidden: Tensor, scored: Tensor = scored) -> Tensor:
             rows = hidden[scored].float()

@@ -16,7 +16,7 @@ from pipeline.inputs.tiny_models import build_tiny
 from pipeline.sparse_autoencoder import activations
 from pipeline.sparse_autoencoder.layout import ACTIVATIONS
 from pipeline.sparse_autoencoder.params import ActivationsParams
-from pipeline.sparse_autoencoder.sources import TokenSource, held_out, open_source, start_rows
+from pipeline.sparse_autoencoder.sources import StartRows, TokenSource, held_out, open_source
 from tests.conftest import build_params
 from tests.tiny_teachers import tiny_teacher
 
@@ -42,10 +42,12 @@ def make_corpus(
     pad_to: list[int] | None = None,
     model: str | None = None,
     start_tokens: int | None = None,
+    tokens_at: dict[tuple[int, int], int] | None = None,
 ) -> Path:
     """A corpus folder (layout: inputs/text_chunks.py): chunks of TEXT's tokens, ids 100, 103, ...
 
-    `pad_to[i]`: keep that many real tokens in chunk i and right-pad the rest.
+    `pad_to[i]`: keep that many real tokens in chunk i and right-pad the rest;
+    `tokens_at[(i, p)]`: the token at position p of chunk i.
     """
     ids = tokenizer(TEXT, add_special_tokens=False)["input_ids"]
     assert len(ids) >= num_chunks * chunk_tokens, "TEXT is too short for this corpus"
@@ -56,6 +58,8 @@ def make_corpus(
         "chunk_tokens": chunk_tokens,
         "block_chunks": 1,
     }
+    for (row, position), token in (tokens_at or {}).items():
+        tokens[row, position] = token
     if start_tokens is not None:
         extra["start_tokens"] = start_tokens
     if pad_to is not None:
@@ -238,30 +242,37 @@ def test_command_line(tmp_path, tiny_llama):
     assert Manifest.load(tmp_path / "a").rows == 2 * 12
 
 
-def test_start_rows_rule_drops_at_least_position_zero():
-    assert start_rows({}, keep=False) == 1  # a corpus from before the key: position 0 is a sink
-    assert start_rows({"start_tokens": 0}, keep=False) == 1
-    assert start_rows({"start_tokens": 1}, keep=False) == 1
-    assert start_rows({"start_tokens": 2}, keep=False) == 2
-    assert start_rows({"start_tokens": 2}, keep=True) == 0
+def test_start_rows_are_the_first_positions_at_least_position_zero():
+    assert StartRows.of({}, keep=False) == StartRows(1)  # before the key: position 0 is a sink
+    assert StartRows.of({"start_tokens": 0}, keep=False) == StartRows(1)
+    assert StartRows.of({"start_tokens": 2, "start_token_ids": [0, 5]}, False) == StartRows(
+        2, (0, 5)
+    )
+    assert StartRows.of({"start_tokens": 2, "start_token_ids": [0, 5]}, keep=True) == StartRows()
+    kept = StartRows(1, (7,)).kept(torch.tensor([0, 1, 2, 3]), torch.tensor([7, 3, 7, 4]))
+    assert kept.tolist() == [False, True, False, True]
 
 
 def test_token_source_leaves_out_start_rows_and_counts_them(tmp_path, tiny_llama):
     _, tokenizer = tiny_llama
-    corpus = make_corpus(tmp_path / "corpus", tokenizer, num_chunks=4, start_tokens=2)
+    start = tokenizer.eos_token_id
+    # Every chunk starts with the start token; in chunk 2 a document starts at position 6.
+    tokens_at = {(chunk, 0): start for chunk in range(4)} | {(2, 6): start}
+    corpus = make_corpus(tmp_path / "c", tokenizer, 4, start_tokens=1, tokens_at=tokens_at)
     activations.run(params(layers=(1,), shard_rows=30), corpus, tmp_path / "acts")
-    assert Manifest.load(tmp_path / "acts").extra["start_tokens"] == 2
+    extra = Manifest.load(tmp_path / "acts").extra
+    assert extra["start_tokens"] == 1 and extra["start_token_ids"] == [start]
     source = open_source(tmp_path / "acts", 1, eval_fraction=0.5)
     items, x, is_eval = (torch.cat(parts) for parts in zip(*source.shards("all"), strict=True))
-    assert source.start_rows == 2 and items.shape[0] == 4 * 10
-    assert items[:, 1].tolist() == list(range(2, 12)) * 4
-    assert torch.equal(
-        x, stored(tmp_path / "acts")["layer_1"][stored(tmp_path / "acts")["position"] >= 2]
-    )
-    held = is_eval.reshape(4, 10)[:, 0]  # whole chunks on one side
-    assert source.dropped_rows == {"train": 2 * int((~held).sum()), "eval": 2 * int(held.sum())}
+    assert source.start == StartRows(1, (start,)) and items.shape[0] == 4 * 11 - 1
+    assert (2, 6) not in {tuple(item) for item in items.tolist()} and items[:, 1].min() == 1
+    rows = stored(tmp_path / "acts")
+    assert torch.equal(x, rows["layer_1"][(rows["position"] > 0) & (rows["token_id"] != start)])
+    held = {int(c) for c in items[is_eval, 0].unique()}
+    dropped_eval = sum(1 + (chunk == 106) for chunk in held)  # chunk 2 has id 106
+    assert source.dropped_rows == {"train": 5 - dropped_eval, "eval": dropped_eval}
     list(source.shards("all"))  # a second pass counts nothing twice
-    assert sum(source.dropped_rows.values()) == 8
+    assert sum(source.dropped_rows.values()) == 5
     kept = open_source(tmp_path / "acts", 1, eval_fraction=0.5, keep_start_rows=True)
     assert sum(r.shape[0] for r, _, _ in kept.shards("all")) == 48
     assert kept.dropped_rows == {"train": 0, "eval": 0}

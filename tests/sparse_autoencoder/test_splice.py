@@ -74,9 +74,11 @@ def test_padding_is_neither_predicted_nor_replaced(lm):
 def test_start_rows_are_neither_replaced_nor_scored_as_predictors(lm):
     tokens = _tokens(lm, 3, 10)
     mask = torch.ones_like(tokens, dtype=torch.bool)
+    replaced = mask.clone()
+    replaced[:, :2] = False  # two start rows per chunk
     seen = []
     out = chunk_losses(
-        lm, tokens, mask, 4, hook_point(lm, 2), lambda x: seen.append(x) or x, False, 2
+        lm, tokens, mask, 4, hook_point(lm, 2), lambda x: seen.append(x) or x, False, replaced
     )
     with torch.no_grad():
         run = lm(input_ids=tokens, output_hidden_states=True)
