@@ -37,6 +37,7 @@ from pipeline.common.io import write_json, write_text
 from pipeline.common.live import log_row, open_live
 from pipeline.common.params import Sections, load_params, to_dict
 from pipeline.common.pictures import Panel, bar_chart, line_panels
+from pipeline.common.progress import progress
 from pipeline.common.run_info import INFO, split_info
 from pipeline.common.shards import MANIFEST, sha256_file
 from pipeline.common.tables import rounded
@@ -95,7 +96,9 @@ def run(
     compressors = compressor_set(model.eval(), sp)
     lm = teacher_losses(data, tokens, window_size, compressors, sp, device)
     heldout = data.batches("heldout", sp.batch_size, sp.batch_size, shuffle=False)
-    scores = evaluate(compressors, heldout, sp, window_size, mass_lookup(lm))
+    desc = f"sidecar layer {data.layer} held-out scores"
+    with progress(heldout, desc=desc, unit="batch") as batches:
+        scores = evaluate(compressors, batches, sp, window_size, mass_lookup(lm))
     results = {
         "dense": {"lm_loss": float(lm.dense.mean())},
         "compressors": with_lm_losses(scores, lm, sp.seed),
