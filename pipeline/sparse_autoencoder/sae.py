@@ -231,7 +231,8 @@ def _cross_seed(model, twin, data, sae: SaeParams, features: int, sample: torch.
     """The two seeds' matched decoder cosine, next to chance (random dictionaries of the same
     shape) and, with `same_seed_rerun`, the ceiling (the same seed trained twice)."""
     matched = match_features(model.W_dec, twin.W_dec)
-    chance = random_matching(data.dim, features, sae.chance_draws, sae.seed)
+    desc = f"sae layer {sae.layer} cross-seed chance"
+    chance = random_matching(data.dim, features, sae.chance_draws, sae.seed, desc)
     cross: dict[str, Any] = {
         "twin_seed": sae.seed + 1,
         "mean_matched_cos": matched.mean_cos,
