@@ -99,11 +99,12 @@ class SaeParams:
     """`activations` input: share of corpus chunks held out for the metrics (stable hash of
     chunk_id, so all tokens of a chunk fall on one side). `directions` uses val + test."""
     keep_start_rows: bool = False
-    """`activations` input: keep each chunk's start rows. False (default) leaves out its first
-    max(start_tokens, 1) positions, attention sinks ~100x the norm of other rows that would
-    dominate explained variance and the exemplars, from training, every metric, the
-    baselines, the exemplars and the splice (those rows stay unreplaced and predict nothing
-    scored)."""
+    """`activations` input: keep the start rows. False (default) leaves out attention sinks,
+    rows ~100x the norm of the others that would dominate explained variance and the
+    exemplars: each chunk's first max(start_tokens, 1) positions, rows holding a start token,
+    and rows above 5x their shard's median norm (`sources.StartRows`), from training, every
+    metric, the baselines, the exemplars and the splice (there they stay unreplaced and
+    predict nothing scored)."""
     dead_window_rows: int = 100_000
     """Training curves: a feature is dead-in-window if it fired on none of the last this-many
     training rows. The headline dead_feature_rate uses the whole eval pass instead."""

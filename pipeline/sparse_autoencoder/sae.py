@@ -107,6 +107,7 @@ INFO_KEYS = (
     "baselines.*.kept_per_row",
     "start_rows.positions",
     "start_rows.token_ids",
+    "start_rows.norm_ratio",
     "splice.applies",
     "splice.reason",
     "splice.hook",
@@ -220,6 +221,7 @@ def _measure(model, fit, data, sae: SaeParams, sample: torch.Tensor) -> tuple[di
         result["start_rows"] = {
             "positions": data.start.positions,
             "token_ids": list(data.start.token_ids),
+            "norm_ratio": data.start.norm_ratio,
             "dropped_train_rows": dropped["train"],
             "dropped_eval_rows": dropped["eval"],
         }
@@ -258,7 +260,8 @@ def _splice(model, fitted: list, data: ActivationSource, sae: SaeParams, corpus:
     positions = data.manifest.extra.get("positions")
     if positions != "all":
         return {"applies": False, "reason": LAST_ONLY.format(positions=positions)}
-    chunk_ids = torch.cat([items[:, 0] for items, _, _ in data.shards("eval")]).unique()
+    held = torch.cat([items for items, _, _ in data.shards("eval")])  # (R, 2): the SAE's rows
+    chunk_ids = held[:, 0].unique()
     chunk_ids = chunk_ids[: sae.splice_chunks] if sae.splice_chunks else chunk_ids
     reader = CorpusChunks(Path(corpus))
     tokens = torch.stack(list(reader.tokens_of(chunk_ids).values()))  # ascending chunk id
@@ -270,8 +273,7 @@ def _splice(model, fitted: list, data: ActivationSource, sae: SaeParams, corpus:
     module = hook_point(lm, sae.layer)
     batch = sae.splice_batch_size
 
-    positions = torch.arange(tokens.shape[1]).expand_as(tokens)
-    replaced = mask & data.start.kept(positions, tokens)  # (C, T): what the SAE was fit on
+    replaced = _rows_of(held, chunk_ids, tokens.shape)  # start rows stay as they are
     passes = 2 + 1 + len(fitted)  # clean, mean ablation, the SAE, each baseline
     bar = progress(
         total=passes * math.ceil(tokens.shape[0] / batch),
@@ -310,6 +312,15 @@ def _splice(model, fitted: list, data: ActivationSource, sae: SaeParams, corpus:
         "mean_ablation": loss_recovered(clean, ablated, ablated, samples, seed),
         "methods": scores,
     }
+
+
+def _rows_of(items: torch.Tensor, chunk_ids: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """(C, T) bool: True at the (chunk, position) of each item whose chunk is in the
+    ascending `chunk_ids`."""
+    rows = torch.zeros(shape, dtype=torch.bool)
+    items = items[torch.isin(items[:, 0], chunk_ids)]
+    rows[torch.searchsorted(chunk_ids, items[:, 0].contiguous()), items[:, 1]] = True
+    return rows
 
 
 def _hook_check(captured, data: ActivationSource, chunk_ids, mask) -> float:

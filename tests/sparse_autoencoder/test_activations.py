@@ -16,7 +16,13 @@ from pipeline.inputs.tiny_models import build_tiny
 from pipeline.sparse_autoencoder import activations
 from pipeline.sparse_autoencoder.layout import ACTIVATIONS
 from pipeline.sparse_autoencoder.params import ActivationsParams
-from pipeline.sparse_autoencoder.sources import StartRows, TokenSource, held_out, open_source
+from pipeline.sparse_autoencoder.sources import (
+    SINK_NORM_RATIO,
+    StartRows,
+    TokenSource,
+    held_out,
+    open_source,
+)
 from tests.conftest import build_params
 from tests.tiny_teachers import tiny_teacher
 
@@ -242,15 +248,22 @@ def test_command_line(tmp_path, tiny_llama):
     assert Manifest.load(tmp_path / "a").rows == 2 * 12
 
 
-def test_start_rows_are_the_first_positions_at_least_position_zero():
-    assert StartRows.of({}, keep=False) == StartRows(1)  # before the key: position 0 is a sink
-    assert StartRows.of({"start_tokens": 0}, keep=False) == StartRows(1)
-    assert StartRows.of({"start_tokens": 2, "start_token_ids": [0, 5]}, False) == StartRows(
-        2, (0, 5)
-    )
-    assert StartRows.of({"start_tokens": 2, "start_token_ids": [0, 5]}, keep=True) == StartRows()
-    kept = StartRows(1, (7,)).kept(torch.tensor([0, 1, 2, 3]), torch.tensor([7, 3, 7, 4]))
-    assert kept.tolist() == [False, True, False, True]
+def test_start_rows_are_the_first_positions_start_tokens_and_sinks_by_norm():
+    ratio = SINK_NORM_RATIO
+    assert StartRows.of({}, keep=False) == StartRows(1, (), ratio)  # before the key: position 0
+    assert StartRows.of({"start_tokens": 0}, keep=False) == StartRows(1, (), ratio)
+    extra = {"start_tokens": 2, "start_token_ids": [0, 5]}
+    assert StartRows.of(extra, keep=False) == StartRows(2, (0, 5), ratio)
+    assert StartRows.of(extra, keep=True) == StartRows()
+    x = torch.ones(6, 4)
+    x[4] *= 4.9  # below 5x the median norm: an ordinary row
+    x[5] *= 5.1  # above: a sink wherever it sits
+    position, token_id = torch.tensor([0, 1, 2, 3, 4, 5]), torch.tensor([7, 3, 7, 4, 4, 4])
+    assert StartRows(1, (7,), 5.0).kept(position, token_id, x).tolist() == [
+        *(False, True, False, True, True, False)
+    ]
+    assert StartRows(1, (7,)).kept(position, token_id, x)[5]  # no norm rule
+    assert StartRows().kept(position, token_id, x).all()
 
 
 def test_token_source_leaves_out_start_rows_and_counts_them(tmp_path, tiny_llama):
@@ -264,7 +277,8 @@ def test_token_source_leaves_out_start_rows_and_counts_them(tmp_path, tiny_llama
     assert extra["start_tokens"] == 1 and extra["start_token_ids"] == [start]
     source = open_source(tmp_path / "acts", 1, eval_fraction=0.5)
     items, x, is_eval = (torch.cat(parts) for parts in zip(*source.shards("all"), strict=True))
-    assert source.start == StartRows(1, (start,)) and items.shape[0] == 4 * 11 - 1
+    assert source.start == StartRows(1, (start,), SINK_NORM_RATIO)
+    assert items.shape[0] == 4 * 11 - 1  # a random teacher puts no sink by norm
     assert (2, 6) not in {tuple(item) for item in items.tolist()} and items[:, 1].min() == 1
     rows = stored(tmp_path / "acts")
     assert torch.equal(x, rows["layer_1"][(rows["position"] > 0) & (rows["token_id"] != start)])
