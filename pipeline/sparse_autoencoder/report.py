@@ -120,16 +120,18 @@ def comparison_table(metrics: dict[str, Any], heading: str, other_model: str = "
 
 
 def _start_rows_note(metrics: dict[str, Any]) -> str:
-    """What the rows leave out: each chunk's start rows (attention sinks), or nothing."""
+    """What the rows leave out: attention sinks (`sources.StartRows`), or nothing."""
     start = metrics.get("start_rows")
     if start is None:
         return ""
     if start["positions"] == 0:
         return " Start rows kept (sae.keep_start_rows): position 0 is an attention sink."
     dropped = start["dropped_train_rows"] + start["dropped_eval_rows"]
+    tokens = " and rows holding a start token" if start["token_ids"] else ""
     return (
-        f" Each chunk's first {start['positions']} position(s), attention sinks, are left "
-        f"out of training, metrics, baselines, exemplars and splice ({dropped} rows; "
+        f" Attention sinks are left out of training, metrics, baselines, exemplars and "
+        f"splice: each chunk's first {start['positions']} position(s){tokens} and rows above "
+        f"{start['norm_ratio']:g}x their shard's median norm ({dropped} rows; "
         "sae.keep_start_rows keeps them)."
     )
 

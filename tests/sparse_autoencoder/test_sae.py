@@ -450,7 +450,9 @@ def test_stage_on_token_activations_reports_text_spans(tmp_path, tiny_llama_path
     start = result["start_rows"]
     assert start["positions"] == 1 and start["dropped_train_rows"] == 6 - splice["chunks"]
     assert start["dropped_eval_rows"] == splice["chunks"]
-    assert "first 1 position(s), attention sinks, are left out" in out["sae.md"].read_text()
+    assert "each chunk's first 1 position(s) and rows above 5x" in squeeze(
+        out["sae.md"].read_text()
+    )
     assert set(splice["methods"]) == {"sae", "pca", "nmf", "ica"}
     assert splice["mean_ablation"]["loss_recovered"] == 0.0
     sae = splice["methods"]["sae"]
