@@ -28,6 +28,7 @@ import pyarrow as pa
 import torch
 import typer
 
+from pipeline.common.devices import set_threads
 from pipeline.common.extraction import (
     CompletedShards,
     ManifestAdditions,
@@ -56,12 +57,16 @@ PARAMS = Path("params.yaml")
 log = logging.getLogger(__name__)
 
 EXTRACTION = ShardedExtraction(
-    "directions", KIND, __name__, result_neutral=("batch_size", "device", "padding_side")
+    "directions",
+    KIND,
+    __name__,
+    result_neutral=("batch_size", "device", "padding_side", "num_threads"),
 )
 
 
 def run(params: DirectionsParams, wordlist: Path, out: Path) -> dict:
     started = time.perf_counter()
+    set_threads(params.num_threads)
     concepts = read_concepts(wordlist)
     if concepts.num_rows == 0:
         raise ValueError(f"{wordlist} holds no concepts: nothing to extract")
