@@ -57,7 +57,9 @@ RANDOM_WEIGHTS_CAVEAT = "random-weight teacher: these numbers test the code, not
 def teacher_caveat(model: str | PreTrainedConfig) -> str:
     """What a report's table title must say about its teacher: RANDOM_WEIGHTS_CAVEAT for
     a random-weight teacher (a folder built by `pipeline/inputs/tiny_models.py`, whose
-    config.json holds RANDOM_WEIGHTS_KEY: true), "" for a pretrained one.
+    config.json holds RANDOM_WEIGHTS_KEY: true); for a teacher converted from a quantized
+    GGUF (`teacher_quantization`), e.g. "Q4_1 weights dequantized to float32", since its
+    numbers are those of the quantized model; "" for a pretrained one as published.
 
     `model` is a `model` param (a local folder, whose config.json alone is read, or a hub
     id, which is never looked up: hub models are taken as pretrained) or a loaded config
@@ -71,7 +73,10 @@ def teacher_caveat(model: str | PreTrainedConfig) -> str:
     (as `directions` does), so the report does not read model folders it does not list
     as deps.
     """
-    return RANDOM_WEIGHTS_CAVEAT if _config_value(model, RANDOM_WEIGHTS_KEY) is True else ""
+    if _config_value(model, RANDOM_WEIGHTS_KEY) is True:
+        return RANDOM_WEIGHTS_CAVEAT
+    quantization = teacher_quantization(model)
+    return f"{quantization} weights dequantized to float32" if quantization else ""
 
 
 QUANTIZATION_KEY = "activation_distillation_quantization"

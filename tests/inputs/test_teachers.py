@@ -15,6 +15,7 @@ from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 from pipeline.common.params import load_params, sections_from_dict
 from pipeline.common.teacher import (
+    QUANTIZATION_KEY,
     RANDOM_WEIGHTS_CAVEAT,
     RANDOM_WEIGHTS_KEY,
     teacher_caveat,
@@ -78,6 +79,11 @@ def test_tiny_teachers_are_marked_random_weight_and_pretrained_ones_are_not(
     (unmarked / "config.json").write_text(json.dumps({"model_type": "bert"}))
     assert teacher_caveat(str(unmarked)) == ""
     assert teacher_caveat("sentence-transformers/all-MiniLM-L6-v2") == ""
+    # A pretrained teacher converted from a quantized GGUF: its tables name the quantization.
+    quantized = tmp_path / "gguf"
+    quantized.mkdir()
+    (quantized / "config.json").write_text(json.dumps({QUANTIZATION_KEY: "Q4_1"}))
+    assert teacher_caveat(str(quantized)) == "Q4_1 weights dequantized to float32"
 
 
 TINY_PROFILE = Path(__file__).resolve().parents[2] / "profiles" / "tiny.yaml"
