@@ -143,7 +143,9 @@ def hidden_at(
     for start in range(0, rows.numel(), batch_size):
         batch_rows = rows[start : start + batch_size]
         index, found = occurrences.in_rows(batch_rows)
-        hidden = lm(input_ids=tokens[batch_rows], output_hidden_states=True).hidden_states[layer]
+        # The base model: hidden states without the LM head over every position.
+        out = lm.base_model(input_ids=tokens[batch_rows], output_hidden_states=True)
+        hidden = out.hidden_states[layer]
         parts.append(gather_hidden(hidden, index, found))
     return torch.cat(parts) if parts else torch.zeros(0, lm.config.hidden_size)
 
