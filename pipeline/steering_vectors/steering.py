@@ -2,7 +2,8 @@
 
 Command: python -m pipeline.cli steering --params params.yaml --mcdata data/mcdata --out data/steering --live metrics/live/steering --metrics metrics/steering.json --table metrics/steering.md --plot metrics/plots/steering_accuracy.png
 
-Reads the `steering` section of params.yaml and `<mcdata>/questions.jsonl`. For
+Reads the `steering` section of params.yaml and `<mcdata>/questions.jsonl`; logs one
+line naming the prompt format (raw text: no chat template is applied). For
 each task: the unsteered accuracy; one vector trained at each layer of
 `single_layers` (README7's baseline; best layer on val); one vector shared by all
 `layers` with per-layer scales (seed 004 section 2.1); a coefficient sweep of the

@@ -49,6 +49,7 @@ from pipeline.steering_vectors.vector import (
     ending_scores,
     load_vectors,
     mean_difference,
+    prompt_format,
     save_vectors,
     steer,
     train_vector,
@@ -242,6 +243,14 @@ def test_answers_are_computed_once_per_question_set_and_vector(tiny_lm, question
     planted = torch.zeros(6, dtype=torch.bool)
     answers.remember(other, {}, planted)
     assert answers(other, {}) is planted and answers.reused == 2
+
+
+def test_the_prompt_format_says_raw_text_and_what_sits_at_position_0(tiny_lm):
+    _, tokenizer = tiny_lm  # Qwen3's tokenizer adds no BOS
+    line = prompt_format(tokenizer)
+    assert "raw text, no chat template" in line
+    assert "no start token: position 0 is the text's first token" in line
+    assert "\n" not in line
 
 
 def test_the_sweep_scores_each_coefficient_on_val():
