@@ -28,6 +28,7 @@ from typing import Annotated, Any
 import torch
 import typer
 
+from pipeline.common.devices import set_threads
 from pipeline.common.io import write_json, write_text
 from pipeline.common.params import Sections, load_params
 from pipeline.common.progress import progress
@@ -106,7 +107,7 @@ def run(
 ) -> dict[str, Any]:
     """Train the grid, score it on the held-out blocks; write the outputs; return metrics."""
     gp = params.guided_lm
-    torch.set_num_threads(gp.threads)
+    set_threads(gp.threads)
     chunks = CorpusChunks(Path(corpus))
     extra = chunks.manifest.extra
     tokenizer = load_tokenizer(extra["model"], extra.get("revision"))

@@ -35,6 +35,7 @@ import typer
 from dvclive import Live
 from torch import Tensor, nn
 
+from pipeline.common.devices import set_threads
 from pipeline.common.identity import ModelIdentity, resolve_model_params
 from pipeline.common.io import write_json, write_text
 from pipeline.common.live import log_row, open_live
@@ -107,8 +108,7 @@ def run(
     PNG; return the metrics."""
     questions = read_questions(Path(mcdata))
     tasks = check_tasks(questions, params, mcdata)
-    if params.num_threads:
-        torch.set_num_threads(params.num_threads)
+    set_threads(params.num_threads)
     params, identity = resolve_model_params(params, "steering", "dtype")
     model, tokenizer = load_causal_lm(
         params.model, identity.revision, params.dtype, params.device, "steering.model"

@@ -53,7 +53,7 @@ NOT_DEPS = {
     "directions": {"batch_size", "device", "padding_side", "num_threads"},
     "distill.train": {"device", "num_threads"},
 }
-THREAD_KEYS = {"num_threads"}
+THREAD_KEYS = {"num_threads", "threads"}
 """Thread counts (`pipeline.common.devices.set_threads`): never a dep, nor inside one."""
 
 
