@@ -171,11 +171,12 @@ def sidecar_params(**overrides) -> SidecarParams:
 @pytest.fixture(scope="module")
 def teacher_run(tmp_path_factory) -> tuple[Path, Path]:
     """(trajectories, corpus) of the tiny Llama (8 query heads, 2 KV heads, head_dim 8):
-    24 chunks of 4 windows x 8 tokens + 4 future positions + 1, layers 1 and 2."""
+    24 chunks of a start token (<|endoftext|>, kept dense), 4 windows x 8 tokens, 4 future
+    positions and 1 label, layers 1 and 2."""
     root = tmp_path_factory.mktemp("teacher_run")
     llama = tiny_teacher("llama")
     corpus_params = CorpusParams(
-        source="builtin", model=llama, chunk_tokens=37, max_chunks=24, block_chunks=1
+        source="builtin", model=llama, chunk_tokens=38, max_chunks=24, block_chunks=1
     )
     corpus_stage.run(corpus_params, root / "corpus")
     params = TrajectoriesParams(
@@ -454,7 +455,7 @@ def test_stage_refuses_a_corpus_the_trajectories_did_not_come_from(teacher_run, 
     folder, _ = teacher_run
     other = tmp_path / "corpus"
     corpus_stage.run(
-        CorpusParams(source="builtin", model=tiny_teacher("llama"), chunk_tokens=37,
+        CorpusParams(source="builtin", model=tiny_teacher("llama"), chunk_tokens=38,
                      max_chunks=24, seed=1),
         other,
     )  # fmt: skip
@@ -603,6 +604,7 @@ def test_the_lm_pass_compresses_the_stored_keys_and_values(teacher_run):
 
     folder, corpus = teacher_run
     data = TrajectorySet(folder, layer=2, eval_fraction=0.25)
+    assert data.start_tokens == 1  # the windows begin at position 1
     batch = next(data.batches("heldout", 64, 64, shuffle=False))  # every held-out sample
     tokens = CorpusChunks(corpus).tokens_of(batch.chunk_id.unique())
     seen = []
@@ -612,7 +614,7 @@ def test_the_lm_pass_compresses_the_stored_keys_and_values(teacher_run):
         return window_mean(keys, values)
 
     model, _ = load_causal_lm(tiny_teacher("llama"), None)
-    lm = heldout_lm_losses(model, tokens, 2, 32, 8, {"r": Compressor("r", record)}, 64)
+    lm = heldout_lm_losses(model, tokens, 2, 32, 8, {"r": Compressor("r", record)}, 64, 1)
     keys, values = seen[0]  # (chunks x KV heads, 4 windows, 8, d), chunk-major
     row = {
         (c, h): i
