@@ -40,6 +40,16 @@ BY_CONSTRUCTION = {
 }
 
 
+def prefix_note(start_tokens: int) -> str:
+    """The chunk's start tokens, which every compressor keeps dense (the attention sink)."""
+    if not start_tokens:
+        return ""
+    return (
+        f"; the {start_tokens} start token before the windows (position 0, an attention sink) "
+        "stays dense for every compressor"
+    )
+
+
 def ranking(compressors: dict[str, dict[str, Any]]) -> list[str]:
     """Compressor names by LM loss increase over dense, lowest first (ties: by name)."""
     return sorted(compressors, key=lambda name: (compressors[name]["lm_loss_increase"], name))
@@ -94,7 +104,9 @@ def sidecar_table(metrics: dict[str, Any]) -> str:
         f"({counts.get('heldout_samples', MISSING)} samples = chunk x KV head): "
         f"{counts.get('dense_tokens', MISSING)} window tokens -> "
         f"{counts.get('super_tokens', MISSING)} super-tokens per KV head, "
-        f"{counts.get('queries_per_sample', MISSING)} future queries per sample.",
+        f"{counts.get('queries_per_sample', MISSING)} future queries per sample"
+        + prefix_note(counts.get("start_tokens", 0))
+        + ".",
         "",
         f"Dense LM loss at the future positions: "
         f"{fmt(metrics.get('dense', {}).get('lm_loss'))} nats/token. Ranked by the increase "

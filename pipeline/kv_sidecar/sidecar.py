@@ -260,6 +260,7 @@ def counts(data: TrajectorySet, window_size: int, chunks: dict[str, int]) -> dic
         "heldout_chunks": chunks["heldout"],
         "heldout_samples": chunks["heldout"] * kv,
         "dense_tokens": data.dense_tokens,
+        "start_tokens": data.start_tokens,
         "super_tokens": data.dense_tokens // window_size,
         "window_size": window_size,
         "queries_per_sample": data.queries_per_sample,

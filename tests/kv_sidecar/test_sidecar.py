@@ -414,6 +414,7 @@ def test_stage_writes_outputs_and_metrics_for_every_compressor(teacher_run, tmp_
         "heldout_chunks": heldout,
         "heldout_samples": 2 * heldout,
         "dense_tokens": 32,
+        "start_tokens": 1,
         "super_tokens": 4,
         "window_size": 8,
         "queries_per_sample": 16,
@@ -441,6 +442,8 @@ def test_stage_writes_outputs_and_metrics_for_every_compressor(teacher_run, tmp_
         assert_picture(paths[name])
     text = table.read_text()
     assert f"on {heldout} held-out chunks ({2 * heldout} samples" in text
+    kept = "the 1 start token before the windows (position 0, an attention sink) stays dense"
+    assert f"per sample; {kept} for every compressor." in text
     assert text == sidecar_table(results)
 
     model, config = load_sidecar(out)
