@@ -444,6 +444,7 @@ def test_stage_writes_outputs_and_metrics_for_every_compressor(teacher_run, tmp_
     assert f"on {heldout} held-out chunks ({2 * heldout} samples" in text
     kept = "the 1 start token before the windows (position 0, an attention sink) stays dense"
     assert f"per sample; {kept} for every compressor." in text
+    assert "attend to the dense start token, the super-tokens plus the causal future" in text
     assert text == sidecar_table(results)
 
     model, config = load_sidecar(out)
