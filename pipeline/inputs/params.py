@@ -104,9 +104,9 @@ class CorpusParams:
     """The token at position 0 of every chunk, counted in chunk_tokens
     (`pipeline/common/sequence_start.py`): `auto` (the tokenizer's own BOS where it adds one,
     else its end-of-text token), `none`, or one token of the vocabulary."""
-    chunk_tokens: int = 273
-    """Tokens per chunk, the start token included; trajectories need num_windows *
-    window_size + num_queries + 1."""
+    chunk_tokens: int = 274
+    """Tokens per chunk, the start token included; trajectories need start tokens +
+    num_windows * window_size + num_queries + 1."""
     max_chunks: int = 2048
     """Stop after this many chunks (fewer if the source runs out)."""
     block_chunks: int = 16
@@ -141,6 +141,12 @@ class CorpusParams:
             raise ValueError(
                 f"corpus.document_split={self.document_split!r} is not a regular expression: {err}"
             ) from None
+
+    @property
+    def start_tokens(self) -> int:
+        """How many start ids lead each chunk, as the corpus stage will record them:
+        `stream_start_ids` gives one id for `auto` or a token, none for `none`."""
+        return 0 if self.start_token == "none" else 1
 
 
 TinyRecipe = Literal["qwen3", "llama"]

@@ -1,15 +1,19 @@
 """K, V, future Q and LM-loss forces of a causal LM over chunks: one forward, one backward.
 
-A chunk x_0 .. x_{N} (N = W*S + Q) holds W windows of S tokens (positions 0..W*S-1),
-Q future tokens (positions W*S..W*S+Q-1) and one more token x_N that is only a label.
-The model reads x_0 .. x_{N-1} (positions 0..N-1, no padding, no BOS added). The LM
+A chunk x_0 .. x_{N} (N = P + W*S + Q) holds P start tokens (the corpus's
+`start_tokens`, 0 or 1: positions 0..P-1), W windows of S tokens (positions
+P..P+W*S-1), Q future tokens (positions P+W*S..P+W*S+Q-1) and one more token x_N that
+is only a label. The model reads x_0 .. x_{N-1} (positions 0..N-1, no padding). The LM
 loss of a chunk is the mean next-token cross-entropy at the future positions only:
 
-    L = (1/Q) * sum_{t=W*S}^{W*S+Q-1} -log softmax(logits_t)[x_{t+1}]
+    L = (1/Q) * sum_{t=P+W*S}^{P+W*S+Q-1} -log softmax(logits_t)[x_{t+1}]
 
 Window positions carry no loss term; they matter through what the future positions
-read from them. A batch's backward pass runs on the sum of its chunks' losses, so each
-chunk's forces are the gradients of its own L (chunks never interact).
+read from them. The start tokens are a dense prefix outside the windows: a decoder's
+position 0 is an attention sink (a hidden-state norm ~100x the others'), which every
+compressed cache keeps as it is (StreamingLLM), so nothing of it is stored. A batch's
+backward pass runs on the sum of its chunks' losses, so each chunk's forces are the
+gradients of its own L (chunks never interact).
 
 Per stored layer L (decoder block index, 0-based; block L reads HF hidden_states[L]):
 - keys, values: the window's K and V per KV head *after RoPE*, exactly the tensors the
@@ -53,8 +57,9 @@ ROPE_NOTE = (
     "window and future tokens are part of the stored vectors"
 )
 LOSS_NOTE = (
-    "L = mean over the num_queries future positions t = W*S .. W*S+Q-1 of the next-token "
-    "cross-entropy -log p(x_{t+1} | x_0..x_t); a chunk is W*S + Q + 1 tokens, the last a label"
+    "L = mean over the num_queries future positions t = P+W*S .. P+W*S+Q-1 of the next-token "
+    "cross-entropy -log p(x_{t+1} | x_0..x_t); a chunk is P + W*S + Q + 1 tokens, the last a "
+    "label, P = start_tokens (a dense prefix before the windows)"
 )
 
 
@@ -69,15 +74,19 @@ class Sizes:
     n_kv_heads: int
     head_dim: int
     hidden_size: int
+    start_tokens: int = 0
+    """The chunk's dense prefix before the windows (the corpus's start token, 0 or 1)."""
 
     @classmethod
-    def of(cls, config, window_size: int, num_windows: int, num_queries: int) -> Sizes:
+    def of(
+        cls, config, window_size: int, num_windows: int, num_queries: int, start_tokens: int = 0
+    ) -> Sizes:
         """Attention shape from a transformers config (Llama, Qwen3, Mistral ...)."""
         n_heads = config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_heads
         n_kv = getattr(config, "num_key_value_heads", None) or n_heads
         return cls(window_size, num_windows, num_queries, n_heads, n_kv, head_dim,
-                   config.hidden_size)  # fmt: skip
+                   config.hidden_size, start_tokens)  # fmt: skip
 
     @property
     def window_tokens(self) -> int:
@@ -85,8 +94,8 @@ class Sizes:
 
     @property
     def chunk_tokens(self) -> int:
-        """Tokens per chunk: windows, future tokens, and the last future token's label."""
-        return self.window_tokens + self.num_queries + 1
+        """Tokens per chunk: start tokens, windows, future tokens, the last one's label."""
+        return self.start_tokens + self.window_tokens + self.num_queries + 1
 
 
 def layer_shapes(sizes: Sizes, force_space: ForceSpace) -> dict[str, tuple[int, ...]]:
@@ -203,13 +212,14 @@ def trajectory_batch(
     per-chunk LM losses. One forward and one backward for the whole batch."""
     if chunks.dim() != 2 or chunks.shape[1] != sizes.chunk_tokens:
         raise ValueError(
-            f"chunks must be (B, {sizes.chunk_tokens}) = window_size * num_windows + "
-            f"num_queries + 1 tokens, got {tuple(chunks.shape)}"
+            f"chunks must be (B, {sizes.chunk_tokens}) = start_tokens + window_size * "
+            f"num_windows + num_queries + 1 tokens, got {tuple(chunks.shape)}"
         )
-    n, q = sizes.window_tokens, sizes.num_queries
+    p, n, q = sizes.start_tokens, sizes.window_tokens, sizes.num_queries
+    window, future = slice(p, p + n), slice(p + n, None)  # the prefix 0..p-1 is not stored
     device = model.get_input_embeddings().weight.device
     chunks = chunks.to(device)
-    inputs, labels = chunks[:, :-1], chunks[:, n + 1 :]  # (B, N+Q), (B, Q)
+    inputs, labels = chunks[:, :-1], chunks[:, p + n + 1 :]  # (B, P+N+Q), (B, Q)
     with (
         torch.enable_grad(),
         record_attention(model, layers) as attention,
@@ -232,22 +242,22 @@ def trajectory_batch(
     for i, layer in enumerate(layers):
         query, key, value = attention[layer]
         named = {
-            "keys": key[:, :, :n],
-            "values": value[:, :, :n],
-            "queries": query[:, :, n:],
+            "keys": key[:, :, window],
+            "values": value[:, :, window],
+            "queries": query[:, :, future],
         }
         if force_space == "kv":
             grad_q, grad_k, grad_v = grads[3 * i : 3 * i + 3]
             named |= {
-                "force_keys": grad_k[:, :, :n],
-                "force_values": grad_v[:, :, :n],
-                "force_queries": grad_q[:, :, n:],
+                "force_keys": grad_k[:, :, window],
+                "force_values": grad_v[:, :, window],
+                "force_queries": grad_q[:, :, future],
             }
         # (B, H, T, D) -> (B, T, H, D), the stored layout.
         named = {k: v.transpose(1, 2) for k, v in named.items()}
         if force_space == "hidden":
             grad_h, grad_qp = grads[2 * i : 2 * i + 2]
-            named |= {"force_hidden": grad_h[:, :n], "force_queries": grad_qp[:, n:]}
+            named |= {"force_hidden": grad_h[:, window], "force_queries": grad_qp[:, future]}
         out |= {trajectory_key(layer, k): v.detach().contiguous() for k, v in named.items()}
     return out, losses.detach()
 

@@ -4,7 +4,8 @@ A folder of safetensors shards plus `manifest.json` (`pipeline/common/shards.py`
 the manifest's `extra` carries the sizes a reader needs.
 
 trajectories (kind "trajectories"), written by stage `trajectories`; a chunk is
-num_windows * window_size window tokens followed by num_queries future tokens:
+start_tokens dense prefix tokens (the corpus's start token, not stored: every compressor
+keeps them), num_windows * window_size window tokens and num_queries future tokens:
     shard: chunk_id int64 (R,) and, for every stored layer L,
       layer<L>.keys     (R, W*S, n_kv_heads, head_dim)  K as attention consumes it
       layer<L>.values   (R, W*S, n_kv_heads, head_dim)
@@ -17,7 +18,8 @@ num_windows * window_size window tokens followed by num_queries future tokens:
         layer<L>.force_values   (R, W*S, n_kv_heads, head_dim)   dL/dV
         layer<L>.force_queries  (R, Q, n_heads, head_dim)        dL/dQ
     extra: model, revision, layers, n_heads, n_kv_heads, head_dim, hidden_size,
-           window_size, num_windows, num_queries, force_space, rope ("after"),
+           window_size, num_windows, num_queries, start_tokens (absent before: 0),
+           force_space, rope ("after"),
            kv_head_of_query_head (list: query head h reads KV head h // group)
 """
 

@@ -1,13 +1,15 @@
 """The downstream metric: the teacher's LM loss when one layer's window K/V cache is
 replaced by a compressor's super-tokens.
 
-A chunk is the trajectories' x_0 .. x_N (N = W*S + Q, `forces.py`): W*S window tokens,
-Q future tokens, one label. The teacher reads x_0 .. x_{N-1}; the loss of a chunk is
-the mean next-token cross-entropy (nats/token) at the Q future positions, as the
-trajectories stage defines L. In the compressed pass, at decoder block `layer` only,
-the future positions' queries attend to the W*S/window_size super-tokens of every KV
-head plus the future tokens up to themselves (causal), instead of the W*S window
-tokens; the window positions, every other block and every other position stay dense.
+A chunk is the trajectories' x_0 .. x_N (N = P + W*S + Q, `forces.py`): P start tokens,
+W*S window tokens, Q future tokens, one label. The teacher reads x_0 .. x_{N-1}; the
+loss of a chunk is the mean next-token cross-entropy (nats/token) at the Q future
+positions, as the trajectories stage defines L. In the compressed pass, at decoder
+block `layer` only, the future positions' queries attend to the P start tokens (dense:
+position 0 is an attention sink that every compressor keeps, as StreamingLLM does), the
+W*S/window_size super-tokens of every KV head and the future tokens up to themselves
+(causal), instead of the W*S window tokens; the prefix and window positions, every
+other block and every other position stay dense.
 The super-tokens are built from the block's live K/V: the tensors the attention
 function receives, after RoPE and per KV head, i.e. the space the trajectories stage
 stores and the sidecar was trained in.
@@ -18,7 +20,7 @@ everywhere and, in block `module.layer_idx == layer`, overwrites the future posi
 output with the compressed attention.
 
     losses = heldout_lm_losses(model, tokens, layer=1, window_tokens=64, window_size=16,
-                               compressors=compressors, batch_size=8)
+                               compressors=compressors, batch_size=8, start_tokens=1)
     losses.dense, losses.compressed["sidecar"]  # (C,) per chunk
 """
 
@@ -50,27 +52,34 @@ INTERVAL_KIND = "paired bootstrap 95% (BCa, 10,000 resamples over held-out chunk
 @dataclass
 class Splice:
     """What the spliced attention does in block `layer`: dense (compressor None) or
-    compressed; it leaves the window queries' attention mass of the last pass in `mass`."""
+    compressed; it leaves the window queries' attention mass of the last pass in `mass`.
+    The windows start after the `start_tokens` dense prefix."""
 
     layer: int
     window_tokens: int
     window_size: int
     compressor: Compressor | None = None
+    start_tokens: int = 0
     mass: Tensor | None = field(default=None, repr=False)  # (B, H_kv, N)
 
 
 _ACTIVE: contextvars.ContextVar[Splice | None] = contextvars.ContextVar(SPLICE, default=None)
 
 
-def window_attention_mass(query: Tensor, key: Tensor, scale: float, window_size: int) -> Tensor:
+def window_attention_mass(
+    query: Tensor, key: Tensor, scale: float, window_size: int, start_tokens: int = 0
+) -> Tensor:
     """Attention each window token receives from the queries of its own window, summed
     over those queries and over the query heads that read its KV head: query
-    (B, H, N, d), key (B, H_kv, N, d) of the N window positions -> (B, H_kv, N). The
-    probabilities are the model's own causal softmax over the whole prefix."""
-    n, group = query.shape[2], query.shape[1] // key.shape[1]
+    (B, H, P + N, d), key (B, H_kv, P + N, d) of the P start and N window positions ->
+    (B, H_kv, N). The probabilities are the model's own causal softmax over the whole
+    prefix, start tokens included (which take most of it: the attention sink)."""
+    total, group = query.shape[2], query.shape[1] // key.shape[1]
     scores = query @ key.repeat_interleave(group, dim=1).transpose(-1, -2) * scale
-    causal = torch.ones(n, n, dtype=torch.bool, device=query.device).tril()
-    probs = scores.masked_fill(~causal, float("-inf")).softmax(-1)  # (B, H, N, N)
+    causal = torch.ones(total, total, dtype=torch.bool, device=query.device).tril()
+    probs = scores.masked_fill(~causal, float("-inf")).softmax(-1)  # (B, H, P+N, P+N)
+    probs = probs[..., start_tokens:, start_tokens:]  # window queries, window keys
+    n = total - start_tokens
     window = torch.arange(n, device=query.device) // window_size
     same = window[:, None] == window[None, :]  # (N queries, N keys): same window
     received = (probs * same).sum(-2)  # (B, H, N)
@@ -80,25 +89,26 @@ def window_attention_mass(query: Tensor, key: Tensor, scale: float, window_size:
 def compressed_future_attention(
     query: Tensor, key: Tensor, value: Tensor, splice: Splice, scale: float
 ) -> Tensor:
-    """Output (B, Q, H, d) of the future queries over super-tokens + causal future tokens."""
-    n, ws = splice.window_tokens, splice.window_size
+    """Output (B, Q, H, d) of the future queries over the dense start tokens, the
+    super-tokens and the causal future tokens."""
+    p, n, ws = splice.start_tokens, splice.window_tokens, splice.window_size
     batch, kv_heads, _, dim = key.shape
     windows = n // ws
 
     def windowed(x: Tensor) -> Tensor:  # (B, H_kv, N, d) -> (B * H_kv, W, S, d)
-        return x[:, :, :n].unflatten(2, (windows, ws)).flatten(0, 1).float()
+        return x[:, :, p : p + n].unflatten(2, (windows, ws)).flatten(0, 1).float()
 
     mass = splice.mass.flatten(0, 1).unflatten(1, (windows, ws))  # (B * H_kv, W, S)
     kc, vc = splice.compressor.apply(windowed(key), windowed(value), mass)
     kc, vc = (x.unflatten(0, (batch, kv_heads)).to(key.dtype) for x in (kc, vc))
-    keys = torch.cat([kc, key[:, :, n:]], 2)  # (B, H_kv, W + Q, d)
-    values = torch.cat([vc, value[:, :, n:]], 2)
+    keys = torch.cat([key[:, :, :p], kc, key[:, :, p + n :]], 2)  # (B, H_kv, P + W + Q, d)
+    values = torch.cat([value[:, :, :p], vc, value[:, :, p + n :]], 2)
     group = query.shape[1] // kv_heads
     keys, values = keys.repeat_interleave(group, 1), values.repeat_interleave(group, 1)
-    future = query.shape[2] - n
-    mask = torch.ones(future, windows + future, dtype=torch.bool, device=query.device)
-    mask[:, windows:] = torch.ones(future, future, dtype=torch.bool, device=query.device).tril()
-    out = F.scaled_dot_product_attention(query[:, :, n:], keys, values, mask, scale=scale)
+    future, kept = query.shape[2] - p - n, p + windows  # every future query sees the kept
+    mask = torch.ones(future, kept + future, dtype=torch.bool, device=query.device)
+    mask[:, kept:] = torch.ones(future, future, dtype=torch.bool, device=query.device).tril()
+    out = F.scaled_dot_product_attention(query[:, :, p + n :], keys, values, mask, scale=scale)
     return out.transpose(1, 2)
 
 
@@ -111,12 +121,14 @@ def spliced_attention(module, query, key, value, attention_mask, scaling=None, *
     if splice is None or module.layer_idx != splice.layer:
         return out, weights
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    n = splice.window_tokens
-    splice.mass = window_attention_mass(query[:, :, :n], key[:, :, :n], scale, splice.window_size)
+    end = splice.start_tokens + splice.window_tokens  # the first future position
+    splice.mass = window_attention_mass(
+        query[:, :, :end], key[:, :, :end], scale, splice.window_size, splice.start_tokens
+    )
     if splice.compressor is None:
         return out, weights
     out = out.clone()
-    out[:, n:] = compressed_future_attention(query, key, value, splice, scale)
+    out[:, end:] = compressed_future_attention(query, key, value, splice, scale)
     return out, None
 
 
@@ -154,16 +166,18 @@ def heldout_lm_losses(
     window_size: int,
     compressors: Mapping[str, Compressor],
     batch_size: int,
+    start_tokens: int = 0,
     desc: str = "LM loss",
 ) -> LMLosses:
     """Per-chunk LM loss at the future positions, dense and with each compressor; `tokens`:
-    chunk id -> (N + 1,) ids (x_0 .. x_N, as `CorpusChunks.tokens_of` gives them). A
-    progress bar named `desc` counts the teacher's forward passes."""
+    chunk id -> (N + 1,) ids (x_0 .. x_N, as `CorpusChunks.tokens_of` gives them), whose
+    first `start_tokens` every compressor keeps dense before the windows. A progress bar
+    named `desc` counts the teacher's forward passes."""
     ids = sorted(tokens)
     if window_tokens % window_size:
         raise ValueError(f"window_size {window_size} does not divide {window_tokens} tokens")
     device = model.get_input_embeddings().weight.device
-    splice = Splice(layer, window_tokens, window_size)
+    splice = Splice(layer, window_tokens, window_size, start_tokens=start_tokens)
     dense, masses = [], []
     compressed: dict[str, list[Tensor]] = {name: [] for name in compressors}
     batches = range(0, len(ids), batch_size)
@@ -171,7 +185,7 @@ def heldout_lm_losses(
     with splice_attention(model, splice), bar:
         for start in batches:
             chunk = torch.stack([tokens[i] for i in ids[start : start + batch_size]]).to(device)
-            inputs, labels = chunk[:, :-1], chunk[:, window_tokens + 1 :]
+            inputs, labels = chunk[:, :-1], chunk[:, start_tokens + window_tokens + 1 :]
             if labels.shape[1] < 1:
                 raise ValueError(f"chunks of {chunk.shape[1]} tokens have no future positions")
 

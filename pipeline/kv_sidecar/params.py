@@ -64,19 +64,27 @@ class TrajectoriesParams:
     def window_tokens(self) -> int:
         return self.num_windows * self.window_size
 
-    @property
-    def chunk_tokens(self) -> int:
-        """Window tokens, future tokens, and one more token: the label of the last future one."""
-        return self.window_tokens + self.num_queries + 1
+    def chunk_tokens(self, start_tokens: int) -> int:
+        """The corpus's start tokens (a dense prefix every compressor keeps), window tokens,
+        future tokens, and one more token: the label of the last future one."""
+        return start_tokens + self.window_tokens + self.num_queries + 1
+
+    def chunk_tokens_rule(self, start_tokens: int) -> str:
+        """How chunk_tokens follows from the keys, with the numbers, for error messages."""
+        return (
+            f"corpus start tokens + trajectories.num_windows * window_size + num_queries + 1 = "
+            f"{start_tokens} + {self.num_windows} * {self.window_size} + {self.num_queries} "
+            f"+ 1 = {self.chunk_tokens(start_tokens)}"
+        )
 
     def check(self, params: Sections) -> None:
         corpus = params.corpus
-        if corpus.chunk_tokens != self.chunk_tokens:
+        start = corpus.start_tokens
+        if corpus.chunk_tokens != self.chunk_tokens(start):
             raise ValueError(
                 f"corpus.chunk_tokens={corpus.chunk_tokens} but trajectories needs "
-                f"trajectories.num_windows * window_size + num_queries + 1 = "
-                f"{self.num_windows} * {self.window_size} + {self.num_queries} + 1 = "
-                f"{self.chunk_tokens}"
+                f"{self.chunk_tokens_rule(start)} (corpus.start_token={corpus.start_token} "
+                f"puts {start} before the windows)"
             )
         if (corpus.model, corpus.revision) != (self.model, self.revision):
             raise ValueError(

@@ -40,6 +40,23 @@ BY_CONSTRUCTION = {
 }
 
 
+def prefix_note(start_tokens: int) -> str:
+    """The chunk's start tokens, which every compressor keeps dense (the attention sink)."""
+    if not start_tokens:
+        return ""
+    return (
+        f"; the {start_tokens} start token before the windows (position 0, an attention sink) "
+        "stays dense for every compressor"
+    )
+
+
+def read_by_future(counts: dict[str, Any]) -> str:
+    """What the future queries read in place of the window tokens."""
+    if counts.get("start_tokens"):
+        return "the dense start token, the super-tokens"
+    return "the super-tokens"
+
+
 def ranking(compressors: dict[str, dict[str, Any]]) -> list[str]:
     """Compressor names by LM loss increase over dense, lowest first (ties: by name)."""
     return sorted(compressors, key=lambda name: (compressors[name]["lm_loss_increase"], name))
@@ -94,7 +111,9 @@ def sidecar_table(metrics: dict[str, Any]) -> str:
         f"({counts.get('heldout_samples', MISSING)} samples = chunk x KV head): "
         f"{counts.get('dense_tokens', MISSING)} window tokens -> "
         f"{counts.get('super_tokens', MISSING)} super-tokens per KV head, "
-        f"{counts.get('queries_per_sample', MISSING)} future queries per sample.",
+        f"{counts.get('queries_per_sample', MISSING)} future queries per sample"
+        + prefix_note(counts.get("start_tokens", 0))
+        + ".",
         "",
         f"Dense LM loss at the future positions: "
         f"{fmt(metrics.get('dense', {}).get('lm_loss'))} nats/token. Ranked by the increase "
@@ -134,9 +153,9 @@ def sidecar_table(metrics: dict[str, Any]) -> str:
     lines += [
         "",
         "¹ Mean over held-out chunks of (compressed − dense) next-token cross-entropy at the "
-        "future positions, when at this layer the future queries of every head attend to the "
-        "super-tokens plus the causal future tokens instead of the window tokens (all other "
-        f"layers and positions dense); {INTERVAL_KIND}.",
+        "future positions, when at this layer the future queries of every head attend to "
+        f"{read_by_future(counts)} plus the causal future tokens instead of the window "
+        f"tokens (all other layers and positions dense); {INTERVAL_KIND}.",
         "² Per sample (chunk x KV head), the Frobenius norm over its stacked per-query "
         "Jacobians dy/dq, then the mean over samples; predicting J = 0 scores 1.",
     ]

@@ -175,11 +175,11 @@ def heldout_tokens(data: TrajectorySet, corpus: CorpusChunks, batch_size: int) -
             "(its sha256 differs from the trajectories manifest's corpus_manifest_sha256): "
             "pass the trajectories' own corpus or re-run the trajectories stage"
         )
-    needed = data.dense_tokens + data.sizes["num_queries"] + 1
+    needed = data.start_tokens + data.dense_tokens + data.sizes["num_queries"] + 1
     if corpus.chunk_tokens != needed:
         raise ValueError(
             f"{corpus.folder} holds chunks of {corpus.chunk_tokens} tokens but {data.folder} "
-            f"has num_windows x window_size + num_queries + 1 = {needed}"
+            f"has start_tokens + num_windows x window_size + num_queries + 1 = {needed}"
         )
     batches = data.batches("heldout", batch_size, batch_size, shuffle=False)
     ids = sorted({int(c) for batch in batches for c in batch.chunk_id})
@@ -211,7 +211,7 @@ def teacher_losses(
             compressor.module.to(device)
     losses = heldout_lm_losses(
         teacher, tokens, data.layer, data.dense_tokens, window_size, compressors,
-        sp.lm_batch_size, f"sidecar layer {data.layer} LM loss",
+        sp.lm_batch_size, data.start_tokens, f"sidecar layer {data.layer} LM loss",
     )  # fmt: skip
     del teacher
     return losses
@@ -262,6 +262,7 @@ def counts(data: TrajectorySet, window_size: int, chunks: dict[str, int]) -> dic
         "heldout_chunks": chunks["heldout"],
         "heldout_samples": chunks["heldout"] * kv,
         "dense_tokens": data.dense_tokens,
+        "start_tokens": data.start_tokens,
         "super_tokens": data.dense_tokens // window_size,
         "window_size": window_size,
         "queries_per_sample": data.queries_per_sample,

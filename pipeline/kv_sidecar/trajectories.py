@@ -71,7 +71,10 @@ def run(params: TrajectoriesParams, corpus: Path, out: Path) -> dict:
         params.model, identity.revision, params.compute_dtype, params.device, "trajectories.model"
     )
     layers = resolve_layers(params.layers, model.config.num_hidden_layers)
-    sizes = Sizes.of(model.config, params.window_size, params.num_windows, params.num_queries)
+    sizes = Sizes.of(
+        model.config, params.window_size, params.num_windows, params.num_queries,
+        chunks.start_tokens,
+    )  # fmt: skip
     plan = _plan(params, sizes, layers, num_chunks)
     done = EXTRACTION.run(
         params,
@@ -151,6 +154,7 @@ def _describe(
             "window_size": sizes.window_size,
             "num_windows": sizes.num_windows,
             "num_queries": sizes.num_queries,
+            "start_tokens": sizes.start_tokens,
             "force_space": params.force_space,
             "rope": "after",
             "rope_note": ROPE_NOTE,
@@ -168,10 +172,10 @@ def _describe(
 
 def _check_corpus(params: TrajectoriesParams, chunks: CorpusChunks) -> None:
     extra = chunks.manifest.extra
-    if chunks.chunk_tokens != params.chunk_tokens:
+    if chunks.chunk_tokens != params.chunk_tokens(chunks.start_tokens):
         raise ValueError(
             f"{chunks.folder} holds chunks of {chunks.chunk_tokens} tokens but trajectories "
-            f"needs num_windows * window_size + num_queries + 1 = {params.chunk_tokens}: "
+            f"needs {params.chunk_tokens_rule(chunks.start_tokens)}: "
             "set corpus.chunk_tokens to match and re-run the corpus stage"
         )
     if extra.get("model") != params.model:
@@ -209,7 +213,8 @@ def _plan(
         num_rows=num_chunks,
         rows_per_shard=params.shard_rows,
         planned_bytes=bytes_per_chunk(sizes, params.force_space, width) * len(layers) * num_chunks,
-        description=f"{num_chunks} chunks x {sizes.num_windows} windows of {sizes.window_size} "
+        description=f"{num_chunks} chunks x {sizes.start_tokens} start tokens (kept dense) + "
+        f"{sizes.num_windows} windows of {sizes.window_size} "
         f"tokens + {sizes.num_queries} future positions through {params.model} "
         f"({params.force_space}, {params.storage_dtype})",
     )

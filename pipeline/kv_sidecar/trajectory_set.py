@@ -78,6 +78,8 @@ class TrajectorySet:
                 f"it holds layers {extra['layers']}"
             )
         self.sizes = {key: int(extra[key]) for key in SIZE_KEYS}
+        self.start_tokens = int(extra.get("start_tokens", 0))
+        """The chunks' dense prefix before the windows (not stored; 0 in older dumps)."""
         self.force_space = str(extra.get("force_space", "kv"))
         self.head_groups = _head_groups(extra["kv_head_of_query_head"], self.sizes)
         self._verified: set[str] = set()

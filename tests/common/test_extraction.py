@@ -160,6 +160,7 @@ def make_input(kind: str, folder: Path, variant: int, size: str) -> Path:
         chunk_tokens=CHUNK,
         max_chunks=count,
         seed=variant,
+        start_token="none",  # CHUNK holds no dense prefix
     )
     corpus.run(params, folder / "corpus")
     return folder / "corpus"

@@ -237,9 +237,9 @@ GEOMETRY = dict(window_size=6, num_windows=2, num_queries=4)  # chunks of 12 + 4
 @pytest.fixture(scope="module")
 def corpus_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("corpus") / "corpus"
-    params = CorpusParams(
-        source="builtin", model=tiny_teacher("llama"), chunk_tokens=17, max_chunks=8, shard_rows=4
-    )
+    # No start token: 17 = GEOMETRY's 2 x 6 + 4 + 1, without a dense prefix.
+    params = CorpusParams(source="builtin", model=tiny_teacher("llama"), chunk_tokens=17,
+                          max_chunks=8, shard_rows=4, start_token="none")  # fmt: skip
     corpus.run(params, out)
     return out
 

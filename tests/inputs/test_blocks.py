@@ -242,8 +242,10 @@ GEOMETRY = dict(window_size=6, num_windows=2, num_queries=4)  # chunks of 12 + 4
 @pytest.fixture(scope="module")
 def blocked_corpus(tmp_path_factory, tiny_llama_path):
     out = tmp_path_factory.mktemp("blocked") / "corpus"
+    # No start token: 17 = GEOMETRY's 2 x 6 + 4 + 1, without a dense prefix.
     params = CorpusParams(source="builtin", model=tiny_llama_path, chunk_tokens=17,
-                          max_chunks=12, block_chunks=3, shard_rows=4)  # fmt: skip
+                          max_chunks=12, block_chunks=3, shard_rows=4,
+                          start_token="none")  # fmt: skip
     corpus.run(params, out)
     return out
 

@@ -210,11 +210,20 @@ def test_trajectories_check_names_both_keys(params):
         traj.check(types.SimpleNamespace(corpus=params(chunk_tokens=20)))
     with pytest.raises(ValueError, match="corpus.model='other/model'.*trajectories.model"):
         traj.check(types.SimpleNamespace(corpus=params(model="other/model")))
+    # A start token is a dense prefix before the windows: one more token per chunk.
+    traj.check(types.SimpleNamespace(corpus=params(start_token="auto", chunk_tokens=22)))
+    with pytest.raises(ValueError) as error:
+        traj.check(types.SimpleNamespace(corpus=params(start_token="auto", chunk_tokens=21)))
+    assert str(error.value) == (
+        "corpus.chunk_tokens=21 but trajectories needs corpus start tokens + "
+        "trajectories.num_windows * window_size + num_queries + 1 = 1 + 2 * 8 + 4 + 1 = 22 "
+        "(corpus.start_token=auto puts 1 before the windows)"
+    )
 
 
 def test_default_sections_agree():
     TrajectoriesParams().check(types.SimpleNamespace(corpus=CorpusParams()))
-    assert CorpusParams().chunk_tokens == 4 * 64 + 16 + 1
+    assert CorpusParams().chunk_tokens == 1 + 4 * 64 + 16 + 1  # the start token, then windows
 
 
 SCENES = re.compile(r"^(?:## .*\n\s*)?### ", re.MULTILINE)  # a scene, with its act heading

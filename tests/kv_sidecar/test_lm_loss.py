@@ -20,6 +20,7 @@ from pipeline.kv_sidecar.compressors import (
 )
 from pipeline.kv_sidecar.lm_loss import (
     Splice,
+    compressed_future_attention,
     heldout_lm_losses,
     paired_increase,
     splice_attention,
@@ -107,18 +108,91 @@ def test_the_splice_changes_only_the_future_positions_of_its_layer(model, chunks
     assert not torch.allclose(dense[3][:, N:], spliced[3][:, N:], atol=1e-3)
 
 
-def test_window_attention_mass_is_the_softmax_mass_from_the_windows_own_queries():
+@pytest.fixture(scope="module")
+def sink_chunks(model) -> torch.Tensor:
+    """12 chunks of 1 + N + Q + 1 tokens: <|endoftext|> (id 0) at position 0, as
+    corpus.start_token: auto puts it, then random window tokens and the dense model's own
+    greedy continuation."""
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randint(1, model.config.vocab_size, (12, N), generator=gen)
+    x = torch.cat([torch.zeros(12, 1, dtype=torch.long), x], 1)
+    with torch.no_grad():
+        for _ in range(Q + 1):
+            x = torch.cat([x, model(x).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    return x
+
+
+def test_the_start_token_stays_dense_so_one_token_windows_change_nothing(model, sink_chunks):
+    """The windows begin after the start token: the dense loss is the plain forward's at
+    positions 1+N..N+Q, and a super-token per window token (window size 1) is the cache
+    itself, with the start token kept as it is."""
+    lm = heldout_lm_losses(model, tokens_of(sink_chunks), 2, N, 1, baseline_compressors(), 5,
+                           start_tokens=1)  # fmt: skip
+    with torch.no_grad():
+        logits = model(sink_chunks[:, :-1]).logits[:, 1 + N :]
+    labels = sink_chunks[:, 2 + N :]
+    ce = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none")
+    assert torch.allclose(lm.dense, ce.view(12, Q).mean(1).double(), atol=1e-5, rtol=0)
+    assert lm.mass.shape == (12, 2, N)  # window tokens only
+    for name, losses in lm.compressed.items():
+        assert torch.allclose(losses, lm.dense, atol=1e-5, rtol=0), name
+
+
+def test_compressing_the_start_token_away_changes_the_loss(model, sink_chunks):
+    """Must fail: the same one-token windows, but position 0 counted as the first window
+    and replaced by a zero super-token, as every window is, give another loss; with the
+    prefix kept dense, zeroing the windows alone gives a third."""
+    zeroing = {"zero": Compressor("zero", zero)}
+    tokens = tokens_of(sink_chunks)
+    kept = heldout_lm_losses(model, tokens, 2, N, 1, zeroing, 12, start_tokens=1)
+    lost = heldout_lm_losses(model, tokens, 2, 1 + N, 1, zeroing, 12, start_tokens=0)
+    assert torch.equal(kept.dense, lost.dense)  # the same dense pass
+    gap = (kept.compressed["zero"] - lost.compressed["zero"]).abs()
+    assert float(gap.mean()) > 1e-3 and bool((gap > 0).all())
+
+
+def test_the_future_queries_read_the_prefix_dense_then_the_super_tokens():
+    """Known answer: with one start token, 2 windows of 2 and 3 future positions, future
+    query i attends over [k_0, mean(k_1, k_2), mean(k_3, k_4), k_5 .. k_{5+i}]."""
+    gen = torch.Generator().manual_seed(3)
+    query = torch.randn(1, 2, 8, 4, generator=gen)  # 2 query heads share 1 KV head
+    key, value = torch.randn(1, 1, 8, 4, generator=gen), torch.randn(1, 1, 8, 4, generator=gen)
+    splice = Splice(0, 4, 2, baseline_compressors()["window_mean"], start_tokens=1)
+    splice.mass = torch.ones(1, 1, 4)
+    out = compressed_future_attention(query, key, value, splice, 0.5)  # (1, 3, 2, 4)
+    k, v = key[0, 0], value[0, 0]
+
+    def attend(keys, values, q):
+        return (q @ keys.T * 0.5).softmax(-1) @ values
+
+    means = [(k[1:3].mean(0), v[1:3].mean(0)), (k[3:5].mean(0), v[3:5].mean(0))]
+    for i in range(3):
+        keys = torch.stack([k[0], means[0][0], means[1][0], *k[5 : 6 + i]])
+        values = torch.stack([v[0], means[0][1], means[1][1], *v[5 : 6 + i]])
+        without = keys[1:], values[1:]  # the prefix dropped
+        for head in range(2):
+            q = query[0, head, 5 + i]
+            assert torch.allclose(out[0, i, head], attend(keys, values, q), atol=1e-6)
+            assert not torch.allclose(out[0, i, head], attend(*without, q), atol=1e-3)
+
+
+@pytest.mark.parametrize("prefix", [0, 1])
+def test_window_attention_mass_is_the_softmax_mass_from_the_windows_own_queries(prefix):
     gen = torch.Generator().manual_seed(1)
-    query, key = torch.randn(1, 4, 6, 3, generator=gen), torch.randn(1, 2, 6, 3, generator=gen)
-    mass = window_attention_mass(query, key, 0.5, window_size=3)  # (1, 2, 6)
+    total = prefix + 6  # the start token (a softmax entry, never a window token), 2 windows
+    query = torch.randn(1, 4, total, 3, generator=gen)
+    key = torch.randn(1, 2, total, 3, generator=gen)
+    mass = window_attention_mass(query, key, 0.5, window_size=3, start_tokens=prefix)
+    assert mass.shape == (1, 2, 6)
     for kv in range(2):
         for j in range(6):
             start = j // 3 * 3
             expected = 0.0
             for head in (2 * kv, 2 * kv + 1):  # the query heads of this KV head
                 for i in range(max(j, start), start + 3):  # causal queries of j's window
-                    scores = query[0, head, i] @ key[0, kv, : i + 1].T * 0.5
-                    expected += float(scores.softmax(-1)[j])
+                    p = prefix + i  # positions count the start token
+                    scores = query[0, head, p] @ key[0, kv, : p + 1].T * 0.5
+                    expected += float(scores.softmax(-1)[prefix + j])
             assert mass[0, kv, j].item() == pytest.approx(expected, rel=1e-5)
 
 

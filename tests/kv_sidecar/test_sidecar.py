@@ -171,11 +171,12 @@ def sidecar_params(**overrides) -> SidecarParams:
 @pytest.fixture(scope="module")
 def teacher_run(tmp_path_factory) -> tuple[Path, Path]:
     """(trajectories, corpus) of the tiny Llama (8 query heads, 2 KV heads, head_dim 8):
-    24 chunks of 4 windows x 8 tokens + 4 future positions + 1, layers 1 and 2."""
+    24 chunks of a start token (<|endoftext|>, kept dense), 4 windows x 8 tokens, 4 future
+    positions and 1 label, layers 1 and 2."""
     root = tmp_path_factory.mktemp("teacher_run")
     llama = tiny_teacher("llama")
     corpus_params = CorpusParams(
-        source="builtin", model=llama, chunk_tokens=37, max_chunks=24, block_chunks=1
+        source="builtin", model=llama, chunk_tokens=38, max_chunks=24, block_chunks=1
     )
     corpus_stage.run(corpus_params, root / "corpus")
     params = TrajectoriesParams(
@@ -417,6 +418,7 @@ def test_stage_writes_outputs_and_metrics_for_every_compressor(teacher_run, tmp_
         "heldout_chunks": heldout,
         "heldout_samples": 2 * heldout,
         "dense_tokens": 32,
+        "start_tokens": 1,
         "super_tokens": 4,
         "window_size": 8,
         "queries_per_sample": 16,
@@ -444,6 +446,9 @@ def test_stage_writes_outputs_and_metrics_for_every_compressor(teacher_run, tmp_
         assert_picture(paths[name])
     text = table.read_text()
     assert f"on {heldout} held-out chunks ({2 * heldout} samples" in text
+    kept = "the 1 start token before the windows (position 0, an attention sink) stays dense"
+    assert f"per sample; {kept} for every compressor." in text
+    assert "attend to the dense start token, the super-tokens plus the causal future" in text
     assert text == sidecar_table(results)
 
     model, config = load_sidecar(out)
@@ -458,7 +463,7 @@ def test_stage_refuses_a_corpus_the_trajectories_did_not_come_from(teacher_run, 
     folder, _ = teacher_run
     other = tmp_path / "corpus"
     corpus_stage.run(
-        CorpusParams(source="builtin", model=tiny_teacher("llama"), chunk_tokens=37,
+        CorpusParams(source="builtin", model=tiny_teacher("llama"), chunk_tokens=38,
                      max_chunks=24, seed=1),
         other,
     )  # fmt: skip
@@ -607,6 +612,7 @@ def test_the_lm_pass_compresses_the_stored_keys_and_values(teacher_run):
 
     folder, corpus = teacher_run
     data = TrajectorySet(folder, layer=2, eval_fraction=0.25)
+    assert data.start_tokens == 1  # the windows begin at position 1
     batch = next(data.batches("heldout", 64, 64, shuffle=False))  # every held-out sample
     tokens = CorpusChunks(corpus).tokens_of(batch.chunk_id.unique())
     seen = []
@@ -616,7 +622,7 @@ def test_the_lm_pass_compresses_the_stored_keys_and_values(teacher_run):
         return window_mean(keys, values)
 
     model, _ = load_causal_lm(tiny_teacher("llama"), None)
-    lm = heldout_lm_losses(model, tokens, 2, 32, 8, {"r": Compressor("r", record)}, 64)
+    lm = heldout_lm_losses(model, tokens, 2, 32, 8, {"r": Compressor("r", record)}, 64, 1)
     keys, values = seen[0]  # (chunks x KV heads, 4 windows, 8, d), chunk-major
     row = {
         (c, h): i

@@ -80,10 +80,10 @@ def rope(x: torch.Tensor, theta: float, grad: bool = False) -> torch.Tensor:
     return out / (cos**2 + sin**2) if grad else out
 
 
-def hf_loss(model, chunk: torch.Tensor, perturb=None):
-    """The whole chunk (T = N+Q+1) through the model; mean cross-entropy of the logits at
-    positions N..N+Q-1 against the tokens that follow them, in the model's dtype (HF's
-    own `labels` loss would upcast float64 logits to float32 only)."""
+def hf_loss(model, chunk: torch.Tensor, perturb=None, start: int = 0):
+    """The whole chunk (T = start+N+Q+1) through the model; mean cross-entropy of the logits
+    at positions start+N..start+N+Q-1 against the tokens that follow them, in the model's
+    dtype (HF's own `labels` loss would upcast float64 logits to float32 only)."""
     embeds = model.get_input_embeddings()(chunk[None]).detach().requires_grad_(True)
     handles = perturb(model) if perturb else []
     try:
@@ -91,10 +91,11 @@ def hf_loss(model, chunk: torch.Tensor, perturb=None):
     finally:
         for handle in handles:
             handle.remove()
-    return torch.nn.functional.cross_entropy(logits[N : N + Q], chunk[N + 1 :])
+    future = slice(start + N, start + N + Q)
+    return torch.nn.functional.cross_entropy(logits[future], chunk[start + N + 1 :])
 
 
-def reference(model, chunk: torch.Tensor, layer: int) -> dict[str, torch.Tensor]:
+def reference(model, chunk: torch.Tensor, layer: int, start: int = 0) -> dict[str, torch.Tensor]:
     """Pre-RoPE q/k/v projections, the block input, o_proj input and their LM-loss grads."""
     cfg = model.config
     block = model.model.layers[layer]
@@ -116,7 +117,7 @@ def reference(model, chunk: torch.Tensor, layer: int) -> dict[str, torch.Tensor]
             ),
         ]
 
-    loss = hf_loss(model, chunk, perturb)
+    loss = hf_loss(model, chunk, perturb, start)
     names = ["q", "k", "v", "h"]
     grads = torch.autograd.grad(loss, [seen[n] for n in names])  # each (1, T, width)
     grads = {name: grad[0] for name, grad in zip(names, grads, strict=True)}
@@ -143,8 +144,9 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm())
 
 
-def random_chunks(batch: int, seed: int = 0) -> torch.Tensor:
-    return torch.randint(2, 2000, (batch, CHUNK), generator=torch.Generator().manual_seed(seed))
+def random_chunks(batch: int, seed: int = 0, start: int = 0) -> torch.Tensor:
+    shape = (batch, start + CHUNK)
+    return torch.randint(2, 2000, shape, generator=torch.Generator().manual_seed(seed))
 
 
 # --- the library: forces and stored tensors against the independent reference (float64) ---
@@ -217,6 +219,34 @@ def test_one_force_component_matches_a_central_finite_difference(model64):
         assert math.isclose(float(force), float(numeric), rel_tol=1e-7), (force, numeric)
 
 
+@pytest.mark.parametrize("force_space", ["kv", "hidden"])
+def test_a_start_token_is_a_dense_prefix_before_the_stored_windows(model64, force_space):
+    """With start_tokens 1, position 0 is read by the model but lies outside the windows:
+    the windows are positions 1..N, the future 1+N..N+Q, and the loss is theirs."""
+    sizes = Sizes.of(model64.config, **GEOMETRY, start_tokens=1)
+    assert sizes.chunk_tokens == 1 + CHUNK
+    chunks = random_chunks(2, seed=7, start=1)
+    chunks[:, 0] = 0  # <|endoftext|>, as corpus.start_token: auto puts it
+    stored, losses = trajectory_batch(model64, chunks, (1,), sizes, force_space)
+    window, future = slice(1, 1 + N), slice(1 + N, 1 + N + Q)
+    for b in range(2):
+        ref = reference(model64, chunks[b], 1, start=1)
+        assert torch.allclose(losses[b], ref["loss"], rtol=1e-12)
+        expected = {"keys": ref["keys"][window], "queries": ref["queries"][future]}
+        if force_space == "kv":
+            expected |= {"force_values": ref["force_values"][window],
+                         "force_queries": ref["force_queries_kv"][future]}  # fmt: skip
+        else:
+            expected |= {"force_hidden": ref["force_hidden"][window]}
+        for name, value in expected.items():
+            got = stored[trajectory_key(1, name)][b]
+            assert got.shape == value.shape and rel_err(got, value) < 1e-10, name
+        # Must fail: the windows read from position 0, as without a prefix, are other tokens.
+        assert rel_err(stored["layer1.keys"][b], ref["keys"][:N]) > 0.1
+    with pytest.raises(ValueError, match=r"chunks must be \(B, 18\) = start_tokens \+"):
+        trajectory_batch(model64, chunks[:, 1:], (1,), sizes, force_space)
+
+
 def test_kv_queries_are_the_hidden_space_queries_rotated(model64):
     """Both spaces' dL/dQ: the same numbers up to RoPE, so equal norms per position."""
     sizes = Sizes.of(model64.config, **GEOMETRY)
@@ -240,9 +270,18 @@ def traj_params(**overrides) -> TrajectoriesParams:
 @pytest.fixture(scope="module")
 def corpus_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("corpus") / "corpus"
-    params = CorpusParams(
-        source="builtin", model=tiny_teacher("llama"), chunk_tokens=CHUNK, max_chunks=12
-    )
+    params = CorpusParams(source="builtin", model=tiny_teacher("llama"), chunk_tokens=CHUNK,
+                          max_chunks=12, start_token="none")  # fmt: skip
+    corpus.run(params, out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def start_corpus(tmp_path_factory) -> Path:
+    """Chunks led by <|endoftext|> (corpus.start_token: auto): 1 + CHUNK tokens."""
+    out = tmp_path_factory.mktemp("corpus") / "corpus"
+    params = CorpusParams(source="builtin", model=tiny_teacher("llama"), chunk_tokens=1 + CHUNK,
+                          max_chunks=3, start_token="auto")  # fmt: skip
     corpus.run(params, out)
     return out
 
@@ -333,6 +372,31 @@ def test_corpus_of_another_geometry_or_model_is_refused(corpus_dir, tmp_path):
         trajectories.run(traj_params(num_queries=5), corpus_dir, tmp_path / "out")
     with pytest.raises(ValueError, match="tokenized for '.*tiny-llama' but trajectories.model"):
         trajectories.run(traj_params(model="other/model"), corpus_dir, tmp_path / "out")
+
+
+def test_the_stage_reads_start_tokens_from_the_corpus_and_records_them(
+    start_corpus, corpus_dir, tmp_path, model32
+):
+    params = traj_params(layers=(2,), max_chunks=3)
+    trajectories.run(params, start_corpus, tmp_path / "start")
+    manifest, data = load_all(tmp_path / "start")
+    assert manifest.extra["start_tokens"] == 1 and "P = start_tokens" in manifest.extra["loss"]
+    chunk = CorpusChunks(start_corpus).read(0, 1)[0]
+    ref = reference(model32, chunk, 2, start=1)
+    assert rel_err(data["layer2.keys"][0], ref["keys"][1 : 1 + N]) < 1e-5
+    assert math.isclose(manifest.extra["lm_loss_mean"] * 3, sum(
+        float(reference(model32, c, 2, start=1)["loss"])
+        for c in CorpusChunks(start_corpus).read(0, 3)), rel_tol=1e-5)  # fmt: skip
+    trajectories.run(params, corpus_dir, tmp_path / "plain")
+    assert Manifest.load(tmp_path / "plain", kind=TRAJECTORIES).extra["start_tokens"] == 0
+    # A geometry that leaves no room for the prefix: the message names the rule.
+    with pytest.raises(ValueError) as error:
+        trajectories.run(traj_params(max_chunks=3, num_queries=5), start_corpus, tmp_path / "x")
+    assert str(error.value).endswith(
+        "holds chunks of 18 tokens but trajectories needs corpus start tokens + "
+        "trajectories.num_windows * window_size + num_queries + 1 = 1 + 2 * 6 + 5 + 1 = 19: "
+        "set corpus.chunk_tokens to match and re-run the corpus stage"
+    )
 
 
 def test_batch_size_does_not_change_the_values(corpus_dir, tmp_path, kv_run):
