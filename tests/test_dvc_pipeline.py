@@ -21,7 +21,7 @@ import yaml
 from pipeline.common.identity import folder_sha256
 from pipeline.common.live import read_metric
 from pipeline.common.shards import Manifest
-from pipeline.demo import PROFILE, ROOT, offline_env, prepare_workspace
+from pipeline.demo import ROOT, TEST_PROFILE, offline_env, prepare_workspace
 from tests.picture_checks import assert_picture
 from tests.tables import squeeze
 
@@ -35,7 +35,7 @@ RUNS = {
 
 
 # The runs with the auxiliary analogy loss: the profile's own (a stage of their own).
-AUX_RUNS = yaml.safe_load((ROOT / PROFILE).read_text())["distill"]["analogy_runs"]
+AUX_RUNS = yaml.safe_load((ROOT / TEST_PROFILE).read_text())["distill"]["analogy_runs"]
 AUX_STAGES = {f"distill_analogy@{n}" for n in AUX_RUNS}
 # The pages over every branch: they re-run whenever a branch's results change.
 PAGES = {"summary", "report"}
@@ -62,7 +62,7 @@ ALL_STAGES = (
 
 
 def small_profile(path: Path) -> Path:
-    params = yaml.safe_load((ROOT / PROFILE).read_text())
+    params = yaml.safe_load((ROOT / TEST_PROFILE).read_text())
     params["wordlist"]["num_concepts"] = 400
     params["directions"]["shard_rows"] = 128
     params["distill"]["train"]["epochs"] = 3

@@ -7,7 +7,7 @@ import re
 
 import yaml
 
-from pipeline.demo import PROFILE, ROOT
+from pipeline.demo import PROFILE, ROOT, TEST_PROFILE
 from pipeline.guided_lm.report import column
 
 SPEC = yaml.safe_load((ROOT / "dvc.yaml").read_text())
@@ -62,7 +62,7 @@ def test_each_dvclive_folder_has_its_metrics_file_for_exp_show():
 def test_the_distill_overlay_names_each_run_of_both_profiles():
     (title,) = [t for t in charted() if t.startswith("distill")]
     files = charted()[title]
-    for profile in (ROOT / "params.yaml", ROOT / PROFILE):
+    for profile in (ROOT / "params.yaml", ROOT / PROFILE, ROOT / TEST_PROFILE):
         distill = yaml.safe_load(profile.read_text())["distill"]
         runs = [*distill["runs"], *distill["analogy_runs"]]
         expected = [f"metrics/live/distill/{run}/plots/metrics/val_cos.tsv" for run in runs]
@@ -73,7 +73,7 @@ def test_the_guided_lm_curve_names_each_lambda_of_both_profiles():
     (title,) = [t for t in charted() if t.startswith("guided LM")]
     (entry,) = [e for e in SPEC["plots"] if title in e]
     (fields,) = entry[title]["y"].values()
-    for profile in (ROOT / "params.yaml", ROOT / PROFILE):
+    for profile in (ROOT / "params.yaml", ROOT / PROFILE, ROOT / TEST_PROFILE):
         lambdas = yaml.safe_load(profile.read_text())["guided_lm"]["lambdas"]
         assert sorted(fields) == sorted(column(lam) for lam in lambdas), profile
 

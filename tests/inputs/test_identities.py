@@ -15,16 +15,16 @@ import yaml
 from pipeline.common.identity import folder_sha256
 from pipeline.common.params import load_params
 from pipeline.common.shards import sha256_file
-from pipeline.demo import PROFILE, ROOT
+from pipeline.demo import ROOT, TEST_PROFILE
 from pipeline.inputs import identities
 from tests.tiny_teachers import tiny_teacher
 
-PROFILE_TASKS = yaml.safe_load((ROOT / PROFILE).read_text())["mcdata"]["tasks"]
+PROFILE_TASKS = yaml.safe_load((ROOT / TEST_PROFILE).read_text())["mcdata"]["tasks"]
 
 
 def write_params(tmp_path: Path, **sections) -> Path:
     """profiles/tiny.yaml on the tiny teachers, with `sections` updated key by key."""
-    raw = yaml.safe_load((ROOT / PROFILE).read_text())
+    raw = yaml.safe_load((ROOT / TEST_PROFILE).read_text())
     raw["directions"]["model"] = raw["steering"]["model"] = tiny_teacher("qwen3")
     for name in ("corpus", "trajectories", "activations"):
         raw[name]["model"] = tiny_teacher("llama")
