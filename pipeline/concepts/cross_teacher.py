@@ -42,7 +42,7 @@ from pipeline.common.intervals import t_interval
 from pipeline.common.io import write_json, write_text
 from pipeline.common.params import Sections, load_params
 from pipeline.common.splits import SPLITS
-from pipeline.common.tables import counted, markdown_table, spec, with_interval
+from pipeline.common.tables import counted, markdown_table, spec, too_few, with_interval
 from pipeline.concepts.baselines import baseline_predictions
 from pipeline.concepts.comparison import (
     BRANCH,
@@ -335,9 +335,11 @@ def summary(results: dict[str, Any], min_rows: int, warning: str | None) -> list
 
 
 def cross_table(results: dict[str, Any], split_by: str, min_rows: int) -> str:
-    """Title, one row per teacher (student vs its baseline, gain, verdict), then the maps."""
+    """Title, one row per teacher (student vs its baseline, gain, verdict), then the maps.
+    Over fewer than `min_rows` test concepts a score reads `n=10 < 30`, as in evaluate."""
     four = spec(".4f")
     test = results["counts"]["test"]
+    mark = too_few(test, min_rows)
     lines = [
         f"# Cross-teacher comparison: the same concepts (split by {split_by}), runs and "
         "baselines on two teachers",
@@ -364,21 +366,19 @@ def cross_table(results: dict[str, Any], split_by: str, min_rows: int) -> str:
             [
                 f"{role}: {_name(row)}{caveat}",
                 row["student_label"],
-                with_interval(row["test_cos"], _span(row), four),
+                mark or with_interval(row["test_cos"], _span(row), four),
                 row["baseline_label"],
-                four(row["baseline_test_cos"]),
-                spec("+.4f")(row["gain"]),
+                mark or four(row["baseline_test_cos"]),
+                mark or spec("+.4f")(row["gain"]),
                 verdict(row),
             ]
         )
     lines += markdown_table(header, body, align="llrlrrl")
-    lines += ["", *map_lines(results["maps"])]
-    if test < min_rows:
-        lines += ["", f"Only {test} test concepts (< evaluate.min_rows={min_rows})."]
+    lines += ["", *map_lines(results["maps"], mark)]
     return "\n".join(lines) + "\n"
 
 
-def map_lines(maps: dict[str, Any]) -> list[str]:
+def map_lines(maps: dict[str, Any], mark: str | None = None) -> list[str]:
     """The teacher-to-teacher ridge maps: test cos_sim [bootstrap 95%] each way."""
     four = spec(".4f")
     lines = [
@@ -390,7 +390,7 @@ def map_lines(maps: dict[str, Any]) -> list[str]:
     body = [
         [
             name.replace("_to_", " -> "),
-            with_interval(m["test_cos"], [m["test_cos_ci95_low"], m["test_cos_ci95_high"]], four),
+            mark or with_interval(m["test_cos"], _span(m), four),
             f"{m['ridge']:g}",
         ]
         for name, m in maps.items()

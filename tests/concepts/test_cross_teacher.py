@@ -217,3 +217,36 @@ def test_the_profiles_point_the_stage_at_a_second_teacher():
     assert tiny.model == "data/teachers/all-minilm-l6-v2" and tiny.pooling == "mean"
     real = load_params("params.yaml").cross_teacher
     assert real.model == "TinyLlama/TinyLlama-1.1B-Chat-v1.0" and real.pooling == "last"
+
+
+def table_results() -> dict:
+    facts = {"layer": 6, "pooling": "mean", "caveat": None}
+    main = {"model": "main-lm"} | facts | headline(metrics(), ("a", "b"), LABELS)
+    second = (
+        {"model": "second-lm"}
+        | facts
+        | headline(metrics(b_span=(0.58, 0.62), knn_test=0.40), ("a", "b"), LABELS)
+    )
+    span = {"test_cos": 0.5, "test_cos_ci95_low": 0.45, "test_cos_ci95_high": 0.55, "ridge": 0.1}
+    return {
+        "runs": ["a", "b"],
+        "teachers": {"main": main, "second": second},
+        "maps": {"second_to_main": span, "main_to_second": span},
+        "counts": {"test": 40},
+    }
+
+
+def test_the_table_gives_each_teacher_its_verdict_and_marks_too_few_rows():
+    lines = squeeze(cross_teacher.cross_table(table_results(), "text", 30)).splitlines()
+    assert lines[6] == (
+        "| main: main-lm, hidden_states[6], mean pooling | Linear Probe | 0.6000 [0.5000, 0.7000] "
+        f"| knn | 0.5500 | +0.0500 | {NOT_A_FINDING} |"
+    )
+    assert lines[7] == (
+        "| second: second-lm, hidden_states[6], mean pooling | Linear Probe "
+        "| 0.6000 [0.5800, 0.6200] | knn | 0.4000 | +0.2000 | above its baseline |"
+    )
+    assert "| second -> main | 0.5000 [0.4500, 0.5500] | 0.1 |" in lines
+    few = squeeze(cross_teacher.cross_table(table_results(), "text", 50))
+    assert "| Linear Probe | n=40 < 50 | knn | n=40 < 50 | n=40 < 50 |" in few
+    assert "| second -> main | n=40 < 50 | 0.1 |" in few
