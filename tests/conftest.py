@@ -148,11 +148,12 @@ def minilm_path() -> Path:
     """The model folder of the pinned all-MiniLM-L6-v2 wheel (profiles/tiny.yaml's
     teachers.packaged), as installed; skips where the wheel is not installed."""
     from pipeline.common.params import load_params
-    from pipeline.inputs.teachers import package_model_folder
+    from pipeline.inputs.packages import package_folder
 
     profile = Path(__file__).resolve().parents[1] / "profiles" / "tiny.yaml"
     packaged = load_params(profile).teachers.packaged["all-minilm-l6-v2"]
     try:
-        return package_model_folder(packaged, "teachers.packaged.all-minilm-l6-v2")
+        found = package_folder(packaged.package, "teachers.packaged.all-minilm-l6-v2", "")
+        return found / packaged.folder
     except FileNotFoundError as err:
         pytest.skip(f"the pinned MiniLM wheel is not installed (`make setup` installs it): {err}")

@@ -32,7 +32,9 @@ from typing import Any
 
 import huggingface_hub
 import torch
+from huggingface_hub import constants as hub_constants
 from huggingface_hub.errors import HfHubHTTPError
+from huggingface_hub.file_download import repo_folder_name
 
 from pipeline.common.devices import resolve_device
 from pipeline.common.shards import sha256_file
@@ -94,16 +96,22 @@ def folder_sha256(folder: Path) -> str:
     contributes `<relative path>\\0<its sha256>\\n` (files streamed in chunks, so a GB
     folder costs one read). Hidden entries (`.cache`, `.git`) are skipped: tools write
     there without changing the model."""
-    digest = hashlib.sha256()
-    files = sorted(
+    files = [
         path.relative_to(folder).as_posix()
         for path in folder.rglob("*")
         if path.is_file() and not any(p.startswith(".") for p in path.relative_to(folder).parts)
-    )
+    ]
     if not files:
         raise FileNotFoundError(f"model folder {folder} holds no file")
-    for name in files:
-        digest.update(f"{name}\0{sha256_file(folder / name)}\n".encode())
+    return files_digest(folder, files)
+
+
+def files_digest(root: Path, names: list[str]) -> str:
+    """sha256 over the files `names` (posix paths relative to `root`) in sorted order: each
+    contributes `<relative path>\\0<its sha256>\\n`."""
+    digest = hashlib.sha256()
+    for name in sorted(names):
+        digest.update(f"{name}\0{sha256_file(root / name)}\n".encode())
     return digest.hexdigest()
 
 
@@ -118,7 +126,7 @@ def hub_commit(model_id: str, revision: str, key: str) -> str:
         if cached is None:
             raise OSError(
                 f"{key}={model_id!r}: revision {revision!r} is not in the local Hugging Face "
-                f"cache ({huggingface_hub.constants.HF_HUB_CACHE}) and HF_HUB_OFFLINE is set: "
+                f"cache ({hub_constants.HF_HUB_CACHE}) and HF_HUB_OFFLINE is set: "
                 + way_out(model_id)
             )
         return cached
@@ -131,7 +139,7 @@ def hub_commit(model_id: str, revision: str, key: str) -> str:
     except Exception as err:  # the hub client's transport errors (DNS, connect, timeout)
         if cached is None:
             raise OSError(
-                f"{key}={model_id!r}: the hub ({huggingface_hub.constants.ENDPOINT}) is "
+                f"{key}={model_id!r}: the hub ({hub_constants.ENDPOINT}) is "
                 f"unreachable ({type(err).__name__}) and revision {revision!r} is not in the "
                 "local Hugging Face cache: " + way_out(model_id)
             ) from err
@@ -151,8 +159,10 @@ def way_out(model_id: str) -> str:
 
 def cached_commit(model_id: str, revision: str) -> str | None:
     """The commit the local Hugging Face cache's ref `revision` of `model_id` points at."""
-    folder = huggingface_hub.file_download.repo_folder_name(repo_id=model_id, repo_type="model")
-    ref = Path(huggingface_hub.constants.HF_HUB_CACHE) / folder / "refs" / revision
+    # Submodules imported by name: the package's lazy attributes do not include them, so
+    # `huggingface_hub.file_download` works only once some other import has loaded it.
+    folder = repo_folder_name(repo_id=model_id, repo_type="model")
+    ref = Path(hub_constants.HF_HUB_CACHE) / folder / "refs" / revision
     commit = ref.read_text().strip() if ref.is_file() else ""
     return commit if _COMMIT.fullmatch(commit) else None
 

@@ -157,6 +157,14 @@ def positive(key: str, value: int) -> None:
         raise ValueError(f"{key} must be > 0, got {value}")
 
 
+def thread_count(key: str, value: int | None) -> None:
+    """A `num_threads` knob: a positive count, or null (0 too) for torch's default."""
+    if value is not None and value < 0:
+        raise ValueError(
+            f"{key} must be a positive thread count or null (torch's default), got {value}"
+        )
+
+
 def layer_list(
     key: str,
     layers: tuple[int, ...],

@@ -10,6 +10,7 @@ plain line at most every PERIODIC_S seconds, with no carriage-return redraws.
 
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Iterable
 from typing import Any, TextIO
@@ -24,15 +25,20 @@ LOG_FORMAT = "{desc}: {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}{pos
 """A log line: counts, times and postfix (e.g. the loss), without the bar's drawing."""
 
 
+CURSOR_MOVES = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+"""ANSI cursor moves, which tqdm writes around a bar nested in another (`position`)."""
+
+
 class _Lines:
-    """A file for tqdm that writes each redraw (`\\r` + bar + padding) as its own line."""
+    """A file for tqdm that writes each redraw (`\\r` + bar + padding) as its own line;
+    cursor moves (nested bars) are dropped, so a log holds text only."""
 
     def __init__(self, stream: TextIO) -> None:
         self.stream = stream
         self.encoding = getattr(stream, "encoding", None) or "utf-8"
 
     def write(self, text: str) -> None:
-        line = text.replace("\r", "").strip()
+        line = CURSOR_MOVES.sub("", text).replace("\r", "").strip()
         if line:
             self.stream.write(line + "\n")
 

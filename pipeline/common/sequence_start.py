@@ -18,6 +18,7 @@ the `start_token` param names the token put before each sequence.
 
     ids = start_ids(tokenizer, "auto")    # [0] for SmolLM2: <|endoftext|>
     sep = end_of_text_id(tokenizer)       # what joins documents in a corpus
+    stream_start_ids(tokenizer, "auto")   # a corpus chunk's: [1] (<s>) for Llama 2, else as above
 """
 
 from __future__ import annotations
@@ -42,9 +43,9 @@ def adds_start_token(tokenizer: PreTrainedTokenizerBase) -> bool:
 
 def end_of_text_id(tokenizer: PreTrainedTokenizerBase) -> int:
     """The token that ends a document: END_OF_TEXT if the vocabulary has it, else eos."""
+    # The round trip tells a real entry from the unknown-token id a missing one maps to; an
+    # unk_token test would not: SmolLM2's GGUF tokenizer makes <|endoftext|> its unk_token.
     vocab_id = tokenizer.convert_tokens_to_ids(END_OF_TEXT)
-    # The round trip, not `!= unk_token_id`: SmolLM2's unk token IS <|endoftext|> (id 0),
-    # and a missing token maps to unk, whose own text differs.
     if isinstance(vocab_id, int) and vocab_id >= 0:
         if tokenizer.convert_ids_to_tokens(vocab_id) == END_OF_TEXT:
             return vocab_id
@@ -71,6 +72,17 @@ def start_ids(
             f"token (or {AUTO!r}, {NONE!r})"
         )
     return ids
+
+
+def stream_start_ids(
+    tokenizer: PreTrainedTokenizerBase, start_token: str, key: str = "start_token"
+) -> list[int]:
+    """The ids to put before a sequence cut from a stream encoded without special tokens
+    (a corpus chunk): as `start_ids`, except that `auto` gives the tokenizer's own start
+    token (Llama's `<s>`) where it adds one, since nothing else would put it there."""
+    if start_token == AUTO and adds_start_token(tokenizer):
+        return tokenizer("a", add_special_tokens=True).input_ids[:1]
+    return start_ids(tokenizer, start_token, key)
 
 
 def describe_start(tokenizer: PreTrainedTokenizerBase, ids: list[int]) -> str:

@@ -14,6 +14,7 @@ final norm to drop.
     teacher = load_teacher("Qwen/Qwen3-0.6B", "main", layers=(14,), dtype="bfloat16")
     acts = teacher.hidden_at(input_ids, attention_mask)  # {14: (B, T, D)}
     teacher_caveat("data/teachers/tiny-qwen3")  # "random-weight teacher: ..." (else "")
+    teacher_quantization("data/teachers/smollm2-135m-instruct")  # "Q4_1" (else "")
 """
 
 from __future__ import annotations
@@ -56,7 +57,9 @@ RANDOM_WEIGHTS_CAVEAT = "random-weight teacher: these numbers test the code, not
 def teacher_caveat(model: str | PreTrainedConfig) -> str:
     """What a report's table title must say about its teacher: RANDOM_WEIGHTS_CAVEAT for
     a random-weight teacher (a folder built by `pipeline/inputs/tiny_models.py`, whose
-    config.json holds RANDOM_WEIGHTS_KEY: true), "" for a pretrained one.
+    config.json holds RANDOM_WEIGHTS_KEY: true); for a teacher converted from a quantized
+    GGUF (`teacher_quantization`), e.g. "Q4_1 weights dequantized to float32", since its
+    numbers are those of the quantized model; "" for a pretrained one as published.
 
     `model` is a `model` param (a local folder, whose config.json alone is read, or a hub
     id, which is never looked up: hub models are taken as pretrained) or a loaded config
@@ -70,12 +73,30 @@ def teacher_caveat(model: str | PreTrainedConfig) -> str:
     (as `directions` does), so the report does not read model folders it does not list
     as deps.
     """
+    if _config_value(model, RANDOM_WEIGHTS_KEY) is True:
+        return RANDOM_WEIGHTS_CAVEAT
+    quantization = teacher_quantization(model)
+    return f"{quantization} weights dequantized to float32" if quantization else ""
+
+
+QUANTIZATION_KEY = "activation_distillation_quantization"
+"""Key that stage `teachers` sets in the config.json of a teacher it converted from a GGUF:
+the source quantization (llama.cpp's name, e.g. "Q4_1") of weights stored dequantized."""
+
+
+def teacher_quantization(model: str | PreTrainedConfig) -> str:
+    """The quantization a teacher's weights went through before they were dequantized
+    (QUANTIZATION_KEY, e.g. "Q4_1"), "" for one never quantized; `model` as for
+    `teacher_caveat`. A report names it beside the teacher: "SmolLM2 (Q4_1 dequantized)"."""
+    return str(_config_value(model, QUANTIZATION_KEY) or "")
+
+
+def _config_value(model: str | PreTrainedConfig, key: str):
+    """`key` of a loaded config, or of a local folder's config.json (None for a hub id)."""
     if isinstance(model, PreTrainedConfig):
-        marked = getattr(model, RANDOM_WEIGHTS_KEY, False)
-    else:
-        config = Path(model) / "config.json"
-        marked = config.is_file() and json.loads(config.read_text()).get(RANDOM_WEIGHTS_KEY)
-    return RANDOM_WEIGHTS_CAVEAT if marked is True else ""
+        return getattr(model, key, None)
+    config = Path(model) / "config.json"
+    return json.loads(config.read_text()).get(key) if config.is_file() else None
 
 
 class TeacherLoadError(RuntimeError):

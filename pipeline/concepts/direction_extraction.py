@@ -26,6 +26,7 @@ from pathlib import Path
 import pyarrow as pa
 import torch
 
+from pipeline.common.devices import set_threads
 from pipeline.common.extraction import (
     CompletedShards,
     ManifestAdditions,
@@ -51,7 +52,7 @@ from pipeline.inputs.words import read_concepts
 
 log = logging.getLogger(__name__)
 
-RESULT_NEUTRAL = ("batch_size", "device", "padding_side")
+RESULT_NEUTRAL = ("batch_size", "device", "padding_side", "num_threads")
 """The DirectionsParams fields that do not change the stored vectors (not fingerprinted)."""
 
 
@@ -69,6 +70,7 @@ def extract(
     section = extraction.name
     layers_key = layers_key or f"{section}.layers"
     started = time.perf_counter()
+    set_threads(params.num_threads)
     concepts = read_concepts(wordlist)
     if concepts.num_rows == 0:
         raise ValueError(f"{wordlist} holds no concepts: nothing to extract")

@@ -28,6 +28,7 @@ import torch
 import typer
 
 from pipeline.common.checkpoints import CONFIG, save_checkpoint
+from pipeline.common.devices import set_threads
 from pipeline.common.io import write_json
 from pipeline.common.live import log_row, open_live
 from pipeline.common.params import Sections, load_params, to_dict
@@ -65,6 +66,7 @@ def run(
     train analogies of the analogy set `analogies` for its auxiliary loss."""
     spec = run_spec(params, run_name)
     train = params.distill.train
+    set_threads(train.num_threads)
     dataset = DirectionSet(Path(directions), train.layer)
     analogy_loss = None
     if spec.analogy_weight > 0:

@@ -46,6 +46,7 @@ import typer
 from torch import Tensor
 
 from pipeline.common.checkpoints import CONFIG, read_config
+from pipeline.common.devices import set_threads
 from pipeline.common.intervals import half_width, t_interval
 from pipeline.common.io import write_json, write_text
 from pipeline.common.live import read_metric
@@ -94,6 +95,7 @@ def run(
     """Evaluate all runs and baselines; write metrics JSON, table and plot; return the
     metrics. With `analogies` (the analogy set), every row's predicted space and the
     teacher's direction space also answer the val and test analogies."""
+    set_threads(params.evaluate.num_threads)
     folders = _run_folders(distill, list(params.distill.all_runs))
     data = DirectionSet(directions, params.distill.train.layer)
     splits = {split: data.load_split(split) for split in SPLITS}

@@ -38,6 +38,7 @@ import typer
 from torch import Tensor
 
 from pipeline.common.bootstrap import paired_interval
+from pipeline.common.devices import set_threads
 from pipeline.common.io import write_json, write_text
 from pipeline.common.params import Sections, load_params
 from pipeline.common.tables import MISSING, counted, markdown_table, spec, with_interval
@@ -105,6 +106,7 @@ def _estimate(values: Tensor, inverse: InverseParams) -> dict[str, Any]:
 def run(params: Sections, directions: Path, metrics: Path, table: Path) -> dict[str, Any]:
     """Fit both maps on train, score them on test; write metrics and table."""
     inverse = params.inverse
+    set_threads(inverse.num_threads)
     layer = inverse.inverted_layer(params.distill)
     data = DirectionSet(Path(directions), layer)
     splits = {split: data.load_split(split) for split in ("train", "test")}

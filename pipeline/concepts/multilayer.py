@@ -29,6 +29,7 @@ import torch
 import typer
 from torch import Tensor, nn
 
+from pipeline.common.devices import set_threads
 from pipeline.common.intervals import t_interval
 from pipeline.common.io import write_json, write_text
 from pipeline.common.params import Sections, load_params
@@ -100,6 +101,7 @@ def build_multi_head(data: DirectionSet, hidden_dim: int, heads: int) -> FrozenE
 
 def run(params: Sections, directions: Path, metrics: Path, table: Path) -> dict[str, Any]:
     """Train both students once per seed of distill.train.seeds; write metrics and table."""
+    set_threads(params.multilayer.num_threads)
     layers = params.multilayer.heads(params.directions)
     if len(layers) < 2:
         raise ValueError(

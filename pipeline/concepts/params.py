@@ -7,7 +7,14 @@ import string
 from dataclasses import dataclass, field, replace
 from typing import ClassVar, Literal
 
-from pipeline.common.params import ComputeDType, DType, Sections, layer_list, positive
+from pipeline.common.params import (
+    ComputeDType,
+    DType,
+    Sections,
+    layer_list,
+    positive,
+    thread_count,
+)
 
 Approach = Literal["trainable", "frozen_mlp", "linear_probe", "char_cnn", "distilled"]
 SLOT = "concept"
@@ -42,11 +49,15 @@ class DirectionsParams:
     batch_size: int = 64
     device: str = "auto"
     padding_side: Literal["left", "right"] = "right"
+    num_threads: int | None = None
+    """torch's CPU threads (`pipeline.common.devices.set_threads`); null: torch's default.
+    Not a DVC dep."""
 
     READS: ClassVar = ("wordlist",)
 
     def __post_init__(self) -> None:
         layer_list("directions.layers", self.layers)
+        thread_count("directions.num_threads", self.num_threads)
         if not self.templates:
             raise ValueError("directions.templates is empty: give at least one template")
         for template in self.templates:
@@ -97,8 +108,12 @@ class TrainParams:
     buffer_rows: int = 65_536
     """Shuffle buffer: at most this many target rows are held in memory at once."""
     device: str = "cpu"
+    num_threads: int | None = None
+    """torch's CPU threads (`pipeline.common.devices.set_threads`); null: torch's default.
+    Not a DVC dep."""
 
     def __post_init__(self) -> None:
+        thread_count("distill.train.num_threads", self.num_threads)
         positive("distill.train.epochs", self.epochs)
         positive("distill.train.batch_size", self.batch_size)
         positive("distill.train.buffer_rows", self.buffer_rows)
@@ -214,8 +229,12 @@ class EvaluateParams:
     """The fewest concepts (or analogies) a table's metric may rest on: below it the cell
     reads `n=10 < 30` instead of a number (the JSON keeps the value), here and in the
     summary."""
+    num_threads: int | None = None
+    """torch's CPU threads (`pipeline.common.devices.set_threads`); null: torch's default.
+    Not a DVC dep."""
 
     def __post_init__(self) -> None:
+        thread_count("evaluate.num_threads", self.num_threads)
         positive("evaluate.knn_k", self.knn_k)
         positive("evaluate.min_rows", self.min_rows)
         for k in self.retrieval_k:
@@ -277,10 +296,14 @@ class MultilayerParams:
     layers: tuple[int, ...] | None = None
     """The layers the heads predict, at least two, each among directions.layers; null:
     every cached layer."""
+    num_threads: int | None = None
+    """torch's CPU threads (`pipeline.common.devices.set_threads`); null: torch's default.
+    Not a DVC dep."""
 
     READS: ClassVar = ("directions",)
 
     def __post_init__(self) -> None:
+        thread_count("multilayer.num_threads", self.num_threads)
         positive("multilayer.hidden_dim", self.hidden_dim)
         if self.layers is not None:
             layer_list("multilayer.layers", self.layers)
@@ -316,10 +339,14 @@ class InverseParams:
     """Resamples of the test concepts for every 95% interval."""
     seed: int = 0
     """Seed of the bootstrap resampling."""
+    num_threads: int | None = None
+    """torch's CPU threads (`pipeline.common.devices.set_threads`); null: torch's default.
+    Not a DVC dep."""
 
     READS: ClassVar = ("directions", "distill")
 
     def __post_init__(self) -> None:
+        thread_count("inverse.num_threads", self.num_threads)
         if self.ridge < 0:
             raise ValueError(f"inverse.ridge must be >= 0, got {self.ridge}")
         positive("inverse.bootstrap_samples", self.bootstrap_samples)
@@ -364,6 +391,9 @@ class CrossTeacherParams:
     # Knobs below do not change the result, so dvc.yaml does not list them as deps.
     batch_size: int = 64
     device: str = "auto"
+    num_threads: int | None = None
+    """torch's CPU threads for the extraction and the training
+    (`pipeline.common.devices.set_threads`); null: torch's default. Not a DVC dep."""
 
     READS: ClassVar = ("directions", "distill")
 
@@ -382,6 +412,7 @@ class CrossTeacherParams:
         if not self.start_token:
             raise ValueError("cross_teacher.start_token is empty: give auto, none or a token")
         positive("cross_teacher.batch_size", self.batch_size)
+        thread_count("cross_teacher.num_threads", self.num_threads)
 
     def directions_params(self, directions: DirectionsParams) -> DirectionsParams:
         """The `directions` params that extract this teacher: its own model, layer, pooling,
@@ -397,6 +428,7 @@ class CrossTeacherParams:
             compute_dtype=self.compute_dtype,
             batch_size=self.batch_size,
             device=self.device,
+            num_threads=self.num_threads,
         )
 
     def check(self, params: Sections) -> None:

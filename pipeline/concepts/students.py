@@ -20,10 +20,10 @@ carries them instead of the teacher's table.
 
 Every token table holds only the rows of the tokens the directions set's concepts use
 (all splits: its sorted `embedding_token_ids`), looked up by binary search
-(`table_index`): the frozen rows and the distilled table by construction, and the
-trainable embedding, whose remap (`token_ids`) is saved with its weights, so that its
-size and its AdamW step scale with the tokens used, not the vocabulary. The character
-student's byte table has all 256 rows.
+(`pipeline.common.token_table`): the frozen rows and the distilled table by
+construction, and the trainable embedding, whose remap (`token_ids`) is saved with its
+weights, so that its size and its AdamW step scale with the tokens used, not the
+vocabulary. The character student's byte table has all 256 rows.
 
     model = build_model(RunParams("frozen_mlp", hidden_dim=256), V, D, ids, rows)
     pred = forward_concepts(model, directions, concept_ids)  # (B, D)
@@ -39,6 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from pipeline.common.checkpoints import CONFIG, WEIGHTS, load_weights, read_config
+from pipeline.common.token_table import check_sorted_ids, table_index
 from pipeline.concepts.layout import DirectionSet
 from pipeline.concepts.params import RunParams
 
@@ -97,26 +98,13 @@ def check_table_ids(token_ids: Tensor, rows: Tensor) -> None:
     check_sorted_ids(token_ids)
 
 
-def check_sorted_ids(token_ids: Tensor) -> None:
-    if token_ids.dim() != 1:
-        raise ValueError(f"embedding token_ids must be (V,), got {tuple(token_ids.shape)}")
-    if token_ids.numel() > 1 and not bool((token_ids[1:] > token_ids[:-1]).all()):
-        raise ValueError("embedding token_ids must be sorted and unique for searchsorted")
-
-
-def table_index(token_ids: Tensor, tokens: Tensor, mask: Tensor) -> Tensor:
-    """Row of each token id (B, T) in a table of the sorted `token_ids` (V,), by binary
-    search; padded positions may hold any id. A real token absent from it is an error."""
-    index = torch.searchsorted(token_ids, tokens).clamp(max=token_ids.numel() - 1)
-    missing = mask & (token_ids[index] != tokens)  # (B, T)
-    if bool(missing.any()):
-        absent = torch.unique(tokens[missing])[:10].tolist()
-        raise ValueError(
-            f"token ids {absent} are not in the student's embedding table "
-            f"({token_ids.numel()} rows, the tokens the directions' concepts use): was "
-            "the directions folder built for this vocabulary and these concepts?"
-        )
-    return index
+def student_index(token_ids: Tensor, tokens: Tensor, mask: Tensor) -> Tensor:
+    """`table_index` into a student's table, whose error names the directions folder."""
+    table = (
+        f"the student's embedding table ({token_ids.numel()} rows, the tokens the directions' "
+        "concepts use): was the directions folder built for this vocabulary and these concepts?"
+    )
+    return table_index(token_ids, tokens, mask, table)
 
 
 INIT_CHUNK_ROWS = 4096
@@ -173,7 +161,7 @@ class TrainableEmbeddingMLP(nn.Module):
         self.head = mlp(embed_dim, hidden_dim, output_dim)
 
     def forward(self, tokens: Tensor, mask: Tensor) -> Tensor:
-        rows = self.embedding(table_index(self.token_ids, tokens, mask))  # (B, T, e)
+        rows = self.embedding(student_index(self.token_ids, tokens, mask))  # (B, T, e)
         return self.head(mean_pool(rows, mask))  # (B, D)
 
 
@@ -196,7 +184,7 @@ class FrozenEmbeddingModel(nn.Module):
 
     def lookup(self, tokens: Tensor, mask: Tensor) -> Tensor:
         """Teacher rows (B, T, E) for token ids (B, T); padded positions may hold any id."""
-        return self.rows[table_index(self.token_ids, tokens, mask)]
+        return self.rows[student_index(self.token_ids, tokens, mask)]
 
     def forward(self, tokens: Tensor, mask: Tensor) -> Tensor:
         return self.head(mean_pool(self.lookup(tokens, mask), mask))  # (B, D)
@@ -234,7 +222,7 @@ class DistilledEmbeddingModel(nn.Module):
         return self.table @ self.projection  # (V, E)
 
     def forward(self, tokens: Tensor, mask: Tensor) -> Tensor:
-        small = self.table[table_index(self.token_ids, tokens, mask)]  # (B, T, e)
+        small = self.table[student_index(self.token_ids, tokens, mask)]  # (B, T, e)
         # The projection is linear, so it commutes with the mean: project once per concept.
         return self.head(mean_pool(small, mask) @ self.projection)  # (B, D)
 

@@ -3,9 +3,19 @@ concept words found in the token ids with the teacher's direction for each.
 
     split = split_chunks(corpus, eval_fraction=0.1)          # train / held-out rows by block
     split.train_prefix(0.25)                                 # chunks of the first 25% train blocks
-    finder = WordFinder(tokenizer, {"cat": 0, "dog": 1})      # concept text -> concept id
+    split.vocabulary                                         # (U,) tokenizer ids the chunks use
+    finder = WordFinder(tokenizer, {"cat": 0}, split.vocabulary)  # concept text -> concept id
     finder.find([ids...])                                    # [(last-token position, concept id)]
-    occ = find_occurrences(tokens, finder)                   # Occurrences over all chunks
+    occ = find_occurrences(split.tokens, finder)             # Occurrences over all chunks
+
+The LM holds only the vocabulary its corpus uses: `split_chunks` maps every tokenizer id
+to its row in the sorted ids that occur in any chunk, train or held out (`vocabulary`,
+looked up by `pipeline.common.token_table` as the concept students' tables are), so the
+LM's embedding, head and softmax have U rows, not the tokenizer's 49K or 150K. Every
+input and every target is one of those U ids by construction, so the loss is over the
+same targets as with the full vocabulary; its softmax lacks only ids that no chunk holds
+(a full-vocabulary LM would learn to give them almost nothing), and it is the same U for
+every cell of the grid.
 
 A word is a maximal run of letters and digits in the text the tokens decode to (each
 token's surface string, its leading space kept), lowercased; a concept occurs where a
@@ -18,6 +28,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +37,7 @@ from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
 from pipeline.common.splits import SPLITS, is_heldout
+from pipeline.common.token_table import table_index
 from pipeline.concepts.layout import DirectionSet
 from pipeline.inputs.text_chunks import CorpusChunks
 
@@ -36,13 +48,16 @@ ANCHOR = "a"
 text (SentencePiece) still show it: surface(t) = decode([a, t]) minus decode([a])."""
 
 
-def token_surfaces(tokenizer: PreTrainedTokenizerBase) -> list[str]:
-    """The text each token id adds when it follows other text, for the whole vocabulary."""
+def token_surfaces(
+    tokenizer: PreTrainedTokenizerBase, token_ids: Sequence[int] | None = None
+) -> list[str]:
+    """The text each of `token_ids` (default: the whole vocabulary) adds when it follows
+    other text."""
     anchor = tokenizer.encode(ANCHOR, add_special_tokens=False)
     prefix = tokenizer.decode(anchor)
     special = set(tokenizer.all_special_ids)
     surfaces = []
-    for token in range(len(tokenizer)):
+    for token in range(len(tokenizer)) if token_ids is None else token_ids:
         if token in special:
             surfaces.append(" ")
             continue
@@ -52,10 +67,17 @@ def token_surfaces(tokenizer: PreTrainedTokenizerBase) -> list[str]:
 
 
 class WordFinder:
-    """Concept words in token ids: (position of the word's last token, concept id)."""
+    """Concept words in token ids: (position of the word's last token, concept id). With
+    `vocabulary` (sorted tokenizer ids), `find` reads compact ids: row i of `vocabulary`."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, concepts: dict[str, int]):
-        self.surfaces = token_surfaces(tokenizer)
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        concepts: dict[str, int],
+        vocabulary: Tensor | None = None,
+    ):
+        held = None if vocabulary is None else vocabulary.tolist()
+        self.surfaces = token_surfaces(tokenizer, held)
         self.concepts = {text.lower(): cid for text, cid in concepts.items()}
         self.cut = 0
         """Words skipped so far because they touch a chunk's end (maybe cut by the seam)."""
@@ -115,7 +137,8 @@ def find_occurrences(tokens: Tensor, finder: WordFinder) -> Occurrences:
 
 @dataclass(frozen=True)
 class ChunkSplit:
-    tokens: Tensor  # (R, T) int64 every chunk
+    tokens: Tensor  # (R, T) int64 every chunk, in compact ids: rows of `vocabulary`
+    vocabulary: Tensor  # (U,) int64 sorted tokenizer ids that occur in any chunk
     train_rows: Tensor  # (R_train,) int64 in block order
     heldout_rows: Tensor  # (R_heldout,) int64
     train_blocks: Tensor  # (R_train,) int64 block of each train row
@@ -129,8 +152,15 @@ class ChunkSplit:
         return self.train_rows[torch.isin(self.train_blocks, blocks[:count])]
 
 
+def held_vocabulary(tokens: Tensor) -> tuple[Tensor, Tensor]:
+    """The sorted ids that occur in `tokens` (U,), and `tokens` as rows of them (same shape)."""
+    vocabulary = torch.unique(tokens)
+    every = torch.ones_like(tokens, dtype=torch.bool)
+    return vocabulary, table_index(vocabulary, tokens, every, "the ids the chunks use")
+
+
 def split_chunks(corpus: CorpusChunks, eval_fraction: float) -> ChunkSplit:
-    """All chunks in memory (R, T), split into train and held-out by block."""
+    """All chunks in memory (R, T) in compact ids, split into train and held-out by block."""
     tokens = corpus.read(0, len(corpus))
     chunk_ids = corpus.chunk_ids(0, len(corpus))
     order = torch.argsort(chunk_ids)
@@ -143,7 +173,10 @@ def split_chunks(corpus: CorpusChunks, eval_fraction: float) -> ChunkSplit:
             f"{int(held.sum())} of {held.numel()} chunks; change it or store more chunks"
         )
     blocks = torch.div(chunk_ids, corpus.block_chunks, rounding_mode="floor")
-    return ChunkSplit(tokens, rows[~held], rows[held], blocks[~held], corpus.chunk_tokens)
+    vocabulary, compact = held_vocabulary(tokens)
+    return ChunkSplit(
+        compact, vocabulary, rows[~held], rows[held], blocks[~held], corpus.chunk_tokens
+    )
 
 
 @dataclass(frozen=True)

@@ -28,10 +28,12 @@ from typing import Annotated, Any
 import torch
 import typer
 
+from pipeline.common.devices import set_threads
 from pipeline.common.io import write_json, write_text
 from pipeline.common.params import Sections, load_params
+from pipeline.common.progress import progress
 from pipeline.common.shards import Manifest
-from pipeline.common.tables import rounded
+from pipeline.common.tables import fmt, rounded
 from pipeline.guided_lm.data import (
     ChunkSplit,
     ConceptTargets,
@@ -105,14 +107,14 @@ def run(
 ) -> dict[str, Any]:
     """Train the grid, score it on the held-out blocks; write the outputs; return metrics."""
     gp = params.guided_lm
-    torch.set_num_threads(gp.threads)
+    set_threads(gp.threads)
     chunks = CorpusChunks(Path(corpus))
     extra = chunks.manifest.extra
     tokenizer = load_tokenizer(extra["model"], extra.get("revision"))
     split = split_chunks(chunks, gp.eval_fraction)
     layer = params.distill.train.layer
     targets = concept_targets(Path(directions), layer)
-    finder = WordFinder(tokenizer, targets.texts)
+    finder = WordFinder(tokenizer, targets.texts, split.vocabulary)
     occurrences = find_occurrences(split.tokens, finder)
     supervising = _in_rows(targets.of_split(occurrences, "train"), split.train_rows)
     if len(supervising) == 0:
@@ -125,43 +127,49 @@ def run(
         for name in ("train", "test")
     }
     heldout_tokens = split.tokens[split.heldout_rows]
-    vocab = len(tokenizer)
+    vocab = split.vocabulary.numel()
+    grid = [(f, seed, lam) for f in gp.sizes for seed in gp.seeds for lam in sorted(gp.lambdas)]
+    log.info(
+        "guided_lm: %d cells of %d steps; the LM holds the %d token ids the corpus uses "
+        "(of %d in the tokenizer)",
+        len(grid),
+        gp.steps,
+        vocab,
+        len(tokenizer),
+    )
     cells = []
-    for fraction in gp.sizes:
+    for fraction, seed, lam in progress(grid, desc="guided_lm cells", unit="cell"):
         rows = split.train_prefix(fraction)
         fit_on = _in_rows(supervising, rows).select(slice(0, PROBE_OCCURRENCES))
-        for seed in gp.seeds:
-            for lam in sorted(gp.lambdas):
-                lm = build_lm(gp, vocab, seed)
-                aux = None
-                if lam > 0:
-                    aux_map = build_aux_map(gp.d_model, targets.directions.shape[1], seed)
-                    aux = Aux(aux_map, supervising, targets.directions, gp.layer, lam)
-                result = train_lm(
-                    lm,
-                    rows,
-                    split.tokens,
-                    gp.steps,
-                    gp.batch_size,
-                    gp.lr,
-                    gp.weight_decay,
-                    seed,
-                    aux,
-                )
-                cell = {
-                    "fraction": fraction,
-                    "train_tokens": rows.numel() * split.chunk_tokens,
-                    "lambda": lam,
-                    "seed": seed,
-                    "heldout_loss": heldout_loss(lm, heldout_tokens, gp.eval_batch_size),
-                    "final_train_loss": result.lm_losses[-1],
-                    "supervised_occurrences": result.supervised,
-                    **_scores(
-                        lm, aux, split, targets, fit_on, heldout, gp.layer, gp.eval_batch_size
-                    ),
-                }
-                log.debug("guided_lm cell %s", cell)
-                cells.append(cell)
+        lm = build_lm(gp, vocab, seed)
+        aux = None
+        if lam > 0:
+            aux_map = build_aux_map(gp.d_model, targets.directions.shape[1], seed)
+            aux = Aux(aux_map, supervising, targets.directions, gp.layer, lam)
+        result = train_lm(
+            lm,
+            rows,
+            split.tokens,
+            gp.steps,
+            gp.batch_size,
+            gp.lr,
+            gp.weight_decay,
+            seed,
+            aux,
+            desc=f"guided_lm lambda={fmt(lam)} fraction={fmt(fraction)} seed={seed}",
+        )
+        cell = {
+            "fraction": fraction,
+            "train_tokens": rows.numel() * split.chunk_tokens,
+            "lambda": lam,
+            "seed": seed,
+            "heldout_loss": heldout_loss(lm, heldout_tokens, gp.eval_batch_size),
+            "final_train_loss": result.lm_losses[-1],
+            "supervised_occurrences": result.supervised,
+            **_scores(lm, aux, split, targets, fit_on, heldout, gp.layer, gp.eval_batch_size),
+        }
+        log.debug("guided_lm cell %s", cell)
+        cells.append(cell)
     directions_extra = Manifest.load(Path(directions)).extra
     caveats = [directions_extra.get("teacher_caveat") or ""]
     if extra.get("source") == "builtin":
@@ -174,6 +182,8 @@ def run(
         "rows": aggregate(cells),
         "counts": {
             "parameters": count_parameters(build_lm(gp, vocab, 0)),
+            "vocabulary": vocab,
+            "tokenizer_vocabulary": len(tokenizer),
             "steps": gp.steps,
             "batch_size": gp.batch_size,
             "seeds": len(gp.seeds),

@@ -107,7 +107,9 @@ def guided_table(metrics: dict[str, Any], min_rows: int) -> str:
         title(metrics),
         "",
         f"Answers {QUESTION}. A {counts['parameters']:,}-parameter LlamaForCausalLM "
-        f"(random init) per cell trains {counts['steps']} steps of {counts['batch_size']} chunks "
+        f"(random init; its vocabulary the {counts['vocabulary']:,} token ids the chunks use, "
+        f"of the tokenizer's {counts['tokenizer_vocabulary']:,}) per cell trains "
+        f"{counts['steps']} steps of {counts['batch_size']} chunks "
         f"on a prefix of the train blocks (a smaller corpus is seen more often); the loss is "
         f"nats/token on the {counts['heldout_chunks']} held-out chunks "
         f"({counts['heldout_tokens']:,} tokens), the same for every cell; mean over "

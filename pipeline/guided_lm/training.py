@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pipeline.common.progress import progress
 from pipeline.guided_lm.data import Occurrences
 from pipeline.guided_lm.model import cosine_loss
 
@@ -78,9 +79,11 @@ def train_lm(
     weight_decay: float,
     seed: int,
     aux: Aux | None = None,
+    desc: str = "guided_lm",
 ) -> TrainResult:
     """AdamW on the LM (and the aux map, in a separate optimizer, so it cannot touch the
-    LM's update), one batch of `rows` of `tokens` (R, T) per step."""
+    LM's update), one batch of `rows` of `tokens` (R, T) per step; a progress bar named
+    `desc` over the steps."""
     lm.train()
     optimizer = torch.optim.AdamW(lm.parameters(), lr=lr, weight_decay=weight_decay)
     aux_optimizer = (
@@ -89,7 +92,10 @@ def train_lm(
         else None
     )
     result = TrainResult([], [], 0)
-    for batch_rows in batch_order(rows, steps, batch_size, seed):
+    bar = progress(
+        batch_order(rows, steps, batch_size, seed), total=steps, desc=desc, unit="step", leave=False
+    )
+    for batch_rows in bar:
         batch = tokens[batch_rows]  # (B, T)
         out = lm(input_ids=batch, output_hidden_states=aux is not None)
         loss = lm_loss(out.logits, batch)
@@ -111,6 +117,7 @@ def train_lm(
         optimizer.step()
         if aux_optimizer is not None:
             aux_optimizer.step()
+        bar.set_postfix(lm_loss=f"{result.lm_losses[-1]:.3f}", refresh=False)
     lm.eval()
     return result
 
@@ -136,7 +143,9 @@ def hidden_at(
     for start in range(0, rows.numel(), batch_size):
         batch_rows = rows[start : start + batch_size]
         index, found = occurrences.in_rows(batch_rows)
-        hidden = lm(input_ids=tokens[batch_rows], output_hidden_states=True).hidden_states[layer]
+        # The base model: hidden states without the LM head over every position.
+        out = lm.base_model(input_ids=tokens[batch_rows], output_hidden_states=True)
+        hidden = out.hidden_states[layer]
         parts.append(gather_hidden(hidden, index, found))
     return torch.cat(parts) if parts else torch.zeros(0, lm.config.hidden_size)
 

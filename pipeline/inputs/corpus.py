@@ -1,14 +1,18 @@
 """Stage `corpus`: documents tokenized into fixed-length chunks for the token-level branches.
 
-Reads the `corpus` section of params.yaml and its source (builtin text, a Hugging
-Face dataset, or local files; `pipeline/inputs/text_chunks.py`). Writes `<out>/shard-*.safetensors`
-(chunk_id int64 (R,), token_ids int64 (R, chunk_tokens), first_document, last_document;
-layout: `pipeline/inputs/text_chunks.py`) and `manifest.json` whose `extra` holds model,
-its identity (the resolved revision, or a local folder's model_sha256), chunk_tokens,
-num_chunks, block_chunks, num_blocks, source, the files read (`source: files`) and the
-document/token counts (tokens skipped at block seams included); the same counts go to
-`--metrics` (JSON). Everything is written into a temporary folder renamed to `<out>`
-when complete, so a killed run leaves no partial corpus.
+Reads the `corpus` section of params.yaml and its source (builtin text, a Hugging Face
+dataset, local files, or a package's text files; `pipeline/inputs/text_chunks.py`), cuts
+its texts into documents (`document_split`, `max_document_tokens`) and packs them into
+blocks of chunks, each chunk led by the start token (`start_token`). Writes
+`<out>/shard-*.safetensors` (chunk_id int64 (R,), token_ids int64 (R, chunk_tokens),
+first_document, last_document; layout: `pipeline/inputs/text_chunks.py`) and
+`manifest.json` whose `extra` holds model, its identity (the resolved revision, or a local
+folder's model_sha256), chunk_tokens, num_chunks, block_chunks, num_blocks, start_tokens
+(0 or 1: the consumers drop those rows), source, the files read with their sha256 (`files`,
+`packaged`) and the document/token counts; the counts go to `--metrics` (JSON) too, tokens
+read vs used among them. A source that runs out before `max_chunks` is named in a warning
+with the documents, blocks and the share skipped at block seams. Everything is written into
+a temporary folder renamed to `<out>` when complete, so a killed run leaves no partial corpus.
 
     python -m pipeline.cli corpus --params params.yaml --out data/corpus \
         --metrics metrics/corpus.json
@@ -28,18 +32,21 @@ from typing import Annotated
 import torch
 import typer
 
-from pipeline.common.identity import corpus_files, files_sha256, model_identity
+from pipeline.common.identity import files_sha256, model_identity
 from pipeline.common.io import write_json
 from pipeline.common.params import load_params, to_dict
+from pipeline.common.sequence_start import describe_start, end_of_text_id, stream_start_ids
 from pipeline.common.shards import Manifest, shard_name, write_shard
 from pipeline.inputs.params import CorpusParams
 from pipeline.inputs.text_chunks import (
     CORPUS,
+    START_TOKENS,
     Chunk,
     ChunkStats,
     cut_chunks,
     documents,
     load_tokenizer,
+    source_files,
 )
 
 log = logging.getLogger(__name__)
@@ -52,6 +59,9 @@ def run(params: CorpusParams, out: Path, metrics: Path | None = None) -> dict:
     started = time.perf_counter()
     model = model_identity(params.model, params.revision, "corpus.model")
     tokenizer = load_tokenizer(params.model, model.revision)
+    start = stream_start_ids(tokenizer, params.start_token, "corpus.start_token")
+    log.info("corpus: %s", describe_start(tokenizer, start))
+    files = files_sha256(source_files(params)) if params.source in ("files", "packaged") else None
     stats = ChunkStats()
     chunks = cut_chunks(
         documents(params),
@@ -60,6 +70,9 @@ def run(params: CorpusParams, out: Path, metrics: Path | None = None) -> dict:
         params.max_chunks,
         params.block_chunks,
         stats,
+        start,
+        params.max_document_tokens,
+        params.seed if params.shuffle_parts else None,
     )
     for stale in out.parent.glob(f".{out.name}.tmp-*"):  # left by a killed run
         shutil.rmtree(stale)
@@ -76,16 +89,12 @@ def run(params: CorpusParams, out: Path, metrics: Path | None = None) -> dict:
             records.append(_write(tmp, len(records), rows, params.shard_rows))
         if not records:
             raise ValueError(
-                f"corpus source {params.source!r} gave {stats.tokens} tokens, fewer than one "
+                f"corpus source {params.source!r} gave {stats.tokens_read} tokens, fewer than one "
                 f"chunk of corpus.chunk_tokens={params.chunk_tokens}"
             )
         num_chunks = sum(r.rows for r in records)
         if num_chunks < params.max_chunks:
-            log.warning(
-                "corpus: the source ran out after %d of corpus.max_chunks=%d chunks",
-                num_chunks,
-                params.max_chunks,
-            )
+            log.warning("corpus: %s", shortfall(params, num_chunks, stats))
         extra = {
             "model": params.model,
             **model.manifest(),
@@ -93,10 +102,11 @@ def run(params: CorpusParams, out: Path, metrics: Path | None = None) -> dict:
             "num_chunks": num_chunks,
             "block_chunks": params.block_chunks,
             "num_blocks": stats.blocks,
+            START_TOKENS: len(start),
+            "start_token_ids": start,
+            "end_of_text_id": end_of_text_id(tokenizer),
             "source": params.source,
-            "files_sha256": files_sha256(corpus_files(params.files))
-            if params.source == "files"
-            else None,
+            "files_sha256": files,
             "eos_token_id": tokenizer.eos_token_id,
             "vocab_size": len(tokenizer),
             **asdict(stats),
@@ -107,10 +117,36 @@ def run(params: CorpusParams, out: Path, metrics: Path | None = None) -> dict:
         os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    counts = {"chunks": num_chunks, "block_chunks": params.block_chunks, **asdict(stats)}
+    counts = {
+        "chunks": num_chunks,
+        "block_chunks": params.block_chunks,
+        START_TOKENS: len(start),
+        **asdict(stats),
+        "used_fraction": round(stats.used_fraction, 6),
+    }
     if metrics is not None:
         write_json(Path(metrics), counts, sort_keys=False)
     return counts | {"shards": len(records), "seconds": round(time.perf_counter() - started, 2)}
+
+
+def shortfall(params: CorpusParams, num_chunks: int, stats: ChunkStats) -> str:
+    """The warning of a source that ran out: what it held, where its tokens went, the keys
+    that change it."""
+    skipped = stats.seam_skipped_tokens / stats.tokens_read if stats.tokens_read else 0.0
+    fix = (
+        "lower corpus.max_document_tokens (a divisor of a block's text tokens skips least)"
+        if params.max_document_tokens
+        else "set corpus.max_document_tokens (and corpus.document_split) to cut long documents"
+    )
+    return (
+        f"the source ran out after {num_chunks} of corpus.max_chunks={params.max_chunks} "
+        f"chunks: {stats.documents} documents ({stats.parts} after the "
+        f"max_document_tokens={params.max_document_tokens} cut) in {stats.blocks} blocks of "
+        f"corpus.block_chunks={params.block_chunks}; {stats.tokens_used} of "
+        f"{stats.tokens_read} tokens read were used ({stats.used_fraction:.1%}), "
+        f"{skipped:.1%} skipped at block seams (a block holds whole documents): {fix}, "
+        "or raise corpus.block_chunks, or give the source more text"
+    )
 
 
 def _write(folder: Path, index: int, rows: list[Chunk], shard_rows: int):

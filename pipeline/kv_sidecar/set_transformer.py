@@ -331,7 +331,8 @@ def fit(
     curves, eval_curves = [], []
     start = time.perf_counter()
     stream = endless(data, params)
-    bar = progress(range(1, params.max_steps + 1), desc="sidecar", unit="step")
+    desc = f"sidecar layer {data.layer} seed {params.seed}"
+    bar = progress(range(1, params.max_steps + 1), desc=desc, unit="step")
     for step in bar:
         row = train_step(model, optimizer, schedule, next(stream).to(device), params, window_size)
         curves.append({"step": step} | row)

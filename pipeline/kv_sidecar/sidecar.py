@@ -31,12 +31,13 @@ import typer
 from torch import Tensor
 
 from pipeline.common.checkpoints import save_checkpoint
-from pipeline.common.devices import resolve_device
+from pipeline.common.devices import resolve_device, set_threads
 from pipeline.common.identity import MODEL_KEYS
 from pipeline.common.io import write_json, write_text
 from pipeline.common.live import log_row, open_live
 from pipeline.common.params import Sections, load_params, to_dict
 from pipeline.common.pictures import Panel, bar_chart, line_panels
+from pipeline.common.progress import progress
 from pipeline.common.run_info import INFO, split_info
 from pipeline.common.shards import MANIFEST, sha256_file
 from pipeline.common.tables import rounded
@@ -82,8 +83,7 @@ def run(
                 f"sidecar.eval_fraction={sp.eval_fraction}; change it or store more chunks"
             )
     tokens = heldout_tokens(data, CorpusChunks(Path(corpus)), sp.batch_size)
-    if sp.num_threads:
-        torch.set_num_threads(sp.num_threads)
+    set_threads(sp.num_threads)
     torch.manual_seed(sp.seed)  # model init is part of what the seed fixes
     model = build_sidecar(sp, data.head_dim)
     log.info("sidecar: %d trainable parameters, %s chunks", count_parameters(model), chunks)
@@ -96,7 +96,9 @@ def run(
     compressors = compressor_set(model.eval(), sp)
     lm = teacher_losses(data, tokens, window_size, compressors, sp, device)
     heldout = data.batches("heldout", sp.batch_size, sp.batch_size, shuffle=False)
-    scores = evaluate(compressors, heldout, sp, window_size, mass_lookup(lm))
+    desc = f"sidecar layer {data.layer} held-out scores"
+    with progress(heldout, desc=desc, unit="batch") as batches:
+        scores = evaluate(compressors, batches, sp, window_size, mass_lookup(lm))
     results = {
         "dense": {"lm_loss": float(lm.dense.mean())},
         "compressors": with_lm_losses(scores, lm, sp.seed),
@@ -209,7 +211,7 @@ def teacher_losses(
             compressor.module.to(device)
     losses = heldout_lm_losses(
         teacher, tokens, data.layer, data.dense_tokens, window_size, compressors,
-        sp.lm_batch_size,
+        sp.lm_batch_size, f"sidecar layer {data.layer} LM loss",
     )  # fmt: skip
     del teacher
     return losses

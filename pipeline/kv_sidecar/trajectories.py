@@ -25,6 +25,7 @@ from typing import Annotated
 import torch
 import typer
 
+from pipeline.common.devices import set_threads
 from pipeline.common.extraction import (
     CompletedShards,
     ManifestAdditions,
@@ -55,12 +56,13 @@ log = logging.getLogger(__name__)
 PARAMS = Path("params.yaml")
 
 EXTRACTION = ShardedExtraction(
-    "trajectories", TRAJECTORIES, __name__, result_neutral=("batch_size", "device")
+    "trajectories", TRAJECTORIES, __name__, result_neutral=("batch_size", "device", "num_threads")
 )
 
 
 def run(params: TrajectoriesParams, corpus: Path, out: Path) -> dict:
     started = time.perf_counter()
+    set_threads(params.num_threads)
     chunks = CorpusChunks(corpus)
     _check_corpus(params, chunks)
     num_chunks = min(params.max_chunks, len(chunks))

@@ -19,11 +19,12 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import torch
 import typer
 
+from pipeline.common.devices import set_threads
 from pipeline.common.extraction import (
     ManifestAdditions,
     Progress,
@@ -42,7 +43,7 @@ from pipeline.sparse_autoencoder.params import ActivationsParams
 PARAMS = Path("params.yaml")
 
 EXTRACTION = ShardedExtraction(
-    "activations", ACTIVATIONS, __name__, result_neutral=("batch_size", "device")
+    "activations", ACTIVATIONS, __name__, result_neutral=("batch_size", "device", "num_threads")
 )
 
 
@@ -86,6 +87,7 @@ def chunk_activations(
 
 def run(params: ActivationsParams, corpus: Path, out: Path) -> dict:
     started = time.perf_counter()
+    set_threads(params.num_threads)
     reader = CorpusChunks(Path(corpus))
     corpus_model = reader.manifest.extra.get("model")
     if corpus_model != params.model:
@@ -166,10 +168,20 @@ def _describe(
             "num_chunks": num_chunks,
             "block_chunks": reader.block_chunks,
             "pad_token_id": reader.pad_token_id,
+            **_start_tokens(reader),
             "storage_dtype": params.storage_dtype,
             "corpus_manifest_sha256": sha256_file(Path(corpus) / MANIFEST),
         }
     )
+
+
+def _start_tokens(reader: CorpusChunks) -> dict[str, Any]:
+    """How many leading start tokens each chunk has (the corpus manifest's `start_tokens`, 0
+    for a corpus that predates the key) and their ids, read off the first chunk: the SAE
+    also leaves out rows where they recur, mid-chunk, at a document's start."""
+    count = int(reader.manifest.extra.get("start_tokens", 0))
+    ids = reader.read(0, 1)[0, :count].tolist() if count and len(reader) else []
+    return {"start_tokens": count, "start_token_ids": ids}
 
 
 def command(

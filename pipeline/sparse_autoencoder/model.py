@@ -138,8 +138,11 @@ def fit_sae(
     params: SaeParams,
     seed: int,
     on_log: Callable[[dict[str, float]], None] | None = None,
+    label: str = "",
 ) -> FitResult:
-    """Train on the train rows of `source` for `params.epochs`, streaming shuffled batches."""
+    """Train on the train rows of `source` for `params.epochs`, streaming shuffled batches;
+    the progress bar counts steps (its total known after the first epoch), named by layer,
+    seed and `label` (e.g. "cross-seed twin")."""
     device = resolve_device(params.device)
     model.to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=params.lr)
@@ -147,8 +150,9 @@ def fit_sae(
     curves: list[dict[str, float]] = []
     pending: list[dict[str, Tensor]] = []
     step = rows = 0
-    bar = progress(range(1, params.epochs + 1), desc=f"sae seed {seed}", unit="epoch")
-    for epoch in bar:
+    desc = f"sae layer {params.layer} seed {seed}" + (f" ({label})" if label else "")
+    bar = progress(desc=desc, unit="step")
+    for epoch in range(1, params.epochs + 1):
         batches = source.batches(
             "train",
             params.batch_size,
@@ -162,12 +166,17 @@ def fit_sae(
             rows += batch.x.shape[0]
             last_fired = torch.where(fired, rows, last_fired)
             pending.append(scalars)
+            bar.update(1)
             if step % params.log_every == 0:
                 curves.append(_curve_row(pending, step, epoch, rows, last_fired, params))
                 pending = []
-                bar.set_postfix(mse=f"{curves[-1]['mse']:.4g}", l0=f"{curves[-1]['l0']:.1f}")
+                row = curves[-1]
+                bar.set_postfix(epoch=epoch, mse=f"{row['mse']:.4g}", l0=f"{row['l0']:.1f}")
                 if on_log is not None:
-                    on_log(curves[-1])
+                    on_log(row)
+        if epoch == 1:  # every epoch streams the same train rows: the total is now known
+            bar.total = step * params.epochs
+    bar.close()
     if step == 0:
         raise ValueError(f"{source.folder}: no train rows to fit the SAE on")
     if pending:

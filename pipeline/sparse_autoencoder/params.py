@@ -5,7 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
-from pipeline.common.params import ComputeDType, DType, Sections, layer_list, positive
+from pipeline.common.params import (
+    ComputeDType,
+    DType,
+    Sections,
+    layer_list,
+    positive,
+    thread_count,
+)
 
 SaeInput = Literal["directions", "activations"]
 Baseline = Literal["pca", "pca_top_l0", "nmf", "ica"]
@@ -37,6 +44,9 @@ class ActivationsParams:
     batch_size: int = 16
     """Chunks per teacher forward."""
     device: str = "auto"
+    num_threads: int | None = None
+    """torch's CPU threads (`pipeline.common.devices.set_threads`); null: torch's default.
+    Not a DVC dep."""
 
     def __post_init__(self) -> None:
         layer_list("activations.layers", self.layers)
@@ -44,6 +54,7 @@ class ActivationsParams:
             positive("activations.max_chunks", self.max_chunks)
         positive("activations.shard_rows", self.shard_rows)
         positive("activations.batch_size", self.batch_size)
+        thread_count("activations.num_threads", self.num_threads)
 
     def check(self, params: Sections) -> None:
         corpus_model = params.corpus.model
@@ -87,6 +98,13 @@ class SaeParams:
     eval_fraction: float = 0.1
     """`activations` input: share of corpus chunks held out for the metrics (stable hash of
     chunk_id, so all tokens of a chunk fall on one side). `directions` uses val + test."""
+    keep_start_rows: bool = False
+    """`activations` input: keep the start rows. False (default) leaves out attention sinks,
+    rows ~100x the norm of the others that would dominate explained variance and the
+    exemplars: each chunk's first max(start_tokens, 1) positions, rows holding a start token,
+    and rows above 5x their shard's median norm (`sources.StartRows`), from training, every
+    metric, the baselines, the exemplars and the splice (there they stay unreplaced and
+    predict nothing scored)."""
     dead_window_rows: int = 100_000
     """Training curves: a feature is dead-in-window if it fired on none of the last this-many
     training rows. The headline dead_feature_rate uses the whole eval pass instead."""
@@ -125,6 +143,9 @@ class SaeParams:
     splice_batch_size: int = 8
     """Chunks per teacher forward in the spliced-in evaluation."""
     device: str = "auto"
+    num_threads: int | None = None
+    """torch's CPU threads (`pipeline.common.devices.set_threads`); null: torch's default.
+    Not a DVC dep."""
 
     def __post_init__(self) -> None:
         for name in ("code_dims_multiplier", "epochs", "batch_size", "buffer_rows"):
@@ -138,6 +159,7 @@ class SaeParams:
                 positive(f"sae.{name}", getattr(self, name))
         if self.topk is not None:
             positive("sae.topk", self.topk)
+        thread_count("sae.num_threads", self.num_threads)
         if self.l1_strength < 0:
             raise ValueError(f"sae.l1_strength must be >= 0, got {self.l1_strength}")
         if self.lr <= 0:

@@ -100,7 +100,7 @@ def comparison_table(metrics: dict[str, Any], heading: str, other_model: str = "
         "",
         f"Measured on {metrics['eval_rows']} held-out rows, in the SAE's input space "
         f"({_space(metrics)}); baselines are fit on {metrics['baseline_rows']} train rows "
-        "at the SAE's L0: " + _baseline_note(metrics),
+        "at the SAE's L0: " + _baseline_note(metrics) + _start_rows_note(metrics),
         "",
         *markdown_table(header, rows, align="l" + "r" * 10),
     ]
@@ -117,6 +117,23 @@ def comparison_table(metrics: dict[str, Any], heading: str, other_model: str = "
             f"{model['procrustes_disparity']:.4f}.",
         ]
     return "\n".join(lines) + "\n"
+
+
+def _start_rows_note(metrics: dict[str, Any]) -> str:
+    """What the rows leave out: attention sinks (`sources.StartRows`), or nothing."""
+    start = metrics.get("start_rows")
+    if start is None:
+        return ""
+    if start["positions"] == 0:
+        return " Start rows kept (sae.keep_start_rows): position 0 is an attention sink."
+    dropped = start["dropped_train_rows"] + start["dropped_eval_rows"]
+    tokens = " and rows holding a start token" if start["token_ids"] else ""
+    return (
+        f" Attention sinks are left out of training, metrics, baselines, exemplars and "
+        f"splice: each chunk's first {start['positions']} position(s){tokens} and rows above "
+        f"{start['norm_ratio']:g}x their shard's median norm ({dropped} rows; "
+        "sae.keep_start_rows keeps them)."
+    )
 
 
 LABELS = {"pca": "PCA", "pca_top_l0": "PCA top-L0", "nmf": "NMF", "ica": "ICA top-L0"}

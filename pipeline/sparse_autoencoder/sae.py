@@ -45,10 +45,12 @@ import numpy as np
 import torch
 import typer
 
+from pipeline.common.devices import set_threads
 from pipeline.common.io import write_json, write_text
 from pipeline.common.live import log_row, open_live
 from pipeline.common.params import Sections, load_params, to_dict
 from pipeline.common.pictures import Panel, histogram, line_panels
+from pipeline.common.progress import progress
 from pipeline.common.run_info import INFO, split_info
 from pipeline.common.tables import rounded
 from pipeline.common.teacher import load_causal_lm, teacher_caveat
@@ -103,6 +105,9 @@ INFO_KEYS = (
     "code_dims",
     "baselines.*.components",
     "baselines.*.kept_per_row",
+    "start_rows.positions",
+    "start_rows.token_ids",
+    "start_rows.norm_ratio",
     "splice.applies",
     "splice.reason",
     "splice.hook",
@@ -139,6 +144,7 @@ def run(
 ) -> dict[str, Any]:
     """Train, measure and report; returns the metrics written to `metrics`."""
     sae = params.sae
+    set_threads(sae.num_threads)
     data = _open_input(sae, Path(source), wordlist, corpus)
     features = data.dim * sae.code_dims_multiplier
     if sae.topk is not None and sae.topk > features:
@@ -159,7 +165,7 @@ def run(
     result["splice"] = _splice(model, fitted, data, sae, corpus)
     twin = None
     if sae.cross_seed:
-        twin, _ = _train(data, sae, features, sae.seed + 1, sample)
+        twin, _ = _train(data, sae, features, sae.seed + 1, sample, label="cross-seed twin")
         result["cross_seed"] = _cross_seed(model, twin, data, sae, features, sample)
     if cross_model is not None:
         result["cross_model"] = cross_model
@@ -210,6 +216,15 @@ def _measure(model, fit, data, sae: SaeParams, sample: torch.Tensor) -> tuple[di
         "dead_feature_rate_train_window": fit.dead_window,
         **decoder_cosine_stats(model.W_dec),
     }
+    if isinstance(data, TokenSource):
+        dropped = data.dropped_rows
+        result["start_rows"] = {
+            "positions": data.start.positions,
+            "token_ids": list(data.start.token_ids),
+            "norm_ratio": data.start.norm_ratio,
+            "dropped_train_rows": dropped["train"],
+            "dropped_eval_rows": dropped["eval"],
+        }
     fitted, result["baselines"] = _baselines(sae, data, sample, result["mean_active"])
     return result, evaluation, fitted
 
@@ -218,7 +233,8 @@ def _cross_seed(model, twin, data, sae: SaeParams, features: int, sample: torch.
     """The two seeds' matched decoder cosine, next to chance (random dictionaries of the same
     shape) and, with `same_seed_rerun`, the ceiling (the same seed trained twice)."""
     matched = match_features(model.W_dec, twin.W_dec)
-    chance = random_matching(data.dim, features, sae.chance_draws, sae.seed)
+    desc = f"sae layer {sae.layer} cross-seed chance"
+    chance = random_matching(data.dim, features, sae.chance_draws, sae.seed, desc)
     cross: dict[str, Any] = {
         "twin_seed": sae.seed + 1,
         "mean_matched_cos": matched.mean_cos,
@@ -228,7 +244,7 @@ def _cross_seed(model, twin, data, sae: SaeParams, features: int, sample: torch.
         "chance_draws": chance,
     }
     if sae.same_seed_rerun:
-        again, _ = _train(data, sae, features, sae.seed, sample)
+        again, _ = _train(data, sae, features, sae.seed, sample, label="same-seed rerun")
         first, second = model.state_dict(), again.state_dict()
         cross["same_seed_mean_matched_cos"] = match_features(model.W_dec, again.W_dec).mean_cos
         cross["same_seed_bit_identical"] = all(
@@ -244,7 +260,8 @@ def _splice(model, fitted: list, data: ActivationSource, sae: SaeParams, corpus:
     positions = data.manifest.extra.get("positions")
     if positions != "all":
         return {"applies": False, "reason": LAST_ONLY.format(positions=positions)}
-    chunk_ids = torch.cat([items[:, 0] for items, _, _ in data.shards("eval")]).unique()
+    held = torch.cat([items for items, _, _ in data.shards("eval")])  # (R, 2): the SAE's rows
+    chunk_ids = held[:, 0].unique()
     chunk_ids = chunk_ids[: sae.splice_chunks] if sae.splice_chunks else chunk_ids
     reader = CorpusChunks(Path(corpus))
     tokens = torch.stack(list(reader.tokens_of(chunk_ids).values()))  # ascending chunk id
@@ -256,12 +273,21 @@ def _splice(model, fitted: list, data: ActivationSource, sae: SaeParams, corpus:
     module = hook_point(lm, sae.layer)
     batch = sae.splice_batch_size
 
-    def losses(replace, capture=False):
-        return chunk_losses(lm, tokens, mask, batch, module, replace, capture)
+    replaced = _rows_of(held, chunk_ids, tokens.shape)  # start rows stay as they are
+    passes = 2 + 1 + len(fitted)  # clean, mean ablation, the SAE, each baseline
+    bar = progress(
+        total=passes * math.ceil(tokens.shape[0] / batch),
+        desc=f"sae layer {sae.layer} splice",
+        unit="batch",
+    )
 
-    clean = losses(identity, capture=True)
-    check = _hook_check(clean.captured, data, chunk_ids[:batch], mask[:batch])
-    ablated = losses(constant(_train_mean(data)))
+    def losses(replace, capture=False, name=""):
+        bar.set_postfix(method=name)
+        return chunk_losses(lm, tokens, mask, batch, module, replace, capture, replaced, bar.update)
+
+    clean = losses(identity, capture=True, name="clean")
+    check = _hook_check(clean.captured, data, chunk_ids[:batch], replaced[:batch])
+    ablated = losses(constant(_train_mean(data)), name="mean ablation")
     methods = {"sae": model_space(lambda p: model.decode(model.encode(p)), sae.layer_norm)}
     for baseline in fitted:
         methods[baseline.name] = model_space(
@@ -269,9 +295,10 @@ def _splice(model, fitted: list, data: ActivationSource, sae: SaeParams, corpus:
         )
     samples, seed = sae.bootstrap_samples, sae.seed
     scores = {
-        name: loss_recovered(clean, ablated, losses(replace), samples, seed)
+        name: loss_recovered(clean, ablated, losses(replace, name=name), samples, seed)
         for name, replace in methods.items()
     }
+    bar.close()
     return {
         "applies": True,
         "chunks": int(chunk_ids.numel()),
@@ -285,6 +312,15 @@ def _splice(model, fitted: list, data: ActivationSource, sae: SaeParams, corpus:
         "mean_ablation": loss_recovered(clean, ablated, ablated, samples, seed),
         "methods": scores,
     }
+
+
+def _rows_of(items: torch.Tensor, chunk_ids: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """(C, T) bool: True at the (chunk, position) of each item whose chunk is in the
+    ascending `chunk_ids`."""
+    rows = torch.zeros(shape, dtype=torch.bool)
+    items = items[torch.isin(items[:, 0], chunk_ids)]
+    rows[torch.searchsorted(chunk_ids, items[:, 0].contiguous()), items[:, 1]] = True
+    return rows
 
 
 def _hook_check(captured, data: ActivationSource, chunk_ids, mask) -> float:
@@ -315,7 +351,7 @@ def _train_mean(data: ActivationSource) -> torch.Tensor:
 def _open_input(
     sae: SaeParams, source: Path, wordlist: Path | None, corpus: Path | None
 ) -> ActivationSource:
-    data = open_source(source, sae.layer, sae.eval_fraction)
+    data = open_source(source, sae.layer, sae.eval_fraction, keep_start_rows=sae.keep_start_rows)
     if data.kind != sae.input:
         raise ValueError(f"sae.input={sae.input} but {source} holds a {data.kind!r} dump")
     if isinstance(data, DirectionsSource):
@@ -335,7 +371,7 @@ def _open_compare(sae: SaeParams, compare: Path) -> ActivationSource:
 
     layers = Manifest.load(compare).extra.get("layers", [])
     layer = sae.compare_layer if sae.compare_layer is not None else max(layers, default=-1)
-    return open_source(compare, layer, sae.eval_fraction)
+    return open_source(compare, layer, sae.eval_fraction, keep_start_rows=sae.keep_start_rows)
 
 
 def _train(
@@ -345,10 +381,11 @@ def _train(
     seed: int,
     sample: torch.Tensor,
     on_log=None,
+    label: str = "",
 ) -> tuple[SparseAutoencoder, Any]:
     model = SparseAutoencoder(data.dim, features, sae.topk, sae.layer_norm, seed=seed)
     model.init_decoder_bias(sample)
-    return model, fit_sae(model, data, sae, seed, on_log)
+    return model, fit_sae(model, data, sae, seed, on_log, label)
 
 
 COUNTERS = ("epoch", "rows")
@@ -398,9 +435,12 @@ def _baselines(sae: SaeParams, data, sample: torch.Tensor, mean_active: float):
         return [], {}
     k = equal_l0_components(mean_active, data.dim)
     prepared = prepare_inputs(sample, sae.layer_norm)
-    fitted = [
-        fit_baseline(kind, prepared, k, sae.seed, sae.basis_components) for kind in sae.baselines
-    ]
+    fitted = []
+    # One fit each (scikit-learn), minutes apiece at real width: a line per fit.
+    bar = progress(sae.baselines, desc=f"sae layer {sae.layer} baselines", unit="fit")
+    for kind in bar:
+        fitted.append(fit_baseline(kind, prepared, k, sae.seed, sae.basis_components))
+        bar.set_postfix(done=kind)
     prepare = lambda x: prepare_inputs(x, sae.layer_norm)  # noqa: E731
     return fitted, evaluate_baselines(fitted, prepare, data, EVAL_BATCH, sae.buffer_rows)
 

@@ -9,6 +9,7 @@ Two sources share one interface, so the SAE never cares which it reads:
   hidden state per token; item = (chunk_id, position); eval rows are the chunks whose
   corpus block (which no document spans) a stable hash puts in the held-out share; an
   exemplar is a text span decoded from the corpus chunk, the activating token in [[brackets]].
+  It leaves out the start rows `StartRows` names (attention sinks).
 
 A row's vector and its item travel together through every shuffle (one
 permutation indexes both), so exemplars stay aligned with their text.
@@ -55,6 +56,52 @@ class RowBatch:
 def item_keys(items: Tensor) -> Tensor:
     """(N, 2) items -> (N,) int64 keys, unique per item, ordered like the items."""
     return items[:, 0] * _KEY_SHIFT + (items[:, 1] + 1)
+
+
+SINK_NORM_RATIO = 5.0
+"""A row whose norm exceeds this multiple of its shard's median row norm is a sink. SmolLM2
+layer 15 over the plays: ordinary rows reach 1.4x the median (99.9th percentile), sinks
+12x-165x; 9 of 40 chunks had one at position 1 (`<|endoftext|>` then `;` or a newline)."""
+
+
+@dataclass(frozen=True)
+class StartRows:
+    """The rows the SAE leaves out (`sae.keep_start_rows`): attention sinks, whose norm
+    dwarfs every other row's (SmolLM2 layer 15: ~21,000 at position 0 holding
+    `<|endoftext|>`, ~23,000 there without it, ~14,000 at an `<|endoftext|>` mid-chunk where
+    the next document starts, up to ~24,700 at the first token after it; ~150-200 elsewhere)."""
+
+    positions: int = 0
+    """Each chunk's first this-many positions."""
+    token_ids: tuple[int, ...] = ()
+    """Rows holding one of these tokens anywhere: the start token again where a document
+    starts inside a chunk."""
+    norm_ratio: float | None = None
+    """Rows whose norm exceeds this multiple of their shard's median row norm, wherever they
+    are (a sink the model puts on the token after the start token); None: no norm rule."""
+
+    @classmethod
+    def of(cls, extra: dict, keep: bool) -> StartRows:
+        """From an activations manifest's `extra`: nothing when `keep`; else the chunk's start
+        tokens (`start_tokens`, copied from the corpus manifest; 0 when it predates the key)
+        and at least position 0, a sink whether or not it holds a start token, and the start
+        tokens' ids wherever they recur (`start_token_ids`)."""
+        if keep:
+            return cls()
+        positions = max(int(extra.get("start_tokens", 0)), 1)
+        token_ids = tuple(int(i) for i in extra.get("start_token_ids", ()))
+        return cls(positions, token_ids, SINK_NORM_RATIO)
+
+    def kept(self, position: Tensor, token_id: Tensor, x: Tensor) -> Tensor:
+        """(R,) bool: which of the R rows (one shard's: position, token_id (R,), x (R, D))
+        are not start rows."""
+        keep = position >= self.positions
+        if self.token_ids:
+            keep &= ~torch.isin(token_id, torch.tensor(self.token_ids, device=token_id.device))
+        if self.norm_ratio is not None and x.shape[0]:
+            norms = x.norm(dim=1)
+            keep &= norms <= self.norm_ratio * norms.median()
+        return keep
 
 
 def held_out(chunk_id: Tensor, fraction: float, block_chunks: int) -> Tensor:
@@ -186,9 +233,19 @@ class DirectionsSource(ActivationSource):
 class TokenSource(ActivationSource):
     kind = ACTIVATIONS
 
-    def __init__(self, folder: Path, layer: int, eval_fraction: float = 0.1, verify: bool = True):
+    def __init__(
+        self,
+        folder: Path,
+        layer: int,
+        eval_fraction: float = 0.1,
+        verify: bool = True,
+        start: StartRows = StartRows(),
+    ):
         super().__init__(folder, layer, verify)
         self.eval_fraction = eval_fraction
+        self.start = start
+        """The start rows left out of every split."""
+        self._dropped: dict[str, tuple[int, int]] = {}  # shard file -> (train, eval) rows
         if "block_chunks" not in self.manifest.extra:
             raise ValueError(
                 f"{self.folder}/manifest.json has no block_chunks: it was written before "
@@ -200,13 +257,21 @@ class TokenSource(ActivationSource):
 
     def _load(self, record: ShardRecord) -> tuple[Tensor, Tensor, Tensor]:
         key = layer_key(self.layer)
-        shard = read_shard(self.folder, record, ["chunk_id", "position", key], self.verify)
+        names = ["chunk_id", "position", "token_id", key]
+        shard = read_shard(self.folder, record, names, self.verify)
         items = torch.stack([shard["chunk_id"].long(), shard["position"].long()], dim=1)
-        return (
-            items,
-            shard[key].float(),
-            held_out(shard["chunk_id"], self.eval_fraction, self.block_chunks),
-        )
+        is_eval = held_out(shard["chunk_id"], self.eval_fraction, self.block_chunks)
+        x = shard[key].float()
+        keep = self.start.kept(items[:, 1], shard["token_id"].long(), x)
+        dropped_eval = int((is_eval & ~keep).sum())
+        self._dropped[record.file] = (int((~keep).sum()) - dropped_eval, dropped_eval)
+        return items[keep], x[keep], is_eval[keep]
+
+    @property
+    def dropped_rows(self) -> dict[str, int]:
+        """Start rows left out so far, by split (every shard counted once, however often read)."""
+        counts = self._dropped.values()
+        return {"train": sum(c[0] for c in counts), "eval": sum(c[1] for c in counts)}
 
     def attach_texts(self, corpus: Path, tokenizer) -> None:
         """The corpus chunks and the tokenizer that decodes them, for `describe`."""
@@ -231,14 +296,20 @@ class TokenSource(ActivationSource):
 
 
 def open_source(
-    folder: Path, layer: int, eval_fraction: float = 0.1, verify: bool = True
+    folder: Path,
+    layer: int,
+    eval_fraction: float = 0.1,
+    verify: bool = True,
+    keep_start_rows: bool = False,
 ) -> ActivationSource:
-    """The reader for whichever kind of dump `folder` holds (its manifest says)."""
-    kind = Manifest.load(Path(folder)).kind
-    if kind == DIRECTIONS:
+    """The reader for whichever kind of dump `folder` holds (its manifest says); token
+    rows leave out each chunk's start rows unless `keep_start_rows` (`StartRows`)."""
+    manifest = Manifest.load(Path(folder))
+    if manifest.kind == DIRECTIONS:
         return DirectionsSource(folder, layer, verify)
-    if kind == ACTIVATIONS:
-        return TokenSource(folder, layer, eval_fraction, verify)
+    if manifest.kind == ACTIVATIONS:
+        start = StartRows.of(manifest.extra, keep_start_rows)
+        return TokenSource(folder, layer, eval_fraction, verify, start)
     raise ValueError(
-        f"{folder} holds a {kind!r} dump; the SAE reads {DIRECTIONS!r} or {ACTIVATIONS!r}"
+        f"{folder} holds a {manifest.kind!r} dump; the SAE reads {DIRECTIONS!r} or {ACTIVATIONS!r}"
     )

@@ -9,6 +9,10 @@ L - 1, L = depth the output of the final norm. A forward hook on that module
 Definitions (per-token next-token cross-entropy in nats, averaged over every predicted
 token of the chunks: positions 0..T-2 predicting 1..T-1, non-padding both sides):
 
+Only the rows `replaced` marks are replaced (the SAE leaves start rows out: attention
+sinks it never saw), and only the predictions made from them are scored: the others do
+not depend on any replaced row.
+
 - L_clean: nothing replaced; L_mean: every row replaced by the train mean activation
   (mean ablation); L_method: every row x replaced by the method's reconstruction in the
   model's space (with `layer_norm`, the SAE sees (x - mu) / sigma, so its output is mapped
@@ -127,9 +131,14 @@ def chunk_losses(
     module: nn.Module | None = None,
     replace: Replacement | None = None,
     capture: bool = False,
+    replaced: Tensor | None = None,
+    on_batch: Callable[[int], None] | None = None,
 ) -> ChunkLosses:
     """Next-token losses of chunks tokens (C, T) (mask: non-padding, (C, T) bool), with
-    `module`'s output replaced by `replace` at the non-padding rows when given."""
+    `module`'s output replaced by `replace` when given, at the rows `replaced` marks ((C, T)
+    bool within `mask`; default: every non-padding row); only predictions made from those
+    rows are scored. `on_batch(1)` after each batch (a progress bar's `update`)."""
+    replaced = mask if replaced is None else replaced
     device = model.get_input_embeddings().weight.device
     sums, counts = [], []
     recon = ReconstructionStats(model.config.hidden_size) if replace is not None else None
@@ -137,15 +146,16 @@ def chunk_losses(
     for start in range(0, tokens.shape[0], batch_size):
         ids = tokens[start : start + batch_size].to(device)
         real = mask[start : start + batch_size].to(device)
+        scored = replaced[start : start + batch_size].to(device)
 
-        def swap(hidden: Tensor, real: Tensor = real) -> Tensor:
-            rows = hidden[real].float()
+        def swap(hidden: Tensor, scored: Tensor = scored) -> Tensor:
+            rows = hidden[scored].float()
             new = replace(rows)
             recon.update(rows, new)
             if capture and not captured:
                 captured.append(rows.cpu())
             out = hidden.clone()
-            out[real] = new.to(hidden.dtype)
+            out[scored] = new.to(hidden.dtype)
             return out
 
         hooked = spliced(module, swap) if replace is not None else nullcontext()
@@ -153,10 +163,12 @@ def chunk_losses(
         positions = (real.long().cumsum(-1) - 1).clamp(min=0)
         with hooked:
             logits = model(input_ids=ids, attention_mask=real.long(), position_ids=positions).logits
-        predicted = real[:, 1:] & real[:, :-1]  # (b, T - 1)
+        predicted = real[:, 1:] & scored[:, :-1]  # (b, T - 1)
         ce = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), ids[:, 1:], reduction="none")
         sums.append((ce.double() * predicted).sum(1).cpu())
         counts.append(predicted.sum(1).cpu())
+        if on_batch is not None:
+            on_batch(1)
     return ChunkLosses(
         torch.cat(sums).numpy(),
         torch.cat(counts).numpy(),

@@ -7,7 +7,7 @@ The question control asks each test question after another question's context of
 the same task (a seeded derangement): a vector whose gain survives without its
 question learned a prior over the options, not to answer the question.
 
-    sweep = sweep_coefficients(model, vector, val, params.coefficients)
+    sweep = sweep_coefficients(answers, vector.deltas, val, params.coefficients)
     combined = weighted_average([deltas_a, deltas_b], alpha_weights(0.5, 2))
     gain = bootstrap_gain(unsteered_correct, steered_correct, samples=2000, seed=0)
     swapped = test.with_contexts_of(derangement(len(test), seed=0))
@@ -16,7 +16,7 @@ question learned a prior over the options, not to answer the question.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,8 +24,9 @@ import torch
 from torch import Tensor, nn
 
 from pipeline.common.bootstrap import paired_interval
+from pipeline.common.progress import progress
 from pipeline.common.tables import counted, markdown_table, over_rows, too_few
-from pipeline.steering_vectors.vector import Deltas, Encoded, SteeringVector, correct
+from pipeline.steering_vectors.vector import Deltas, Encoded, correct
 
 
 def accuracy(right: Tensor) -> float:
@@ -138,18 +139,56 @@ def with_controls(
     )
 
 
+class Answers:
+    """`correct` of the model under a steering, each (questions, deltas) computed once: the
+    stage asks some twice (the sweep's coefficient 1 is the trained vector, the chosen
+    coefficient's val accuracy is the sweep's), and each costs a forward pass per question.
+
+        answers = Answers(model, position=0, batch_size=32)
+        answers(val, vector.deltas(1.0))  # (N,) bool; the same call again is free
+    """
+
+    def __init__(self, model: nn.Module, position: int = 0, batch_size: int = 32) -> None:
+        self.model, self.position, self.batch_size = model, position, batch_size
+        self.known: dict[tuple, tuple[Encoded, Tensor]] = {}
+        self.computed = self.reused = 0
+
+    def __call__(self, data: Encoded, deltas: Deltas) -> Tensor:
+        key = self._key(data, deltas)
+        if key in self.known:
+            self.reused += 1
+        else:
+            self.remember(
+                data, deltas, correct(self.model, data, deltas, self.position, self.batch_size)
+            )
+            self.computed += 1
+        return self.known[key][1]
+
+    def remember(self, data: Encoded, deltas: Deltas, right: Tensor) -> None:
+        """Record answers computed elsewhere (training scores val once at its end)."""
+        # `data` is kept with its answers so that its id cannot be reused by another.
+        self.known[self._key(data, deltas)] = (data, right)
+
+    @staticmethod
+    def _key(data: Encoded, deltas: Deltas) -> tuple:
+        return (id(data), *((layer, _bytes(deltas[layer])) for layer in sorted(deltas)))
+
+
+def _bytes(delta: Tensor) -> bytes:
+    return delta.detach().float().cpu().numpy().tobytes()
+
+
 def sweep_coefficients(
-    model: nn.Module,
-    vector: SteeringVector,
+    answers: Callable[[Encoded, Deltas], Tensor],
+    deltas_at: Callable[[float], Deltas],
     val: Encoded,
     coefficients: Sequence[float],
-    position: int = 0,
-    batch_size: int = 32,
+    desc: str = "coefficients",
 ) -> dict[float, float]:
-    """Val accuracy at each multiple of the trained vector."""
+    """Val accuracy at each coefficient c of `deltas_at(c)`, with a progress bar `desc`."""
     return {
-        c: accuracy(correct(model, val, vector.deltas(c), position, batch_size))
-        for c in coefficients
+        c: accuracy(answers(val, deltas_at(c)))
+        for c in progress(coefficients, desc=desc, unit="coefficient")
     }
 
 

@@ -100,7 +100,8 @@ class SteeringParams:
     """Compute dtype of the frozen model; v and the scales stay float32."""
     layers: tuple[int, ...] | None = None
     """Decoder-layer indices (0-based) whose output receives scale_i * v (multi-layer
-    training). None = 10%, 50%, 80% of depth (seed 004 section 2.1): 2, 14, 22 on 28 layers."""
+    training). None = 10%, 50%, 80% of depth (seed 004 section 2.1): 2, 14, 22 on 28 layers,
+    3, 15, 24 on SmolLM2's 30."""
     single_layers: tuple[int, ...] | Literal["all"] | None = None
     """Candidates of the single-layer baseline (README7: one vector per layer, best on
     val). None = the same as `layers`; `all` = every decoder layer."""

@@ -2,7 +2,8 @@
 
 Command: python -m pipeline.cli steering --params params.yaml --mcdata data/mcdata --out data/steering --live metrics/live/steering --metrics metrics/steering.json --table metrics/steering.md --plot metrics/plots/steering_accuracy.png
 
-Reads the `steering` section of params.yaml and `<mcdata>/questions.jsonl`. For
+Reads the `steering` section of params.yaml and `<mcdata>/questions.jsonl`; logs one
+line naming the prompt format (raw text: no chat template is applied). For
 each task: the unsteered accuracy; one vector trained at each layer of
 `single_layers` (README7's baseline; best layer on val); one vector shared by all
 `layers` with per-layer scales (seed 004 section 2.1); a coefficient sweep of the
@@ -34,15 +35,18 @@ import typer
 from dvclive import Live
 from torch import Tensor, nn
 
+from pipeline.common.devices import set_threads
 from pipeline.common.identity import ModelIdentity, resolve_model_params
 from pipeline.common.io import write_json, write_text
 from pipeline.common.live import log_row, open_live
 from pipeline.common.params import load_params, to_dict
 from pipeline.common.pictures import Panel, line_panels
+from pipeline.common.progress import progress
 from pipeline.common.run_info import INFO, split_info
 from pipeline.common.splits import SPLITS
 from pipeline.common.teacher import decoder_blocks, load_causal_lm, teacher_caveat
 from pipeline.steering_vectors.evaluation import (
+    Answers,
     accuracy,
     accuracy_table,
     alpha_weights,
@@ -65,9 +69,9 @@ from pipeline.steering_vectors.vector import (
     Deltas,
     Encoded,
     SteeringVector,
-    correct,
     encode,
     mean_difference,
+    prompt_format,
     save_vectors,
     train_vector,
 )
@@ -104,8 +108,7 @@ def run(
     PNG; return the metrics."""
     questions = read_questions(Path(mcdata))
     tasks = check_tasks(questions, params, mcdata)
-    if params.num_threads:
-        torch.set_num_threads(params.num_threads)
+    set_threads(params.num_threads)
     params, identity = resolve_model_params(params, "steering", "dtype")
     model, tokenizer = load_causal_lm(
         params.model, identity.revision, params.dtype, params.device, "steering.model"
@@ -115,9 +118,11 @@ def run(
         (t, s): [q for q in questions if (q.task, q.split) == (t, s)] for t in tasks for s in SPLITS
     }
     data = {t: {s: encode(groups[t, s], tokenizer) for s in SPLITS} for t in tasks}
+    log.info("steering %s: %s", params.model, prompt_format(tokenizer))
+    answers = Answers(model, params.position, params.eval_batch_size)
     with open_live(Path(live)) as board:
         results = {
-            task: steer_task(model, data[task], params, layers, singles, task, board)
+            task: steer_task(model, answers, data[task], params, layers, singles, task, board)
             for task in tasks
         }
     summary: dict[str, Any] = {
@@ -129,7 +134,12 @@ def run(
     }
     contexts = {t: {s: [q.context for q in groups[t, s]] for s in SPLITS} for t in tasks}
     summary["combined"] = (
-        combine(model, data, contexts, results, params) if len(tasks) > 1 else None
+        combine(model, answers, data, contexts, results, params) if len(tasks) > 1 else None
+    )
+    log.info(
+        "steering: %d evaluations of a question set, %d more reused",
+        answers.computed,
+        answers.reused,
     )
     summary["summary"] = summary_entries(summary, params.min_rows)
     vectors = {f"{task}.{name}": v for task, r in results.items() for name, v in r.vectors.items()}
@@ -158,6 +168,7 @@ def check_tasks(questions: Sequence[McQuestion], params: SteeringParams, mcdata:
 
 def steer_task(
     model: nn.Module,
+    ev: Answers,
     data: TaskData,
     params: SteeringParams,
     layers: tuple[int, ...],
@@ -166,8 +177,7 @@ def steer_task(
     board: Live,
 ) -> TaskResult:
     """Unsteered, single-layer at each candidate, multi-layer, then the coefficient sweep;
-    `board` (dvclive) gets each vector's training curve."""
-    ev = partial(correct, model, position=params.position, batch_size=params.eval_batch_size)
+    `board` (dvclive) gets each vector's training curve; `ev` answers the questions."""
     unsteered = {s: ev(data[s], {}) for s in EVAL_SPLITS}
     dim = model.get_input_embeddings().weight.shape[1]
     vectors = {f"single_L{layer}": SteeringVector((layer,), dim) for layer in singles}
@@ -178,18 +188,18 @@ def steer_task(
         fit = train_vector(
             model, vector, data["train"], data["val"], params, f"{task} {name}", logged
         )
+        ev.remember(data["val"], vector.deltas(), fit.val_correct)  # the sweep's coefficient 1
         right[name] = {"val": fit.val_correct, "test": ev(data["test"], vector.deltas())}
     val_acc = {name: accuracy(r["val"]) for name, r in right.items()}
     best_single = max((n for n in vectors if n != "multi"), key=lambda n: val_acc[n])
     # Ties go to the single layer: the simpler model.
     chosen = "multi" if val_acc["multi"] > val_acc[best_single] else best_single
     sweep = sweep_coefficients(
-        model,
-        vectors[chosen],
+        ev,
+        vectors[chosen].deltas,
         data["val"],
         params.coefficients,
-        params.position,
-        params.eval_batch_size,
+        f"{task} {chosen} coefficients",
     )
     coefficient = best_of(sweep)
     final = {k: d.detach() for k, d in vectors[chosen].deltas(coefficient).items()}
@@ -201,7 +211,9 @@ def steer_task(
     def times(c: float) -> Deltas:
         return {layer: c * d for layer, d in caa.items()}
 
-    caa_sweep = {c: accuracy(ev(data["val"], times(c))) for c in params.coefficients}
+    caa_sweep = sweep_coefficients(
+        ev, times, data["val"], params.coefficients, f"{task} mean-difference coefficients"
+    )
     caa_coefficient = best_of(caa_sweep)
     caa_right = {s: ev(data[s], times(caa_coefficient)) for s in EVAL_SPLITS}
     # The question control: every test question after another test question's context.
@@ -222,6 +234,17 @@ def steer_task(
     def trained(name: str) -> Deltas:
         return {k: d.detach() for k, d in vectors[name].deltas().items()}
 
+    steered = {
+        "best_single": (trained(best_single), right[best_single]),
+        "multi_layer": (trained("multi"), right["multi"]),
+        "best_coefficient": (final, final_right),
+        "mean_difference": (times(caa_coefficient), caa_right),
+    }
+    controls = {
+        name: scored(*steered[name])
+        for name in progress(steered, desc=f"{task} controls", unit="vector")
+    }
+
     metrics = {
         "questions": {s: len(data[s]) for s in SPLITS},
         "unsteered": {s: accuracy(unsteered[s]) for s in EVAL_SPLITS},
@@ -238,25 +261,24 @@ def steer_task(
             for name, r in right.items()
             if name != "multi"
         },
-        "best_single": {"layer": vectors[best_single].layers[0]}
-        | scored(trained(best_single), right[best_single]),
+        "best_single": {"layer": vectors[best_single].layers[0]} | controls["best_single"],
         "multi_layer": {
             "layers": list(layers),
             "scales": vectors["multi"].scales.detach().cpu().tolist(),
         }
-        | scored(trained("multi"), right["multi"]),
+        | controls["multi_layer"],
         "coefficient_sweep": {
             "config": chosen,
             "val": {f"coef_{c:g}": acc for c, acc in sweep.items()},
         },
         "best_coefficient": {"config": chosen, "coefficient": coefficient}
-        | scored(final, final_right),
+        | controls["best_coefficient"],
         "mean_difference": {
             "layers": list(layers),
             "coefficient": caa_coefficient,
             "val_by_coefficient": {f"coef_{c:g}": acc for c, acc in caa_sweep.items()},
         }
-        | scored(times(caa_coefficient), caa_right),
+        | controls["mean_difference"],
     }
     panels = task_panels(task, metrics, sweep, caa_sweep, singles, chosen)
     return TaskResult(metrics, vectors, final, unsteered, panels)
@@ -298,6 +320,7 @@ def task_panels(
 
 def combine(
     model: nn.Module,
+    ev: Answers,
     data: dict[str, TaskData],
     contexts: dict[str, dict[str, list[str]]],
     results: dict[str, TaskResult],
@@ -306,14 +329,16 @@ def combine(
     """Weighted average (alpha swept on the mixed val set) and keyword routing, mixed test."""
     tasks = list(data)
     finals = [results[t].final for t in tasks]
-    ev = partial(correct, model, position=params.position, batch_size=params.eval_batch_size)
 
     def mixed(deltas: Deltas, split: str) -> Tensor:  # (N_mixed,) over all tasks in order
         return torch.cat([ev(data[t][split], deltas) for t in tasks])
 
     unsteered = {s: torch.cat([results[t].unsteered[s] for t in tasks]) for s in EVAL_SPLITS}
     averages = {a: weighted_average(finals, alpha_weights(a, len(tasks))) for a in params.alphas}
-    alpha_val = {a: accuracy(mixed(deltas, "val")) for a, deltas in averages.items()}
+    alpha_val = {
+        a: accuracy(mixed(averages[a], "val"))
+        for a in progress(averages, desc="combined alphas", unit="alpha")
+    }
     alpha = best_of(alpha_val, prefer=0.5)
     average_test = mixed(averages[alpha], "test")
     fallback = weighted_average(finals, [1.0 / len(tasks)] * len(tasks))

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from pipeline.common.checkpoints import WEIGHTS, read_config, read_weights, save_checkpoint
 from pipeline.common.progress import progress
+from pipeline.common.sequence_start import describe_start
 from pipeline.common.teacher import decoder_blocks
 from pipeline.steering_vectors.params import SteeringParams
 from pipeline.steering_vectors.questions import NUM_ENDINGS, McQuestion
@@ -171,6 +172,15 @@ def encode(questions: Sequence[McQuestion], tokenizer: Any) -> Encoded:
     labels = torch.tensor([q.label for q in questions])
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     return Encoded(contexts, endings, labels, pad)
+
+
+def prompt_format(tokenizer: Any) -> str:
+    """One line for the log: how `encode` builds what the model reads."""
+    return (
+        "prompts are raw text, no chat template: the context (tokenized with the tokenizer's "
+        f"special tokens: {describe_start(tokenizer, [])}), then ' ' + each ending; an ending "
+        "scores the mean log-probability of its tokens"
+    )
 
 
 def ending_scores(model: nn.Module, batch: McBatch) -> Tensor:

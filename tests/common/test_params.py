@@ -49,7 +49,12 @@ ANALOGY_RUNS = {
     "frozen_h256_analogy": RunParams("frozen_mlp", hidden_dim=256, analogy_weight=1.0),
 }
 # Knobs that cannot change a stage's result, so dvc.yaml leaves them out of its params.
-NOT_DEPS = {"directions": {"batch_size", "device", "padding_side"}, "distill.train": {"device"}}
+NOT_DEPS = {
+    "directions": {"batch_size", "device", "padding_side", "num_threads"},
+    "distill.train": {"device", "num_threads"},
+}
+THREAD_KEYS = {"num_threads", "threads"}
+"""Thread counts (`pipeline.common.devices.set_threads`): never a dep, nor inside one."""
 
 
 def dotted_keys(tree: dict, prefix: str = "", leaves: tuple[str, ...] = ()) -> set[str]:
@@ -146,7 +151,7 @@ def test_tiny_profile_is_the_same_experiment_smaller():
     assert tiny.distill.runs == real.distill.runs
     assert tiny.directions.templates == real.directions.templates
     assert tiny.wordlist.splits == real.wordlist.splits
-    assert tiny.evaluate == real.evaluate
+    assert dataclasses.replace(tiny.evaluate, num_threads=None) == real.evaluate
 
 
 def test_real_and_tiny_files_have_the_same_keys():
@@ -179,6 +184,8 @@ def test_dvc_yaml_params_exist_and_cover_every_result_changing_field():
         for name in key.split("."):
             assert isinstance(node, dict) and name in node, f"dvc.yaml lists unknown param {key}"
             node = node[name]
+        inside = set(node) if isinstance(node, dict) else {key.rsplit(".", 1)[-1]}
+        assert not inside & THREAD_KEYS, f"dvc.yaml makes a thread count a dep: {key}"
     for section, cls in (("directions", DirectionsParams), ("distill.train", TrainParams)):
         fields = {f.name for f in dataclasses.fields(cls)}
         declared = {key.removeprefix(section + ".") for key in listed if key.startswith(section)}
@@ -346,6 +353,30 @@ def test_train_layer_among_several_cached_layers_loads(tmp_path):
 )
 def test_out_of_range_value_names_the_key(tmp_path, dotted, value, expected):
     assert expected in rejection(tmp_path, dotted, value)
+
+
+THREAD_COUNTS = (
+    "directions.num_threads",
+    "distill.train.num_threads",
+    "evaluate.num_threads",
+    "multilayer.num_threads",
+    "inverse.num_threads",
+    "trajectories.num_threads",
+    "activations.num_threads",
+    "sidecar.num_threads",
+    "sae.num_threads",
+)
+
+
+@pytest.mark.parametrize("dotted", THREAD_COUNTS)
+def test_thread_counts_are_positive_or_null(tmp_path, dotted):
+    expected = f"{dotted} must be a positive thread count or null (torch's default), got -1"
+    assert expected in rejection(tmp_path, dotted, -1)
+    *section, last = dotted.split(".")
+    node = load_params(write_edited(tmp_path, dotted, 2))
+    for name in section:
+        node = getattr(node, name)
+    assert getattr(node, last) == 2
 
 
 @pytest.mark.parametrize(

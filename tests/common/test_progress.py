@@ -45,3 +45,13 @@ def test_a_log_gets_a_line_per_update_when_the_interval_is_zero():
         "directions: 2/3",
         "directions: 3/3",
     ]
+
+
+def test_a_bar_nested_in_another_leaves_no_cursor_moves_in_a_log():
+    stream = io.StringIO()
+    for _ in progress(range(2), file=stream, desc="cells", unit="cell"):
+        for _ in progress(range(2), file=stream, desc="cell", unit="step", leave=False):
+            pass
+    assert "\x1b" not in stream.getvalue()
+    lines = stream.getvalue().splitlines()
+    assert all(line.split(":")[0] in ("cells", "cell") for line in lines)

@@ -10,6 +10,7 @@ from pipeline.common.sequence_start import (
     describe_start,
     end_of_text_id,
     start_ids,
+    stream_start_ids,
 )
 
 
@@ -46,12 +47,20 @@ def test_explicit_token_must_be_one_token(tiny_tokenizer):
         start_ids(tiny_tokenizer, "hello world", key="directions.start_token")
 
 
-def test_end_of_text_that_is_also_the_unk_token_is_still_end_of_text(tiny_qwen3_path):
-    """SmolLM2's tokenizer: unk_token is <|endoftext|> and eos_token the chat <|im_end|>;
-    the rule's token is <|endoftext|>, not the chat token."""
+def test_end_of_text_is_found_even_where_it_is_the_unk_token(tiny_qwen3_path):
+    # SmolLM2's tokenizer (from its GGUF): unk_token <|endoftext|> (0), eos <|im_end|> (2).
     tokenizer = AutoTokenizer.from_pretrained(
         tiny_qwen3_path, unk_token="<|endoftext|>", eos_token="<|pad|>"
     )
     eot = tokenizer.convert_tokens_to_ids("<|endoftext|>")
     assert tokenizer.unk_token_id == eot != tokenizer.eos_token_id
-    assert end_of_text_id(tokenizer) == eot and start_ids(tokenizer, "auto") == [eot]
+    assert end_of_text_id(tokenizer) == eot
+    assert start_ids(tokenizer, "auto") == [eot]
+
+
+def test_a_stream_chunk_gets_the_tokenizers_own_start_token(encoder_tokenizer, tiny_tokenizer):
+    cls = encoder_tokenizer.cls_token_id
+    assert stream_start_ids(encoder_tokenizer, "auto") == [cls]
+    assert stream_start_ids(encoder_tokenizer, "none") == []
+    eot = tiny_tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    assert stream_start_ids(tiny_tokenizer, "auto") == [eot]

@@ -7,7 +7,7 @@ import torch
 from transformers import AutoTokenizer
 
 from pipeline.common.splits import is_heldout, unit_hash
-from pipeline.guided_lm.data import Occurrences, WordFinder, find_occurrences
+from pipeline.guided_lm.data import Occurrences, WordFinder, find_occurrences, held_vocabulary
 from pipeline.guided_lm.model import build_aux_map, build_lm, cosine_loss
 from pipeline.guided_lm.params import GuidedLmParams
 from pipeline.guided_lm.training import Aux, train_lm
@@ -35,6 +35,25 @@ def test_word_finder_returns_each_concept_words_last_token(tokenizer):
     assert positions[2] == [pieces.index("og")]  # "catalog" ends at "og", before "."
     assert positions[3] == [pieces.index("Ġsat")]
     assert finder.cut == 1  # the trailing "cat" touches the chunk's end: maybe cut, skipped
+
+
+def test_held_vocabulary_maps_tokens_to_rows_of_the_ids_they_use():
+    tokens = torch.tensor([[5, 49000, 5], [7, 5, 49000]])
+    vocabulary, compact = held_vocabulary(tokens)
+    assert vocabulary.tolist() == [5, 7, 49000]
+    assert compact.tolist() == [[0, 2, 0], [1, 0, 2]]
+    assert torch.equal(vocabulary[compact], tokens)  # the same targets, renamed
+
+
+def test_word_finder_on_compact_ids_finds_what_it_finds_on_tokenizer_ids(tokenizer):
+    ids = tokenizer.encode("the cats, and Cat sat on the catalog. cat", add_special_tokens=False)
+    vocabulary, compact = held_vocabulary(torch.tensor([ids]))
+    concepts = {"cat": 0, "cats": 1, "catalog": 2, "sat": 3}
+    full = WordFinder(tokenizer, concepts)
+    held = WordFinder(tokenizer, concepts, vocabulary)
+    assert len(held.surfaces) == vocabulary.numel() < len(full.surfaces)
+    assert held.find(compact[0].tolist()) == full.find(ids) != []
+    assert full.find(compact[0].tolist()) != full.find(ids)  # compact ids need the vocabulary
 
 
 def test_occurrences_in_rows_index_the_batch():

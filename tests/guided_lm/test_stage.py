@@ -10,6 +10,8 @@ import wordfreq
 from pipeline.common.intervals import t_interval
 from pipeline.common.summary import check_entry
 from pipeline.guided_lm import guided_lm as stage
+from pipeline.guided_lm.model import build_lm, count_parameters
+from pipeline.guided_lm.params import GuidedLmParams
 from pipeline.guided_lm.report import BUILTIN_CAVEAT, aggregate, guided_table, summary
 from pipeline.inputs import corpus as corpus_stage
 from pipeline.inputs.params import CorpusParams
@@ -70,6 +72,8 @@ def test_the_table_names_its_rows_marks_too_few_and_keeps_one_precision():
     cells = _cells({(1.0, 0.0): [3.0, 3.0, 3.3], (1.0, 0.1): [2.9, 3.1, 3.0]})
     counts = {
         "parameters": 1000,
+        "vocabulary": 500,
+        "tokenizer_vocabulary": 49152,
         "steps": 5,
         "batch_size": 2,
         "heldout_chunks": 30,
@@ -86,6 +90,7 @@ def test_the_table_names_its_rows_marks_too_few_and_keeps_one_precision():
         "caveat": "",
     }
     lines = squeeze(guided_table(metrics, min_rows=30)).splitlines()
+    assert "its vocabulary the 500 token ids the chunks use, of the tokenizer's 49,152" in lines[2]
     assert lines[4:] == [
         "| train tokens | lambda | held-out loss [interval] (n=30) | "
         "difference vs lambda=0 [interval] | aux cos train (n=450) / test (n=12) | "
@@ -131,7 +136,13 @@ def test_the_stage_writes_every_cell_and_its_report(inputs, tmp_path):
     for cell in results["cells"]:
         assert (cell["aux_cos_train"] is None) == (cell["lambda"] == 0)
         assert 0 < cell["heldout_loss"] < 20
-    assert results["counts"]["supervising_occurrences"] > 0
+    counts = results["counts"]
+    assert counts["supervising_occurrences"] > 0
+    # The LM holds only the ids its chunks use: embedding + head shrink with them.
+    assert 0 < counts["vocabulary"] < counts["tokenizer_vocabulary"]
+    full = count_parameters(build_lm(GuidedLmParams(**SMALL), counts["tokenizer_vocabulary"], 0))
+    saved = 2 * SMALL["d_model"] * (counts["tokenizer_vocabulary"] - counts["vocabulary"])
+    assert counts["parameters"] == full - saved
     assert results["caveat"] == BUILTIN_CAVEAT
     for index, entry in enumerate(results["summary"]):
         check_entry(entry, f"summary[{index}]")

@@ -57,8 +57,9 @@ def test_hand_built_blocks_skip_the_rest_of_the_document_at_each_seam():
         (0, 1), (1, 1), (3, 4), (5, 5), (6, 6)
     ]  # fmt: skip
     assert stats == ChunkStats(
-        documents=7, empty_documents=1, tokens=30, blocks=3, seam_skipped_tokens=5, unused_tokens=0
-    )
+        documents=7, empty_documents=1, parts=6, tokens_read=30, tokens_used=25, blocks=3,
+        seam_skipped_tokens=5, unused_tokens=0,
+    )  # fmt: skip
 
 
 def test_a_document_longer_than_a_block_is_cut_at_the_seam_and_max_chunks_stops_reading():
@@ -69,7 +70,54 @@ def test_a_document_longer_than_a_block_is_cut_at_the_seam_and_max_chunks_stops_
     # Document 0 (24 tokens): 10 in block 0, 14 skipped; document 2: 2 in chunk 2, the
     # rest (29 tokens) past max_chunks is unused, not skipped at a seam.
     assert stats.seam_skipped_tokens == 14 and stats.unused_tokens == 29 and stats.blocks == 2
-    assert stats.documents == 3 and stats.tokens == 24 + 3 + 31
+    assert stats.documents == 3 and stats.tokens_read == 24 + 3 + 31
+
+
+def test_start_ids_lead_every_chunk_and_long_documents_are_cut_into_whole_parts():
+    # Chunks of 5 = start id 9 + 4 text tokens; documents cut into parts of 3 tokens.
+    docs = docs_of_lengths([3, 8, 0, 2, 1, 6, 4])
+    stats = ChunkStats()
+    chunks = list(pack_blocks(docs, EOS, 5, 100, 2, stats, start=[9], max_document_tokens=3))
+    assert [c.tokens for c in chunks] == [
+        [9, 101, 102, 103, EOS],
+        [9, 201, 202, 203, 204],  # seam: 205, 206, the rest of part [204, 205, 206], skipped
+        [9, 207, 208, EOS, 401],  # block 1 starts at a part's start: no EOS between parts
+        [9, 402, EOS, 501, EOS],  # seam: part [501, EOS] ended with the block
+        [9, 601, 602, 603, 604],
+        [9, 605, 606, EOS, 701],  # seam: 702, 703 skipped
+    ]  # the last part, [704, EOS], fills no chunk
+    assert [(c.first_document, c.last_document) for c in chunks] == [
+        (0, 0), (1, 1), (1, 3), (3, 4), (5, 5), (5, 6)
+    ]  # fmt: skip
+    assert stats == ChunkStats(
+        documents=7, empty_documents=1, parts=12, tokens_read=30, tokens_used=24, blocks=3,
+        seam_skipped_tokens=4, unused_tokens=2,
+    )  # fmt: skip
+    assert stats.used_fraction == 24 / 30
+
+
+def test_a_chunk_needs_room_for_text_after_its_start_ids():
+    with pytest.raises(ValueError, match="chunk_tokens must exceed the 1 start token"):
+        list(pack_blocks(docs_of_lengths([3]), EOS, 1, 10, 2, start=[9]))
+
+
+@pytest.mark.parametrize(("block_chunks", "max_tokens"), [(2, 5), (3, 7), (4, 12)])
+def test_no_part_has_tokens_in_two_blocks(block_chunks, max_tokens):
+    rng = random.Random(max_tokens)
+    docs = docs_of_lengths([rng.randint(0, 60) for _ in range(200)])
+    stats = ChunkStats()
+    chunks = list(pack_blocks(docs, EOS, 8, 10_000, block_chunks, stats, [9], max_tokens))
+    assert all(c.tokens[0] == 9 and 9 not in c.tokens[1:] for c in chunks)
+    homes: dict[tuple[int, int], set[int]] = {}
+    for number, chunk in enumerate(chunks):
+        for token in chunk.tokens[1:]:
+            if token != EOS:  # token 100 (d + 1) + k is in part (k - 1) // max_tokens of d
+                part = (owner(token), (token % 100 - 1) // max_tokens)
+                homes.setdefault(part, set()).add(number // block_chunks)
+    assert all(len(blocks) == 1 for blocks in homes.values())
+    assert stats.parts > stats.documents - stats.empty_documents
+    assert stats.tokens_used == 7 * len(chunks)
+    assert stats.tokens_read == stats.tokens_used + stats.seam_skipped_tokens + stats.unused_tokens
 
 
 @pytest.mark.parametrize("block_chunks", [1, 3, 4])
@@ -165,7 +213,8 @@ def test_the_corpus_stage_stores_blocks_documents_and_counts(
     for block in range(5):
         row = 3 * block
         start = tokenizer(docs[int(first[row])], add_special_tokens=False)["input_ids"]
-        assert tokens[row, : len(start)].tolist() == start[:21]
+        assert tokens[row, 0] == tokenizer.convert_tokens_to_ids("<|endoftext|>")  # auto
+        assert tokens[row, 1 : 1 + len(start)].tolist() == start[:20]
     assert CorpusChunks(tmp_path / "out").block_chunks == 3
 
 
@@ -247,3 +296,29 @@ def test_activations_carry_block_chunks_and_the_sae_splits_by_block(
     strip_block_chunks(tmp_path / "acts")
     with pytest.raises(ValueError, match="no block_chunks.*re-run the corpus and activations"):
         TokenSource(tmp_path / "acts", layer=2, eval_fraction=0.3)
+
+
+def test_shuffled_parts_are_every_part_once_in_a_seeded_order_each_ended_by_eos():
+    # Parts of 3 (EOS included): doc 0 -> [101 102 103] [EOS]; doc 1 -> [201 202 203]
+    # [204 EOS]; doc 2 -> [301 EOS]. Chunks of 2 tokens, no start, blocks of 1 chunk.
+    docs = docs_of_lengths([3, 4, 1])
+    stats = ChunkStats()
+    chunks = list(pack_blocks(docs, EOS, 2, 100, 1, stats, max_document_tokens=3, shuffle_seed=0))
+    tokens = [t for c in chunks for t in c.tokens]
+    # Every text token appears once at most (seams skip the rest of a part), never twice.
+    text = [t for t in tokens if t != EOS]
+    assert len(text) == len(set(text))
+    order = [owner(c.tokens[0]) for c in chunks if c.tokens[0] != EOS]
+    unshuffled = list(pack_blocks(docs, EOS, 2, 100, 1, ChunkStats(), max_document_tokens=3))
+    assert [c.tokens for c in chunks] != [c.tokens for c in unshuffled]
+    again = pack_blocks(docs, EOS, 2, 100, 1, ChunkStats(), max_document_tokens=3, shuffle_seed=0)
+    assert [c.tokens for c in again] == [c.tokens for c in chunks]
+    assert stats.documents == 3 and stats.parts == 5 and set(order) <= {0, 1, 2}
+    # A part cut mid-document ([101 102 103], [201 202 203]) gets an EOS: 5 parts, 2 added.
+    assert stats.tokens_read == 3 + 1 + 3 + 2 + 2 + 2
+    assert stats.tokens_read == stats.tokens_used + stats.seam_skipped_tokens + stats.unused_tokens
+
+
+def test_shuffle_needs_a_source_read_whole():
+    with pytest.raises(ValueError, match="corpus.shuffle_parts is true but corpus.source="):
+        CorpusParams(source="builtin", shuffle_parts=True)

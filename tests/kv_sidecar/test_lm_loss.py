@@ -65,8 +65,9 @@ def zero(keys, values, mass):
     return torch.zeros_like(keys[..., 0, :]), torch.zeros_like(values[..., 0, :])
 
 
-def test_dense_loss_is_the_models_own_loss(model, chunks):
-    lm = heldout_lm_losses(model, tokens_of(chunks), 1, N, WINDOW, {}, batch_size=5)
+def test_dense_loss_is_the_models_own_loss(model, chunks, capsys):
+    lm = heldout_lm_losses(model, tokens_of(chunks), 1, N, WINDOW, {}, 5, desc="sidecar layer 1")
+    assert capsys.readouterr().err.splitlines()[-1].startswith("sidecar layer 1: 3/3 [")
     assert lm.chunk_ids == list(range(100, 112))
     assert torch.allclose(lm.dense, plain_losses(model, chunks), atol=1e-5, rtol=0)
     assert model.config._attn_implementation == "sdpa"  # restored

@@ -364,12 +364,16 @@ def test_mean_baseline_is_each_windows_mean():
 COMPRESSORS = (SIDECAR, *BASELINES)
 
 
-def test_stage_writes_outputs_and_metrics_for_every_compressor(teacher_run, tmp_path):
+def test_stage_writes_outputs_and_metrics_for_every_compressor(teacher_run, tmp_path, capsys):
     folder, corpus = teacher_run
     paths = stage_paths(tmp_path, "sidecar")
     out, live, metrics, table = (paths[k] for k in ("out", "live", "metrics", "table"))
     params = build_params(sidecar=TINY)
     results = stage.run(params, folder, corpus, **paths)
+    log = capsys.readouterr().err  # each long loop's bar, named by the layer
+    layer = params.sidecar.layer
+    for bar in (f"seed {params.sidecar.seed}", "LM loss", "held-out scores"):
+        assert f"sidecar layer {layer} {bar}: " in log, bar
 
     assert sorted(p.name for p in out.iterdir()) == [
         "config.json",

@@ -16,7 +16,13 @@ from pipeline.inputs.tiny_models import build_tiny
 from pipeline.sparse_autoencoder import activations
 from pipeline.sparse_autoencoder.layout import ACTIVATIONS
 from pipeline.sparse_autoencoder.params import ActivationsParams
-from pipeline.sparse_autoencoder.sources import TokenSource, held_out
+from pipeline.sparse_autoencoder.sources import (
+    SINK_NORM_RATIO,
+    StartRows,
+    TokenSource,
+    held_out,
+    open_source,
+)
 from tests.conftest import build_params
 from tests.tiny_teachers import tiny_teacher
 
@@ -41,10 +47,13 @@ def make_corpus(
     shard_rows: int = 4,
     pad_to: list[int] | None = None,
     model: str | None = None,
+    start_tokens: int | None = None,
+    tokens_at: dict[tuple[int, int], int] | None = None,
 ) -> Path:
     """A corpus folder (layout: inputs/text_chunks.py): chunks of TEXT's tokens, ids 100, 103, ...
 
-    `pad_to[i]`: keep that many real tokens in chunk i and right-pad the rest.
+    `pad_to[i]`: keep that many real tokens in chunk i and right-pad the rest;
+    `tokens_at[(i, p)]`: the token at position p of chunk i.
     """
     ids = tokenizer(TEXT, add_special_tokens=False)["input_ids"]
     assert len(ids) >= num_chunks * chunk_tokens, "TEXT is too short for this corpus"
@@ -55,6 +64,10 @@ def make_corpus(
         "chunk_tokens": chunk_tokens,
         "block_chunks": 1,
     }
+    for (row, position), token in (tokens_at or {}).items():
+        tokens[row, position] = token
+    if start_tokens is not None:
+        extra["start_tokens"] = start_tokens
     if pad_to is not None:
         for row, keep in enumerate(pad_to):
             tokens[row, keep:] = tokenizer.pad_token_id
@@ -233,3 +246,47 @@ def test_command_line(tmp_path, tiny_llama):
     assert result.exit_code == 0, result.output
     # positions: all (the default): every token of the 2 chunks of 12.
     assert Manifest.load(tmp_path / "a").rows == 2 * 12
+
+
+def test_start_rows_are_the_first_positions_start_tokens_and_sinks_by_norm():
+    ratio = SINK_NORM_RATIO
+    assert StartRows.of({}, keep=False) == StartRows(1, (), ratio)  # before the key: position 0
+    assert StartRows.of({"start_tokens": 0}, keep=False) == StartRows(1, (), ratio)
+    extra = {"start_tokens": 2, "start_token_ids": [0, 5]}
+    assert StartRows.of(extra, keep=False) == StartRows(2, (0, 5), ratio)
+    assert StartRows.of(extra, keep=True) == StartRows()
+    x = torch.ones(6, 4)
+    x[4] *= 4.9  # below 5x the median norm: an ordinary row
+    x[5] *= 5.1  # above: a sink wherever it sits
+    position, token_id = torch.tensor([0, 1, 2, 3, 4, 5]), torch.tensor([7, 3, 7, 4, 4, 4])
+    assert StartRows(1, (7,), 5.0).kept(position, token_id, x).tolist() == [
+        *(False, True, False, True, True, False)
+    ]
+    assert StartRows(1, (7,)).kept(position, token_id, x)[5]  # no norm rule
+    assert StartRows().kept(position, token_id, x).all()
+
+
+def test_token_source_leaves_out_start_rows_and_counts_them(tmp_path, tiny_llama):
+    _, tokenizer = tiny_llama
+    start = tokenizer.eos_token_id
+    # Every chunk starts with the start token; in chunk 2 a document starts at position 6.
+    tokens_at = {(chunk, 0): start for chunk in range(4)} | {(2, 6): start}
+    corpus = make_corpus(tmp_path / "c", tokenizer, 4, start_tokens=1, tokens_at=tokens_at)
+    activations.run(params(layers=(1,), shard_rows=30), corpus, tmp_path / "acts")
+    extra = Manifest.load(tmp_path / "acts").extra
+    assert extra["start_tokens"] == 1 and extra["start_token_ids"] == [start]
+    source = open_source(tmp_path / "acts", 1, eval_fraction=0.5)
+    items, x, is_eval = (torch.cat(parts) for parts in zip(*source.shards("all"), strict=True))
+    assert source.start == StartRows(1, (start,), SINK_NORM_RATIO)
+    assert items.shape[0] == 4 * 11 - 1  # a random teacher puts no sink by norm
+    assert (2, 6) not in {tuple(item) for item in items.tolist()} and items[:, 1].min() == 1
+    rows = stored(tmp_path / "acts")
+    assert torch.equal(x, rows["layer_1"][(rows["position"] > 0) & (rows["token_id"] != start)])
+    held = {int(c) for c in items[is_eval, 0].unique()}
+    dropped_eval = sum(1 + (chunk == 106) for chunk in held)  # chunk 2 has id 106
+    assert source.dropped_rows == {"train": 5 - dropped_eval, "eval": dropped_eval}
+    list(source.shards("all"))  # a second pass counts nothing twice
+    assert sum(source.dropped_rows.values()) == 5
+    kept = open_source(tmp_path / "acts", 1, eval_fraction=0.5, keep_start_rows=True)
+    assert sum(r.shape[0] for r, _, _ in kept.shards("all")) == 48
+    assert kept.dropped_rows == {"train": 0, "eval": 0}

@@ -210,6 +210,15 @@ def test_same_seed_same_weights_and_a_different_seed_differs(direction_set):
     assert not torch.allclose(weights[0], weights[2])
 
 
+def test_training_bar_names_layer_seed_and_run_and_learns_its_total(direction_set, capsys):
+    source = DirectionsSource(direction_set, layer=2)
+    model = SparseAutoencoder(source.dim, 32, topk=4, layer_norm=False, seed=3)
+    steps = fit_sae(model, source, sae_params(epochs=2), seed=3, label="cross-seed twin").steps
+    lines = capsys.readouterr().err.splitlines()  # not a terminal: plain lines
+    assert lines[0].startswith("sae layer 2 seed 3 (cross-seed twin): 0/? [")  # epoch 1 counts
+    assert lines[-1].startswith(f"sae layer 2 seed 3 (cross-seed twin): {steps}/{steps} [")
+
+
 def test_top_exemplars_on_a_hand_case():
     top = TopExemplars(features=3, k=2)
     z1 = torch.tensor([[0.5, 0.0, 0.0], [2.0, 0.0, 0.1]])
@@ -389,7 +398,7 @@ def test_stage_cross_model_alignment_of_a_rotated_dump(tmp_path):
     assert "linear CKA 1.0000" in out["sae.md"].read_text()
 
 
-def test_stage_on_token_activations_reports_text_spans(tmp_path, tiny_llama_path):
+def test_stage_on_token_activations_reports_text_spans(tmp_path, tiny_llama_path, capsys):
     from transformers import AutoTokenizer
 
     from pipeline.sparse_autoencoder import activations
@@ -411,10 +420,15 @@ def test_stage_on_token_activations_reports_text_spans(tmp_path, tiny_llama_path
         sae=vars(sae_params(input="activations", eval_fraction=0.5, layer_norm=True)),
     )
     activations.run(acts.activations, corpus, tmp_path / "acts")
+    capsys.readouterr()
     result, out = run_stage(tmp_path, acts, tmp_path / "acts", corpus=corpus)
+    log = capsys.readouterr().err
+    # Clean, mean ablation, the SAE and 3 baselines over one batch of held-out chunks.
+    assert re.search(r"^sae layer 2 splice: 6/6 \[.*method=ica\]$", log, re.M)
+    assert re.search(r"^sae layer 2 baselines: 3/3 \[.*done=ica\]$", log, re.M)
     source = open_source(tmp_path / "acts", 2, eval_fraction=0.5)
     held = sum(int(e.sum()) for _, _, e in source.shards("all"))
-    assert 0 < held < 72 and result["eval_rows"] == held
+    assert 0 < held < 66 and result["eval_rows"] == held  # 6 chunks x 11 tokens after position 0
     assert result["model_dims"] == 64 and result["code_dims"] == 128
     report = out["exemplars.md"].read_text()
     assert report.count("[[") >= 3 and f"{tiny_llama_path} layer 2 (activations)" in report
@@ -428,9 +442,17 @@ def test_stage_on_token_activations_reports_text_spans(tmp_path, tiny_llama_path
     tokens = torch.stack(list(CorpusChunks(corpus).tokens_of(held_chunks).values()))
     lm, _ = load_causal_lm(tiny_llama_path, None)
     with torch.no_grad():
-        own = lm(input_ids=tokens, labels=tokens).loss.item()
-    assert splice["clean_loss"] == pytest.approx(own, rel=1e-6)
-    assert splice["predicted_tokens"] == tokens.numel() - tokens.shape[0]
+        logits = lm(input_ids=tokens).logits
+    # Position 0 (the corpus records no start token: still a sink) predicts nothing scored.
+    own = torch.nn.functional.cross_entropy(logits[:, 1:-1].transpose(1, 2), tokens[:, 2:])
+    assert splice["clean_loss"] == pytest.approx(own.item(), rel=1e-6)
+    assert splice["predicted_tokens"] == tokens.numel() - 2 * tokens.shape[0]
+    start = result["start_rows"]
+    assert start["positions"] == 1 and start["dropped_train_rows"] == 6 - splice["chunks"]
+    assert start["dropped_eval_rows"] == splice["chunks"]
+    assert "each chunk's first 1 position(s) and rows above 5x" in squeeze(
+        out["sae.md"].read_text()
+    )
     assert set(splice["methods"]) == {"sae", "pca", "nmf", "ica"}
     assert splice["mean_ablation"]["loss_recovered"] == 0.0
     sae = splice["methods"]["sae"]

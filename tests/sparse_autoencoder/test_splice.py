@@ -71,6 +71,28 @@ def test_padding_is_neither_predicted_nor_replaced(lm):
     assert out.sums[1] == pytest.approx(alone.sums[0], rel=1e-5)  # right padding changes nothing
 
 
+def test_start_rows_are_neither_replaced_nor_scored_as_predictors(lm):
+    tokens = _tokens(lm, 3, 10)
+    mask = torch.ones_like(tokens, dtype=torch.bool)
+    replaced = mask.clone()
+    replaced[:, :2] = False  # two start rows per chunk
+    seen = []
+    out = chunk_losses(
+        lm, tokens, mask, 4, hook_point(lm, 2), lambda x: seen.append(x) or x, False, replaced
+    )
+    with torch.no_grad():
+        run = lm(input_ids=tokens, output_hidden_states=True)
+    # Replaced: positions 2.. only, chunk-major.
+    assert torch.allclose(seen[0], run.hidden_states[2][:, 2:].reshape(-1, 64), atol=1e-5)
+    # Scored: the 7 predictions made from positions 2..8, not the whole chunk's 9.
+    ce = torch.nn.functional.cross_entropy(
+        run.logits[:, :-1].transpose(1, 2), tokens[:, 1:], reduction="none"
+    )
+    assert out.counts.tolist() == [7] * 3
+    assert out.sums == pytest.approx(ce[:, 2:].sum(1).double().numpy(), rel=1e-5)
+    assert not np.allclose(out.sums, ce.sum(1).double().numpy(), rtol=1e-3)
+
+
 def test_known_answers_identity_one_mean_zero_and_a_zero_reconstruction_fails(lm):
     tokens = _tokens(lm, 8, 24, seed=1)
     mask = torch.ones_like(tokens, dtype=torch.bool)

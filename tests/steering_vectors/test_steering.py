@@ -24,12 +24,14 @@ from pipeline.inputs.params import WordlistParams
 from pipeline.inputs.words import build_concepts
 from pipeline.steering_vectors import steering
 from pipeline.steering_vectors.evaluation import (
+    Answers,
     accuracy,
     alpha_weights,
     best_of,
     bootstrap_gain,
     random_like,
     route,
+    sweep_coefficients,
     weighted_average,
     with_controls,
 )
@@ -47,6 +49,7 @@ from pipeline.steering_vectors.vector import (
     ending_scores,
     load_vectors,
     mean_difference,
+    prompt_format,
     save_vectors,
     steer,
     train_vector,
@@ -219,6 +222,47 @@ def test_eval_helpers():
     assert route("A word", {"cat": ("word",), "math": ("plus",)}, ["cat", "math"]) == "cat"
     assert route("none", {"cat": ("word",), "math": ("plus",)}, ["cat", "math"]) is None
     assert best_of({0.5: 0.6, 1.3: 0.6, 2.0: 0.4}) == 1.3
+
+
+def test_answers_are_computed_once_per_question_set_and_vector(tiny_lm, questions):
+    model, tokenizer = tiny_lm
+    val = encode(pick(questions, "arithmetic", "val", 6), tokenizer)
+    other = encode(pick(questions, "arithmetic", "test", 6), tokenizer)
+    vector = SteeringVector((1,), model.config.hidden_size)
+    vector.v.data = torch.randn(
+        model.config.hidden_size, generator=torch.Generator().manual_seed(0)
+    )
+    answers = Answers(model)
+    first = answers(val, vector.deltas())
+    assert torch.equal(first, correct(model, val, vector.deltas()))
+    assert answers(val, vector.deltas(1.0)) is first  # equal vector: answered from memory
+    answers(other, vector.deltas())  # other questions
+    answers(val, vector.deltas(2.0))  # another vector
+    answers(val, {})
+    assert (answers.computed, answers.reused) == (4, 1)
+    planted = torch.zeros(6, dtype=torch.bool)
+    answers.remember(other, {}, planted)
+    assert answers(other, {}) is planted and answers.reused == 2
+
+
+def test_the_prompt_format_says_raw_text_and_what_sits_at_position_0(tiny_lm):
+    _, tokenizer = tiny_lm  # Qwen3's tokenizer adds no BOS
+    line = prompt_format(tokenizer)
+    assert "raw text, no chat template" in line
+    assert "no start token: position 0 is the text's first token" in line
+    assert "\n" not in line
+
+
+def test_the_sweep_scores_each_coefficient_on_val():
+    val = object()
+    right = {0.5: [1, 0, 0, 0], 1.0: [1, 1, 0, 0], 2.0: [1, 1, 1, 0]}
+
+    def answers(data, deltas):
+        assert data is val
+        return torch.tensor(right[float(deltas[3])], dtype=torch.bool)
+
+    sweep = sweep_coefficients(answers, lambda c: {3: torch.tensor(c)}, val, [0.5, 1.0, 2.0])
+    assert sweep == {0.5: 0.25, 1.0: 0.5, 2.0: 0.75} and best_of(sweep) == 2.0
 
 
 def test_keyword_routing_matches_whole_words_case_insensitively():
