@@ -36,6 +36,7 @@ STAGES = {
     "analogies": "pipeline.concepts.analogies",
     "multilayer": "pipeline.concepts.multilayer",
     "inverse": "pipeline.concepts.inverse",
+    "cross_teacher": "pipeline.concepts.cross_teacher",
     "corpus": "pipeline.inputs.corpus",
     "trajectories": "pipeline.kv_sidecar.trajectories",
     "sidecar": "pipeline.kv_sidecar.sidecar",

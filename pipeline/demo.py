@@ -132,6 +132,7 @@ TABLES = (
     "comparison.md",
     "multilayer.md",
     "inverse.md",
+    "cross_teacher.md",
     "sidecar.md",
     "sae.md",
     "steering.md",

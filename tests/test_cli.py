@@ -26,6 +26,10 @@ OPTIONS = {
     ],
     "multilayer": ["--directions", "--metrics", "--table", "--params"],
     "inverse": ["--directions", "--metrics", "--table", "--params"],
+    "cross_teacher": [
+        *("--wordlist", "--main-metrics", "--main-directions", "--out", "--metrics"),
+        *("--table", "--params"),
+    ],
     "corpus": ["--out", "--metrics", "--params"],
     "trajectories": ["--corpus", "--out", "--params"],
     "sidecar": [

@@ -53,6 +53,7 @@ ALL_STAGES = (
         "evaluate",
         "multilayer",
         "inverse",
+        "cross_teacher",
     }
     | {f"distill@{n}" for n in RUNS}
     | AUX_STAGES
@@ -69,6 +70,7 @@ def small_profile(path: Path) -> Path:
     params["distill"]["train"]["seeds"] = [0, 1]
     params["distill"]["runs"] = RUNS
     params["inverse"]["bootstrap_samples"] = 200
+    params["cross_teacher"]["runs"] = ["linear_probe"]
     # The other branches, shrunk to seconds.
     params["corpus"]["max_chunks"] = params["trajectories"]["max_chunks"] = 32
     params["activations"]["max_chunks"] = 32
@@ -152,9 +154,13 @@ def test_fresh_clone_trains_from_the_remote_without_re_extracting(repo, tmp_path
         "--allow-missing",
     )
     distill = {f"distill@{name}" for name in RUNS}
-    # multilayer trains with distill.train's epochs too.
+    # multilayer and cross_teacher train with distill.train's epochs too.
     assert stages_run(out) == (
-        {"params_check"} | distill | AUX_STAGES | {"evaluate", "multilayer"} | PAGES
+        {"params_check"}
+        | distill
+        | AUX_STAGES
+        | {"evaluate", "multilayer", "cross_teacher"}
+        | PAGES
     )
     assert not (clone / "data" / ".scratch").exists()
     metrics = json.loads((clone / "metrics" / "distill.json").read_text())
@@ -165,7 +171,10 @@ def test_fresh_clone_trains_from_the_remote_without_re_extracting(repo, tmp_path
 def test_one_param_experiment_reruns_only_its_branch(repo):
     workspace = repo
     experiment = dvc(workspace, "exp", "run", "-S", "distill.runs.frozen_h64.hidden_dim=16")
-    assert stages_run(experiment) == {"params_check", "distill@frozen_h64", "evaluate"} | PAGES
+    # cross_teacher reads distill.runs and the main teacher's rows from evaluate's metrics.
+    assert stages_run(experiment) == (
+        {"params_check", "distill@frozen_h64", "evaluate", "cross_teacher"} | PAGES
+    )
 
     lock = yaml.safe_load((workspace / "dvc.lock").read_text())
     assert lock["stages"]["distill@frozen_h64"]["params"]["params.yaml"][
@@ -187,7 +196,9 @@ def test_one_param_experiment_reruns_only_its_branch(repo):
 def test_an_analogy_set_edit_reruns_only_the_runs_with_the_analogy_loss(repo):
     assert AUX_STAGES, "the profile trains a run with the auxiliary analogy loss"
     out = dvc(repo, "exp", "run", "-S", "analogies.max_per_relation=5")
-    assert stages_run(out) == {"params_check", "analogies", "evaluate"} | AUX_STAGES | PAGES
+    assert stages_run(out) == (
+        {"params_check", "analogies", "evaluate", "cross_teacher"} | AUX_STAGES | PAGES
+    )
 
 
 def test_branch_params_rerun_only_their_own_stage(repo):
@@ -222,9 +233,14 @@ def changed_stages(workspace: Path) -> set[str]:
         ("pipeline/kv_sidecar/losses.py", {"sidecar"}),
         (
             "pipeline/concepts/students.py",
-            {f"distill@{n}" for n in RUNS} | AUX_STAGES | {"evaluate", "multilayer"},
+            {f"distill@{n}" for n in RUNS}
+            | AUX_STAGES
+            | {"evaluate", "multilayer", "cross_teacher"},
         ),
-        ("pipeline/common/scratch.py", {"directions", "trajectories", "activations"}),
+        (
+            "pipeline/common/scratch.py",
+            {"directions", "trajectories", "activations", "cross_teacher"},
+        ),
         ("pipeline/sparse_autoencoder/params.py", {"params_check", "activations", "sae"}),
     ],
 )

@@ -48,6 +48,7 @@ SECTIONS = {
     "analogies": "pipeline.concepts.params:AnalogiesParams",
     "multilayer": "pipeline.concepts.params:MultilayerParams",
     "inverse": "pipeline.concepts.params:InverseParams",
+    "cross_teacher": "pipeline.concepts.params:CrossTeacherParams",
     "trajectories": "pipeline.kv_sidecar.params:TrajectoriesParams",
     "sidecar": "pipeline.kv_sidecar.params:SidecarParams",
     "activations": "pipeline.sparse_autoencoder.params:ActivationsParams",

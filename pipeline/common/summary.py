@@ -3,7 +3,8 @@
 Each branch's metrics JSON holds a `summary` list: the numbers its own table reports,
 picked out by its report module (never recomputed here). This stage checks each entry
 against the contract below and writes them side by side: `metrics/summary.md` for
-people, `metrics/summary.json` (numbers only) for `dvc metrics diff`.
+people, `metrics/summary.json` (numbers only) for `dvc metrics diff`. A stage that its
+params switched off writes `{"skipped": "<why>", "summary": []}`, which adds no row.
 
     python -m pipeline.cli summary --out metrics/summary.json --table metrics/summary.md \
         --metrics metrics/distill.json --metrics metrics/sidecar.json ...
@@ -46,6 +47,9 @@ from pipeline.common.io import write_json, write_text
 from pipeline.common.tables import MISSING, fmt, markdown_table, too_few
 
 KEY = "summary"
+SKIPPED = "skipped"
+"""A metrics file whose stage its params switched off says why under this key, with an
+empty `summary`: it adds no row."""
 TEXT_FIELDS = ("branch", "metric", "teacher", "control")
 NUMBER_FIELDS = ("value",)
 OPTIONAL_NUMBER_FIELDS = ("control_value", "downstream_value")
@@ -129,6 +133,8 @@ def read_entries(path: Path) -> list[dict[str, Any]]:
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: not valid JSON ({err})") from err
     entries = data.get(KEY) if isinstance(data, dict) else None
+    if isinstance(data, dict) and data.get(SKIPPED) and entries == []:
+        return []  # a stage its params switched off (e.g. cross_teacher.model: null)
     if not isinstance(entries, list) or not entries:
         raise ValueError(
             f"{path}: no `{KEY}` list of headline entries; the branch's stage writes one"

@@ -42,9 +42,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
-import torch
 import typer
-from torch import Tensor, nn
+from torch import Tensor
 
 from pipeline.common.checkpoints import CONFIG, read_config
 from pipeline.common.devices import set_threads
@@ -56,11 +55,10 @@ from pipeline.common.pictures import Panel, line_panels
 from pipeline.common.splits import SPLITS
 from pipeline.common.tables import spec
 from pipeline.concepts.analogy_set import AnalogySet, analogy_scores, space
+from pipeline.concepts.baselines import Splits, baseline_predictions
 from pipeline.concepts.comparison import (
     ANALOGY_METHODS,
     ANALOGY_PREFIX,
-    CHAR_BASELINE,
-    TOKEN_COUNT_BASELINE,
     Rests,
     Row,
     TeacherFacts,
@@ -73,35 +71,15 @@ from pipeline.concepts.comparison import (
 )
 from pipeline.concepts.layout import DirectionSet
 from pipeline.concepts.params import DistillParams, EvaluateParams
-from pipeline.concepts.scores import (
-    char_ngram_ridge_predict,
-    concept_embeddings,
-    knn_predict,
-    mean_over_seeds,
-    row_cosine,
-    split_metrics,
-    token_count_predict,
-    token_coverage,
-    train_mean_predict,
-)
-from pipeline.concepts.students import (
-    FROZEN_APPROACHES,
-    forward_concepts,
-    load_student,
-    seed_folder,
-)
+from pipeline.concepts.scores import mean_over_seeds, row_cosine, split_metrics, token_coverage
+from pipeline.concepts.students import FROZEN_APPROACHES, load_student, predict, seed_folder
 
 VAL_CURVE = "val_cos"
 """The dvclive metric of each run's folder that the PNG plots."""
 PARAMS = Path("params.yaml")
-BATCH = 1024
-"""Concepts per forward pass; memory only, results do not depend on it."""
 CHECKPOINT_KEYS = ("trainable_params", "inference_bytes")
 SEED_FACTS = ("best_epoch", "epochs", "val_half_width", "chosen_on_noise")
 """What a seed's entry holds besides its scores; not averaged over seeds."""
-
-
-Splits = dict[str, tuple[Tensor, Tensor]]  # split -> (concept_ids (N,), directions (N, D))
 
 
 def run(
@@ -170,7 +148,7 @@ def run(
         run_params = params.distill.all_runs[name]
         rows.append(Row(name, run_label(run_params), results[name], frozen, run_params.approach))
         curves[name] = read_metric(Path(live) / name, VAL_CURVE)
-    for name, (label, preds, frozen) in _baselines(data, splits, params.evaluate).items():
+    for name, (label, preds, frozen) in baseline_predictions(data, splits, params.evaluate).items():
         results[name] = _score(preds, splits, seen, ks)
         if analogy_set is not None:
             flat, per_relation = _analogy_scores(data, preds, splits, analogy_set)
@@ -258,60 +236,6 @@ def _run_folders(distill: Path, names: list[str]) -> dict[str, Path]:
                 f"run `dvc repro` to train it"
             )
     return {name: distill / name for name in names}
-
-
-@torch.inference_mode()
-def predict(model: nn.Module, data: DirectionSet, concept_ids: Tensor) -> Tensor:
-    """Student predictions (N, D) float32 for the given concepts, in batches."""
-    out = [torch.zeros(0, data.dim)]
-    for start in range(0, concept_ids.numel(), BATCH):
-        out.append(forward_concepts(model, data, concept_ids[start : start + BATCH]).float())
-    return torch.cat(out)
-
-
-def _baselines(
-    data: DirectionSet, splits: Splits, params: EvaluateParams
-) -> dict[str, tuple[str, dict, bool]]:
-    """name -> (table label, predictions per split, needs the teacher's table)."""
-    train_dirs, k = splits["train"][1], params.knn_k
-    mean = {split: train_mean_predict(train_dirs, len(ids)) for split, (ids, _) in splits.items()}
-    texts = {split: data.concept_texts(ids) for split, (ids, _) in splits.items()}
-    chars, alpha = char_ngram_ridge_predict(
-        texts, train_dirs, splits["val"][1], params.char_ngrams, params.ridge_alphas
-    )
-    low, high = params.char_ngrams
-    return {
-        "baseline_train_mean": ("Baseline: train mean", mean, False),
-        TOKEN_COUNT_BASELINE: (
-            "Baseline: train mean per token count",
-            _by_token_count(data, splits),
-            False,
-        ),
-        "baseline_knn": (f"Baseline: kNN k={k} (teacher embeddings)", _knn(data, splits, k), True),
-        CHAR_BASELINE: (
-            f"Baseline: char {low}-{high}-gram counts + ridge (alpha={alpha:g})",
-            chars,
-            False,
-        ),
-    }
-
-
-def _by_token_count(data: DirectionSet, splits: Splits) -> dict[str, Tensor]:
-    """The token-count baseline, counting the concept tokens the students read."""
-    counts = {split: data.offsets[i + 1] - data.offsets[i] for split, (i, _) in splits.items()}
-    train = (counts["train"], splits["train"][1])
-    return {split: token_count_predict(*train, counts[split]) for split in splits}
-
-
-def _knn(data: DirectionSet, splits: Splits, k: int) -> dict[str, Tensor]:
-    """kNN in the teacher's input-embedding space; a train concept never votes for itself."""
-    tables = (data.offsets, data.flat_tokens, data.embedding_token_ids, data.embedding_rows)
-    emb = {split: concept_embeddings(*tables, ids) for split, (ids, _) in splits.items()}
-    pool, pool_dirs = emb["train"], splits["train"][1]
-    return {
-        split: knn_predict(emb[split], pool, pool_dirs, k, exclude_self=split == "train")
-        for split in splits
-    }
 
 
 def plot_val_curves(

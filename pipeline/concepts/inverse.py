@@ -28,7 +28,6 @@ the train-mean embedding; downstream: nearest-token accuracy).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Annotated, Any
@@ -45,43 +44,13 @@ from pipeline.common.params import Sections, load_params
 from pipeline.common.tables import MISSING, counted, markdown_table, spec, with_interval
 from pipeline.concepts.layout import DirectionSet
 from pipeline.concepts.params import DistillParams, InverseParams
-from pipeline.concepts.scores import CHUNK, concept_embeddings, row_cosine
+from pipeline.concepts.scores import CHUNK, concept_embeddings, fit_affine, row_cosine
 
 PARAMS = Path("params.yaml")
 BRANCH = "concept directions"
 SEED_RECONSTRUCTION = 0.3588
 SEED_FORWARD = 0.9998
 INTERVAL_KIND = "bootstrap 95% (BCa) over test concepts"
-
-
-@dataclass(frozen=True)
-class AffineMap:
-    """y = x @ weight + bias, fitted by least squares."""
-
-    weight: Tensor  # (I, O) float64
-    bias: Tensor  # (O,) float64
-
-    def __call__(self, x: Tensor) -> Tensor:
-        return x.double() @ self.weight + self.bias  # (N, O)
-
-
-def fit_affine(inputs: Tensor, outputs: Tensor, ridge: float = 0.0) -> AffineMap:
-    """Least squares inputs (N, I) -> outputs (N, O) with an intercept, in float64.
-
-    Both sides are centred on their means, so the intercept is the output mean minus the
-    mapped input mean and `ridge` (an L2 penalty, sqrt(ridge) * I rows appended to the
-    system) never shrinks it. A rank-deficient system gets lstsq's minimum-norm solution
-    (the `gelsd` driver on CPU).
-    """
-    x, y = inputs.double(), outputs.double()
-    x_mean, y_mean = x.mean(0), y.mean(0)
-    design, target = x - x_mean, y - y_mean
-    if ridge > 0:
-        design = torch.cat([design, ridge**0.5 * torch.eye(x.shape[1], dtype=torch.float64)])
-        target = torch.cat([target, torch.zeros(x.shape[1], y.shape[1], dtype=torch.float64)])
-    driver = "gelsd" if design.device.type == "cpu" else None
-    weight = torch.linalg.lstsq(design, target, driver=driver).solution  # (I, O)
-    return AffineMap(weight, y_mean - x_mean @ weight)
 
 
 def nearest_rows(queries: Tensor, rows: Tensor) -> Tensor:

@@ -1,10 +1,10 @@
 """Params of the concept-direction branch: sections `directions`, `distill`, `evaluate`,
-`analogies`, `multilayer`, `inverse`."""
+`analogies`, `multilayer`, `inverse`, `cross_teacher`."""
 
 from __future__ import annotations
 
 import string
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import ClassVar, Literal
 
 from pipeline.common.params import (
@@ -362,11 +362,93 @@ class InverseParams:
             )
 
 
-def template_parts(template: str) -> tuple[str, int]:
+@dataclass(frozen=True)
+class CrossTeacherParams:
+    """Stage `cross_teacher`: a second concept teacher for the same concepts and splits. Its
+    directions are extracted by the `directions` code (the other keys of `directions`:
+    storage dtype, max_length, shard rows, padding side, as there), the `runs` are trained on
+    them as `distill.train` says (seeds, epochs, best epoch on val) and scored as `evaluate`
+    scores (same baselines); the table puts each teacher's best of those runs next to its
+    best baseline."""
+
+    model: str | None = None
+    """A hub id or local model folder; null: no second teacher (the stage writes a record
+    saying it was skipped, and trains nothing)."""
+    revision: str = "main"
+    layer: int = 6
+    """The HF `hidden_states` index its directions are read at, and its students learn."""
+    pooling: Literal["last", "mean"] = "mean"
+    """As `directions.pooling`: `last` for a decoder, `mean` for an encoder."""
+    templates: tuple[str, ...] | None = None
+    """Prompt templates with a `{concept}` slot; null: `directions.templates`."""
+    start_token: str = "auto"
+    """As `directions.start_token` (`auto`: the end-of-text token before a decoder's prompt
+    when its tokenizer adds no BOS)."""
+    compute_dtype: ComputeDType = "float32"
+    runs: tuple[str, ...] = ("frozen_h256", "linear_probe")
+    """Keys of `distill.runs` trained on the second teacher; the table compares each
+    teacher's best of these on val (the main teacher's from `evaluate`)."""
+    # Knobs below do not change the result, so dvc.yaml does not list them as deps.
+    batch_size: int = 64
+    device: str = "auto"
+    num_threads: int | None = None
+    """torch's CPU threads for the extraction and the training
+    (`pipeline.common.devices.set_threads`); null: torch's default. Not a DVC dep."""
+
+    READS: ClassVar = ("directions", "distill")
+
+    def __post_init__(self) -> None:
+        if self.layer < 0:
+            raise ValueError(f"cross_teacher.layer must be >= 0, got {self.layer}")
+        if not self.runs:
+            raise ValueError("cross_teacher.runs is empty: name at least one key of distill.runs")
+        if len(set(self.runs)) != len(self.runs):
+            raise ValueError(f"cross_teacher.runs repeats a run: {list(self.runs)}")
+        if self.templates is not None:
+            if not self.templates:
+                raise ValueError("cross_teacher.templates is empty: give a template, or null")
+            for template in self.templates:
+                template_parts(template, "cross_teacher.templates")
+        if not self.start_token:
+            raise ValueError("cross_teacher.start_token is empty: give auto, none or a token")
+        positive("cross_teacher.batch_size", self.batch_size)
+        thread_count("cross_teacher.num_threads", self.num_threads)
+
+    def directions_params(self, directions: DirectionsParams) -> DirectionsParams:
+        """The `directions` params that extract this teacher: its own model, layer, pooling,
+        templates and start token; the rest as the main teacher's."""
+        return replace(
+            directions,
+            model=self.model,
+            revision=self.revision,
+            layers=(self.layer,),
+            templates=directions.templates if self.templates is None else self.templates,
+            pooling=self.pooling,
+            start_token=self.start_token,
+            compute_dtype=self.compute_dtype,
+            batch_size=self.batch_size,
+            device=self.device,
+            num_threads=self.num_threads,
+        )
+
+    def check(self, params: Sections) -> None:
+        """Each run is a plain run of `distill.runs` (an analogy run needs the analogy set);
+        `directions.max_length` holds this teacher's templates too."""
+        if self.model is None:
+            return
+        unknown = [run for run in self.runs if run not in params.distill.runs]
+        if unknown:
+            raise ValueError(
+                f"cross_teacher.runs holds {unknown}, not keys of distill.runs "
+                f"({sorted(params.distill.runs)})"
+            )
+        self.directions_params(params.directions).check(params)
+
+
+def template_parts(template: str, key: str = "directions.templates") -> tuple[str, int]:
     """(literal text, number of {concept} slots) of a prompt template, checked: well-formed
     braces (`{{` and `}}` are literal ones), only the plain `{concept}` placeholder, at least
-    one of it."""
-    key = "directions.templates"
+    one of it. `key` is the params key the template came from, named in errors."""
     try:
         parsed = list(string.Formatter().parse(template))
     except ValueError as err:

@@ -64,6 +64,20 @@ def forward_concepts(model: nn.Module, data: DirectionSet, concept_ids: Tensor) 
     return model(values.to(device), mask.to(device))
 
 
+PREDICT_BATCH = 1024
+"""Concepts per forward pass of `predict`; memory only, results do not depend on it."""
+
+
+@torch.inference_mode()
+def predict(model: nn.Module, data: DirectionSet, concept_ids: Tensor) -> Tensor:
+    """Student predictions (N, D) float32 for the given concepts, in batches."""
+    out = [torch.zeros(0, data.dim)]
+    for start in range(0, concept_ids.numel(), PREDICT_BATCH):
+        batch = concept_ids[start : start + PREDICT_BATCH]
+        out.append(forward_concepts(model, data, batch).float())
+    return torch.cat(out)
+
+
 def mean_pool(embedded: Tensor, mask: Tensor) -> Tensor:
     """Mean of (B, T, E) over real tokens -> (B, E); padded positions contribute nothing."""
     weights = mask.to(embedded.dtype).unsqueeze(-1)  # (B, T, 1)

@@ -80,6 +80,12 @@ def stage_inputs(params: Sections) -> dict[str, dict[str, Any]]:
         "sae": {"activations.model": model("activations")}
         if params.sae.input == "activations"
         else {},
+        "cross_teacher": {}
+        if params.cross_teacher.model is None
+        else {
+            "cross_teacher.model": model("cross_teacher"),
+            "cross_teacher.compute_dtype": dtype("cross_teacher"),
+        },
         "steering": {
             "steering.model": model("steering"),
             "steering.dtype": dtype("steering", "dtype"),

@@ -117,7 +117,7 @@ def test_a_prompt_pooled_at_position_zero_is_named_in_one_line(tmp_path, tiny_mo
     one_token = [w for w in WORDS if len(tokenizer(w)["input_ids"]) == 1]
     assert one_token, "the word list must hold a one-token concept"
     wordlist = write_wordlist(tmp_path / "concepts.parquet", WORDS)
-    with caplog.at_level("INFO", logger="pipeline.concepts.directions"):
+    with caplog.at_level("INFO", logger="pipeline.concepts.direction_extraction"):
         directions.run(tiny_params(start_token="none"), wordlist, tmp_path / "none")
     (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert warning.startswith(
@@ -126,7 +126,7 @@ def test_a_prompt_pooled_at_position_zero_is_named_in_one_line(tmp_path, tiny_mo
     )
     assert "no start token: position 0 is the text's first token" in caplog.text
     caplog.clear()
-    with caplog.at_level("INFO", logger="pipeline.concepts.directions"):
+    with caplog.at_level("INFO", logger="pipeline.concepts.direction_extraction"):
         directions.run(tiny_params(), wordlist, tmp_path / "auto")
     assert [r for r in caplog.records if r.levelname == "WARNING"] == []
     assert "'<|endoftext|>' prepended at position 0 (directions.start_token=auto)" in caplog.text
@@ -296,7 +296,7 @@ def _tiny_bert(folder: Path) -> Path:
 def test_last_pooling_on_an_encoder_warns_once_naming_its_token(tmp_path, caplog):
     bert = _tiny_bert(tmp_path / "bert")
     wordlist = write_wordlist(tmp_path / "concepts.parquet", WORDS)
-    with caplog.at_level("WARNING", logger="pipeline.concepts.directions"):
+    with caplog.at_level("WARNING", logger="pipeline.concepts.direction_extraction"):
         directions.run(tiny_params(model=str(bert), layers=(2,)), wordlist, tmp_path / "last")
     (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert warning.startswith(f"directions.pooling: last on an encoder ({bert}, BertModel:")
@@ -304,7 +304,7 @@ def test_last_pooling_on_an_encoder_warns_once_naming_its_token(tmp_path, caplog
     assert warning.endswith("encoders want `pooling: mean`")
     caplog.clear()
     # Mean pooling on the encoder and last pooling on a decoder are what they should be.
-    with caplog.at_level("WARNING", logger="pipeline.concepts.directions"):
+    with caplog.at_level("WARNING", logger="pipeline.concepts.direction_extraction"):
         params = tiny_params(model=str(bert), layers=(2,), pooling="mean")
         directions.run(params, wordlist, tmp_path / "mean")
         directions.run(tiny_params(), wordlist, tmp_path / "decoder")

@@ -26,7 +26,7 @@ def write_params(tmp_path: Path, **sections) -> Path:
     """profiles/tiny.yaml on the tiny teachers, with `sections` updated key by key."""
     raw = yaml.safe_load((ROOT / TEST_PROFILE).read_text())
     raw["directions"]["model"] = raw["steering"]["model"] = tiny_teacher("qwen3")
-    for name in ("corpus", "trajectories", "activations"):
+    for name in ("corpus", "trajectories", "activations", "cross_teacher"):
         raw[name]["model"] = tiny_teacher("llama")
     for name, values in sections.items():
         raw[name].update(values)
@@ -57,6 +57,7 @@ def test_each_stage_gets_the_identities_of_what_it_loads_and_nothing_else(tmp_pa
         "sidecar": {"trajectories.model": llama},
         "activations": {"activations.model": llama, "activations.compute_dtype": "float32"},
         "sae": {"activations.model": llama},
+        "cross_teacher": {"cross_teacher.model": llama, "cross_teacher.compute_dtype": "float32"},
         "steering": {"steering.model": qwen3, "steering.dtype": "float32"},
         "guided_lm": {"corpus.model": llama},
         "mcdata": {},
@@ -88,6 +89,11 @@ def test_files_corpus_jsonl_tasks_auto_dtype_and_a_directions_sae(tmp_path, monk
     assert files["mcdata"] == {"mcdata.tasks.quiz.path": {str(quiz): sha256_file(quiz)}}
     assert files["directions"]["directions.compute_dtype"] == "float32"  # avx2 only
     assert files["sae"] == {}, "a directions SAE loads no model"
+
+
+def test_a_skipped_cross_teacher_loads_no_model(tmp_path):
+    identities.run(load_params(write_params(tmp_path, cross_teacher={"model": None})), tmp_path)
+    assert read(tmp_path)["cross_teacher"] == {}
 
 
 @pytest.mark.parametrize(
