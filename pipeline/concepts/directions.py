@@ -1,15 +1,7 @@
 """Stage `directions`: teacher activations for every concept, in resumable shards.
 
-Reads the concept table of `wordlist`; runs the teacher over each prompt template,
-opened by the start token of `directions.start_token` (`pipeline/common/sequence_start.py`:
-a decoder without BOS gets its end-of-text token, so position 0's attention sink is never
-the concept), pools the hidden state at each requested layer and writes:
-shards (concept_id, split, layer_<L>), the train-split mean per layer, the
-teacher's input-embedding rows for the tokens concepts use, each concept's
-token ids as a template shows them to the teacher (`concept_token_table`: " paris", not
-"paris") and its text as UTF-8 bytes (for the character-level student; layout:
-`pipeline/concepts/layout.py`), plus `manifest.json` (the extraction:
-`pipeline/concepts/direction_extraction.py`, shared with stage `cross_teacher`).
+What it reads, computes and writes is `pipeline/concepts/direction_extraction.py`
+(shared with stage `cross_teacher`), run here for the main teacher of `directions.*`.
 A killed run resumes from its finished shards; under torchrun each rank computes
 its own shards and rank 0 writes the manifest (`pipeline/common/extraction.py`).
 
