@@ -176,12 +176,11 @@ def _describe(
 
 
 def _start_tokens(reader: CorpusChunks) -> dict[str, Any]:
-    """How many leading start tokens each chunk has (the corpus manifest's `start_tokens`, 0
-    for a corpus that predates the key) and their ids, read off the first chunk: the SAE
-    also leaves out rows where they recur, mid-chunk, at a document's start."""
-    count = int(reader.manifest.extra.get("start_tokens", 0))
-    ids = reader.read(0, 1)[0, :count].tolist() if count and len(reader) else []
-    return {"start_tokens": count, "start_token_ids": ids}
+    """How many leading start tokens each chunk has and their ids, as the corpus manifest
+    records them (none for a corpus that predates them): the SAE also leaves out rows where
+    they recur, mid-chunk, at a document's start."""
+    ids = reader.manifest.extra.get("start_token_ids", []) if reader.start_tokens else []
+    return {"start_tokens": reader.start_tokens, "start_token_ids": list(ids)}
 
 
 def command(

@@ -66,8 +66,9 @@ def make_corpus(
     }
     for (row, position), token in (tokens_at or {}).items():
         tokens[row, position] = token
-    if start_tokens is not None:
+    if start_tokens is not None:  # as the corpus stage records them: ids off chunk 0
         extra["start_tokens"] = start_tokens
+        extra["start_token_ids"] = tokens[0, :start_tokens].tolist()
     if pad_to is not None:
         for row, keep in enumerate(pad_to):
             tokens[row, keep:] = tokenizer.pad_token_id
